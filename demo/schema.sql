@@ -1,0 +1,39 @@
+-- Demo tables for the reference jobs. Created only by `jobhost --demo` and by
+-- tests; a production host start never runs this file.
+create schema if not exists demo;
+
+-- integrity-hash-retry: audit rows waiting for their content hash.
+create table if not exists demo.audit_events (
+    id           bigserial primary key,
+    actor        text        not null,
+    action       text        not null,
+    payload      jsonb       not null default '{}',
+    created_at   timestamptz not null default now(),
+    hash_status  text        not null default 'pending' check (hash_status in ('pending', 'complete')),
+    content_hash text,
+    hashed_at    timestamptz
+);
+create index if not exists audit_events_pending on demo.audit_events (id) where hash_status = 'pending';
+
+-- activation-drip: users moving through an activation sequence.
+create table if not exists demo.users (
+    id              bigserial primary key,
+    email           text        not null unique,
+    activation_step integer     not null default 0,
+    last_step_at    timestamptz,
+    created_at      timestamptz not null default now()
+);
+create table if not exists demo.activation_messages (
+    id      bigserial primary key,
+    user_id bigint      not null references demo.users (id),
+    step    integer     not null,
+    sent_at timestamptz not null default now(),
+    unique (user_id, step)
+);
+
+-- db-retention: five tables whose rows expire.
+create table if not exists demo.sessions        (id bigserial primary key, created_at timestamptz not null);
+create table if not exists demo.job_logs        (id bigserial primary key, created_at timestamptz not null);
+create table if not exists demo.notifications   (id bigserial primary key, created_at timestamptz not null);
+create table if not exists demo.password_resets (id bigserial primary key, created_at timestamptz not null);
+create table if not exists demo.webhook_events  (id bigserial primary key, created_at timestamptz not null);

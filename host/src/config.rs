@@ -1,0 +1,408 @@
+//! `jobs.toml`: the raw serde shapes (`*Toml`) and the validated configuration (`*Config`).
+//!
+//! Parsing rejects unknown fields, bad durations, bad cron expressions and unknown
+//! time zones with the file, line and column (from the `toml` crate's spans).
+//! Validation then checks what a single field cannot: duplicate job names, missing
+//! plugin files, colliding lock keys. Plugin paths are relative to the directory of
+//! the `jobs.toml` that names them, so a config works from any working directory.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::lock::LockKey;
+use crate::schedule::{CronSchedule, Schedule};
+
+/// Why a `jobs.toml` could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file `{path}`")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or a field has the wrong shape; the source
+    /// names the line, column, field and what was expected.
+    #[error("invalid config file `{path}`")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's error, with location.
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    /// A value is well-formed but unusable.
+    #[error("invalid config file `{path}`: job `{job}`: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The job the problem belongs to.
+        job: String,
+        /// What is wrong, naming the field.
+        message: String,
+    },
+}
+
+/// The top level of `jobs.toml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct JobsToml {
+    /// Host-wide settings and per-job defaults.
+    #[serde(default)]
+    pub host: HostToml,
+    /// The jobs, as `[[job]]` tables.
+    #[serde(default, rename = "job")]
+    pub jobs: Vec<JobToml>,
+}
+
+/// `[host]`: settings for the whole process and defaults for every job.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct HostToml {
+    /// Maximum pooled connections (default 4).
+    pub pool_size: Option<u32>,
+    /// Default wall-clock budget of one run (default 30s).
+    #[serde(default, with = "humantime_serde::option")]
+    pub default_timeout: Option<Duration>,
+    /// Default cap on a plugin's linear memory, in MiB (default 64).
+    pub default_max_memory_mib: Option<u32>,
+}
+
+/// One `[[job]]` table as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct JobToml {
+    /// Unique job name; also the source of the default lock key.
+    pub name: String,
+    /// Path of the plugin component, relative to the config file.
+    pub plugin: PathBuf,
+    /// A fixed cadence (`"30s"`, `"6h"`); exclusive with `cron`.
+    #[serde(default, with = "humantime_serde::option")]
+    pub every: Option<Duration>,
+    /// A cron expression, seconds field optional (`"*/10 * * * * *"`).
+    pub cron: Option<CronExpr>,
+    /// IANA time zone for `cron` (default UTC).
+    pub timezone: Option<TimeZoneName>,
+    /// How the job's lock is held.
+    #[serde(default)]
+    pub lock: LockMode,
+    /// Wall-clock budget of one run.
+    #[serde(default, with = "humantime_serde::option")]
+    pub timeout: Option<Duration>,
+    /// Explicit lock key instead of the one derived from the name.
+    pub lock_key: Option<i32>,
+    /// Cap on the plugin's linear memory, in MiB.
+    pub max_memory_mib: Option<u32>,
+    /// Values handed to the plugin in its run context.
+    #[serde(default)]
+    pub config: BTreeMap<String, toml::Value>,
+}
+
+/// How a job's advisory lock is held.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LockMode {
+    /// `pg_try_advisory_xact_lock` as the first statement of the job's
+    /// transaction; released by COMMIT or ROLLBACK.
+    #[default]
+    Xact,
+}
+
+/// A cron expression that parsed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "String")]
+pub struct CronExpr(pub CronSchedule);
+
+impl TryFrom<String> for CronExpr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        CronSchedule::parse(&s).map(CronExpr)
+    }
+}
+
+/// An IANA time zone name that exists.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(try_from = "String")]
+pub struct TimeZoneName(pub chrono_tz::Tz);
+
+impl TryFrom<String> for TimeZoneName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        chrono_tz::Tz::from_str(&s)
+            .map(TimeZoneName)
+            .map_err(|_| format!("unknown time zone `{s}`, expected an IANA name like `Europe/Berlin`"))
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct JobsConfig {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// Host-wide settings.
+    pub host: HostConfig,
+    /// The jobs, in file order.
+    pub jobs: Vec<JobConfig>,
+}
+
+/// Validated `[host]` settings.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// Maximum pooled connections.
+    pub pool_size: u32,
+}
+
+/// One validated job.
+#[derive(Debug, Clone)]
+pub struct JobConfig {
+    /// Unique name.
+    pub name: String,
+    /// Absolute (or config-relative resolved) path of the component.
+    pub plugin: PathBuf,
+    /// When it runs.
+    pub schedule: Schedule,
+    /// How its lock is held.
+    pub lock: LockMode,
+    /// Its advisory lock key.
+    pub lock_key: LockKey,
+    /// Wall-clock budget of one run.
+    pub timeout: Duration,
+    /// Cap on the plugin's linear memory, in bytes.
+    pub max_memory_bytes: usize,
+    /// `[job.config]` rendered as strings (TOML strings as-is, other values as TOML).
+    pub config: Vec<(String, String)>,
+}
+
+impl JobsConfig {
+    /// Reads and validates `path`.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_str_at(&text, path)
+    }
+
+    /// Parses and validates `text` as if read from `path` (plugin paths resolve
+    /// against `path`'s directory). Lets tests use inline TOML.
+    pub fn from_str_at(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let raw: JobsToml = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
+        raw.validate(path)
+    }
+}
+
+const DEFAULT_POOL_SIZE: u32 = 4;
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_MAX_MEMORY_MIB: u32 = 64;
+
+impl JobsToml {
+    fn validate(self, path: &Path) -> Result<JobsConfig, ConfigError> {
+        let base = path.parent().unwrap_or(Path::new("."));
+        let invalid = |job: &str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            job: job.to_owned(),
+            message,
+        };
+        let pool_size = self.host.pool_size.unwrap_or(DEFAULT_POOL_SIZE);
+        if pool_size == 0 {
+            return Err(invalid("-", "`host.pool-size` must be at least 1".into()));
+        }
+        let default_timeout = self.host.default_timeout.unwrap_or(DEFAULT_TIMEOUT);
+        let default_memory = self
+            .host
+            .default_max_memory_mib
+            .unwrap_or(DEFAULT_MAX_MEMORY_MIB);
+
+        let mut jobs: Vec<JobConfig> = Vec::with_capacity(self.jobs.len());
+        for job in self.jobs {
+            let name = job.name.trim().to_owned();
+            if name.is_empty() {
+                return Err(invalid("", "`name` must not be empty".into()));
+            }
+            if jobs.iter().any(|j| j.name == name) {
+                return Err(invalid(&name, "duplicate job name".into()));
+            }
+            let schedule = match (job.every, job.cron) {
+                (Some(every), None) if every.is_zero() => {
+                    return Err(invalid(&name, "`every` must be greater than zero".into()));
+                }
+                (Some(every), None) => {
+                    if job.timezone.is_some() {
+                        return Err(invalid(&name, "`timezone` only applies to `cron`".into()));
+                    }
+                    Schedule::Every(every)
+                }
+                (None, Some(CronExpr(cron))) => {
+                    Schedule::Cron(cron.in_zone(job.timezone.map_or(chrono_tz::UTC, |t| t.0)))
+                }
+                (Some(_), Some(_)) => {
+                    return Err(invalid(&name, "set either `every` or `cron`, not both".into()));
+                }
+                (None, None) => {
+                    return Err(invalid(
+                        &name,
+                        "missing schedule: set `every = \"30s\"` or `cron = \"*/30 * * * * *\"`".into(),
+                    ));
+                }
+            };
+            let plugin = base.join(&job.plugin);
+            if !plugin.is_file() {
+                return Err(invalid(
+                    &name,
+                    format!("`plugin` file `{}` does not exist", plugin.display()),
+                ));
+            }
+            let lock_key = match job.lock_key {
+                Some(k) => LockKey::explicit(k),
+                None => LockKey::derive(&name),
+            };
+            if let Some(other) = jobs.iter().find(|j| j.lock_key == lock_key) {
+                return Err(invalid(
+                    &name,
+                    format!(
+                        "lock key {} collides with job `{}`; set a distinct `lock-key`",
+                        lock_key.key, other.name
+                    ),
+                ));
+            }
+            let timeout = job.timeout.unwrap_or(default_timeout);
+            if timeout.is_zero() {
+                return Err(invalid(&name, "`timeout` must be greater than zero".into()));
+            }
+            let config = job
+                .config
+                .into_iter()
+                .map(|(k, v)| {
+                    let v = match v {
+                        toml::Value::String(s) => s,
+                        other => other.to_string(),
+                    };
+                    (k, v)
+                })
+                .collect();
+            jobs.push(JobConfig {
+                name,
+                plugin,
+                schedule,
+                lock: job.lock,
+                lock_key,
+                timeout,
+                max_memory_bytes: job.max_memory_mib.unwrap_or(default_memory) as usize
+                    * 1024
+                    * 1024,
+                config,
+            });
+        }
+        Ok(JobsConfig {
+            path: path.to_owned(),
+            host: HostConfig { pool_size },
+            jobs,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<JobsConfig, String> {
+        // Cargo.toml exists in the crate dir, so it serves as a "plugin file".
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("jobs.toml");
+        JobsConfig::from_str_at(text, &path).map_err(|e| {
+            let mut s = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(c) = src {
+                s.push_str(": ");
+                s.push_str(&c.to_string());
+                src = c.source();
+            }
+            s
+        })
+    }
+
+    #[test]
+    fn valid_job_parses_with_defaults() {
+        let c = parse(
+            r#"
+            [[job]]
+            name = "a"
+            plugin = "Cargo.toml"
+            every = "30s"
+            [job.config]
+            batch-size = 50
+            label = "x"
+            "#,
+        )
+        .unwrap();
+        let j = &c.jobs[0];
+        assert_eq!(j.schedule, Schedule::Every(Duration::from_secs(30)));
+        assert_eq!(j.timeout, DEFAULT_TIMEOUT);
+        assert_eq!(
+            j.config,
+            vec![("batch-size".into(), "50".into()), ("label".into(), "x".into())]
+        );
+        assert_eq!(j.lock_key, LockKey::derive("a"));
+    }
+
+    #[test]
+    fn unknown_field_names_field_and_position() {
+        let e = parse("[[job]]\nname = \"a\"\nplugin = \"Cargo.toml\"\nevery = \"1s\"\nfrequency = 3\n")
+            .unwrap_err();
+        assert!(e.contains("unknown field `frequency`"), "{e}");
+        assert!(e.contains("line 5"), "{e}");
+        assert!(e.contains("jobs.toml"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_is_rejected() {
+        let e = parse("[[job]]\nname = \"a\"\nplugin = \"Cargo.toml\"\nevery = \"30 parsecs\"\n")
+            .unwrap_err();
+        assert!(e.contains("line 4"), "{e}");
+        assert!(e.contains("every") || e.contains("unknown time unit"), "{e}");
+    }
+
+    #[test]
+    fn bad_cron_and_zone_are_rejected() {
+        let e = parse("[[job]]\nname = \"a\"\nplugin = \"Cargo.toml\"\ncron = \"61 * * * *\"\n")
+            .unwrap_err();
+        assert!(e.contains("cron"), "{e}");
+        let e = parse(
+            "[[job]]\nname = \"a\"\nplugin = \"Cargo.toml\"\ncron = \"* * * * *\"\ntimezone = \"Mars/Olympus\"\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("unknown time zone `Mars/Olympus`"), "{e}");
+    }
+
+    #[test]
+    fn missing_plugin_duplicate_name_and_schedule_are_rejected() {
+        let e = parse("[[job]]\nname = \"a\"\nplugin = \"nope.wasm\"\nevery = \"1s\"\n").unwrap_err();
+        assert!(e.contains("nope.wasm") && e.contains("does not exist"), "{e}");
+        let e = parse(
+            "[[job]]\nname = \"a\"\nplugin = \"Cargo.toml\"\nevery = \"1s\"\n[[job]]\nname = \"a\"\nplugin = \"Cargo.toml\"\nevery = \"1s\"\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("job `a`: duplicate job name"), "{e}");
+        let e = parse("[[job]]\nname = \"a\"\nplugin = \"Cargo.toml\"\n").unwrap_err();
+        assert!(e.contains("missing schedule"), "{e}");
+    }
+
+    #[test]
+    fn colliding_explicit_lock_keys_are_rejected() {
+        let e = parse(
+            "[[job]]\nname = \"a\"\nplugin = \"Cargo.toml\"\nevery = \"1s\"\nlock-key = 7\n[[job]]\nname = \"b\"\nplugin = \"Cargo.toml\"\nevery = \"1s\"\nlock-key = 7\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("collides with job `a`"), "{e}");
+    }
+}

@@ -1,0 +1,97 @@
+//! jobhost runs background jobs shipped as WebAssembly components, each inside
+//! a transaction and an advisory lock that the host owns.
+//!
+//! A plugin never sees a connection, a pool or a lock: the host takes the job's
+//! lock as the first statement of a transaction and lends the plugin a handle
+//! to that transaction for one call. See `DESIGN.md` for the invariants.
+//!
+//! # Layout
+//!
+//! - [`config`]: `jobs.toml`, parsed (`*Toml`) and validated (`*Config`).
+//! - [`schedule`]: which instants are a job's slots (`every`, `cron`).
+//! - [`lock`]: advisory lock keys in the two-int keyspace.
+//! - [`db`]: the pool, the host's migrations and run history.
+//! - [`runtime`]: wasmtime engine, plugins, the capabilities they are granted
+//!   (`sql` transaction, `log`, an empty WASI).
+//! - [`runner`]: one slot of one job, from BEGIN through lock, plugin call,
+//!   COMMIT/ROLLBACK — the path every invariant hangs on.
+//! - [`scheduler`]: per-job loops that hand due slots to the runner.
+//! - [`demo`]: demo tables and rows for the reference jobs (never created by a
+//!   production start).
+//!
+//! A run, tick to commit: [`scheduler`] → [`runner::Runner::run`] →
+//! [`runtime::Runtime::invoke`] → [`runtime::sql`] for each statement.
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod db;
+pub mod demo;
+pub mod lock;
+pub mod runner;
+pub mod runtime;
+pub mod schedule;
+pub mod scheduler;
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+
+use crate::config::JobsConfig;
+use crate::runner::{Job, Runner};
+use crate::runtime::Runtime;
+
+/// Process-level options (from the CLI and environment).
+#[derive(Debug, Clone)]
+pub struct HostOptions {
+    /// Postgres URL (`DATABASE_URL`).
+    pub database_url: String,
+    /// This host's id in the run history and `application_name`.
+    pub host_id: String,
+    /// Create and seed the demo tables before starting.
+    pub demo: bool,
+}
+
+/// Loads every job's plugin, failing on the first one that cannot be used.
+pub async fn load_jobs(runtime: &Arc<Runtime>, config: &JobsConfig) -> anyhow::Result<Vec<Job>> {
+    let mut jobs = Vec::with_capacity(config.jobs.len());
+    for job in &config.jobs {
+        let rt = runtime.clone();
+        let path = job.plugin.clone();
+        // Compiling is CPU-bound; keep it off the async workers.
+        let plugin = tokio::task::spawn_blocking(move || rt.load(&path))
+            .await
+            .context("plugin loader panicked")?
+            .with_context(|| format!("job `{}`", job.name))?;
+        jobs.push(Job {
+            config: job.clone(),
+            plugin,
+        });
+    }
+    Ok(jobs)
+}
+
+/// Runs the host until `shutdown` resolves: connects, migrates, loads the
+/// plugins (any failure stops the start with the file named), schedules.
+pub async fn run(
+    config: JobsConfig,
+    options: HostOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let runtime = Arc::new(Runtime::new().context("cannot start the WebAssembly engine")?);
+    let jobs = load_jobs(&runtime, &config).await?;
+    let pool = db::connect(&options.database_url, config.host.pool_size, &options.host_id).await?;
+    if options.demo {
+        demo::setup(&pool).await.context("cannot set up the demo tables")?;
+    }
+    tracing::info!(
+        host_id = %options.host_id,
+        jobs = jobs.len(),
+        config = %config.path.display(),
+        "jobhost started"
+    );
+    let runner = Runner::new(pool.clone(), runtime, &options.host_id);
+    scheduler::run(runner, jobs, shutdown).await;
+    pool.close().await;
+    Ok(())
+}

@@ -1,0 +1,286 @@
+//! The WebAssembly side: one engine and linker for the process, one compiled and
+//! pre-instantiated component per plugin, one fresh store per run.
+//!
+//! What a plugin can reach is exactly what the linker grants: the `sql`
+//! transaction lent for the run, `log`, and a WASI environment with nothing in
+//! it (no directories, no environment variables, no sockets, no inherited
+//! stdio; clocks and randomness only). Its stdout and stderr are captured into
+//! a capped buffer and logged with the job's fields after the run.
+//!
+//! Guest code runs on tokio's threads without blocking them: imports are async,
+//! and epoch interruption makes a busy guest yield every tick, so the run's
+//! timeout (a plain `tokio::time::timeout`) can stop even an endless loop.
+
+pub mod bindings;
+mod log;
+pub mod sql;
+mod values;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, Linker, Resource, ResourceTable};
+use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use bindings::job::{Context, Failure, Report};
+use bindings::{JobPlugin, JobPluginPre};
+pub use sql::TxHandle;
+
+/// How often the epoch advances: the granularity at which a busy guest yields.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+/// Cap on captured plugin stdout/stderr per run.
+const OUTPUT_CAP: usize = 64 * 1024;
+
+/// Why a plugin file could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    /// The file could not be read.
+    #[error("cannot read plugin `{path}`")]
+    Read {
+        /// The plugin file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a WebAssembly component (a core module, or garbage).
+    #[error(
+        "plugin `{path}` is not a WebAssembly component (build it for wasm32-wasip2 as a cdylib)"
+    )]
+    NotComponent {
+        /// The plugin file.
+        path: PathBuf,
+        /// What wasmtime said.
+        #[source]
+        source: wasmtime::Error,
+    },
+    /// The component does not fit the `jobhost:plugin/job-plugin` world.
+    #[error(
+        "plugin `{path}` does not implement world `jobhost:plugin/job-plugin@0.1.0` (it must export `jobhost:plugin/job` and import only sql, log and WASI)"
+    )]
+    WrongWorld {
+        /// The plugin file.
+        path: PathBuf,
+        /// What did not match.
+        #[source]
+        source: wasmtime::Error,
+    },
+}
+
+/// A loaded plugin: compiled, linked and ready to instantiate.
+#[derive(Clone)]
+pub struct Plugin {
+    /// Where it was loaded from.
+    pub path: PathBuf,
+    /// SHA-256 of the file's bytes, hex: which version ran, in the history.
+    pub sha256: String,
+    pre: JobPluginPre<RunState>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("path", &self.path)
+            .field("sha256", &self.sha256)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Store data of one run.
+pub struct RunState {
+    job: Arc<str>,
+    slot: Arc<str>,
+    table: ResourceTable,
+    wasi: WasiCtx,
+    limits: StoreLimits,
+}
+
+impl WasiView for RunState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Per-run limits.
+#[derive(Debug, Clone, Copy)]
+pub struct RunLimits {
+    /// Wall-clock budget of instantiate + run.
+    pub timeout: Duration,
+    /// Cap on linear memory, bytes.
+    pub max_memory_bytes: usize,
+    /// Cap on rows one query may return.
+    pub max_rows: usize,
+}
+
+/// How the plugin's `run` ended.
+#[derive(Debug)]
+pub enum Returned {
+    /// `run` returned (ok or err).
+    Value(Result<Report, Failure>),
+    /// The guest trapped (panic, memory limit, host-side failure).
+    Trap(wasmtime::Error),
+    /// The timeout elapsed; the guest was interrupted.
+    Timeout,
+}
+
+/// The result of one invocation, with the transaction handed back.
+pub struct Invocation {
+    /// How `run` ended.
+    pub returned: Returned,
+    /// The lent handle, closed: the runner commits or rolls back its transaction.
+    pub handle: TxHandle,
+    /// Captured stdout + stderr of the guest (capped).
+    pub output: String,
+}
+
+/// The process-wide engine and linker.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<RunState>,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Runtime {
+    /// Builds the engine (epoch interruption on) and the linker with the
+    /// capabilities every plugin gets, and starts the epoch ticker.
+    pub fn new() -> anyhow::Result<Self> {
+        let mut config = wasmtime::Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        let engine = Engine::new(&config)?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        JobPlugin::add_to_linker::<RunState, wasmtime::component::HasSelf<RunState>>(
+            &mut linker,
+            |s| s,
+        )?;
+
+        // A plain thread, not a tokio task: it must tick even when every tokio
+        // worker is busy, or a guest that never yields could never be stopped.
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let stop = ticker_stop.clone();
+        let ticking = engine.clone();
+        std::thread::Builder::new()
+            .name("jobhost-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    ticking.increment_epoch();
+                }
+            })?;
+        Ok(Self {
+            engine,
+            linker,
+            ticker_stop,
+        })
+    }
+
+    /// Reads, compiles and links a plugin. CPU-heavy: call it off the async
+    /// executor (`spawn_blocking`) when the host is running.
+    pub fn load(&self, path: &Path) -> Result<Plugin, PluginError> {
+        let bytes = std::fs::read(path).map_err(|source| PluginError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let component =
+            Component::new(&self.engine, &bytes).map_err(|source| PluginError::NotComponent {
+                path: path.to_owned(),
+                source,
+            })?;
+        let wrong_world = |source| PluginError::WrongWorld {
+            path: path.to_owned(),
+            source,
+        };
+        let instance_pre = self.linker.instantiate_pre(&component).map_err(wrong_world)?;
+        let pre = JobPluginPre::new(instance_pre).map_err(wrong_world)?;
+        Ok(Plugin {
+            path: path.to_owned(),
+            sha256,
+            pre,
+        })
+    }
+
+    /// Instantiates `plugin` in a fresh store and calls `run`, lending it
+    /// `handle`. Always hands the handle back, closed, whatever the guest did.
+    pub async fn invoke(
+        &self,
+        plugin: &Plugin,
+        ctx: Context,
+        handle: TxHandle,
+        limits: RunLimits,
+    ) -> Invocation {
+        let output = MemoryOutputPipe::new(OUTPUT_CAP);
+        let wasi = wasmtime_wasi::WasiCtx::builder()
+            .stdout(output.clone())
+            .stderr(output.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let mut table = ResourceTable::new();
+        // The table is fresh, so the push cannot fail (it only fails when full).
+        let lent: Resource<TxHandle> = match table.push(handle) {
+            Ok(r) => r,
+            Err(_) => unreachable!("a fresh resource table has room for one entry"),
+        };
+        let rep = lent.rep();
+        let state = RunState {
+            job: ctx.job.as_str().into(),
+            slot: ctx.slot.as_str().into(),
+            table,
+            wasi,
+            limits: StoreLimitsBuilder::new()
+                .memory_size(limits.max_memory_bytes)
+                .trap_on_grow_failure(true)
+                .build(),
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_async_yield_and_update(1);
+
+        let call = async {
+            let instance = plugin.pre.instantiate_async(&mut store).await?;
+            instance
+                .jobhost_plugin_job()
+                .call_run(&mut store, &ctx, lent)
+                .await
+        };
+        let returned = match tokio::time::timeout(limits.timeout, call).await {
+            Ok(Ok(value)) => Returned::Value(value),
+            Ok(Err(trap)) => Returned::Trap(trap),
+            Err(_elapsed) => Returned::Timeout,
+        };
+        let handle = match store
+            .data_mut()
+            .table
+            .delete(Resource::<TxHandle>::new_own(rep))
+        {
+            Ok(h) => h,
+            // The runner's entry is only ever removed here.
+            Err(e) => unreachable!("the lent transaction vanished from the table: {e}"),
+        };
+        let output = String::from_utf8_lossy(&output.contents()).into_owned();
+        Invocation {
+            returned,
+            handle,
+            output,
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! The guest SDK for jobhost job plugins.
+//!
+//! A plugin implements [`Job`] and exports it with [`export_job!`]:
+//!
+//! ```ignore
+//! use jobhost_plugin_sdk::{export_job, params, Context, Job, JobError, Tx};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Pending { id: i64 }
+//!
+//! struct Sweep;
+//! impl Job for Sweep {
+//!     fn run(ctx: &Context, tx: &Tx<'_>) -> Result<String, JobError> {
+//!         let limit: i64 = ctx.config_or("batch-size", 50)?;
+//!         let rows: Vec<Pending> = tx.query("select id from t where done = false limit $1", params![limit])?;
+//!         for r in &rows {
+//!             tx.execute("update t set done = true where id = $1", params![r.id])?;
+//!         }
+//!         Ok(format!("swept {} rows", rows.len()))
+//!     }
+//! }
+//! export_job!(Sweep);
+//! ```
+//!
+//! The transaction is the host's: the job's advisory lock is already held, and
+//! the host commits when `run` returns `Ok` (and rolls back on `Err`, a panic,
+//! or any failed statement). There is no way to commit, unlock or keep it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::de::DeserializeOwned;
+
+/// Raw bindings generated from the WIT package (for what the SDK does not wrap).
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../../wit",
+        world: "job-plugin",
+        pub_export_macro: true,
+        export_macro_name: "__export_world",
+        default_bindings_module: "jobhost_plugin_sdk::bindings",
+    });
+}
+
+pub use bindings::jobhost::plugin::sql::{Column, DbError, Error as SqlError, RowSet, Value};
+use bindings::jobhost::plugin::sql::Transaction;
+use bindings::exports::jobhost::plugin::job as wit_job;
+
+/// What the host tells the plugin about this run.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// Job name from `jobs.toml`.
+    pub job: String,
+    /// The slot this run serves (RFC 3339, UTC).
+    pub slot: String,
+    /// 1 for the first attempt at this slot.
+    pub attempt: u32,
+    config: BTreeMap<String, String>,
+}
+
+impl Context {
+    /// The `[job.config]` value `key`, parsed; an error names the key.
+    pub fn config<T: FromStr>(&self, key: &str) -> Result<T, JobError>
+    where
+        T::Err: fmt::Display,
+    {
+        let raw = self
+            .config
+            .get(key)
+            .ok_or_else(|| JobError::new(format!("missing config key `{key}`")))?;
+        raw.parse()
+            .map_err(|e| JobError::new(format!("config key `{key}` = {raw:?}: {e}")))
+    }
+
+    /// Like [`Context::config`], with a default when the key is absent.
+    pub fn config_or<T: FromStr>(&self, key: &str, default: T) -> Result<T, JobError>
+    where
+        T::Err: fmt::Display,
+    {
+        if self.config.contains_key(key) {
+            self.config(key)
+        } else {
+            Ok(default)
+        }
+    }
+
+    /// The raw string value of `key`, if present.
+    pub fn config_str(&self, key: &str) -> Option<&str> {
+        self.config.get(key).map(String::as_str)
+    }
+
+    /// All config entries, sorted by key.
+    pub fn config_entries(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.config.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+}
+
+/// Why a run failed. `?` converts SQL errors and strings into it.
+#[derive(Debug, Clone)]
+pub struct JobError {
+    message: String,
+    sql: Option<SqlError>,
+}
+
+impl JobError {
+    /// A failure with a message.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            sql: None,
+        }
+    }
+}
+
+impl fmt::Display for JobError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<SqlError> for JobError {
+    fn from(e: SqlError) -> Self {
+        let message = match &e {
+            SqlError::Database(db) => format!("SQLSTATE {}: {}", db.code, db.message),
+            SqlError::Refused(why) => format!("statement refused: {why}"),
+            SqlError::TransactionAborted => "transaction aborted by an earlier error".into(),
+            SqlError::ScopeClosed => "transaction scope closed".into(),
+            SqlError::Timeout => "statement timed out".into(),
+            SqlError::LimitExceeded(what) => format!("limit exceeded: {what}"),
+        };
+        Self {
+            message,
+            sql: Some(e),
+        }
+    }
+}
+
+impl From<String> for JobError {
+    fn from(message: String) -> Self {
+        Self::new(message)
+    }
+}
+
+impl From<&str> for JobError {
+    fn from(message: &str) -> Self {
+        Self::new(message)
+    }
+}
+
+/// The host's transaction, lent for this run.
+pub struct Tx<'a> {
+    inner: &'a Transaction,
+}
+
+impl Tx<'_> {
+    /// Runs a query and decodes each row into `T` with serde (columns by name).
+    pub fn query<T: DeserializeOwned>(&self, sql: &str, params: &[Value]) -> Result<Vec<T>, JobError> {
+        let set = self.query_raw(sql, params)?;
+        set.rows
+            .into_iter()
+            .map(|row| {
+                let object: serde_json::Map<String, serde_json::Value> = set
+                    .columns
+                    .iter()
+                    .zip(row)
+                    .map(|(c, v)| (c.name.clone(), to_json(v)))
+                    .collect();
+                serde_json::from_value(serde_json::Value::Object(object))
+                    .map_err(|e| JobError::new(format!("cannot decode a row of `{sql}`: {e}")))
+            })
+            .collect()
+    }
+
+    /// Runs a query and returns the positional row set.
+    pub fn query_raw(&self, sql: &str, params: &[Value]) -> Result<RowSet, SqlError> {
+        self.inner.query(sql, params)
+    }
+
+    /// Runs a statement; returns the rows it affected.
+    pub fn execute(&self, sql: &str, params: &[Value]) -> Result<u64, SqlError> {
+        self.inner.execute(sql, params)
+    }
+}
+
+/// A cell as JSON, for serde decoding: numbers stay numbers, `json` is parsed,
+/// everything string-carried (numeric, uuid, dates) stays a string.
+pub fn to_json(v: Value) -> serde_json::Value {
+    use serde_json::Value as J;
+    match v {
+        Value::Null => J::Null,
+        Value::Boolean(b) => J::Bool(b),
+        Value::Int2(i) => J::from(i),
+        Value::Int4(i) => J::from(i),
+        Value::Int8(i) => J::from(i),
+        Value::Float4(f) => J::from(f64::from(f)),
+        Value::Float8(f) => J::from(f),
+        Value::Bytea(b) => J::from(b),
+        Value::Json(s) => serde_json::from_str(&s).unwrap_or(J::String(s)),
+        Value::Numeric(s)
+        | Value::Text(s)
+        | Value::Uuid(s)
+        | Value::Date(s)
+        | Value::Time(s)
+        | Value::Timestamp(s)
+        | Value::Timestamptz(s)
+        | Value::Other((_, s)) => J::String(s),
+    }
+}
+
+macro_rules! value_from {
+    ($($t:ty => $case:ident),* $(,)?) => {
+        $(impl From<$t> for Value {
+            fn from(v: $t) -> Self { Value::$case(v.into()) }
+        })*
+    };
+}
+value_from!(bool => Boolean, i16 => Int2, i32 => Int4, i64 => Int8, f32 => Float4, f64 => Float8,
+            String => Text, &str => Text, &String => Text, Vec<u8> => Bytea);
+
+impl<T: Into<Value>> From<Option<T>> for Value {
+    fn from(v: Option<T>) -> Self {
+        v.map_or(Value::Null, Into::into)
+    }
+}
+
+/// Builds a parameter slice: `params![id, "text", 1.5]`.
+#[macro_export]
+macro_rules! params {
+    ($($v:expr),* $(,)?) => { &[$($crate::Value::from($v)),*] };
+}
+
+/// A job: one call per scheduled slot, inside the host's locked transaction.
+pub trait Job {
+    /// Does the work; `Ok(summary)` commits, `Err` rolls back.
+    fn run(ctx: &Context, tx: &Tx<'_>) -> Result<String, JobError>;
+}
+
+/// Structured logging into the host's log, tagged with the job and slot.
+pub mod log {
+    use crate::bindings::jobhost::plugin::log::{Level, log};
+
+    /// Logs at `level` with key/value fields.
+    pub fn event(level: Level, message: &str, fields: &[(&str, String)]) {
+        let fields: Vec<(String, String)> =
+            fields.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
+        log(level, message, &fields);
+    }
+    /// Info-level event.
+    pub fn info(message: &str) {
+        event(Level::Info, message, &[]);
+    }
+    /// Warn-level event.
+    pub fn warn(message: &str) {
+        event(Level::Warn, message, &[]);
+    }
+    /// Error-level event.
+    pub fn error(message: &str) {
+        event(Level::Error, message, &[]);
+    }
+    /// Debug-level event.
+    pub fn debug(message: &str) {
+        event(Level::Debug, message, &[]);
+    }
+    pub use crate::bindings::jobhost::plugin::log::Level as LogLevel;
+}
+
+#[doc(hidden)]
+pub mod __private {
+    use super::*;
+
+    pub fn run<J: Job>(ctx: wit_job::Context, tx: &Transaction) -> Result<wit_job::Report, wit_job::Failure> {
+        let ctx = Context {
+            job: ctx.job,
+            slot: ctx.slot,
+            attempt: ctx.attempt,
+            config: ctx.config.into_iter().collect(),
+        };
+        match J::run(&ctx, &Tx { inner: tx }) {
+            Ok(summary) => Ok(wit_job::Report { summary }),
+            Err(e) => Err(wit_job::Failure {
+                message: e.message,
+                sql: e.sql,
+            }),
+        }
+    }
+
+    pub use crate::bindings::exports::jobhost::plugin::job::{Context as WitContext, Failure, Guest, Report};
+    pub use crate::bindings::jobhost::plugin::sql::Transaction;
+}
+
+/// Exports a [`Job`] implementation as the plugin's `run`.
+#[macro_export]
+macro_rules! export_job {
+    ($job:ty) => {
+        #[doc(hidden)]
+        pub struct __JobhostExport;
+        impl $crate::__private::Guest for __JobhostExport {
+            fn run(
+                ctx: $crate::__private::WitContext,
+                tx: &$crate::__private::Transaction,
+            ) -> ::core::result::Result<$crate::__private::Report, $crate::__private::Failure> {
+                $crate::__private::run::<$job>(ctx, tx)
+            }
+        }
+        $crate::bindings::__export_world!(__JobhostExport with_types_in $crate::bindings);
+    };
+}
