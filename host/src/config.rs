@@ -135,9 +135,9 @@ pub struct TimeZoneName(pub chrono_tz::Tz);
 impl TryFrom<String> for TimeZoneName {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
-        chrono_tz::Tz::from_str(&s)
-            .map(TimeZoneName)
-            .map_err(|_| format!("unknown time zone `{s}`, expected an IANA name like `Europe/Berlin`"))
+        chrono_tz::Tz::from_str(&s).map(TimeZoneName).map_err(|_| {
+            format!("unknown time zone `{s}`, expected an IANA name like `Europe/Berlin`")
+        })
     }
 }
 
@@ -243,16 +243,20 @@ impl JobsToml {
                     }
                     Schedule::Every(every)
                 }
-                (None, Some(CronExpr(cron))) => {
-                    Schedule::Cron(cron.in_zone(job.timezone.map_or(chrono_tz::UTC, |t| t.0)))
-                }
+                (None, Some(CronExpr(cron))) => Schedule::Cron(Box::new(
+                    cron.in_zone(job.timezone.map_or(chrono_tz::UTC, |t| t.0)),
+                )),
                 (Some(_), Some(_)) => {
-                    return Err(invalid(&name, "set either `every` or `cron`, not both".into()));
+                    return Err(invalid(
+                        &name,
+                        "set either `every` or `cron`, not both".into(),
+                    ));
                 }
                 (None, None) => {
                     return Err(invalid(
                         &name,
-                        "missing schedule: set `every = \"30s\"` or `cron = \"*/30 * * * * *\"`".into(),
+                        "missing schedule: set `every = \"30s\"` or `cron = \"*/30 * * * * *\"`"
+                            .into(),
                     ));
                 }
             };
@@ -350,15 +354,20 @@ mod tests {
         assert_eq!(j.timeout, DEFAULT_TIMEOUT);
         assert_eq!(
             j.config,
-            vec![("batch-size".into(), "50".into()), ("label".into(), "x".into())]
+            vec![
+                ("batch-size".into(), "50".into()),
+                ("label".into(), "x".into())
+            ]
         );
         assert_eq!(j.lock_key, LockKey::derive("a"));
     }
 
     #[test]
     fn unknown_field_names_field_and_position() {
-        let e = parse("[[job]]\nname = \"a\"\nplugin = \"Cargo.toml\"\nevery = \"1s\"\nfrequency = 3\n")
-            .unwrap_err();
+        let e = parse(
+            "[[job]]\nname = \"a\"\nplugin = \"Cargo.toml\"\nevery = \"1s\"\nfrequency = 3\n",
+        )
+        .unwrap_err();
         assert!(e.contains("unknown field `frequency`"), "{e}");
         assert!(e.contains("line 5"), "{e}");
         assert!(e.contains("jobs.toml"), "{e}");
@@ -369,7 +378,10 @@ mod tests {
         let e = parse("[[job]]\nname = \"a\"\nplugin = \"Cargo.toml\"\nevery = \"30 parsecs\"\n")
             .unwrap_err();
         assert!(e.contains("line 4"), "{e}");
-        assert!(e.contains("every") || e.contains("unknown time unit"), "{e}");
+        assert!(
+            e.contains("every") || e.contains("unknown time unit"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -386,8 +398,12 @@ mod tests {
 
     #[test]
     fn missing_plugin_duplicate_name_and_schedule_are_rejected() {
-        let e = parse("[[job]]\nname = \"a\"\nplugin = \"nope.wasm\"\nevery = \"1s\"\n").unwrap_err();
-        assert!(e.contains("nope.wasm") && e.contains("does not exist"), "{e}");
+        let e =
+            parse("[[job]]\nname = \"a\"\nplugin = \"nope.wasm\"\nevery = \"1s\"\n").unwrap_err();
+        assert!(
+            e.contains("nope.wasm") && e.contains("does not exist"),
+            "{e}"
+        );
         let e = parse(
             "[[job]]\nname = \"a\"\nplugin = \"Cargo.toml\"\nevery = \"1s\"\n[[job]]\nname = \"a\"\nplugin = \"Cargo.toml\"\nevery = \"1s\"\n",
         )

@@ -80,9 +80,16 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let runtime = Arc::new(Runtime::new().context("cannot start the WebAssembly engine")?);
     let jobs = load_jobs(&runtime, &config).await?;
-    let pool = db::connect(&options.database_url, config.host.pool_size, &options.host_id).await?;
+    let pool = db::connect(
+        &options.database_url,
+        config.host.pool_size,
+        &options.host_id,
+    )
+    .await?;
     if options.demo {
-        demo::setup(&pool).await.context("cannot set up the demo tables")?;
+        demo::setup(&pool)
+            .await
+            .context("cannot set up the demo tables")?;
     }
     tracing::info!(
         host_id = %options.host_id,

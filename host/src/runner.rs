@@ -181,7 +181,9 @@ impl Runner {
         self.finish(tx, &record).await?;
         match outcome {
             Outcome::Ok => info!(job = %name, attempt, summary = %message, "run ok"),
-            _ => warn!(job = %name, attempt, outcome = outcome.as_str(), error = %message, "run failed, rolled back"),
+            _ => {
+                warn!(job = %name, attempt, outcome = outcome.as_str(), error = %message, "run failed, rolled back")
+            }
         }
         Ok(RunResult::Finished {
             outcome,

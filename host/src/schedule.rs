@@ -18,7 +18,7 @@ pub enum Schedule {
     /// Every fixed interval, aligned to the Unix epoch.
     Every(Duration),
     /// The matches of a cron expression.
-    Cron(CronSchedule),
+    Cron(Box<CronSchedule>),
 }
 
 /// A parsed cron expression in a time zone.
@@ -104,23 +104,46 @@ mod tests {
     #[test]
     fn every_is_aligned_to_the_epoch() {
         let s = Schedule::Every(Duration::from_secs(30));
-        assert_eq!(s.slot_at_or_before(at("2024-01-01T00:00:45Z")), Some(at("2024-01-01T00:00:30Z")));
-        assert_eq!(s.slot_at_or_before(at("2024-01-01T00:00:30Z")), Some(at("2024-01-01T00:00:30Z")));
-        assert_eq!(s.next_after(at("2024-01-01T00:00:30Z")), Some(at("2024-01-01T00:01:00Z")));
+        assert_eq!(
+            s.slot_at_or_before(at("2024-01-01T00:00:45Z")),
+            Some(at("2024-01-01T00:00:30Z"))
+        );
+        assert_eq!(
+            s.slot_at_or_before(at("2024-01-01T00:00:30Z")),
+            Some(at("2024-01-01T00:00:30Z"))
+        );
+        assert_eq!(
+            s.next_after(at("2024-01-01T00:00:30Z")),
+            Some(at("2024-01-01T00:01:00Z"))
+        );
         let ms = Schedule::Every(Duration::from_millis(250));
-        assert_eq!(ms.next_after(at("2024-01-01T00:00:00.1Z")), Some(at("2024-01-01T00:00:00.25Z")));
+        assert_eq!(
+            ms.next_after(at("2024-01-01T00:00:00.1Z")),
+            Some(at("2024-01-01T00:00:00.25Z"))
+        );
     }
 
     #[test]
     fn cron_with_seconds_and_zone() {
-        let s = Schedule::Cron(CronSchedule::parse("*/10 * * * * *").unwrap());
-        assert_eq!(s.next_after(at("2024-01-01T00:00:05Z")), Some(at("2024-01-01T00:00:10Z")));
-        assert_eq!(s.slot_at_or_before(at("2024-01-01T00:00:15Z")), Some(at("2024-01-01T00:00:10Z")));
-        // 02:00 in Berlin is 01:00 UTC in winter.
-        let berlin = Schedule::Cron(
-            CronSchedule::parse("0 0 2 * * *").unwrap().in_zone(chrono_tz::Europe::Berlin),
+        let s = Schedule::Cron(Box::new(CronSchedule::parse("*/10 * * * * *").unwrap()));
+        assert_eq!(
+            s.next_after(at("2024-01-01T00:00:05Z")),
+            Some(at("2024-01-01T00:00:10Z"))
         );
-        assert_eq!(berlin.next_after(at("2024-01-01T00:00:00Z")), Some(at("2024-01-01T01:00:00Z")));
+        assert_eq!(
+            s.slot_at_or_before(at("2024-01-01T00:00:15Z")),
+            Some(at("2024-01-01T00:00:10Z"))
+        );
+        // 02:00 in Berlin is 01:00 UTC in winter.
+        let berlin = Schedule::Cron(Box::new(
+            CronSchedule::parse("0 0 2 * * *")
+                .unwrap()
+                .in_zone(chrono_tz::Europe::Berlin),
+        ));
+        assert_eq!(
+            berlin.next_after(at("2024-01-01T00:00:00Z")),
+            Some(at("2024-01-01T01:00:00Z"))
+        );
     }
 
     #[test]

@@ -1,1 +1,14 @@
-//! placeholder
+//! Integration tests: a real Postgres (a fresh database per test through
+//! `#[sqlx::test]`, so advisory locks cannot collide between tests) and real
+//! compiled components from `plugins/`.
+//!
+//! Needs `DATABASE_URL` pointing at a server where the user may create
+//! databases; `./dev test` sets it up.
+
+mod support;
+
+mod core_run;
+mod loading;
+mod reference_jobs;
+mod scheduling;
+mod values;

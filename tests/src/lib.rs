@@ -1,1 +1,7 @@
-//! Integration tests live in `it/`; this crate only builds the guest plugins they load.
+//! Support for the integration tests in `it/`: paths of the guest components
+//! that `build.rs` compiles from `plugins/`.
+
+/// Paths of the compiled guest components.
+pub mod guests {
+    include!(concat!(env!("OUT_DIR"), "/guests.rs"));
+}

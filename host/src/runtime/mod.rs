@@ -207,7 +207,10 @@ impl Runtime {
             path: path.to_owned(),
             source,
         };
-        let instance_pre = self.linker.instantiate_pre(&component).map_err(wrong_world)?;
+        let instance_pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(wrong_world)?;
         let pre = JobPluginPre::new(instance_pre).map_err(wrong_world)?;
         Ok(Plugin {
             path: path.to_owned(),

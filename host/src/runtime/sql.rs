@@ -63,7 +63,9 @@ impl TxHandle {
             StatementError::TooManyRows(n) => {
                 // The statement ran; abandoning its stream leaves the transaction
                 // usable, but the plugin's view of the result is incomplete.
-                Ok(Error::LimitExceeded(format!("query returned more than {n} rows")))
+                Ok(Error::LimitExceeded(format!(
+                    "query returned more than {n} rows"
+                )))
             }
             StatementError::Sqlx(sqlx::Error::Database(db)) => {
                 let pg = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>();
@@ -90,7 +92,11 @@ impl TxHandle {
         }
     }
 
-    async fn query(&mut self, statement: &str, params: &[Value]) -> wasmtime::Result<Result<RowSet, Error>> {
+    async fn query(
+        &mut self,
+        statement: &str,
+        params: &[Value],
+    ) -> wasmtime::Result<Result<RowSet, Error>> {
         let max_rows = self.max_rows;
         let conn = match self.conn() {
             Ok(c) => c,
@@ -102,7 +108,11 @@ impl TxHandle {
         }
     }
 
-    async fn execute(&mut self, statement: &str, params: &[Value]) -> wasmtime::Result<Result<u64, Error>> {
+    async fn execute(
+        &mut self,
+        statement: &str,
+        params: &[Value],
+    ) -> wasmtime::Result<Result<u64, Error>> {
         let conn = match self.conn() {
             Ok(c) => c,
             Err(e) => return Ok(Err(e)),

@@ -133,7 +133,10 @@ fn given(index: usize, v: &Value) -> Result<Given, StatementError> {
         Value::Bytea(b) => bin(oid::BYTEA, b.clone()),
         Value::Uuid(s) => {
             let u = uuid::Uuid::parse_str(s).map_err(|e| {
-                StatementError::Refused(format!("parameter ${}: invalid uuid `{s}`: {e}", index + 1))
+                StatementError::Refused(format!(
+                    "parameter ${}: invalid uuid `{s}`: {e}",
+                    index + 1
+                ))
             })?;
             bin(oid::UUID, u.as_bytes().to_vec())
         }
@@ -183,7 +186,11 @@ fn float_text(f: f64) -> String {
     if f.is_nan() {
         "NaN".into()
     } else if f.is_infinite() {
-        if f > 0.0 { "Infinity".into() } else { "-Infinity".into() }
+        if f > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        }
     } else {
         f.to_string()
     }
@@ -229,7 +236,10 @@ async fn bind(
         })
         .collect();
     let statement = conn
-        .prepare_with(sqlx::AssertSqlSafe(sql.to_owned()).into_sql_str(), &declared)
+        .prepare_with(
+            sqlx::AssertSqlSafe(sql.to_owned()).into_sql_str(),
+            &declared,
+        )
         .await?;
     let server_types: Vec<PgTypeInfo> = match statement.parameters() {
         Some(sqlx::Either::Left(types)) => types.to_vec(),
@@ -319,7 +329,8 @@ async fn bind(
     let mut args = PgArguments::default();
     for raw in finals {
         // Every slot was filled above: either directly or by the conversion.
-        let raw = raw.ok_or_else(|| StatementError::Refused("internal: unbound parameter".into()))?;
+        let raw =
+            raw.ok_or_else(|| StatementError::Refused("internal: unbound parameter".into()))?;
         args.add(raw).map_err(sqlx::Error::Encode)?;
     }
     Ok((args, columns))
@@ -391,7 +402,9 @@ fn decode_cell(v: PgValueRef<'_>) -> Result<Value, sqlx::error::BoxDynError> {
         oid::TEXT | oid::VARCHAR | oid::BPCHAR | oid::NAME | oid::UNKNOWN => Value::Text(utf8()?),
         oid::BYTEA => Value::Bytea(bytes.to_vec()),
         oid::JSON => Value::Json(utf8()?),
-        oid::JSONB => Value::Json(String::from_utf8(bytes.get(1..).unwrap_or_default().to_vec())?),
+        oid::JSONB => Value::Json(String::from_utf8(
+            bytes.get(1..).unwrap_or_default().to_vec(),
+        )?),
         oid::UUID => Value::Uuid(uuid::Uuid::decode(v)?.to_string()),
         // Dates and times outside chrono's range (or ±infinity) fall through to
         // `other` below rather than failing the statement.
@@ -399,7 +412,11 @@ fn decode_cell(v: PgValueRef<'_>) -> Result<Value, sqlx::error::BoxDynError> {
             Ok(d) => Value::Date(d.format("%Y-%m-%d").to_string()),
             Err(_) => other(&ty, bytes),
         },
-        oid::TIME => Value::Time(chrono::NaiveTime::decode(v)?.format("%H:%M:%S%.f").to_string()),
+        oid::TIME => Value::Time(
+            chrono::NaiveTime::decode(v)?
+                .format("%H:%M:%S%.f")
+                .to_string(),
+        ),
         oid::TIMESTAMP => match chrono::NaiveDateTime::decode(v.clone()) {
             Ok(d) => Value::Timestamp(d.format("%Y-%m-%dT%H:%M:%S%.f").to_string()),
             Err(_) => other(&ty, bytes),
@@ -440,11 +457,17 @@ fn numeric_text(b: &[u8]) -> Result<String, sqlx::error::BoxDynError> {
         0xF000 => return Ok("-Infinity".into()),
         _ => {}
     }
-    let digits = (0..ndigits).map(|i| word(4 + i)).collect::<Result<Vec<_>, _>>()?;
+    let digits = (0..ndigits)
+        .map(|i| word(4 + i))
+        .collect::<Result<Vec<_>, _>>()?;
     let digit = |pos: i32| -> u16 {
         // pos: power of 10000, weight = first digit's power.
         let idx = weight - pos;
-        if idx >= 0 && (idx as usize) < digits.len() { digits[idx as usize] } else { 0 }
+        if idx >= 0 && (idx as usize) < digits.len() {
+            digits[idx as usize]
+        } else {
+            0
+        }
     };
     let mut out = String::new();
     if sign == 0x4000 {
@@ -490,9 +513,15 @@ mod tests {
     #[test]
     fn numeric_renders_exactly() {
         // 12345.678 = [1, 2345, 6780], weight 1, dscale 3
-        assert_eq!(numeric_text(&enc(3, 1, 0, 3, &[1, 2345, 6780])).unwrap(), "12345.678");
+        assert_eq!(
+            numeric_text(&enc(3, 1, 0, 3, &[1, 2345, 6780])).unwrap(),
+            "12345.678"
+        );
         // -0.0001 = [1], weight -1, dscale 4
-        assert_eq!(numeric_text(&enc(1, -1, 0x4000, 4, &[1])).unwrap(), "-0.0001");
+        assert_eq!(
+            numeric_text(&enc(1, -1, 0x4000, 4, &[1])).unwrap(),
+            "-0.0001"
+        );
         // 100000000 = 1 * 10000^2: trailing zero digits are not stored
         assert_eq!(numeric_text(&enc(1, 2, 0, 0, &[1])).unwrap(), "100000000");
         assert_eq!(numeric_text(&enc(0, 0, 0, 2, &[])).unwrap(), "0.00");

@@ -11,7 +11,8 @@ fn is_table_name(s: &str) -> bool {
     parts.len() <= 2
         && parts.iter().all(|p| {
             !p.is_empty()
-                && p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                && p.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
                 && !p.starts_with(|c: char| c.is_ascii_digit())
         })
 }
@@ -24,7 +25,9 @@ impl Job for DbRetention {
         let mut total = 0u64;
         for (table, window) in ctx.config_entries().filter(|(k, _)| k.contains('.')) {
             if !is_table_name(table) {
-                return Err(JobError::new(format!("config key `{table}` is not a plain table name")));
+                return Err(JobError::new(format!(
+                    "config key `{table}` is not a plain table name"
+                )));
             }
             let deleted = tx.execute(
                 &format!("delete from {table} where created_at < now() - $1::interval"),

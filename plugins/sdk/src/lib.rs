@@ -43,9 +43,9 @@ pub mod bindings {
     });
 }
 
-pub use bindings::jobhost::plugin::sql::{Column, DbError, Error as SqlError, RowSet, Value};
-use bindings::jobhost::plugin::sql::Transaction;
 use bindings::exports::jobhost::plugin::job as wit_job;
+use bindings::jobhost::plugin::sql::Transaction;
+pub use bindings::jobhost::plugin::sql::{Column, DbError, Error as SqlError, RowSet, Value};
 
 /// What the host tells the plugin about this run.
 #[derive(Debug, Clone)]
@@ -155,7 +155,11 @@ pub struct Tx<'a> {
 
 impl Tx<'_> {
     /// Runs a query and decodes each row into `T` with serde (columns by name).
-    pub fn query<T: DeserializeOwned>(&self, sql: &str, params: &[Value]) -> Result<Vec<T>, JobError> {
+    pub fn query<T: DeserializeOwned>(
+        &self,
+        sql: &str,
+        params: &[Value],
+    ) -> Result<Vec<T>, JobError> {
         let set = self.query_raw(sql, params)?;
         set.rows
             .into_iter()
@@ -242,8 +246,10 @@ pub mod log {
 
     /// Logs at `level` with key/value fields.
     pub fn event(level: Level, message: &str, fields: &[(&str, String)]) {
-        let fields: Vec<(String, String)> =
-            fields.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
+        let fields: Vec<(String, String)> = fields
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect();
         log(level, message, &fields);
     }
     /// Info-level event.
@@ -269,7 +275,10 @@ pub mod log {
 pub mod __private {
     use super::*;
 
-    pub fn run<J: Job>(ctx: wit_job::Context, tx: &Transaction) -> Result<wit_job::Report, wit_job::Failure> {
+    pub fn run<J: Job>(
+        ctx: wit_job::Context,
+        tx: &Transaction,
+    ) -> Result<wit_job::Report, wit_job::Failure> {
         let ctx = Context {
             job: ctx.job,
             slot: ctx.slot,
@@ -285,7 +294,9 @@ pub mod __private {
         }
     }
 
-    pub use crate::bindings::exports::jobhost::plugin::job::{Context as WitContext, Failure, Guest, Report};
+    pub use crate::bindings::exports::jobhost::plugin::job::{
+        Context as WitContext, Failure, Guest, Report,
+    };
     pub use crate::bindings::jobhost::plugin::sql::Transaction;
 }
 

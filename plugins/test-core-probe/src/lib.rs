@@ -11,7 +11,11 @@ use jobhost_plugin_sdk::{Context, Job, JobError, Tx, Value, export_job, params};
 use serde_json::{Value as J, json};
 
 fn param(tag: &str, v: &J) -> Result<Value, JobError> {
-    let s = || v.as_str().map(str::to_owned).ok_or_else(|| JobError::new(format!("{tag}: expected string")));
+    let s = || {
+        v.as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| JobError::new(format!("{tag}: expected string")))
+    };
     let bad = |e: String| JobError::new(format!("{tag}: {e}"));
     Ok(match tag {
         "null" => Value::Null,
@@ -108,7 +112,11 @@ impl Job for Probe {
                     .map(|p| param(p[0].as_str().unwrap_or_default(), &p[1]))
                     .collect::<Result<Vec<_>, _>>()?;
                 let set = tx.query_raw(&sql, &params)?;
-                let columns: Vec<J> = set.columns.iter().map(|c| json!([c.name, c.type_name])).collect();
+                let columns: Vec<J> = set
+                    .columns
+                    .iter()
+                    .map(|c| json!([c.name, c.type_name]))
+                    .collect();
                 let rows: Vec<J> = set
                     .rows
                     .into_iter()

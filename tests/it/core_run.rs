@@ -1,0 +1,201 @@
+//! The run path: commit, lock busy, rollback on error/trap/timeout, swallowed
+//! SQL errors, once per slot, and no advisory lock left behind.
+
+use std::time::Duration;
+
+use jobhost::db::Outcome;
+use jobhost::runner::RunResult;
+use sqlx::PgPool;
+
+use crate::support::*;
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn writes_commit_and_a_held_lock_skips_the_run(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let runner = runner(&pool);
+    let job = probe("writer", "write");
+
+    let msg = finished(runner.run(&job, slot(1)).await.unwrap(), Outcome::Ok);
+    assert_eq!(msg, "wrote attempt 1");
+    assert_eq!(probe_rows(&pool).await, 1);
+    assert_eq!(runs(&pool, "writer").await, vec![("ok".into(), msg)]);
+
+    // Another session (think: a second host) holds the job's key.
+    let key = job.config.lock_key;
+    let mut other = pool.acquire().await.unwrap();
+    sqlx::query("select pg_advisory_lock($1, $2)")
+        .bind(key.namespace)
+        .bind(key.key)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let logs = LogCapture::start();
+    assert_eq!(
+        runner.run(&job, slot(2)).await.unwrap(),
+        RunResult::LockBusy
+    );
+    let text = logs.text();
+    assert!(
+        text.contains("lock_busy") && text.contains("WARN"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&key.key.to_string()),
+        "the warning names the key: {text}"
+    );
+    assert_eq!(probe_rows(&pool).await, 1, "a skipped run writes nothing");
+    assert_eq!(runs(&pool, "writer").await.len(), 1, "a skip is not a run");
+
+    sqlx::query("select pg_advisory_unlock_all()")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    drop(other);
+    finished(runner.run(&job, slot(2)).await.unwrap(), Outcome::Ok);
+    assert_eq!(probe_rows(&pool).await, 2);
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn error_result_and_trap_roll_back_and_are_recorded(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let runner = runner(&pool);
+
+    let msg = finished(
+        runner
+            .run(&probe("failing", "error"), slot(1))
+            .await
+            .unwrap(),
+        Outcome::Error,
+    );
+    assert_eq!(msg, "deliberate failure");
+    let msg = finished(
+        runner
+            .run(&probe("panicking", "trap"), slot(1))
+            .await
+            .unwrap(),
+        Outcome::Trap,
+    );
+    assert!(
+        msg.contains("deliberate panic"),
+        "the panic message reaches the history: {msg}"
+    );
+
+    assert_eq!(
+        probe_rows(&pool).await,
+        0,
+        "both runs wrote before failing; nothing survives"
+    );
+    assert_eq!(advisory_locks(&pool).await, 0);
+    assert_eq!(runs(&pool, "failing").await[0].0, "error");
+    assert_eq!(runs(&pool, "panicking").await[0].0, "trap");
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_swallowed_sql_error_is_never_a_success(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let runner = runner(&pool);
+    let msg = finished(
+        runner
+            .run(&probe("swallower", "swallow"), slot(1))
+            .await
+            .unwrap(),
+        Outcome::Error,
+    );
+    assert!(
+        msg.contains("22012"),
+        "names the swallowed error (division_by_zero): {msg}"
+    );
+    assert_eq!(
+        probe_rows(&pool).await,
+        0,
+        "the write before the error is gone"
+    );
+    let history = runs(&pool, "swallower").await;
+    assert_eq!(history.len(), 1);
+    assert_eq!(
+        history[0].0, "error",
+        "never `ok` for work Postgres rolled back"
+    );
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_timed_out_run_is_interrupted_and_rolled_back(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let runner = runner(&pool);
+    let mut job = probe("spinner", "spin");
+    job.config.timeout = Duration::from_millis(300);
+    let started = std::time::Instant::now();
+    let msg = finished(runner.run(&job, slot(1)).await.unwrap(), Outcome::Timeout);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the endless loop was interrupted"
+    );
+    assert!(msg.contains("timeout"), "{msg}");
+    assert_eq!(probe_rows(&pool).await, 0);
+    assert_eq!(advisory_locks(&pool).await, 0);
+    // The host keeps serving: the next job runs normally.
+    finished(
+        runner.run(&probe("after", "write"), slot(1)).await.unwrap(),
+        Outcome::Ok,
+    );
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_slot_succeeds_once_and_the_database_clock_decides_when_it_is_due(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let runner = runner(&pool);
+    let job = probe("once", "write");
+    finished(runner.run(&job, slot(1)).await.unwrap(), Outcome::Ok);
+    assert_eq!(
+        runner.run(&job, slot(1)).await.unwrap(),
+        RunResult::AlreadyDone
+    );
+    assert_eq!(probe_rows(&pool).await, 1);
+
+    // A failed slot is retried with the next attempt number.
+    let flaky = probe("flaky", "error");
+    finished(runner.run(&flaky, slot(5)).await.unwrap(), Outcome::Error);
+    match runner.run(&flaky, slot(5)).await.unwrap() {
+        RunResult::Finished { attempt, .. } => assert_eq!(attempt, 2),
+        other => panic!("{other:?}"),
+    }
+
+    let future = chrono::Utc::now() + chrono::TimeDelta::hours(1);
+    match runner.run(&job, future).await.unwrap() {
+        RunResult::NotDue { db_now } => assert!(db_now < future),
+        other => panic!("a future slot must not run: {other:?}"),
+    }
+    assert_eq!(probe_rows(&pool).await, 1);
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn two_hundred_mixed_runs_leave_no_advisory_lock(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let runner = runner(&pool);
+    let jobs = [
+        probe("mix-ok", "write"),
+        probe("mix-err", "error"),
+        probe("mix-trap", "trap"),
+    ];
+    let mut counts = [0usize; 3];
+    for n in 0..200 {
+        let which = n % 3;
+        let expected = [Outcome::Ok, Outcome::Error, Outcome::Trap][which];
+        finished(
+            runner.run(&jobs[which], slot(n as i64)).await.unwrap(),
+            expected,
+        );
+        counts[which] += 1;
+    }
+    assert_eq!(advisory_locks(&pool).await, 0);
+    assert_eq!(
+        probe_rows(&pool).await,
+        counts[0] as i64,
+        "only successful runs left rows"
+    );
+    let recorded: i64 = sqlx::query_scalar("select count(*) from jobhost.runs")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(recorded, 200);
+}

@@ -1,0 +1,55 @@
+//! Plugins that cannot be used fail at load with the file and what was expected.
+
+use std::path::Path;
+
+use jobhost::runtime::PluginError;
+
+use crate::support::runtime;
+
+fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("jobhost-it-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn a_file_that_is_not_a_component_is_rejected_with_its_path() {
+    let path = temp_file("garbage.wasm", b"definitely not wasm");
+    let err = runtime().load(&path).unwrap_err();
+    assert!(matches!(err, PluginError::NotComponent { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("garbage.wasm") && text.contains("not a WebAssembly component"),
+        "{text}"
+    );
+
+    // A core module is not a component either.
+    let path = temp_file("core.wasm", b"\0asm\x01\0\0\0");
+    assert!(matches!(
+        runtime().load(&path).unwrap_err(),
+        PluginError::NotComponent { .. }
+    ));
+}
+
+#[test]
+fn a_component_of_the_wrong_world_is_rejected() {
+    // The smallest valid component: no imports, no exports.
+    let path = temp_file("empty.wasm", b"\0asm\x0d\0\x01\0");
+    let err = runtime().load(&path).unwrap_err();
+    assert!(matches!(err, PluginError::WrongWorld { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("empty.wasm") && text.contains("jobhost:plugin/job-plugin"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_missing_file_is_a_read_error() {
+    let err = runtime()
+        .load(Path::new("/nonexistent/plugin.wasm"))
+        .unwrap_err();
+    assert!(matches!(err, PluginError::Read { .. }), "{err:?}");
+}

@@ -1,0 +1,147 @@
+//! The reference jobs do their real work on seeded demo rows.
+
+use jobhost::db::Outcome;
+use jobhost_tests::guests;
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+
+use crate::support::*;
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn integrity_hash_retry_hashes_a_batch_of_pending_rows(pool: PgPool) {
+    jobhost::demo::create_tables(&pool).await.unwrap();
+    sqlx::query(
+        "insert into demo.audit_events (actor, action, payload)
+         select 'actor-' || g, 'login', jsonb_build_object('seq', g, 'ok', true)
+         from generate_series(1, 60) g",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let job = job(
+        "integrity-hash-retry",
+        guests::INTEGRITY_HASH_RETRY,
+        &[("batch-size", "50")],
+    );
+    let runner = runner(&pool);
+
+    assert_eq!(
+        finished(runner.run(&job, slot(1)).await.unwrap(), Outcome::Ok),
+        "hashed 50 rows"
+    );
+    let rows: Vec<(String, String, String, String)> = sqlx::query_as(
+        "select actor, action, payload::text, content_hash from demo.audit_events
+          where hash_status = 'complete' order by id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 50);
+    for (actor, action, payload, hash) in &rows {
+        let expected = hex::encode(Sha256::digest(format!("{actor}\n{action}\n{payload}")));
+        assert_eq!(hash, &expected, "hash of {actor}");
+    }
+
+    assert_eq!(
+        finished(runner.run(&job, slot(2)).await.unwrap(), Outcome::Ok),
+        "hashed 10 rows"
+    );
+    let pending: i64 =
+        sqlx::query_scalar("select count(*) from demo.audit_events where hash_status = 'pending'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(pending, 0);
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn activation_drip_advances_due_users_one_step(pool: PgPool) {
+    jobhost::demo::create_tables(&pool).await.unwrap();
+    sqlx::raw_sql(
+        "insert into demo.users (email, activation_step, last_step_at) values
+           ('due@x.test', 1, now() - interval '7 hours'),
+           ('recent@x.test', 1, now() - interval '1 hour'),
+           ('done@x.test', 5, now() - interval '7 hours'),
+           ('new@x.test', 0, null);",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    // `new` was created just now, so it is not due yet either.
+    let job = job(
+        "activation-drip",
+        guests::ACTIVATION_DRIP,
+        &[("max-step", "5"), ("step-interval", "6 hours")],
+    );
+    let msg = finished(runner(&pool).run(&job, slot(1)).await.unwrap(), Outcome::Ok);
+    assert_eq!(msg, "advanced 1 users");
+    let steps: Vec<(String, i32)> =
+        sqlx::query_as("select email, activation_step from demo.users order by id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        steps,
+        vec![
+            ("due@x.test".into(), 2),
+            ("recent@x.test".into(), 1),
+            ("done@x.test".into(), 5),
+            ("new@x.test".into(), 0)
+        ]
+    );
+    let messages: Vec<(i32,)> = sqlx::query_as("select step from demo.activation_messages")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(messages, vec![(2,)]);
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn db_retention_deletes_rows_past_each_window(pool: PgPool) {
+    jobhost::demo::create_tables(&pool).await.unwrap();
+    for table in [
+        "sessions",
+        "job_logs",
+        "notifications",
+        "password_resets",
+        "webhook_events",
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "insert into demo.{table} (created_at)
+             select now() - make_interval(days => g) + interval '1 hour' from generate_series(0, 39) g"
+        )))
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    // Rows are 0..39 days old, minus an hour of slack: a window of N days keeps
+    // the rows of days 0..=N, that is N + 1 rows.
+    let job = job(
+        "db-retention",
+        guests::DB_RETENTION,
+        &[
+            ("demo.sessions", "7 days"),
+            ("demo.job_logs", "30 days"),
+            ("demo.notifications", "14 days"),
+            ("demo.password_resets", "1 day"),
+            ("demo.webhook_events", "3 days"),
+        ],
+    );
+    let msg = finished(runner(&pool).run(&job, slot(1)).await.unwrap(), Outcome::Ok);
+    assert!(msg.starts_with("deleted 140 rows"), "{msg}");
+    for (table, kept) in [
+        ("sessions", 8),
+        ("job_logs", 31),
+        ("notifications", 15),
+        ("password_resets", 2),
+        ("webhook_events", 4),
+    ] {
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "select count(*) from demo.{table}"
+        )))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(n, kept, "demo.{table}");
+    }
+}

@@ -1,0 +1,165 @@
+//! Helpers shared by the integration tests.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use jobhost::config::{JobConfig, LockMode};
+use jobhost::lock::LockKey;
+use jobhost::runner::{Job, RunResult, Runner};
+use jobhost::runtime::{Plugin, Runtime};
+use jobhost::schedule::Schedule;
+use sqlx::PgPool;
+
+/// One engine for the whole test binary (as in a host process).
+pub fn runtime() -> Arc<Runtime> {
+    static RT: OnceLock<Arc<Runtime>> = OnceLock::new();
+    RT.get_or_init(|| Arc::new(Runtime::new().expect("engine")))
+        .clone()
+}
+
+/// Loads (and caches) a compiled plugin.
+pub fn plugin(path: &str) -> Plugin {
+    static CACHE: OnceLock<Mutex<HashMap<PathBuf, Plugin>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(p) = cache.lock().unwrap().get(Path::new(path)) {
+        return p.clone();
+    }
+    let p = runtime().load(Path::new(path)).expect("load plugin");
+    cache.lock().unwrap().insert(path.into(), p.clone());
+    p
+}
+
+/// A job over `plugin_path` with the given config.
+pub fn job(name: &str, plugin_path: &str, config: &[(&str, &str)]) -> Job {
+    Job {
+        config: JobConfig {
+            name: name.into(),
+            plugin: plugin_path.into(),
+            schedule: Schedule::Every(Duration::from_secs(1)),
+            lock: LockMode::Xact,
+            lock_key: LockKey::derive(name),
+            timeout: Duration::from_secs(20),
+            max_memory_bytes: 64 << 20,
+            config: config
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        },
+        plugin: plugin(plugin_path),
+    }
+}
+
+/// The core probe guest configured with `mode`.
+pub fn probe(name: &str, mode: &str) -> Job {
+    job(
+        name,
+        jobhost_tests::guests::TEST_CORE_PROBE,
+        &[("mode", mode)],
+    )
+}
+
+/// A runner on `pool`.
+pub fn runner(pool: &PgPool) -> Runner {
+    Runner::new(pool.clone(), runtime(), "test-host")
+}
+
+/// Distinct slots in the past: slot(n) = a fixed day + n seconds.
+pub fn slot(n: i64) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2024-01-01T00:00:00Z")
+        .unwrap()
+        .with_timezone(&Utc)
+        + TimeDelta::seconds(n)
+}
+
+/// Creates the table the probe guest writes to.
+pub async fn create_probe_table(pool: &PgPool) {
+    sqlx::query("create table probe (id bigserial primary key, note text not null)")
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// Rows in `probe`.
+pub async fn probe_rows(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("select count(*) from probe")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Advisory locks currently held in this database (any backend).
+pub async fn advisory_locks(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "select count(*) from pg_locks where locktype = 'advisory' and database = (select oid from pg_database where datname = current_database())",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// `(outcome, message)` of every recorded run of `job`, oldest first.
+pub async fn runs(pool: &PgPool, job: &str) -> Vec<(String, String)> {
+    sqlx::query_as(
+        "select outcome, coalesce(message, '') from jobhost.runs where job = $1 order by id",
+    )
+    .bind(job)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Asserts the run finished with `outcome` and returns its message.
+pub fn finished(result: RunResult, outcome: jobhost::db::Outcome) -> String {
+    match result {
+        RunResult::Finished {
+            outcome: o,
+            message,
+            ..
+        } if o == outcome => message,
+        other => panic!("expected a finished run with {outcome:?}, got {other:?}"),
+    }
+}
+
+/// Captures `tracing` output on the current thread (sqlx::test runs a
+/// current-thread runtime, so the runner's events land here).
+pub struct LogCapture {
+    buf: Arc<Mutex<Vec<u8>>>,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+impl LogCapture {
+    /// Starts capturing.
+    pub fn start() -> Self {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(move || CaptureWriter(writer.clone()))
+            .finish();
+        Self {
+            buf,
+            _guard: tracing::subscriber::set_default(subscriber),
+        }
+    }
+
+    /// Everything captured so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.buf.lock().unwrap()).into_owned()
+    }
+}
+
+struct CaptureWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for CaptureWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
