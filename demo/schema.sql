@@ -37,3 +37,27 @@ create table if not exists demo.job_logs        (id bigserial primary key, creat
 create table if not exists demo.notifications   (id bigserial primary key, created_at timestamptz not null);
 create table if not exists demo.password_resets (id bigserial primary key, created_at timestamptz not null);
 create table if not exists demo.webhook_events  (id bigserial primary key, created_at timestamptz not null);
+
+-- Per-job roles for the reference jobs (`role = "..."` in jobs.toml): after
+-- taking the lock the host runs `SET LOCAL ROLE`, so Postgres itself limits each
+-- job to its own tables. Roles are cluster-wide; creating them is idempotent and
+-- safe when several databases are set up at once.
+do $$
+declare
+    r text;
+begin
+    foreach r in array array['jobhost_demo_hash', 'jobhost_demo_drip', 'jobhost_demo_retention'] loop
+        begin
+            execute format('create role %I nologin', r);
+        exception when duplicate_object or unique_violation then
+            null;
+        end;
+    end loop;
+end $$;
+grant usage on schema demo to jobhost_demo_hash, jobhost_demo_drip, jobhost_demo_retention;
+grant select, update on demo.audit_events to jobhost_demo_hash;
+grant select, update on demo.users to jobhost_demo_drip;
+grant select, insert on demo.activation_messages to jobhost_demo_drip;
+grant usage on sequence demo.activation_messages_id_seq to jobhost_demo_drip;
+grant select, delete on demo.sessions, demo.job_logs, demo.notifications, demo.password_resets,
+    demo.webhook_events to jobhost_demo_retention;

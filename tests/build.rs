@@ -13,6 +13,7 @@ const GUESTS: &[&str] = &[
     "activation-drip",
     "db-retention",
     "test-core-probe",
+    "test-sandbox-hostile",
 ];
 
 fn main() {

@@ -73,6 +73,8 @@ pub struct HostToml {
     pub default_timeout: Option<Duration>,
     /// Default cap on a plugin's linear memory, in MiB (default 64).
     pub default_max_memory_mib: Option<u32>,
+    /// Default cap on the rows one plugin query may return (default 10000).
+    pub default_max_rows: Option<usize>,
 }
 
 /// One `[[job]]` table as written.
@@ -100,6 +102,14 @@ pub struct JobToml {
     pub lock_key: Option<i32>,
     /// Cap on the plugin's linear memory, in MiB.
     pub max_memory_mib: Option<u32>,
+    /// Cap on the rows one query may return.
+    pub max_rows: Option<usize>,
+    /// Postgres role the job's statements run as (`SET LOCAL ROLE` after the
+    /// lock), so Postgres enforces which tables the job may touch.
+    pub role: Option<String>,
+    /// Environment variables the plugin may see (none by default).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
     /// Values handed to the plugin in its run context.
     #[serde(default)]
     pub config: BTreeMap<String, toml::Value>,
@@ -176,6 +186,12 @@ pub struct JobConfig {
     pub timeout: Duration,
     /// Cap on the plugin's linear memory, in bytes.
     pub max_memory_bytes: usize,
+    /// Cap on the rows one query may return.
+    pub max_rows: usize,
+    /// Role set with `SET LOCAL ROLE` for the plugin's statements.
+    pub role: Option<String>,
+    /// Environment variables the plugin sees.
+    pub env: Vec<(String, String)>,
     /// `[job.config]` rendered as strings (TOML strings as-is, other values as TOML).
     pub config: Vec<(String, String)>,
 }
@@ -205,6 +221,7 @@ impl JobsConfig {
 const DEFAULT_POOL_SIZE: u32 = 4;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_MEMORY_MIB: u32 = 64;
+const DEFAULT_MAX_ROWS: usize = 10_000;
 
 impl JobsToml {
     fn validate(self, path: &Path) -> Result<JobsConfig, ConfigError> {
@@ -223,6 +240,8 @@ impl JobsToml {
             .host
             .default_max_memory_mib
             .unwrap_or(DEFAULT_MAX_MEMORY_MIB);
+
+        let default_rows = self.host.default_max_rows.unwrap_or(DEFAULT_MAX_ROWS);
 
         let mut jobs: Vec<JobConfig> = Vec::with_capacity(self.jobs.len());
         for job in self.jobs {
@@ -284,6 +303,14 @@ impl JobsToml {
             if timeout.is_zero() {
                 return Err(invalid(&name, "`timeout` must be greater than zero".into()));
             }
+            if let Some(role) = &job.role
+                && (role.is_empty() || role.len() > 63)
+            {
+                return Err(invalid(
+                    &name,
+                    format!("`role` {role:?} is not a valid role name"),
+                ));
+            }
             let config = job
                 .config
                 .into_iter()
@@ -305,6 +332,9 @@ impl JobsToml {
                 max_memory_bytes: job.max_memory_mib.unwrap_or(default_memory) as usize
                     * 1024
                     * 1024,
+                max_rows: job.max_rows.unwrap_or(default_rows),
+                role: job.role,
+                env: job.env.into_iter().collect(),
                 config,
             });
         }

@@ -11,6 +11,7 @@
 //! - [`schedule`]: which instants are a job's slots (`every`, `cron`).
 //! - [`lock`]: advisory lock keys in the two-int keyspace.
 //! - [`db`]: the pool, the host's migrations and run history.
+//! - [`guard`]: the SQL scope guard (pg_query) every plugin statement passes.
 //! - [`runtime`]: wasmtime engine, plugins, the capabilities they are granted
 //!   (`sql` transaction, `log`, an empty WASI).
 //! - [`runner`]: one slot of one job, from BEGIN through lock, plugin call,
@@ -27,6 +28,7 @@
 pub mod config;
 pub mod db;
 pub mod demo;
+pub mod guard;
 pub mod lock;
 pub mod runner;
 pub mod runtime;

@@ -23,11 +23,9 @@ use tracing::{Instrument as _, error, info, info_span, warn};
 
 use crate::config::JobConfig;
 use crate::db::{self, Outcome, RunRecord};
+use crate::guard::SqlGuard;
 use crate::runtime::bindings::job::Context;
 use crate::runtime::{Invocation, Plugin, Returned, RunLimits, Runtime, TxHandle};
-
-/// Rows one plugin query may return before it gets `limit-exceeded`.
-pub const DEFAULT_MAX_ROWS: usize = 10_000;
 
 /// A configured job with its loaded plugin.
 #[derive(Debug, Clone)]
@@ -68,7 +66,7 @@ pub struct Runner {
     pool: PgPool,
     runtime: Arc<Runtime>,
     host_id: Arc<str>,
-    max_rows: usize,
+    guard: Arc<SqlGuard>,
 }
 
 impl Runner {
@@ -78,7 +76,7 @@ impl Runner {
             pool,
             runtime,
             host_id: host_id.into(),
-            max_rows: DEFAULT_MAX_ROWS,
+            guard: Arc::new(SqlGuard::new()),
         }
     }
 
@@ -152,6 +150,16 @@ impl Runner {
             .execute(&mut *tx)
             .await
             .with_context(bookkeeping("create the work savepoint"))?;
+        if let Some(role) = &job.config.role {
+            // After the savepoint, so rolling back to it also drops the role.
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "set local role {}",
+                quote_ident(role)
+            )))
+            .execute(&mut *tx)
+            .await
+            .with_context(|| format!("job `{name}`: cannot switch to role `{role}`"))?;
+        }
 
         let ctx = Context {
             job: name.to_owned(),
@@ -162,10 +170,12 @@ impl Runner {
         let limits = RunLimits {
             timeout: job.config.timeout,
             max_memory_bytes: job.config.max_memory_bytes,
-            max_rows: self.max_rows,
         };
-        let handle = TxHandle::new(tx, name.into(), self.max_rows);
-        let invocation = self.runtime.invoke(&job.plugin, ctx, handle, limits).await;
+        let handle = TxHandle::new(tx, name.into(), job.config.max_rows, self.guard.clone());
+        let invocation = self
+            .runtime
+            .invoke(&job.plugin, ctx, handle, limits, &job.config.env)
+            .await;
         let (outcome, message, tx) = self.judge(job, invocation);
 
         let record = RunRecord {
@@ -221,6 +231,12 @@ impl Runner {
             }
             (Returned::Trap(trap), _) => {
                 let mut m = format!("plugin trapped: {trap:#}");
+                if m.contains("forcing trap when growing memory") {
+                    m = format!(
+                        "plugin exceeded its memory limit of {} MiB ({m})",
+                        job.config.max_memory_bytes >> 20
+                    );
+                }
                 let tail = last_lines(&invocation.output, 5);
                 if !tail.is_empty() {
                     m.push_str("; output: ");
@@ -248,7 +264,10 @@ impl Runner {
         let name = record.job;
         if let Some(mut tx) = tx {
             let attempt: anyhow::Result<()> = async {
-                if record.outcome != Outcome::Ok {
+                if record.outcome == Outcome::Ok {
+                    // Back to the host's own role for its bookkeeping.
+                    sqlx::query("reset role").execute(&mut *tx).await?;
+                } else {
                     sqlx::query("rollback to savepoint jobhost_work")
                         .execute(&mut *tx)
                         .await?;
@@ -298,6 +317,11 @@ async fn rollback(tx: Transaction<'static, Postgres>, job: &str) {
         // The connection is gone; Postgres ends its transaction (and lock) with it.
         warn!(job = %job, error = %e, "rollback failed");
     }
+}
+
+/// Quotes an SQL identifier (`"name"`, inner quotes doubled).
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 fn last_lines(text: &str, n: usize) -> String {

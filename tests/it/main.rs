@@ -10,5 +10,6 @@ mod support;
 mod core_run;
 mod loading;
 mod reference_jobs;
+mod sandbox;
 mod scheduling;
 mod values;

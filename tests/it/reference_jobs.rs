@@ -18,11 +18,12 @@ async fn integrity_hash_retry_hashes_a_batch_of_pending_rows(pool: PgPool) {
     .execute(&pool)
     .await
     .unwrap();
-    let job = job(
+    let mut job = job(
         "integrity-hash-retry",
         guests::INTEGRITY_HASH_RETRY,
         &[("batch-size", "50")],
     );
+    job.config.role = Some("jobhost_demo_hash".into());
     let runner = runner(&pool);
 
     assert_eq!(
@@ -68,11 +69,12 @@ async fn activation_drip_advances_due_users_one_step(pool: PgPool) {
     .await
     .unwrap();
     // `new` was created just now, so it is not due yet either.
-    let job = job(
+    let mut job = job(
         "activation-drip",
         guests::ACTIVATION_DRIP,
         &[("max-step", "5"), ("step-interval", "6 hours")],
     );
+    job.config.role = Some("jobhost_demo_drip".into());
     let msg = finished(runner(&pool).run(&job, slot(1)).await.unwrap(), Outcome::Ok);
     assert_eq!(msg, "advanced 1 users");
     let steps: Vec<(String, i32)> =
@@ -116,7 +118,7 @@ async fn db_retention_deletes_rows_past_each_window(pool: PgPool) {
     }
     // Rows are 0..39 days old, minus an hour of slack: a window of N days keeps
     // the rows of days 0..=N, that is N + 1 rows.
-    let job = job(
+    let mut job = job(
         "db-retention",
         guests::DB_RETENTION,
         &[
@@ -127,6 +129,7 @@ async fn db_retention_deletes_rows_past_each_window(pool: PgPool) {
             ("demo.webhook_events", "3 days"),
         ],
     );
+    job.config.role = Some("jobhost_demo_retention".into());
     let msg = finished(runner(&pool).run(&job, slot(1)).await.unwrap(), Outcome::Ok);
     assert!(msg.starts_with("deleted 140 rows"), "{msg}");
     for (table, kept) in [

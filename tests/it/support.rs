@@ -43,6 +43,9 @@ pub fn job(name: &str, plugin_path: &str, config: &[(&str, &str)]) -> Job {
             lock_key: LockKey::derive(name),
             timeout: Duration::from_secs(20),
             max_memory_bytes: 64 << 20,
+            max_rows: 10_000,
+            role: None,
+            env: Vec::new(),
             config: config
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -95,6 +98,23 @@ pub async fn advisory_locks(pool: &PgPool) -> i64 {
     sqlx::query_scalar(
         "select count(*) from pg_locks where locktype = 'advisory' and database = (select oid from pg_database where datname = current_database())",
     )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Advisory locks in this database other than `key`'s (a job that is
+/// legitimately running elsewhere in the test).
+pub async fn advisory_locks_except(pool: &PgPool, key: LockKey) -> i64 {
+    sqlx::query_scalar(
+        "select count(*) from pg_locks
+          where locktype = 'advisory'
+            and database = (select oid from pg_database where datname = current_database())
+            and not (objsubid = 2 and classid::bigint = ($1::bigint & 4294967295)
+                     and objid::bigint = ($2::bigint & 4294967295))",
+    )
+    .bind(key.namespace)
+    .bind(key.key)
     .fetch_one(pool)
     .await
     .unwrap()

@@ -116,8 +116,6 @@ pub struct RunLimits {
     pub timeout: Duration,
     /// Cap on linear memory, bytes.
     pub max_memory_bytes: usize,
-    /// Cap on rows one query may return.
-    pub max_rows: usize,
 }
 
 /// How the plugin's `run` ended.
@@ -227,11 +225,13 @@ impl Runtime {
         ctx: Context,
         handle: TxHandle,
         limits: RunLimits,
+        env: &[(String, String)],
     ) -> Invocation {
         let output = MemoryOutputPipe::new(OUTPUT_CAP);
         let wasi = wasmtime_wasi::WasiCtx::builder()
             .stdout(output.clone())
             .stderr(output.clone())
+            .envs(env)
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)

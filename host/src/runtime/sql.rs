@@ -16,6 +16,7 @@ use wasmtime::component::Resource;
 use super::RunState;
 use super::bindings::sql::{self, DbError, Error, RowSet, Value};
 use super::values::{self, StatementError};
+use crate::guard::SqlGuard;
 
 /// Host side of one lent `transaction`.
 pub struct TxHandle {
@@ -23,16 +24,24 @@ pub struct TxHandle {
     first_error: Option<String>,
     max_rows: usize,
     job: Arc<str>,
+    guard: Arc<SqlGuard>,
 }
 
 impl TxHandle {
-    /// Wraps the run's transaction (already locked by the runner).
-    pub fn new(tx: Transaction<'static, Postgres>, job: Arc<str>, max_rows: usize) -> Self {
+    /// Wraps the run's transaction (already locked by the runner). Every
+    /// statement passes `guard` before it reaches Postgres.
+    pub fn new(
+        tx: Transaction<'static, Postgres>,
+        job: Arc<str>,
+        max_rows: usize,
+        guard: Arc<SqlGuard>,
+    ) -> Self {
         Self {
             tx: Some(tx),
             first_error: None,
             max_rows,
             job,
+            guard,
         }
     }
 
@@ -42,7 +51,16 @@ impl TxHandle {
         (self.tx.take(), self.first_error.take())
     }
 
-    fn conn(&mut self) -> Result<&mut PgConnection, Error> {
+    /// The connection for `statement`, once the scope is open, the transaction
+    /// healthy, and the guard has let the statement through.
+    fn conn(&mut self, statement: &str) -> Result<&mut PgConnection, Error> {
+        if self.tx.is_none() {
+            return Err(Error::ScopeClosed);
+        }
+        if let Err(why) = self.guard.check(statement) {
+            tracing::warn!(job = %self.job, reason = %why, statement, "statement refused by the scope guard");
+            return Err(Error::Refused(why));
+        }
         if self.first_error.is_some() {
             return Err(Error::TransactionAborted);
         }
@@ -98,7 +116,7 @@ impl TxHandle {
         params: &[Value],
     ) -> wasmtime::Result<Result<RowSet, Error>> {
         let max_rows = self.max_rows;
-        let conn = match self.conn() {
+        let conn = match self.conn(statement) {
             Ok(c) => c,
             Err(e) => return Ok(Err(e)),
         };
@@ -113,7 +131,7 @@ impl TxHandle {
         statement: &str,
         params: &[Value],
     ) -> wasmtime::Result<Result<u64, Error>> {
-        let conn = match self.conn() {
+        let conn = match self.conn(statement) {
             Ok(c) => c,
             Err(e) => return Ok(Err(e)),
         };
