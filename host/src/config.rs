@@ -75,6 +75,10 @@ pub struct HostToml {
     pub default_max_memory_mib: Option<u32>,
     /// Default cap on the rows one plugin query may return (default 10000).
     pub default_max_rows: Option<usize>,
+    /// On SIGTERM/SIGINT, how long in-flight runs may take to finish before
+    /// they are interrupted and rolled back (default 30s).
+    #[serde(default, with = "humantime_serde::option")]
+    pub shutdown_grace: Option<Duration>,
 }
 
 /// One `[[job]]` table as written.
@@ -110,6 +114,16 @@ pub struct JobToml {
     /// Environment variables the plugin may see (none by default).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Attempts per slot, the first included (default 1: no retry; the next
+    /// slot is the retry).
+    pub max_attempts: Option<u32>,
+    /// Wait before the first retry; doubles for each later one (default 10s).
+    #[serde(default, with = "humantime_serde::option")]
+    pub retry_backoff: Option<Duration>,
+    /// Missed slots: absent = skip to the next slot; a window (`"1h"`) = on
+    /// start, run the slots of that window that have no successful run.
+    #[serde(default, with = "humantime_serde::option")]
+    pub catch_up: Option<Duration>,
     /// Values handed to the plugin in its run context.
     #[serde(default)]
     pub config: BTreeMap<String, toml::Value>,
@@ -167,6 +181,27 @@ pub struct JobsConfig {
 pub struct HostConfig {
     /// Maximum pooled connections.
     pub pool_size: u32,
+    /// How long in-flight runs may finish after a shutdown signal.
+    pub shutdown_grace: Duration,
+}
+
+/// When a failed slot is tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts per slot, the first included.
+    pub max_attempts: u32,
+    /// Wait before the first retry; doubles for each later one.
+    pub backoff: Duration,
+}
+
+impl RetryPolicy {
+    /// The wait after `attempt` failed attempts: backoff × 2^(attempt-1), capped at a day.
+    pub fn delay_after(&self, attempt: u32) -> Duration {
+        let factor = 1u32 << attempt.saturating_sub(1).min(16);
+        self.backoff
+            .saturating_mul(factor)
+            .min(Duration::from_secs(86_400))
+    }
 }
 
 /// One validated job.
@@ -192,6 +227,10 @@ pub struct JobConfig {
     pub role: Option<String>,
     /// Environment variables the plugin sees.
     pub env: Vec<(String, String)>,
+    /// Retries of a failed slot.
+    pub retry: RetryPolicy,
+    /// Catch-up window for missed slots (`None`: skip them).
+    pub catch_up: Option<Duration>,
     /// `[job.config]` rendered as strings (TOML strings as-is, other values as TOML).
     pub config: Vec<(String, String)>,
 }
@@ -222,6 +261,8 @@ const DEFAULT_POOL_SIZE: u32 = 4;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_MEMORY_MIB: u32 = 64;
 const DEFAULT_MAX_ROWS: usize = 10_000;
+const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_secs(10);
 
 impl JobsToml {
     fn validate(self, path: &Path) -> Result<JobsConfig, ConfigError> {
@@ -311,6 +352,10 @@ impl JobsToml {
                     format!("`role` {role:?} is not a valid role name"),
                 ));
             }
+            let max_attempts = job.max_attempts.unwrap_or(1);
+            if max_attempts == 0 {
+                return Err(invalid(&name, "`max-attempts` must be at least 1".into()));
+            }
             let config = job
                 .config
                 .into_iter()
@@ -335,12 +380,20 @@ impl JobsToml {
                 max_rows: job.max_rows.unwrap_or(default_rows),
                 role: job.role,
                 env: job.env.into_iter().collect(),
+                retry: RetryPolicy {
+                    max_attempts,
+                    backoff: job.retry_backoff.unwrap_or(DEFAULT_RETRY_BACKOFF),
+                },
+                catch_up: job.catch_up,
                 config,
             });
         }
         Ok(JobsConfig {
             path: path.to_owned(),
-            host: HostConfig { pool_size },
+            host: HostConfig {
+                pool_size,
+                shutdown_grace: self.host.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+            },
             jobs,
         })
     }

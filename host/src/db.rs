@@ -26,6 +26,8 @@ pub enum Outcome {
     Trap,
     /// The run exceeded its timeout; rolled back.
     Timeout,
+    /// The host shut down and the run outlived the grace period; rolled back.
+    Interrupted,
 }
 
 impl Outcome {
@@ -36,25 +38,16 @@ impl Outcome {
             Outcome::Error => "error",
             Outcome::Trap => "trap",
             Outcome::Timeout => "timeout",
+            Outcome::Interrupted => "interrupted",
         }
     }
 }
 
-/// One row of `jobhost.runs`.
+/// The final state of one run, written over its `running` row.
 #[derive(Debug, Clone)]
 pub struct RunRecord<'a> {
-    /// Job name.
-    pub job: &'a str,
-    /// Slot served.
-    pub slot: DateTime<Utc>,
     /// Attempt number at this slot.
     pub attempt: i32,
-    /// The host that ran it.
-    pub host_id: &'a str,
-    /// SHA-256 of the plugin file that ran.
-    pub plugin_sha256: &'a str,
-    /// When the run started (host clock).
-    pub started_at: DateTime<Utc>,
     /// How it ended.
     pub outcome: Outcome,
     /// Summary or error message.
@@ -69,7 +62,16 @@ pub async fn connect(database_url: &str, pool_size: u32, host_id: &str) -> anyho
     let options: PgConnectOptions = database_url
         .parse()
         .context("invalid DATABASE_URL (expected postgres://user@host:port/db)")?;
-    let options = options.application_name(&application_name(host_id));
+    // Server-side keepalives: if this host vanishes without closing its
+    // sockets, Postgres notices within ~1 min, ends the session and so
+    // releases whatever lock the session's transaction held.
+    let options = options
+        .application_name(&application_name(host_id))
+        .options([
+            ("tcp_keepalives_idle", "30"),
+            ("tcp_keepalives_interval", "10"),
+            ("tcp_keepalives_count", "3"),
+        ]);
     let pool = PgPoolOptions::new()
         .max_connections(pool_size)
         .acquire_timeout(Duration::from_secs(10))
@@ -96,54 +98,125 @@ pub fn default_host_id() -> String {
     format!("{hostname}:{}", std::process::id())
 }
 
-/// Whether `slot` of `job` already has a successful run. Called under the job's
-/// lock, so a concurrent success cannot appear between this check and the run.
-pub async fn slot_succeeded(
+/// What the history says about one slot, read under the job's lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotState {
+    /// A run of this slot succeeded (on any host).
+    pub succeeded: bool,
+    /// Finished attempts so far (failed or lost).
+    pub attempts: i32,
+    /// When the latest attempt finished.
+    pub last_finished: Option<DateTime<Utc>>,
+}
+
+/// Inserts the `running` row of a run about to try the lock, committed on its
+/// own so that every host's `status` sees runs in progress. Returns its id.
+///
+/// Runs on the connection that will carry the run, *before* BEGIN, so the
+/// lock stays the first statement of the run's transaction.
+pub async fn begin_run(
     conn: &mut PgConnection,
     job: &str,
     slot: DateTime<Utc>,
-) -> sqlx::Result<bool> {
+    host_id: &str,
+    plugin_sha256: &str,
+) -> sqlx::Result<i64> {
     sqlx::query_scalar(
-        "select exists(select 1 from jobhost.runs where job = $1 and slot = $2 and outcome = 'ok')",
+        "insert into jobhost.runs (job, slot, attempt, host_id, plugin_sha256, started_at, outcome, backend_pid)
+         values ($1, $2, 0, $3, $4, clock_timestamp(), 'running', pg_backend_pid())
+         returning id",
     )
     .bind(job)
     .bind(slot)
+    .bind(host_id)
+    .bind(plugin_sha256)
     .fetch_one(conn)
     .await
 }
 
-/// The attempt number the next run of `slot` will have.
-pub async fn next_attempt(
+/// Removes the `running` row of a run that did not happen (lock busy, slot done).
+pub async fn discard_run(conn: &mut PgConnection, id: i64) -> sqlx::Result<()> {
+    sqlx::query("delete from jobhost.runs where id = $1 and outcome = 'running'")
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Marks `running` rows of `job` whose backend no longer exists as `lost`.
+///
+/// Called under the job's lock: any other `running` row of the job is then not
+/// holding the lock, and if its backend is gone its host died mid-run (its
+/// transaction was rolled back by Postgres). Rows whose backend lives belong to
+/// a host that is still about to try the lock, and are left alone.
+pub async fn mark_lost(conn: &mut PgConnection, job: &str, me: i64) -> sqlx::Result<u64> {
+    let done = sqlx::query(
+        "update jobhost.runs r
+            set outcome = 'lost', finished_at = clock_timestamp(),
+                message = 'the host running it died or lost its connection before finishing; its work was rolled back'
+          where r.job = $1 and r.outcome = 'running' and r.id <> $2
+            and not exists (select 1 from pg_stat_activity a
+                             where a.pid = r.backend_pid and a.backend_start <= r.started_at)",
+    )
+    .bind(job)
+    .bind(me)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// The history of `slot` (excluding the run `me`).
+pub async fn slot_state(
     conn: &mut PgConnection,
     job: &str,
     slot: DateTime<Utc>,
-) -> sqlx::Result<i32> {
-    sqlx::query_scalar(
-        "select coalesce(max(attempt), 0) + 1 from jobhost.runs where job = $1 and slot = $2",
+    me: i64,
+) -> sqlx::Result<SlotState> {
+    let (succeeded, attempts, last_finished): (bool, i32, Option<DateTime<Utc>>) = sqlx::query_as(
+        "select coalesce(bool_or(outcome = 'ok'), false), count(*)::int4, max(finished_at)
+           from jobhost.runs
+          where job = $1 and slot = $2 and id <> $3 and outcome <> 'running'",
     )
     .bind(job)
     .bind(slot)
+    .bind(me)
     .fetch_one(conn)
-    .await
+    .await?;
+    Ok(SlotState {
+        succeeded,
+        attempts,
+        last_finished,
+    })
 }
 
-/// Inserts a finished run. Called inside the job's transaction, so an `ok` row
-/// commits atomically with the work it describes.
-pub async fn record_run(conn: &mut PgConnection, run: &RunRecord<'_>) -> sqlx::Result<()> {
+/// Writes a run's final outcome. Inside the job's transaction, an `ok` commits
+/// atomically with the work it describes.
+pub async fn finish_run(conn: &mut PgConnection, id: i64, run: &RunRecord<'_>) -> sqlx::Result<()> {
     sqlx::query(
-        "insert into jobhost.runs
-             (job, slot, attempt, host_id, plugin_sha256, started_at, finished_at, outcome, message)
-         values ($1, $2, $3, $4, $5, $6, clock_timestamp(), $7, $8)",
+        "update jobhost.runs
+            set attempt = $2, outcome = $3, message = $4, finished_at = clock_timestamp()
+          where id = $1",
     )
-    .bind(run.job)
-    .bind(run.slot)
+    .bind(id)
     .bind(run.attempt)
-    .bind(run.host_id)
-    .bind(run.plugin_sha256)
-    .bind(run.started_at)
     .bind(run.outcome.as_str())
     .bind(run.message)
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Slots of `job` at or after `since` that have a successful run.
+pub async fn succeeded_slots(
+    pool: &PgPool,
+    job: &str,
+    since: DateTime<Utc>,
+) -> sqlx::Result<Vec<DateTime<Utc>>> {
+    sqlx::query_scalar(
+        "select slot from jobhost.runs where job = $1 and slot >= $2 and outcome = 'ok' order by slot",
+    )
+    .bind(job)
+    .bind(since)
+    .fetch_all(pool)
+    .await
 }

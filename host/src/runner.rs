@@ -1,24 +1,27 @@
 //! The run path: one slot of one job, from BEGIN to COMMIT. Read top-down:
 //!
-//! 1. take a pooled connection and `BEGIN`;
-//! 2. first statement: `pg_try_advisory_xact_lock(namespace, key)` (and the
-//!    database clock). Busy: roll back, warn `lock_busy`, skip;
-//! 3. under the lock: skip a slot the database clock has not reached yet, and a
-//!    slot that already succeeded on any host (the fleet-wide once-per-slot
-//!    rule); number the attempt;
-//! 4. `SET LOCAL statement_timeout` (a backstop so no statement outlives the run)
-//!    and `SAVEPOINT` so that a failed run can still be recorded under the lock;
+//! 1. take a pooled connection and insert the run's `running` row (committed on
+//!    its own, so every host's `status` shows runs in flight), then `BEGIN`;
+//! 2. first statement: `pg_try_advisory_xact_lock(namespace, key)` with the
+//!    database clock. Busy: warn `lock_busy`, skip;
+//! 3. [`Runner::gate`], under the lock: skip a slot the database clock has not
+//!    reached (this host's clock is ahead), a slot that already succeeded on any
+//!    host (the fleet-wide once-per-slot rule), a slot out of attempts or in
+//!    its retry backoff; mark `running` rows of hosts that died as `lost`;
+//! 4. backstops (`SET LOCAL statement_timeout`, `idle_in_transaction_session_
+//!    timeout`, `application_name` naming the job), `SAVEPOINT`, the job's role;
 //! 5. lend the transaction to a fresh plugin instance and call `run`;
-//! 6. success: record `ok` in the same transaction and COMMIT, so the history
-//!    can never say `ok` for work that is not there. Anything else: roll back to
-//!    the savepoint, record the failure, COMMIT. Either way the COMMIT (or a
-//!    ROLLBACK) releases the lock; there is no unlock call anywhere.
+//! 6. success: write `ok` over the run's row in the same transaction and COMMIT,
+//!    so the history can never say `ok` for work that is not there. Anything
+//!    else: roll back to the savepoint, write the failure, COMMIT. Either way
+//!    COMMIT (or ROLLBACK) releases the lock; there is no unlock call anywhere.
 
 use std::sync::Arc;
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Postgres, Transaction};
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, error, info, info_span, warn};
 
 use crate::config::JobConfig;
@@ -58,6 +61,13 @@ pub enum RunResult {
         /// The database's clock when checked.
         db_now: DateTime<Utc>,
     },
+    /// The slot failed `max-attempts` times; it is not tried again.
+    Exhausted,
+    /// The slot failed and its retry backoff has not elapsed.
+    BackingOff {
+        /// When the next attempt may start (database clock).
+        until: DateTime<Utc>,
+    },
 }
 
 /// Runs slots of jobs against the host's pool.
@@ -67,6 +77,7 @@ pub struct Runner {
     runtime: Arc<Runtime>,
     host_id: Arc<str>,
     guard: Arc<SqlGuard>,
+    abort: CancellationToken,
 }
 
 impl Runner {
@@ -77,12 +88,25 @@ impl Runner {
             runtime,
             host_id: host_id.into(),
             guard: Arc::new(SqlGuard::new()),
+            abort: CancellationToken::new(),
         }
     }
 
     /// The host id recorded with each run.
     pub fn host_id(&self) -> &str {
         &self.host_id
+    }
+
+    /// The pool runs use.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Interrupts every run in flight on this runner (and its clones): each
+    /// rolls back and is recorded `interrupted`. Used when a shutdown's grace
+    /// period is over.
+    pub fn abort_in_flight(&self) {
+        self.abort.cancel();
     }
 
     /// Runs `slot` of `job` (see the module docs for the steps).
@@ -92,7 +116,8 @@ impl Runner {
     ///
     /// # Cancel safety
     /// Dropping the future drops the sqlx transaction, which rolls back (and so
-    /// releases the lock) when its connection is next used or closed.
+    /// releases the lock) when its connection is next used or closed; the
+    /// run's row stays `running` until the next holder marks it `lost`.
     pub async fn run(&self, job: &Job, slot: DateTime<Utc>) -> anyhow::Result<RunResult> {
         let span = info_span!("run", job = %job.config.name, slot = %slot.to_rfc3339());
         self.run_inner(job, slot).instrument(span).await
@@ -100,65 +125,47 @@ impl Runner {
 
     async fn run_inner(&self, job: &Job, slot: DateTime<Utc>) -> anyhow::Result<RunResult> {
         let name = job.config.name.as_str();
-        let key = job.config.lock_key;
-        let started_at = Utc::now();
-        let mut tx = self
+        let mut conn = self
             .pool
-            .begin()
+            .acquire()
             .await
-            .with_context(|| format!("job `{name}`: cannot begin a transaction"))?;
+            .with_context(|| format!("job `{name}`: cannot get a connection"))?;
+        let run_id = db::begin_run(&mut conn, name, slot, &self.host_id, &job.plugin.sha256)
+            .await
+            .with_context(|| format!("job `{name}`: cannot record the run's start"))?;
+        let mut tx = match Transaction::begin(conn, None).await {
+            Ok(tx) => tx,
+            Err(e) => {
+                let e = anyhow::Error::new(e)
+                    .context(format!("job `{name}`: cannot begin a transaction"));
+                return Err(self.fail_before_plugin(name, run_id, e).await);
+            }
+        };
 
-        // Invariant: the lock is the first statement of the transaction the
-        // plugin will use, so it is pinned to this connection and released by
-        // COMMIT/ROLLBACK. The clock comes along to judge the slot by the
-        // database's time, never this host's.
-        let (locked, db_now): (bool, DateTime<Utc>) =
-            sqlx::query_as("select pg_try_advisory_xact_lock($1, $2), clock_timestamp()")
-                .bind(key.namespace)
-                .bind(key.key)
-                .fetch_one(&mut *tx)
-                .await
-                .with_context(|| format!("job `{name}`: cannot try lock {key}"))?;
-        if !locked {
-            rollback(tx, name).await;
-            warn!(job = %name, lock_key = %key, event = "lock_busy", "lock_busy: job lock held elsewhere, slot skipped");
-            return Ok(RunResult::LockBusy);
-        }
-        if db_now < slot {
-            rollback(tx, name).await;
-            return Ok(RunResult::NotDue { db_now });
-        }
-        let bookkeeping = |what: &'static str| move || format!("job `{name}`: cannot {what}");
-        if db::slot_succeeded(&mut tx, name, slot)
-            .await
-            .with_context(bookkeeping("check the slot's history"))?
-        {
-            rollback(tx, name).await;
-            return Ok(RunResult::AlreadyDone);
-        }
-        let attempt = db::next_attempt(&mut tx, name, slot)
-            .await
-            .with_context(bookkeeping("number the attempt"))?;
-        let timeout_ms = job.config.timeout.as_millis().max(1);
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "set local statement_timeout = {timeout_ms}"
-        )))
-        .execute(&mut *tx)
-        .await
-        .with_context(bookkeeping("set statement_timeout"))?;
-        sqlx::query("savepoint jobhost_work")
-            .execute(&mut *tx)
-            .await
-            .with_context(bookkeeping("create the work savepoint"))?;
-        if let Some(role) = &job.config.role {
-            // After the savepoint, so rolling back to it also drops the role.
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "set local role {}",
-                quote_ident(role)
-            )))
-            .execute(&mut *tx)
-            .await
-            .with_context(|| format!("job `{name}`: cannot switch to role `{role}`"))?;
+        let attempt = match self.gate(job, slot, run_id, &mut tx).await {
+            Ok(Ok(attempt)) => attempt,
+            Ok(Err(skip)) => {
+                // Nothing runs: drop the `running` row in the same transaction
+                // (keeping any `lost` marks made under the lock) and commit,
+                // which also releases the lock if we took it.
+                let done: sqlx::Result<()> = async {
+                    db::discard_run(&mut tx, run_id).await?;
+                    tx.commit().await
+                }
+                .await;
+                if let Err(e) = done {
+                    warn!(job = %name, error = %e, "cannot close a skipped run; Postgres rolls it back");
+                }
+                return Ok(skip);
+            }
+            Err(e) => {
+                drop(tx);
+                return Err(self.fail_before_plugin(name, run_id, e).await);
+            }
+        };
+        if let Err(e) = prepare(&job.config, &self.host_id, &mut tx).await {
+            drop(tx);
+            return Err(self.fail_before_plugin(name, run_id, e).await);
         }
 
         let ctx = Context {
@@ -174,21 +181,23 @@ impl Runner {
         let handle = TxHandle::new(tx, name.into(), job.config.max_rows, self.guard.clone());
         let invocation = self
             .runtime
-            .invoke(&job.plugin, ctx, handle, limits, &job.config.env)
+            .invoke(
+                &job.plugin,
+                ctx,
+                handle,
+                limits,
+                &job.config.env,
+                &self.abort,
+            )
             .await;
         let (outcome, message, tx) = self.judge(job, invocation);
 
         let record = RunRecord {
-            job: name,
-            slot,
             attempt,
-            host_id: &self.host_id,
-            plugin_sha256: &job.plugin.sha256,
-            started_at,
             outcome,
             message: &message,
         };
-        self.finish(tx, &record).await?;
+        self.finish(name, run_id, tx, &record).await;
         match outcome {
             Outcome::Ok => info!(job = %name, attempt, summary = %message, "run ok"),
             _ => {
@@ -200,6 +209,63 @@ impl Runner {
             message,
             attempt,
         })
+    }
+
+    /// Takes the lock and decides, under it, whether the slot runs now.
+    /// `Ok(Ok(attempt))` to run, `Ok(Err(skip))` for a skip.
+    async fn gate(
+        &self,
+        job: &Job,
+        slot: DateTime<Utc>,
+        run_id: i64,
+        tx: &mut Transaction<'static, Postgres>,
+    ) -> anyhow::Result<Result<i32, RunResult>> {
+        let name = job.config.name.as_str();
+        let key = job.config.lock_key;
+        // Invariant: the lock is the first statement of the transaction the
+        // plugin will use, so it is pinned to this connection and released by
+        // COMMIT/ROLLBACK. The clock comes along to judge the slot by the
+        // database's time, never this host's.
+        let (locked, db_now): (bool, DateTime<Utc>) =
+            sqlx::query_as("select pg_try_advisory_xact_lock($1, $2), clock_timestamp()")
+                .bind(key.namespace)
+                .bind(key.key)
+                .fetch_one(&mut **tx)
+                .await
+                .with_context(|| format!("job `{name}`: cannot try lock {key}"))?;
+        if !locked {
+            warn!(job = %name, lock_key = %key, event = "lock_busy", "lock_busy: job lock held elsewhere, slot skipped");
+            return Ok(Err(RunResult::LockBusy));
+        }
+        if db_now < slot {
+            return Ok(Err(RunResult::NotDue { db_now }));
+        }
+        let lost = db::mark_lost(tx, name, run_id)
+            .await
+            .with_context(|| format!("job `{name}`: cannot check for abandoned runs"))?;
+        if lost > 0 {
+            warn!(job = %name, runs = lost, "marked runs of vanished hosts as lost");
+        }
+        let state = db::slot_state(tx, name, slot, run_id)
+            .await
+            .with_context(|| format!("job `{name}`: cannot read the slot's history"))?;
+        if state.succeeded {
+            return Ok(Err(RunResult::AlreadyDone));
+        }
+        let policy = job.config.retry;
+        let attempts = u32::try_from(state.attempts).unwrap_or(0);
+        if attempts >= policy.max_attempts {
+            return Ok(Err(RunResult::Exhausted));
+        }
+        if let Some(last) = state.last_finished
+            && attempts > 0
+        {
+            let until = last + policy.delay_after(attempts);
+            if until > db_now {
+                return Ok(Err(RunResult::BackingOff { until }));
+            }
+        }
+        Ok(Ok(state.attempts + 1))
     }
 
     /// Decides the outcome. A statement error the plugin swallowed still makes
@@ -244,6 +310,10 @@ impl Runner {
                 }
                 (Outcome::Trap, m)
             }
+            (Returned::Interrupted, _) => (
+                Outcome::Interrupted,
+                "interrupted: the host shut down and the run outlived the grace period".to_owned(),
+            ),
             (Returned::Timeout, _) => (
                 Outcome::Timeout,
                 format!(
@@ -255,15 +325,18 @@ impl Runner {
         (outcome, message, tx)
     }
 
-    /// Records the run and commits (which releases the lock).
+    /// Writes the outcome over the run's row and commits (which releases the
+    /// lock). If the transaction is lost, records the failure on a fresh
+    /// connection: nothing of the run survived.
     async fn finish(
         &self,
+        name: &str,
+        run_id: i64,
         tx: Option<Transaction<'static, Postgres>>,
         record: &RunRecord<'_>,
-    ) -> anyhow::Result<()> {
-        let name = record.job;
+    ) {
         if let Some(mut tx) = tx {
-            let attempt: anyhow::Result<()> = async {
+            let attempt: sqlx::Result<()> = async {
                 if record.outcome == Outcome::Ok {
                     // Back to the host's own role for its bookkeeping.
                     sqlx::query("reset role").execute(&mut *tx).await?;
@@ -272,51 +345,112 @@ impl Runner {
                         .execute(&mut *tx)
                         .await?;
                 }
-                db::record_run(&mut tx, record).await?;
-                tx.commit().await?;
-                Ok(())
+                db::finish_run(&mut tx, run_id, record).await?;
+                tx.commit().await
             }
             .await;
-            match attempt {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    // The transaction is lost (connection died, statement timed
-                    // out mid-protocol, or COMMIT failed): nothing of the run
-                    // survived. Record that on a fresh connection.
-                    error!(job = %name, error = %format!("{e:#}"), "cannot commit the run; it was rolled back");
-                    let failed = RunRecord {
-                        outcome: if record.outcome == Outcome::Ok {
-                            Outcome::Error
-                        } else {
-                            record.outcome
-                        },
-                        message: &format!("{} (transaction lost: {e:#})", record.message),
-                        ..record.clone()
-                    };
-                    return self.record_detached(&failed).await;
-                }
-            }
+            let e = match attempt {
+                Ok(()) => return,
+                Err(e) => e,
+            };
+            error!(job = %name, error = %e, "cannot commit the run; Postgres rolled it back");
+            let outcome = if record.outcome == Outcome::Ok {
+                Outcome::Error
+            } else {
+                record.outcome
+            };
+            let message = format!("{} (transaction lost: {e})", record.message);
+            let failed = RunRecord {
+                outcome,
+                message: &message,
+                ..record.clone()
+            };
+            return self.record_detached(name, run_id, &failed).await;
         }
-        self.record_detached(record).await
+        self.record_detached(name, run_id, record).await
     }
 
-    async fn record_detached(&self, record: &RunRecord<'_>) -> anyhow::Result<()> {
-        let mut conn = self
-            .pool
-            .acquire()
-            .await
-            .with_context(|| format!("job `{}`: cannot record the run", record.job))?;
-        db::record_run(&mut conn, record)
-            .await
-            .with_context(|| format!("job `{}`: cannot record the run", record.job))
+    /// Records a failure that happened before the plugin ran; returns the error.
+    async fn fail_before_plugin(&self, name: &str, run_id: i64, e: anyhow::Error) -> anyhow::Error {
+        let message = format!("host-side failure before the plugin ran: {e:#}");
+        let record = RunRecord {
+            attempt: 0,
+            outcome: Outcome::Error,
+            message: &message,
+        };
+        self.record_detached(name, run_id, &record).await;
+        e
+    }
+
+    /// Writes a run's outcome on a fresh pooled connection. Failures are
+    /// logged: the row then stays `running` until the next lock holder marks
+    /// it `lost`.
+    async fn record_detached(&self, name: &str, run_id: i64, record: &RunRecord<'_>) {
+        let result = async {
+            let mut conn = self.pool.acquire().await?;
+            db::finish_run(&mut conn, run_id, record).await
+        }
+        .await;
+        if let Err(e) = result {
+            error!(job = %name, run_id, error = %e, "cannot record the run's outcome");
+        }
+    }
+
+    /// Slots of `job` at or after `since` that already succeeded (any host).
+    pub async fn succeeded_slots(
+        &self,
+        job: &Job,
+        since: DateTime<Utc>,
+    ) -> sqlx::Result<Vec<DateTime<Utc>>> {
+        db::succeeded_slots(&self.pool, &job.config.name, since).await
     }
 }
 
-async fn rollback(tx: Transaction<'static, Postgres>, job: &str) {
-    if let Err(e) = tx.rollback().await {
-        // The connection is gone; Postgres ends its transaction (and lock) with it.
-        warn!(job = %job, error = %e, "rollback failed");
+/// Backstops, savepoint and role for the plugin's part of the transaction.
+async fn prepare(
+    job: &JobConfig,
+    host_id: &str,
+    tx: &mut Transaction<'static, Postgres>,
+) -> anyhow::Result<()> {
+    let name = job.name.as_str();
+    let timeout_ms = job.timeout.as_millis().max(1);
+    // No statement outlives the run; a host that hangs mid-transaction is cut
+    // off by Postgres (ending the transaction and so the lock) a little after
+    // the run's own budget.
+    let idle_ms = timeout_ms + 5_000;
+    let app = truncate_utf8(&format!("{}/{name}", db::application_name(host_id)), 63);
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "select set_config('statement_timeout', '{timeout_ms}', true),
+                set_config('idle_in_transaction_session_timeout', '{idle_ms}', true),
+                set_config('application_name', $1, true)"
+    )))
+    .bind(app)
+    .execute(&mut **tx)
+    .await
+    .with_context(|| format!("job `{name}`: cannot set the run's backstops"))?;
+    sqlx::query("savepoint jobhost_work")
+        .execute(&mut **tx)
+        .await
+        .with_context(|| format!("job `{name}`: cannot create the work savepoint"))?;
+    if let Some(role) = &job.role {
+        // After the savepoint, so rolling back to it also drops the role.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "set local role {}",
+            quote_ident(role)
+        )))
+        .execute(&mut **tx)
+        .await
+        .with_context(|| format!("job `{name}`: cannot switch to role `{role}`"))?;
     }
+    Ok(())
+}
+
+fn truncate_utf8(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
 }
 
 /// Quotes an SQL identifier (`"name"`, inner quotes doubled).

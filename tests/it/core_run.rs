@@ -152,13 +152,38 @@ async fn a_slot_succeeds_once_and_the_database_clock_decides_when_it_is_due(pool
     );
     assert_eq!(probe_rows(&pool).await, 1);
 
-    // A failed slot is retried with the next attempt number.
-    let flaky = probe("flaky", "error");
+    // A failed slot is retried with the next attempt number, up to the limit.
+    let mut flaky = probe("flaky", "error");
+    flaky.config.retry = jobhost::config::RetryPolicy {
+        max_attempts: 2,
+        backoff: Duration::ZERO,
+    };
     finished(runner.run(&flaky, slot(5)).await.unwrap(), Outcome::Error);
     match runner.run(&flaky, slot(5)).await.unwrap() {
         RunResult::Finished { attempt, .. } => assert_eq!(attempt, 2),
         other => panic!("{other:?}"),
     }
+    assert_eq!(
+        runner.run(&flaky, slot(5)).await.unwrap(),
+        RunResult::Exhausted
+    );
+
+    // A retry waits out its backoff, by the database clock.
+    flaky.config.retry.backoff = Duration::from_secs(3600);
+    finished(runner.run(&flaky, slot(6)).await.unwrap(), Outcome::Error);
+    match runner.run(&flaky, slot(6)).await.unwrap() {
+        RunResult::BackingOff { until } => {
+            assert!(until > chrono::Utc::now() + chrono::TimeDelta::minutes(59))
+        }
+        other => panic!("{other:?}"),
+    }
+    // Skips leave no `running` rows behind.
+    let running: i64 =
+        sqlx::query_scalar("select count(*) from jobhost.runs where outcome = 'running'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(running, 0);
 
     let future = chrono::Utc::now() + chrono::TimeDelta::hours(1);
     match runner.run(&job, future).await.unwrap() {

@@ -46,6 +46,11 @@ pub fn job(name: &str, plugin_path: &str, config: &[(&str, &str)]) -> Job {
             max_rows: 10_000,
             role: None,
             env: Vec::new(),
+            retry: jobhost::config::RetryPolicy {
+                max_attempts: 1,
+                backoff: Duration::from_secs(10),
+            },
+            catch_up: None,
             config: config
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
 use wasmtime::component::{Component, Linker, Resource, ResourceTable};
 use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
@@ -127,6 +128,8 @@ pub enum Returned {
     Trap(wasmtime::Error),
     /// The timeout elapsed; the guest was interrupted.
     Timeout,
+    /// The host aborted the run (shutdown past its grace period).
+    Interrupted,
 }
 
 /// The result of one invocation, with the transaction handed back.
@@ -226,6 +229,7 @@ impl Runtime {
         handle: TxHandle,
         limits: RunLimits,
         env: &[(String, String)],
+        abort: &CancellationToken,
     ) -> Invocation {
         let output = MemoryOutputPipe::new(OUTPUT_CAP);
         let wasi = wasmtime_wasi::WasiCtx::builder()
@@ -265,10 +269,13 @@ impl Runtime {
                 .call_run(&mut store, &ctx, lent)
                 .await
         };
-        let returned = match tokio::time::timeout(limits.timeout, call).await {
-            Ok(Ok(value)) => Returned::Value(value),
-            Ok(Err(trap)) => Returned::Trap(trap),
-            Err(_elapsed) => Returned::Timeout,
+        let returned = tokio::select! {
+            r = tokio::time::timeout(limits.timeout, call) => match r {
+                Ok(Ok(value)) => Returned::Value(value),
+                Ok(Err(trap)) => Returned::Trap(trap),
+                Err(_elapsed) => Returned::Timeout,
+            },
+            _ = abort.cancelled() => Returned::Interrupted,
         };
         let handle = match store
             .data_mut()
