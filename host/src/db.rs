@@ -103,10 +103,14 @@ pub fn default_host_id() -> String {
 pub struct SlotState {
     /// A run of this slot succeeded (on any host).
     pub succeeded: bool,
-    /// Finished attempts so far (failed or lost).
+    /// Finished attempts so far, of any outcome (numbers the next attempt).
     pub attempts: i32,
-    /// When the latest attempt finished.
-    pub last_finished: Option<DateTime<Utc>>,
+    /// Attempts that failed by the job's own doing (error, trap, timeout,
+    /// lock lost): these count against `max-attempts` and drive the backoff.
+    /// Runs lost to a dead host or interrupted by a shutdown do not.
+    pub failures: i32,
+    /// When the latest such failure finished.
+    pub last_failure: Option<DateTime<Utc>>,
 }
 
 /// Inserts the `running` row of a run about to try the lock, committed on its
@@ -172,8 +176,10 @@ pub async fn slot_state(
     slot: DateTime<Utc>,
     me: i64,
 ) -> sqlx::Result<SlotState> {
-    let (succeeded, attempts, last_finished): (bool, i32, Option<DateTime<Utc>>) = sqlx::query_as(
-        "select coalesce(bool_or(outcome = 'ok'), false), count(*)::int4, max(finished_at)
+    let (succeeded, attempts, failures, last_failure): (bool, i32, i32, Option<DateTime<Utc>>) = sqlx::query_as(
+        "select coalesce(bool_or(outcome = 'ok'), false), count(*)::int4,
+                (count(*) filter (where outcome in ('error', 'trap', 'timeout', 'lock_lost')))::int4,
+                max(finished_at) filter (where outcome in ('error', 'trap', 'timeout', 'lock_lost'))
            from jobhost.runs
           where job = $1 and slot = $2 and id <> $3 and outcome <> 'running'",
     )
@@ -185,7 +191,8 @@ pub async fn slot_state(
     Ok(SlotState {
         succeeded,
         attempts,
-        last_finished,
+        failures,
+        last_failure,
     })
 }
 
@@ -204,6 +211,14 @@ pub async fn finish_run(conn: &mut PgConnection, id: i64, run: &RunRecord<'_>) -
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// The earliest slot `job` has any record of (none for a new job).
+pub async fn first_slot(pool: &PgPool, job: &str) -> sqlx::Result<Option<DateTime<Utc>>> {
+    sqlx::query_scalar("select min(slot) from jobhost.runs where job = $1")
+        .bind(job)
+        .fetch_one(pool)
+        .await
 }
 
 /// Slots of `job` at or after `since` that have a successful run.

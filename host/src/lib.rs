@@ -17,6 +17,8 @@
 //! - [`runner`]: one slot of one job, from BEGIN through lock, plugin call,
 //!   COMMIT/ROLLBACK — the path every invariant hangs on.
 //! - [`scheduler`]: per-job loops that hand due slots to the runner.
+//! - [`inspect`]: `status` and `locks` for operators.
+//! - [`cli`]: the command line (the binary is a one-line `main`).
 //! - [`demo`]: demo tables and rows for the reference jobs (never created by a
 //!   production start).
 //!
@@ -25,10 +27,12 @@
 
 #![warn(missing_docs)]
 
+pub mod cli;
 pub mod config;
 pub mod db;
 pub mod demo;
 pub mod guard;
+pub mod inspect;
 pub mod lock;
 pub mod runner;
 pub mod runtime;
@@ -52,6 +56,8 @@ pub struct HostOptions {
     pub host_id: String,
     /// Create and seed the demo tables before starting.
     pub demo: bool,
+    /// Added to this host's clock (tests fake clock skew with it).
+    pub clock_offset: chrono::TimeDelta,
 }
 
 /// Loads every job's plugin, failing on the first one that cannot be used.
@@ -100,7 +106,11 @@ pub async fn run(
         "jobhost started"
     );
     let runner = Runner::new(pool.clone(), runtime, &options.host_id);
-    scheduler::run(runner, jobs, shutdown).await;
+    let scheduler_options = scheduler::SchedulerOptions {
+        clock_offset: options.clock_offset,
+        shutdown_grace: config.host.shutdown_grace,
+    };
+    scheduler::run(runner, jobs, scheduler_options, shutdown).await;
     pool.close().await;
     Ok(())
 }

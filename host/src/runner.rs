@@ -197,7 +197,7 @@ impl Runner {
             outcome,
             message: &message,
         };
-        self.finish(name, run_id, tx, &record).await;
+        let (outcome, message) = self.finish(name, run_id, tx, &record).await;
         match outcome {
             Outcome::Ok => info!(job = %name, attempt, summary = %message, "run ok"),
             _ => {
@@ -253,14 +253,14 @@ impl Runner {
             return Ok(Err(RunResult::AlreadyDone));
         }
         let policy = job.config.retry;
-        let attempts = u32::try_from(state.attempts).unwrap_or(0);
-        if attempts >= policy.max_attempts {
+        let failures = u32::try_from(state.failures).unwrap_or(0);
+        if failures >= policy.max_attempts {
             return Ok(Err(RunResult::Exhausted));
         }
-        if let Some(last) = state.last_finished
-            && attempts > 0
+        if let Some(last) = state.last_failure
+            && failures > 0
         {
-            let until = last + policy.delay_after(attempts);
+            let until = last + policy.delay_after(failures);
             if until > db_now {
                 return Ok(Err(RunResult::BackingOff { until }));
             }
@@ -327,14 +327,14 @@ impl Runner {
 
     /// Writes the outcome over the run's row and commits (which releases the
     /// lock). If the transaction is lost, records the failure on a fresh
-    /// connection: nothing of the run survived.
+    /// connection: nothing of the run survived. Returns what was recorded.
     async fn finish(
         &self,
         name: &str,
         run_id: i64,
         tx: Option<Transaction<'static, Postgres>>,
         record: &RunRecord<'_>,
-    ) {
+    ) -> (Outcome, String) {
         if let Some(mut tx) = tx {
             let attempt: sqlx::Result<()> = async {
                 if record.outcome == Outcome::Ok {
@@ -350,7 +350,7 @@ impl Runner {
             }
             .await;
             let e = match attempt {
-                Ok(()) => return,
+                Ok(()) => return (record.outcome, record.message.to_owned()),
                 Err(e) => e,
             };
             error!(job = %name, error = %e, "cannot commit the run; Postgres rolled it back");
@@ -365,9 +365,11 @@ impl Runner {
                 message: &message,
                 ..record.clone()
             };
-            return self.record_detached(name, run_id, &failed).await;
+            self.record_detached(name, run_id, &failed).await;
+            return (outcome, message);
         }
-        self.record_detached(name, run_id, record).await
+        self.record_detached(name, run_id, record).await;
+        (record.outcome, record.message.to_owned())
     }
 
     /// Records a failure that happened before the plugin ran; returns the error.
@@ -394,6 +396,11 @@ impl Runner {
         if let Err(e) = result {
             error!(job = %name, run_id, error = %e, "cannot record the run's outcome");
         }
+    }
+
+    /// The earliest slot `job` has any record of.
+    pub async fn first_slot(&self, job: &Job) -> sqlx::Result<Option<DateTime<Utc>>> {
+        db::first_slot(&self.pool, &job.config.name).await
     }
 
     /// Slots of `job` at or after `since` that already succeeded (any host).

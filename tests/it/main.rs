@@ -8,6 +8,7 @@
 mod support;
 
 mod core_run;
+mod fleet;
 mod loading;
 mod reference_jobs;
 mod sandbox;

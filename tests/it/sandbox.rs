@@ -79,7 +79,7 @@ async fn every_escape_is_refused_while_a_good_job_keeps_its_schedule(pool: PgPoo
                 .connect_with(options)
                 .await
                 .unwrap();
-            jobhost::scheduler::run(runner(&pool), vec![good], async {
+            jobhost::scheduler::run(runner(&pool), vec![good], Default::default(), async {
                 let _ = stopped.await;
             })
             .await;

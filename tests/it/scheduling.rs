@@ -15,7 +15,7 @@ async fn a_fast_cadence_runs_each_slot_once_and_shutdown_waits(pool: PgPool) {
     let mut job = probe("ticker", "write");
     job.config.schedule = Schedule::Every(Duration::from_millis(200));
     let shutdown = tokio::time::sleep(Duration::from_millis(1500));
-    jobhost::scheduler::run(runner(&pool), vec![job], shutdown).await;
+    jobhost::scheduler::run(runner(&pool), vec![job], Default::default(), shutdown).await;
 
     let slots: Vec<(chrono::DateTime<chrono::Utc>, String)> =
         sqlx::query_as("select slot, outcome from jobhost.runs where job = 'ticker' order by slot")

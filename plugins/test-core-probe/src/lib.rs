@@ -4,7 +4,8 @@
 //! Modes: `write` (insert `note` into `probe`), `error` (write, then fail),
 //! `trap` (write, then panic), `swallow` (write, hit `select 1/0`, ignore it,
 //! return success), `query` (run config `sql` with JSON `params`, report the
-//! result as JSON), `spin` (loop forever), `after-scope` (keep nothing: the
+//! result as JSON), `sleep` (write, sleep `sleep-ms`, touch the connection),
+//! `spin` (loop forever), `after-scope` (keep nothing: the
 //! borrow ends with the call; proves the handle cannot be smuggled).
 
 use jobhost_plugin_sdk::{Context, Job, JobError, Tx, Value, export_job, params};
@@ -74,7 +75,8 @@ fn tagged(v: Value) -> J {
 }
 
 fn write(ctx: &Context, tx: &Tx<'_>) -> Result<(), JobError> {
-    let note = ctx.config_str("note").unwrap_or("probe");
+    // By default the note is the slot, so tests can count runs per slot.
+    let note = ctx.config_str("note").unwrap_or(&ctx.slot);
     tx.execute("insert into probe (note) values ($1)", params![note])?;
     Ok(())
 }
@@ -123,6 +125,13 @@ impl Job for Probe {
                     .map(|r| J::Array(r.into_iter().map(tagged).collect()))
                     .collect();
                 Ok(json!({ "columns": columns, "rows": rows }).to_string())
+            }
+            "sleep" => {
+                write(ctx, tx)?;
+                let ms: u64 = ctx.config_or("sleep-ms", 1000)?;
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                tx.query_raw("select 1", &[])?;
+                Ok(format!("slept {ms} ms"))
             }
             "spin" => {
                 write(ctx, tx)?;

@@ -1,0 +1,177 @@
+//! The command line: `jobhost [run]`, `check`, `status`, `locks`.
+//!
+//! Lives in the library so the binary stays a one-liner and tests can run the
+//! exact CLI in a child process.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::config::JobsConfig;
+use crate::runtime::Runtime;
+use crate::{HostOptions, db, inspect};
+
+/// Runs WebAssembly job plugins on schedules from jobs.toml, each inside a
+/// host-owned, advisory-locked Postgres transaction.
+#[derive(Debug, Parser)]
+#[command(name = "jobhost", version)]
+pub struct Cli {
+    /// The job configuration.
+    #[arg(
+        long,
+        short,
+        default_value = "jobs.toml",
+        env = "JOBHOST_CONFIG",
+        global = true
+    )]
+    config: PathBuf,
+    /// Postgres URL; the host owns every connection made with it.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
+    database_url: Option<String>,
+    /// Id of this host in the run history and `application_name`
+    /// (default `<hostname>:<pid>`).
+    #[arg(long, env = "JOBHOST_HOST_ID", global = true)]
+    host_id: Option<String>,
+    /// Create and seed the demo tables the reference jobs work on.
+    #[arg(long)]
+    demo: bool,
+    /// Shift this host's clock (testing clock skew across a fleet).
+    #[arg(
+        long,
+        env = "JOBHOST_CLOCK_OFFSET_MS",
+        hide = true,
+        default_value_t = 0,
+        allow_hyphen_values = true
+    )]
+    clock_offset_ms: i64,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the scheduler (the default).
+    Run,
+    /// Validate the configuration and load every plugin, then exit.
+    Check,
+    /// Jobs, their next slot, last outcome and duration, runs in flight.
+    Status,
+    /// Advisory locks with their holders; exits 2 if one is held by an idle
+    /// backend (a stuck lock), so monitoring can run it.
+    Locks,
+}
+
+/// Entry point of the binary: tracing, a runtime, the CLI.
+pub fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("jobhost: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run_cli(std::env::args_os())) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("jobhost: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Parses `args` and runs the command.
+pub async fn run_cli(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<ExitCode> {
+    let cli = Cli::try_parse_from(args).unwrap_or_else(|e| e.exit());
+    let config = JobsConfig::from_file(&cli.config)?;
+    let database_url = || {
+        cli.database_url
+            .clone()
+            .context("DATABASE_URL is not set (or pass --database-url)")
+    };
+    let host_id = cli.host_id.clone().unwrap_or_else(db::default_host_id);
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => {
+            let options = HostOptions {
+                database_url: database_url()?,
+                host_id,
+                demo: cli.demo,
+                clock_offset: chrono::TimeDelta::milliseconds(cli.clock_offset_ms),
+            };
+            crate::run(config, options, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check => {
+            let runtime = Arc::new(Runtime::new()?);
+            let jobs = crate::load_jobs(&runtime, &config).await?;
+            println!("{}: {} job(s) valid", cli.config.display(), jobs.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status => {
+            let pool = inspect_pool(&database_url()?, &host_id).await?;
+            let rows = inspect::status(&pool, &config)
+                .await
+                .context("cannot read the run history")?;
+            print!("{}", inspect::render_status(&rows));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Locks => {
+            let pool = inspect_pool(&database_url()?, &host_id).await?;
+            let rows = inspect::locks(&pool, &config)
+                .await
+                .context("cannot read pg_locks")?;
+            print!("{}", inspect::render_locks(&rows));
+            Ok(if rows.iter().any(|r| r.stuck) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+    }
+}
+
+/// A one-connection pool for the read-only commands (no migrations).
+async fn inspect_pool(url: &str, host_id: &str) -> anyhow::Result<sqlx::PgPool> {
+    let options: sqlx::postgres::PgConnectOptions = url.parse().context("invalid DATABASE_URL")?;
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options.application_name(&format!("{}/cli", db::application_name(host_id))))
+        .await
+        .context("cannot connect to Postgres (DATABASE_URL)")
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,482 @@
+//! Fleet behaviour with real host processes against one database: this test
+//! binary re-executes itself as `jobhost` (see [`host_process`]), so each host
+//! is a separate OS process running the real CLI that can be SIGKILLed or
+//! SIGTERMed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use jobhost::db::Outcome;
+use jobhost::runner::RunResult;
+use jobhost_tests::guests;
+use sqlx::PgPool;
+
+use crate::support::*;
+
+const HOST_ARGS_ENV: &str = "JOBHOST_IT_HOST_ARGS";
+
+/// Not a test of its own: when the binary is re-executed with
+/// `JOBHOST_IT_HOST_ARGS`, this runs the `jobhost` CLI with those arguments
+/// and exits with its code. In a normal test run it returns at once.
+#[test]
+fn host_process() {
+    let Ok(args) = std::env::var(HOST_ARGS_ENV) else {
+        return;
+    };
+    let args: Vec<String> = serde_json::from_str(&args).unwrap();
+    tracing_subscriber::fmt()
+        .with_env_filter("info,sqlx=warn")
+        .with_ansi(false)
+        .init();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let code = rt.block_on(jobhost::cli::run_cli(
+        std::iter::once("jobhost".to_string())
+            .chain(args)
+            .map(Into::into),
+    ));
+    let code = match code {
+        Ok(c) if c == std::process::ExitCode::SUCCESS => 0,
+        Ok(c) if c == std::process::ExitCode::from(2) => 2,
+        Ok(_) => 1,
+        Err(e) => {
+            eprintln!("host process failed: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+/// A host child process; killed when dropped.
+struct Host {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Host {
+    fn spawn(dir: &Path, url: &str, host_id: &str, extra: &[&str]) -> Host {
+        let mut args = vec![
+            "--config".to_string(),
+            dir.join("jobs.toml").display().to_string(),
+            "--database-url".into(),
+            url.into(),
+            "--host-id".into(),
+            host_id.into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let log = dir.join(format!("{host_id}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "fleet::host_process",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(HOST_ARGS_ENV, serde_json::to_string(&args).unwrap())
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Host { child, log }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([format!("-{sig}"), self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig}");
+    }
+
+    /// SIGTERM and wait (bounded); returns the exit code.
+    fn terminate(mut self, within: Duration) -> i32 {
+        self.signal("TERM");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "host did not exit: {}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The URL of the test's own database (DATABASE_URL with the name replaced).
+async fn database_url(pool: &PgPool) -> String {
+    let db: String = sqlx::query_scalar("select current_database()")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    with_database(&std::env::var("DATABASE_URL").unwrap(), &db)
+}
+
+fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{db}?{q}"),
+        None => format!("{base}/{db}"),
+    }
+}
+
+/// A temp dir with a jobs.toml of one probe job.
+fn config_dir(tag: &str, job: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("jobhost-fleet-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let toml = format!(
+        "[host]\npool-size = 2\nshutdown-grace = \"10s\"\n\n[[job]]\nplugin = {:?}\n{job}\n",
+        guests::TEST_CORE_PROBE
+    );
+    std::fs::write(dir.join("jobs.toml"), toml).unwrap();
+    dir
+}
+
+/// Polls `cond` every 50 ms until it holds or `within` passes.
+async fn wait_for<F, Fut>(within: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn count(pool: &PgPool, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn three_hosts_with_skewed_clocks_run_every_slot_exactly_once(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let url = database_url(&pool).await;
+    let dir = config_dir(
+        "skew",
+        "name = \"tick\"\nevery = \"1s\"\ntimeout = \"5s\"\n[job.config]\nmode = \"write\"",
+    );
+    let hosts: Vec<Host> = [("a", "0"), ("b", "450"), ("c", "-450")]
+        .iter()
+        .map(|(id, offset)| Host::spawn(&dir, &url, id, &["--clock-offset-ms", offset]))
+        .collect();
+    wait_for(Duration::from_secs(30), "5 successful slots", || async {
+        count(
+            &pool,
+            "select count(*) from jobhost.runs where outcome = 'ok'",
+        )
+        .await
+            >= 5
+    })
+    .await;
+    for h in hosts {
+        assert_eq!(h.terminate(Duration::from_secs(20)), 0);
+    }
+
+    let per_slot: Vec<(chrono::DateTime<chrono::Utc>, i64)> = sqlx::query_as(
+        "select slot, count(*) filter (where outcome = 'ok') from jobhost.runs group by slot order by slot",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(per_slot.iter().all(|(_, ok)| *ok <= 1), "{per_slot:?}");
+    let ok = count(
+        &pool,
+        "select count(*) from jobhost.runs where outcome = 'ok'",
+    )
+    .await;
+    // The work itself happened once per slot: one probe row per successful slot.
+    assert_eq!(count(&pool, "select count(*) from probe").await, ok);
+    assert_eq!(
+        count(&pool, "select count(distinct note) from probe").await,
+        ok
+    );
+    let hosts_that_ran = count(
+        &pool,
+        "select count(distinct host_id) from jobhost.runs where outcome = 'ok'",
+    )
+    .await;
+    assert!(hosts_that_ran >= 1);
+    assert_eq!(advisory_locks(&pool).await, 0);
+    assert_eq!(
+        count(
+            &pool,
+            "select count(*) from jobhost.runs where outcome = 'running'"
+        )
+        .await,
+        0
+    );
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_killed_host_rolls_back_and_another_host_runs_its_slot(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let url = database_url(&pool).await;
+    let dir = config_dir(
+        "kill",
+        "name = \"slow\"\nevery = \"2s\"\ntimeout = \"20s\"\ncatch-up = \"1m\"\n[job.config]\nmode = \"sleep\"\nsleep-ms = \"2500\"",
+    );
+    let a = Host::spawn(&dir, &url, "doomed", &[]);
+    // Wait until `doomed` is inside a run: its row is `running` and it holds the lock.
+    wait_for(Duration::from_secs(20), "a run in flight", || async {
+        count(
+            &pool,
+            "select count(*) from jobhost.runs where outcome = 'running' and host_id = 'doomed'",
+        )
+        .await
+            == 1
+            && advisory_locks(&pool).await == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // the guest has written its row
+    let slot: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
+        "select slot from jobhost.runs where outcome = 'running' and host_id = 'doomed'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    a.kill();
+
+    let b = Host::spawn(&dir, &url, "survivor", &[]);
+    wait_for(
+        Duration::from_secs(30),
+        "the survivor to run the slot",
+        || async {
+            sqlx::query_scalar::<_, i64>(
+                "select count(*) from jobhost.runs where slot = $1 and outcome = 'ok'",
+            )
+            .bind(slot)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+                == 1
+        },
+    )
+    .await;
+    assert_eq!(b.terminate(Duration::from_secs(20)), 0);
+
+    let history: Vec<(String, String)> =
+        sqlx::query_as("select host_id, outcome from jobhost.runs where slot = $1 order by id")
+            .bind(slot)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        history,
+        vec![
+            ("doomed".into(), "lost".into()),
+            ("survivor".into(), "ok".into())
+        ]
+    );
+    let rows_for_slot: i64 = sqlx::query_scalar("select count(*) from probe where note = $1")
+        .bind(slot.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        rows_for_slot, 1,
+        "the killed host's write was rolled back; the survivor's committed"
+    );
+    assert_eq!(advisory_locks(&pool).await, 0);
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn sigterm_lets_a_run_finish_and_interrupts_it_past_the_grace(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let url = database_url(&pool).await;
+    // Within the grace: the run completes and the process exits 0.
+    let dir = config_dir(
+        "term",
+        "name = \"finisher\"\nevery = \"1s\"\ntimeout = \"20s\"\n[job.config]\nmode = \"sleep\"\nsleep-ms = \"1500\"",
+    );
+    let host = Host::spawn(&dir, &url, "term", &[]);
+    wait_for(Duration::from_secs(20), "a run in flight", || async {
+        count(
+            &pool,
+            "select count(*) from jobhost.runs where outcome = 'running'",
+        )
+        .await
+            == 1
+            && advisory_locks(&pool).await == 1
+    })
+    .await;
+    assert_eq!(host.terminate(Duration::from_secs(20)), 0);
+    let outcomes: Vec<(String,)> = sqlx::query_as("select outcome from jobhost.runs")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(outcomes, vec![("ok".to_string(),)]);
+
+    // Past the grace: the run is interrupted, rolled back, and the exit is still 0.
+    let dir = config_dir(
+        "term-grace",
+        "name = \"lingerer\"\nevery = \"1s\"\ntimeout = \"60s\"\n[job.config]\nmode = \"sleep\"\nsleep-ms = \"30000\"",
+    );
+    let toml = std::fs::read_to_string(dir.join("jobs.toml"))
+        .unwrap()
+        .replace("shutdown-grace = \"10s\"", "shutdown-grace = \"300ms\"");
+    std::fs::write(dir.join("jobs.toml"), toml).unwrap();
+    let host = Host::spawn(&dir, &url, "impatient", &[]);
+    wait_for(Duration::from_secs(20), "a long run in flight", || async {
+        count(
+            &pool,
+            "select count(*) from jobhost.runs where outcome = 'running'",
+        )
+        .await
+            == 1
+            && advisory_locks(&pool).await == 1
+    })
+    .await;
+    let started = Instant::now();
+    assert_eq!(host.terminate(Duration::from_secs(20)), 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "did not wait for the 30 s run"
+    );
+    let last: (String, String) =
+        sqlx::query_as("select outcome, message from jobhost.runs where job = 'lingerer'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(last.0, "interrupted", "{}", last.1);
+    assert_eq!(
+        count(&pool, "select count(*) from probe").await,
+        1,
+        "only the finished run's row"
+    );
+    assert_eq!(advisory_locks(&pool).await, 0);
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_terminated_backend_fails_the_run_and_the_host_keeps_serving(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let runner = runner(&pool);
+    let mut sleeper = probe("sleeper", "sleep");
+    sleeper
+        .config
+        .config
+        .push(("sleep-ms".into(), "1500".into()));
+    let task = {
+        let runner = runner.clone();
+        let sleeper = sleeper.clone();
+        tokio::spawn(async move { runner.run(&sleeper, slot(1)).await })
+    };
+    wait_for(
+        Duration::from_secs(10),
+        "the run to hold its lock",
+        || async { advisory_locks(&pool).await == 1 },
+    )
+    .await;
+    let pid: i32 =
+        sqlx::query_scalar("select backend_pid from jobhost.runs where outcome = 'running'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let killed: bool = sqlx::query_scalar("select pg_terminate_backend($1)")
+        .bind(pid)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(killed);
+    match task.await.unwrap().unwrap() {
+        RunResult::Finished {
+            outcome, message, ..
+        } => {
+            assert_ne!(outcome, Outcome::Ok, "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let recorded: Vec<(String, String)> = runs(&pool, "sleeper").await;
+    assert_ne!(recorded[0].0, "ok");
+    assert_ne!(
+        recorded[0].0, "running",
+        "the failure was recorded: {recorded:?}"
+    );
+    assert_eq!(probe_rows(&pool).await, 0);
+    // The same host, the same pool: the next job runs normally.
+    finished(
+        runner.run(&probe("next", "write"), slot(2)).await.unwrap(),
+        Outcome::Ok,
+    );
+    assert_eq!(advisory_locks(&pool).await, 0);
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn locks_flags_a_lock_held_by_an_idle_backend(pool: PgPool) {
+    let url = database_url(&pool).await;
+    let dir = config_dir("locks", "name = \"held\"\nevery = \"1h\"\nlock-key = 77");
+    let args = |cmd: &str| -> Vec<std::ffi::OsString> {
+        [
+            "jobhost",
+            "--config",
+            &dir.join("jobs.toml").display().to_string(),
+            "--database-url",
+            &url,
+            cmd,
+        ]
+        .iter()
+        .map(Into::into)
+        .collect()
+    };
+    let clean = jobhost::cli::run_cli(args("locks")).await.unwrap();
+    assert_eq!(clean, std::process::ExitCode::SUCCESS);
+
+    // The production bug: a session lock left on an idle connection.
+    let mut idle = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("select pg_advisory_lock($1, 77)")
+        .bind(jobhost::lock::LOCK_NAMESPACE)
+        .execute(&mut idle)
+        .await
+        .unwrap();
+    let config = jobhost::config::JobsConfig::from_file(dir.join("jobs.toml")).unwrap();
+    let rows = jobhost::inspect::locks(&pool, &config).await.unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].job.as_deref(), Some("held"));
+    assert_eq!(rows[0].state, "idle");
+    assert!(rows[0].stuck);
+    let stuck = jobhost::cli::run_cli(args("locks")).await.unwrap();
+    assert_eq!(stuck, std::process::ExitCode::from(2));
+
+    sqlx::query("select pg_advisory_unlock_all()")
+        .execute(&mut idle)
+        .await
+        .unwrap();
+    let clean = jobhost::cli::run_cli(args("locks")).await.unwrap();
+    assert_eq!(clean, std::process::ExitCode::SUCCESS);
+    assert_eq!(
+        jobhost::cli::run_cli(args("status")).await.unwrap(),
+        std::process::ExitCode::SUCCESS
+    );
+}
+
+use sqlx::Connection as _;
