@@ -480,3 +480,179 @@ async fn locks_flags_a_lock_held_by_an_idle_backend(pool: PgPool) {
 }
 
 use sqlx::Connection as _;
+
+/// A throwaway Postgres cluster of the test's own, so the test may restart it
+/// without disturbing the shared server other tests use.
+struct PrivateCluster {
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    run_as: Option<&'static str>,
+}
+
+impl PrivateCluster {
+    fn start() -> PrivateCluster {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|d| d.filter_map(Result::ok).map(|e| e.path().join("bin")).filter(|p| p.join("pg_ctl").exists()).max())
+            .expect("PostgreSQL server binaries (pg_ctl, initdb) are needed: apt-get install postgresql");
+        let dir = std::env::temp_dir().join(format!(
+            "jobhost-pg-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        // initdb refuses to run as root: run the cluster as `postgres` then.
+        let run_as =
+            (Command::new("id").arg("-u").output().unwrap().stdout == b"0\n").then_some("postgres");
+        if let Some(user) = run_as {
+            assert!(
+                Command::new("chown")
+                    .args([user, &dir.display().to_string()])
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cluster = PrivateCluster {
+            bin,
+            dir,
+            port,
+            run_as,
+        };
+        cluster.cmd(
+            "initdb",
+            &["-D", &cluster.data(), "-U", "postgres", "--auth=trust"].map(String::from),
+        );
+        cluster.pg_ctl("start");
+        cluster
+    }
+
+    fn data(&self) -> String {
+        self.dir.join("data").display().to_string()
+    }
+
+    fn cmd(&self, tool: &str, args: &[String]) {
+        let tool = self.bin.join(tool).display().to_string();
+        let mut cmd = match self.run_as {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", user, "--", &tool]);
+                c
+            }
+            None => Command::new(&tool),
+        };
+        let out = cmd.args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{tool} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn pg_ctl(&self, action: &str) {
+        let log = self.dir.join("postgres.log").display().to_string();
+        let mut args: Vec<String> = [
+            "-D",
+            &self.data(),
+            "-l",
+            &log,
+            "-w",
+            "-t",
+            "60",
+            "-m",
+            "fast",
+        ]
+        .map(String::from)
+        .to_vec();
+        if action != "stop" {
+            args.push("-o".into());
+            args.push(format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1",
+                self.port,
+                self.dir.display()
+            ));
+        }
+        args.push(action.into());
+        self.cmd("pg_ctl", &args);
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.pg_ctl("stop")));
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+#[tokio::test]
+async fn hosts_recover_from_a_postgres_restart_without_restarting() {
+    let cluster = PrivateCluster::start();
+    let url = cluster.url();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&url)
+        .await
+        .unwrap();
+    create_probe_table(&pool).await;
+    let dir = config_dir(
+        "restart",
+        "name = \"steady\"\nevery = \"500ms\"\ntimeout = \"5s\"\n[job.config]\nmode = \"write\"",
+    );
+    let host = Host::spawn(&dir, &url, "steady", &[]);
+    let ok_runs = |pool: PgPool| async move {
+        sqlx::query_scalar::<_, i64>("select count(*) from jobhost.runs where outcome = 'ok'")
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(0)
+    };
+    wait_for(Duration::from_secs(30), "runs before the restart", || {
+        ok_runs(pool.clone()).map_ge(2)
+    })
+    .await;
+    pool.close().await;
+
+    cluster.pg_ctl("restart");
+
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&url)
+        .await
+        .unwrap();
+    let before = ok_runs(pool.clone()).await;
+    wait_for(Duration::from_secs(30), "runs after the restart", || {
+        ok_runs(pool.clone()).map_ge(before + 3)
+    })
+    .await;
+    assert_eq!(
+        host.terminate(Duration::from_secs(20)),
+        0,
+        "the same process kept running"
+    );
+    assert_eq!(advisory_locks(&pool).await, 0);
+    pool.close().await;
+}
+
+/// `fut.map_ge(n)`: resolves to whether the count reached `n`.
+trait MapGe: Future<Output = i64> + Sized {
+    async fn map_ge(self, n: i64) -> bool {
+        self.await >= n
+    }
+}
+impl<F: Future<Output = i64>> MapGe for F {}
