@@ -1,4 +1,4 @@
-//! The command line: `jobhost [run]`, `check`, `status`, `locks`.
+//! The command line: `jobhost [run]`, `check`, `status`, `locks`, `reload`.
 //!
 //! Lives in the library so the binary stays a one-liner and tests can run the
 //! exact CLI in a child process.
@@ -64,6 +64,8 @@ enum Command {
     /// Advisory locks with their holders; exits 2 if one is held by an idle
     /// backend (a stuck lock), so monitoring can run it.
     Locks,
+    /// Make every host on this database reload jobs.toml and its plugins.
+    Reload,
 }
 
 /// Entry point of the binary: tracing, a runtime, the CLI.
@@ -123,6 +125,16 @@ pub async fn run_cli(args: impl IntoIterator<Item = OsString>) -> anyhow::Result
                 .await
                 .context("cannot read the run history")?;
             print!("{}", inspect::render_status(&rows));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Reload => {
+            let pool = inspect_pool(&database_url()?, &host_id).await?;
+            sqlx::query("select pg_notify($1, '')")
+                .bind(crate::reload::RELOAD_CHANNEL)
+                .execute(&pool)
+                .await
+                .context("cannot send the reload notification")?;
+            println!("reload requested from every host on this database");
             Ok(ExitCode::SUCCESS)
         }
         Command::Locks => {

@@ -79,6 +79,14 @@ pub struct HostToml {
     /// they are interrupted and rolled back (default 30s).
     #[serde(default, with = "humantime_serde::option")]
     pub shutdown_grace: Option<Duration>,
+    /// Directory of compiled plugins, keyed by content hash and engine
+    /// (default `.jobhost/compile-cache` beside this file).
+    pub compile_cache: Option<PathBuf>,
+    /// Watch jobs.toml and plugin files and reload on change (default true).
+    pub watch: Option<bool>,
+    /// Quiet period after a file event before reloading (default 300ms).
+    #[serde(default, with = "humantime_serde::option")]
+    pub reload_debounce: Option<Duration>,
 }
 
 /// One `[[job]]` table as written.
@@ -183,6 +191,12 @@ pub struct HostConfig {
     pub pool_size: u32,
     /// How long in-flight runs may finish after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// Where compiled plugins are cached.
+    pub compile_cache: PathBuf,
+    /// Whether files are watched for hot reload.
+    pub watch: bool,
+    /// Debounce of file events.
+    pub reload_debounce: Duration,
 }
 
 /// When a failed slot is tried again.
@@ -205,7 +219,7 @@ impl RetryPolicy {
 }
 
 /// One validated job.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct JobConfig {
     /// Unique name.
     pub name: String,
@@ -393,6 +407,16 @@ impl JobsToml {
             host: HostConfig {
                 pool_size,
                 shutdown_grace: self.host.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+                compile_cache: base.join(
+                    self.host
+                        .compile_cache
+                        .unwrap_or_else(|| PathBuf::from(".jobhost/compile-cache")),
+                ),
+                watch: self.host.watch.unwrap_or(true),
+                reload_debounce: self
+                    .host
+                    .reload_debounce
+                    .unwrap_or(Duration::from_millis(300)),
             },
             jobs,
         })

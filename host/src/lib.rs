@@ -16,7 +16,9 @@
 //!   (`sql` transaction, `log`, an empty WASI).
 //! - [`runner`]: one slot of one job, from BEGIN through lock, plugin call,
 //!   COMMIT/ROLLBACK — the path every invariant hangs on.
-//! - [`scheduler`]: per-job loops that hand due slots to the runner.
+//! - [`scheduler`]: per-job loops that hand due slots to the runner, and swap
+//!   in new job versions between runs.
+//! - [`reload`]: hot reload of `jobs.toml` and plugins (files, SIGHUP, NOTIFY).
 //! - [`inspect`]: `status` and `locks` for operators.
 //! - [`cli`]: the command line (the binary is a one-line `main`).
 //! - [`demo`]: demo tables and rows for the reference jobs (never created by a
@@ -34,6 +36,7 @@ pub mod demo;
 pub mod guard;
 pub mod inspect;
 pub mod lock;
+pub mod reload;
 pub mod runner;
 pub mod runtime;
 pub mod schedule;
@@ -80,14 +83,25 @@ pub async fn load_jobs(runtime: &Arc<Runtime>, config: &JobsConfig) -> anyhow::R
 }
 
 /// Runs the host until `shutdown` resolves: connects, migrates, loads the
-/// plugins (any failure stops the start with the file named), schedules.
+/// plugins (any failure stops the start with the file named), schedules, and
+/// hot-reloads changes of `jobs.toml` and the plugins.
 pub async fn run(
     config: JobsConfig,
     options: HostOptions,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let runtime = Arc::new(Runtime::new().context("cannot start the WebAssembly engine")?);
+    let runtime = Arc::new(
+        Runtime::with_cache(&config.host.compile_cache)
+            .context("cannot start the WebAssembly engine")?,
+    );
+    let started = std::time::Instant::now();
     let jobs = load_jobs(&runtime, &config).await?;
+    tracing::info!(
+        plugins = jobs.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        cache_hits = runtime.cache_hits(),
+        "plugins loaded"
+    );
     let pool = db::connect(
         &options.database_url,
         config.host.pool_size,
@@ -105,12 +119,24 @@ pub async fn run(
         config = %config.path.display(),
         "jobhost started"
     );
-    let runner = Runner::new(pool.clone(), runtime, &options.host_id);
+    let runner = Runner::new(pool.clone(), runtime.clone(), &options.host_id);
     let scheduler_options = scheduler::SchedulerOptions {
         clock_offset: options.clock_offset,
         shutdown_grace: config.host.shutdown_grace,
     };
-    scheduler::run(runner, jobs, scheduler_options, shutdown).await;
+    let (updates_tx, updates) = tokio::sync::mpsc::channel(4);
+    let stop_watching = tokio_util::sync::CancellationToken::new();
+    let watcher = tokio::spawn(reload::watch(
+        reload::Reloader::new(&config.path, runtime, jobs.clone()),
+        config.host.watch,
+        config.host.reload_debounce,
+        Some(options.database_url.clone()),
+        updates_tx,
+        stop_watching.clone(),
+    ));
+    scheduler::run_with_updates(runner, jobs, scheduler_options, updates, shutdown).await;
+    stop_watching.cancel();
+    let _ = watcher.await;
     pool.close().await;
     Ok(())
 }

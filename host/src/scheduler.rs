@@ -17,10 +17,12 @@
 //!   the job's first recorded slot on (a new job does not "catch up" on slots
 //!   from before it existed).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
@@ -56,13 +58,65 @@ pub async fn run(
     options: SchedulerOptions,
     shutdown: impl Future<Output = ()>,
 ) {
+    let (_keep, updates) = mpsc::channel(1);
+    run_with_updates(runner, jobs, options, updates, shutdown).await;
+}
+
+/// Like [`run`], and applies each job set received on `updates` (hot reload):
+/// an added job starts at its next slot, a removed one stops after any run in
+/// flight, a changed one applies from its next run. A run in flight always
+/// finishes on the plugin version and config it started with.
+pub async fn run_with_updates(
+    runner: Runner,
+    jobs: Vec<Job>,
+    options: SchedulerOptions,
+    mut updates: mpsc::Receiver<Vec<Job>>,
+    shutdown: impl Future<Output = ()>,
+) {
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
-    for job in jobs {
-        tracker.spawn(job_loop(runner.clone(), job, options, token.clone()));
+    let mut loops: Loops = HashMap::new();
+    let apply = |jobs: Vec<Job>, loops: &mut Loops| {
+        let names: HashSet<String> = jobs.iter().map(|j| j.config.name.clone()).collect();
+        loops.retain(|name, (_, stop)| {
+            let keep = names.contains(name);
+            if !keep {
+                info!(job = %name, "job removed; it stops after any run in flight");
+                stop.cancel();
+            }
+            keep
+        });
+        for job in jobs {
+            match loops.get(&job.config.name) {
+                Some((current, _)) => {
+                    current.send_if_modified(|old| {
+                        let changed = !same_job(old, &job);
+                        if changed {
+                            info!(job = %job.config.name, plugin_sha256 = %job.plugin.sha256, "job updated; applies from its next run");
+                            *old = Arc::new(job.clone());
+                        }
+                        changed
+                    });
+                }
+                None => {
+                    let name = job.config.name.clone();
+                    let (tx, rx) = watch::channel(Arc::new(job));
+                    let stop = token.child_token();
+                    tracker.spawn(job_loop(runner.clone(), rx, options, stop.clone()));
+                    loops.insert(name, (tx, stop));
+                }
+            }
+        }
+    };
+    apply(jobs, &mut loops);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(jobs) = updates.recv() => apply(jobs, &mut loops),
+        }
     }
     tracker.close();
-    shutdown.await;
     info!(grace = %humantime::format_duration(options.shutdown_grace), "shutting down: no new runs; waiting for in-flight runs");
     token.cancel();
     if tokio::time::timeout(options.shutdown_grace, tracker.wait())
@@ -76,33 +130,66 @@ pub async fn run(
     info!("all runs finished");
 }
 
-/// The loop of one job.
+/// The running job loops: the current version of each job, and its stop.
+type Loops = HashMap<String, (watch::Sender<Arc<Job>>, CancellationToken)>;
+
+/// Whether a reload changed nothing a run depends on.
+fn same_job(a: &Job, b: &Job) -> bool {
+    a.plugin.sha256 == b.plugin.sha256 && a.config == b.config
+}
+
+/// The loop of one job; `job` carries its current version (hot reload).
 ///
 /// # Cancel safety
 /// The token is only raced against sleeping, never against a run, so a
-/// shutdown lets the current run finish and commit or roll back.
-async fn job_loop(runner: Runner, job: Job, options: SchedulerOptions, token: CancellationToken) {
-    let name = job.config.name.clone();
-    let schedule = &job.config.schedule;
+/// shutdown or a removal lets the current run finish and commit or roll back.
+async fn job_loop(
+    runner: Runner,
+    mut job: watch::Receiver<Arc<Job>>,
+    options: SchedulerOptions,
+    token: CancellationToken,
+) {
+    let current = job.borrow_and_update().clone();
+    let name = current.config.name.clone();
     // Estimated database time; `learned` corrects it from `NotDue` answers.
     let mut learned = TimeDelta::zero();
     let now = |learned: TimeDelta| Utc::now() + options.clock_offset + learned;
 
-    if let Some(window) = job.config.catch_up {
-        catch_up(&runner, &job, window, now(learned), &token).await;
+    if let Some(window) = current.config.catch_up {
+        catch_up(&runner, &current, window, now(learned), &token).await;
     }
 
-    let Some(mut target) = schedule.next_after(now(learned)) else {
+    let Some(mut target) = current.config.schedule.next_after(now(learned)) else {
         error!(job = %name, "schedule has no future slot; job disabled");
         return;
     };
     let mut wake = target;
     info!(job = %name, next_slot = %target.to_rfc3339(), "job scheduled");
     loop {
-        if !sleep_until(wake, now(learned), &token).await {
-            return;
+        let wait = (wake - now(learned)).to_std().unwrap_or(Duration::ZERO);
+        tokio::select! {
+            _ = token.cancelled() => return,
+            changed = job.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                // A new version: its schedule decides the next slot.
+                let schedule = job.borrow().config.schedule.clone();
+                match schedule.next_after(now(learned)) {
+                    Some(next) if next != target => {
+                        target = next;
+                        wake = next;
+                    }
+                    Some(_) => {}
+                    None => return,
+                }
+                continue;
+            }
+            _ = tokio::time::sleep(wait) => {}
         }
-        let result = runner.run(&job, target).await;
+        // The version current at the start of the run is the one it uses.
+        let current = job.borrow_and_update().clone();
+        let result = runner.run(&current, target).await;
         let retry_at = match result {
             Ok(RunResult::NotDue { db_now }) => {
                 // This host is ahead of the database: adopt the database's time.
@@ -114,9 +201,10 @@ async fn job_loop(runner: Runner, job: Job, options: SchedulerOptions, token: Ca
             Ok(RunResult::Finished {
                 outcome, attempt, ..
             }) if outcome != Outcome::Ok
-                && u32::try_from(attempt).unwrap_or(u32::MAX) < job.config.retry.max_attempts =>
+                && u32::try_from(attempt).unwrap_or(u32::MAX)
+                    < current.config.retry.max_attempts =>
             {
-                let delay = job
+                let delay = current
                     .config
                     .retry
                     .delay_after(u32::try_from(attempt).unwrap_or(1));
@@ -133,7 +221,11 @@ async fn job_loop(runner: Runner, job: Job, options: SchedulerOptions, token: Ca
                 None
             }
         };
-        let next_regular = schedule.next_after(now(learned).max(target));
+        let next_regular = job
+            .borrow()
+            .config
+            .schedule
+            .next_after(now(learned).max(target));
         match (retry_at, next_regular) {
             (Some(retry), Some(next)) if retry < next => wake = retry,
             (Some(retry), None) => wake = retry,
@@ -196,14 +288,5 @@ async fn catch_up(
     }
     if ran > 0 {
         info!(job = %name, slots = ran, "caught up missed slots");
-    }
-}
-
-/// Sleeps until `wake` (estimated database time); false if cancelled first.
-async fn sleep_until(wake: DateTime<Utc>, now: DateTime<Utc>, token: &CancellationToken) -> bool {
-    let wait = (wake - now).to_std().unwrap_or(Duration::ZERO);
-    tokio::select! {
-        _ = token.cancelled() => false,
-        _ = tokio::time::sleep(wait) => true,
     }
 }

@@ -125,30 +125,6 @@ impl Drop for Host {
     }
 }
 
-/// The URL of the test's own database (DATABASE_URL with the name replaced).
-async fn database_url(pool: &PgPool) -> String {
-    let db: String = sqlx::query_scalar("select current_database()")
-        .fetch_one(pool)
-        .await
-        .unwrap();
-    with_database(&std::env::var("DATABASE_URL").unwrap(), &db)
-}
-
-fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = url
-        .split_once('?')
-        .map_or((url, None), |(b, q)| (b, Some(q)));
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let base = match base[scheme_end..].find('/') {
-        Some(i) => &base[..scheme_end + i],
-        None => base,
-    };
-    match query {
-        Some(q) => format!("{base}/{db}?{q}"),
-        None => format!("{base}/{db}"),
-    }
-}
-
 /// A temp dir with a jobs.toml of one probe job.
 fn config_dir(tag: &str, job: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("jobhost-fleet-{tag}-{}", std::process::id()));

@@ -11,6 +11,7 @@ mod core_run;
 mod fleet;
 mod loading;
 mod reference_jobs;
+mod reload;
 mod sandbox;
 mod scheduling;
 mod values;

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use wasmtime::component::{Component, Linker, Resource, ResourceTable};
@@ -147,6 +148,7 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<RunState>,
     ticker_stop: Arc<AtomicBool>,
+    cache: Option<wasmtime::Cache>,
 }
 
 impl Drop for Runtime {
@@ -157,11 +159,39 @@ impl Drop for Runtime {
 
 impl Runtime {
     /// Builds the engine (epoch interruption on) and the linker with the
-    /// capabilities every plugin gets, and starts the epoch ticker.
+    /// capabilities every plugin gets, and starts the epoch ticker. Compiles
+    /// without an on-disk cache.
     pub fn new() -> anyhow::Result<Self> {
+        Self::build(None)
+    }
+
+    /// Like [`Runtime::new`], with compiled plugins cached in `dir`.
+    ///
+    /// wasmtime's cache keys each artifact by the module's content hash, the
+    /// compiler settings and the wasmtime version, so a restart (or a reload
+    /// of an unchanged file) skips Cranelift, and an incompatible engine never
+    /// reads a stale artifact.
+    pub fn with_cache(dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the compile cache `{}`", dir.display()))?;
+        let mut config = wasmtime::CacheConfig::new();
+        config.with_directory(dir);
+        let cache = wasmtime::Cache::new(config)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("cannot open the compile cache `{}`", dir.display()))?;
+        Self::build(Some(cache))
+    }
+
+    /// Compilations served from the on-disk cache so far.
+    pub fn cache_hits(&self) -> usize {
+        self.cache.as_ref().map_or(0, |c| c.cache_hits())
+    }
+
+    fn build(cache: Option<wasmtime::Cache>) -> anyhow::Result<Self> {
         let mut config = wasmtime::Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
+        config.cache(cache.clone());
         let engine = Engine::new(&config)?;
 
         let mut linker = Linker::new(&engine);
@@ -188,6 +218,7 @@ impl Runtime {
             engine,
             linker,
             ticker_stop,
+            cache,
         })
     }
 

@@ -1,0 +1,334 @@
+//! Hot reload with real files: new plugin versions and jobs.toml edits are
+//! picked up without a restart, never interrupting a run in flight and never
+//! replacing a working version with a broken one.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use jobhost::HostOptions;
+use jobhost::config::JobsConfig;
+use jobhost_tests::guests;
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+
+use crate::support::*;
+
+/// The probe component with a custom section appended: a different file (and
+/// sha256) that behaves the same, like a rebuilt plugin.
+fn variant(tag: &str) -> Vec<u8> {
+    let mut bytes = std::fs::read(guests::TEST_CORE_PROBE).unwrap();
+    let name = b"jobhost-test-version";
+    let mut content = vec![name.len() as u8];
+    content.extend_from_slice(name);
+    content.extend_from_slice(tag.as_bytes());
+    assert!(content.len() < 128, "one-byte LEB128 size");
+    bytes.push(0); // custom section id
+    bytes.push(content.len() as u8);
+    bytes.extend_from_slice(&content);
+    bytes
+}
+
+fn sha(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Replaces `path` the way deploy tools do: write aside, then rename.
+fn replace_atomically(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+struct TestHost {
+    dir: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestHost {
+    /// Starts an in-process host over `dir/jobs.toml` (this test's thread, so
+    /// a `LogCapture` sees its events).
+    async fn start(pool: &PgPool, dir: PathBuf) -> TestHost {
+        let config = JobsConfig::from_file(dir.join("jobs.toml")).unwrap();
+        let options = HostOptions {
+            database_url: database_url(pool).await,
+            host_id: "reloader".into(),
+            demo: false,
+            clock_offset: chrono::TimeDelta::zero(),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(jobhost::run(config, options, async {
+            let _ = stopped.await;
+        }));
+        TestHost {
+            dir,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    fn write_config(&self, jobs: &str) {
+        write_config(&self.dir, jobs);
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+fn write_config(dir: &Path, jobs: &str) {
+    let toml = format!(
+        "[host]\npool-size = 3\nreload-debounce = \"100ms\"\nshutdown-grace = \"10s\"\n\n{jobs}"
+    );
+    replace_atomically(&dir.join("jobs.toml"), toml.as_bytes());
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("jobhost-reload-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn wait_until<F, Fut>(within: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn ok_runs_with(pool: &PgPool, sha: &str) -> i64 {
+    sqlx::query_scalar(
+        "select count(*) from jobhost.runs where outcome = 'ok' and plugin_sha256 = $1",
+    )
+    .bind(sha)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_plugin_replaced_mid_run_finishes_on_the_old_version(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let dir = temp_dir("replace");
+    let (v1, v2) = (variant("v1"), variant("v2"));
+    std::fs::write(dir.join("probe.wasm"), &v1).unwrap();
+    write_config(
+        &dir,
+        "[[job]]\nname = \"slow\"\nplugin = \"probe.wasm\"\nevery = \"1s\"\ntimeout = \"10s\"\n[job.config]\nmode = \"sleep\"\nsleep-ms = \"1200\"\n",
+    );
+    let logs = LogCapture::start();
+    let host = TestHost::start(&pool, dir.clone()).await;
+
+    // A run of v1 is in flight...
+    wait_until(Duration::from_secs(20), "a run in flight", || async {
+        advisory_locks(&pool).await == 1
+    })
+    .await;
+    let in_flight: i64 =
+        sqlx::query_scalar("select id from jobhost.runs where outcome = 'running'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    // ...when v2 is deployed.
+    let written = Instant::now();
+    replace_atomically(&dir.join("probe.wasm"), &v2);
+    let v2_sha = sha(&v2);
+    wait_until(Duration::from_secs(10), "v2 to be loaded", || async {
+        logs.text().contains(&format!("plugin_sha256={v2_sha}"))
+    })
+    .await;
+    let latency = written.elapsed();
+    eprintln!("reload latency (file written -> new version loaded): {latency:?}");
+
+    wait_until(Duration::from_secs(20), "a run of v2", || async {
+        ok_runs_with(&pool, &v2_sha).await >= 1
+    })
+    .await;
+    host.stop().await;
+
+    let (outcome, ran): (String, String) =
+        sqlx::query_as("select outcome, plugin_sha256 from jobhost.runs where id = $1")
+            .bind(in_flight)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (outcome.as_str(), ran.as_str()),
+        ("ok", sha(&v1).as_str()),
+        "the run in flight finished on v1"
+    );
+    assert!(ok_runs_with(&pool, &sha(&v1)).await >= 1);
+    let failed: i64 = sqlx::query_scalar("select count(*) from jobhost.runs where outcome <> 'ok'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(failed, 0);
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn broken_and_half_written_plugins_never_replace_a_working_one(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let dir = temp_dir("garbage");
+    let (v1, v2, v3) = (variant("v1"), variant("v2"), variant("v3"));
+    std::fs::write(dir.join("probe.wasm"), &v1).unwrap();
+    write_config(
+        &dir,
+        "[[job]]\nname = \"steady\"\nplugin = \"probe.wasm\"\nevery = \"200ms\"\n[job.config]\nmode = \"write\"\n",
+    );
+    let logs = LogCapture::start();
+    let host = TestHost::start(&pool, dir.clone()).await;
+    let v1_sha = sha(&v1);
+    wait_until(Duration::from_secs(20), "v1 running", || async {
+        ok_runs_with(&pool, &v1_sha).await >= 1
+    })
+    .await;
+
+    // Garbage: rejected with the file named; v1 keeps running.
+    std::fs::write(dir.join("probe.wasm"), b"this is not a component").unwrap();
+    wait_until(Duration::from_secs(10), "the rejection", || async {
+        let t = logs.text();
+        t.contains("reload rejected")
+            && t.contains("probe.wasm")
+            && t.contains("not a WebAssembly component")
+    })
+    .await;
+    let before = ok_runs_with(&pool, &v1_sha).await;
+    wait_until(Duration::from_secs(10), "v1 to keep running", || async {
+        ok_runs_with(&pool, &v1_sha).await >= before + 2
+    })
+    .await;
+
+    // A valid file is picked up on its next change.
+    std::fs::write(dir.join("probe.wasm"), &v2).unwrap();
+    let v2_sha = sha(&v2);
+    wait_until(Duration::from_secs(20), "v2 running", || async {
+        ok_runs_with(&pool, &v2_sha).await >= 1
+    })
+    .await;
+
+    // A partial write followed by the complete one ends on the complete version.
+    std::fs::write(dir.join("probe.wasm"), &v3[..v3.len() / 2]).unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    std::fs::write(dir.join("probe.wasm"), &v3).unwrap();
+    let v3_sha = sha(&v3);
+    wait_until(Duration::from_secs(20), "v3 running", || async {
+        ok_runs_with(&pool, &v3_sha).await >= 2
+    })
+    .await;
+    host.stop().await;
+
+    let last: String =
+        sqlx::query_scalar("select plugin_sha256 from jobhost.runs order by id desc limit 1")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(last, v3_sha);
+    let failed: i64 = sqlx::query_scalar("select count(*) from jobhost.runs where outcome <> 'ok'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(failed, 0, "no run ever used a broken version");
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn jobs_toml_edits_add_change_and_remove_jobs_live(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let dir = temp_dir("config");
+    std::fs::write(dir.join("probe.wasm"), variant("v1")).unwrap();
+    let job = |name: &str, every: &str, note: &str| {
+        format!(
+            "[[job]]\nname = \"{name}\"\nplugin = \"probe.wasm\"\nevery = \"{every}\"\n[job.config]\nmode = \"write\"\nnote = \"{note}\"\n"
+        )
+    };
+    write_config(&dir, &job("a", "200ms", "a1"));
+    let logs = LogCapture::start();
+    let host = TestHost::start(&pool, dir.clone()).await;
+    let notes = |note: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("select count(*) from probe where note = $1")
+                .bind(note)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    wait_until(Duration::from_secs(20), "a running", || async {
+        notes("a1").await >= 1
+    })
+    .await;
+
+    // Add b; change a's config.
+    host.write_config(&format!(
+        "{}{}",
+        job("a", "200ms", "a2"),
+        job("b", "200ms", "b1")
+    ));
+    wait_until(Duration::from_secs(20), "b added and a changed", || async {
+        notes("b1").await >= 2 && notes("a2").await >= 2
+    })
+    .await;
+
+    // Remove b: it stops (at most a run in flight finishes).
+    host.write_config(&job("a", "200ms", "a2"));
+    wait_until(Duration::from_secs(10), "b removed", || async {
+        logs.text().contains("job removed")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b_after_removal = notes("b1").await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(notes("b1").await, b_after_removal, "b no longer runs");
+
+    // An invalid edit keeps the running configuration.
+    let invalid = job("a", "200ms", "a3").replacen("[[job]]\n", "[[job]]\nfrequency = 3\n", 1);
+    host.write_config(&invalid);
+    wait_until(Duration::from_secs(10), "the rejection", || async {
+        logs.text().contains("invalid jobs.toml")
+    })
+    .await;
+    let a2 = notes("a2").await;
+    wait_until(Duration::from_secs(10), "a to keep running", || async {
+        notes("a2").await >= a2 + 2
+    })
+    .await;
+    assert_eq!(notes("a3").await, 0);
+    host.stop().await;
+    assert_eq!(advisory_locks(&pool).await, 0);
+}
+
+#[test]
+fn the_compile_cache_serves_a_restart() {
+    let dir = temp_dir("cache");
+    let plugin = Path::new(guests::TEST_CORE_PROBE);
+    let cold = jobhost::runtime::Runtime::with_cache(&dir).unwrap();
+    let t = Instant::now();
+    cold.load(plugin).unwrap();
+    let cold_time = t.elapsed();
+    assert_eq!(cold.cache_hits(), 0);
+    drop(cold);
+    // The cache worker writes asynchronously; give it a moment.
+    let warm = jobhost::runtime::Runtime::with_cache(&dir).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let warm_time = loop {
+        let t = Instant::now();
+        warm.load(plugin).unwrap();
+        let elapsed = t.elapsed();
+        if warm.cache_hits() > 0 || Instant::now() > deadline {
+            break elapsed;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        warm.cache_hits() > 0,
+        "a restart reads the compiled plugin from the cache"
+    );
+    eprintln!("plugin start-up: cold compile {cold_time:?}, warm cache {warm_time:?}");
+}
