@@ -128,6 +128,12 @@ pub struct JobToml {
     /// Wait before the first retry; doubles for each later one (default 10s).
     #[serde(default, with = "humantime_serde::option")]
     pub retry_backoff: Option<Duration>,
+    /// `session` jobs: how often the lock connection is checked; a run whose
+    /// lock is lost is interrupted within this interval (default 2s).
+    #[serde(default, with = "humantime_serde::option")]
+    pub heartbeat: Option<Duration>,
+    /// Outbound HTTP grant (`[job.http]`); absent = no HTTP.
+    pub http: Option<HttpToml>,
     /// Missed slots: absent = skip to the next slot; a window (`"1h"`) = on
     /// start, run the slots of that window that have no successful run.
     #[serde(default, with = "humantime_serde::option")]
@@ -135,6 +141,22 @@ pub struct JobToml {
     /// Values handed to the plugin in its run context.
     #[serde(default)]
     pub config: BTreeMap<String, toml::Value>,
+}
+
+/// `[job.http]`: what a job may reach over HTTP.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct HttpToml {
+    /// `host` or `host:port` entries the job may call.
+    pub allow: Vec<String>,
+    /// Allow loopback/private/link-local targets (default false).
+    #[serde(default)]
+    pub allow_private: bool,
+    /// Per-request timeout (default 10s).
+    #[serde(default, with = "humantime_serde::option")]
+    pub timeout: Option<Duration>,
+    /// Response body cap in bytes (default 1 MiB).
+    pub max_response_bytes: Option<usize>,
 }
 
 /// How a job's advisory lock is held.
@@ -145,6 +167,9 @@ pub enum LockMode {
     /// transaction; released by COMMIT or ROLLBACK.
     #[default]
     Xact,
+    /// `pg_try_advisory_lock` on a connection opened for the run (never a
+    /// pooled one), for long jobs whose work commits in short transactions.
+    Session,
 }
 
 /// A cron expression that parsed.
@@ -245,6 +270,10 @@ pub struct JobConfig {
     pub retry: RetryPolicy,
     /// Catch-up window for missed slots (`None`: skip them).
     pub catch_up: Option<Duration>,
+    /// `session` jobs: lock-connection check interval.
+    pub heartbeat: Duration,
+    /// Outbound HTTP grant.
+    pub http: Option<crate::runtime::http::HttpGrant>,
     /// `[job.config]` rendered as strings (TOML strings as-is, other values as TOML).
     pub config: Vec<(String, String)>,
 }
@@ -366,6 +395,12 @@ impl JobsToml {
                     format!("`role` {role:?} is not a valid role name"),
                 ));
             }
+            if job.heartbeat.is_some_and(|h| h.is_zero()) {
+                return Err(invalid(
+                    &name,
+                    "`heartbeat` must be greater than zero".into(),
+                ));
+            }
             let max_attempts = job.max_attempts.unwrap_or(1);
             if max_attempts == 0 {
                 return Err(invalid(&name, "`max-attempts` must be at least 1".into()));
@@ -399,6 +434,13 @@ impl JobsToml {
                     backoff: job.retry_backoff.unwrap_or(DEFAULT_RETRY_BACKOFF),
                 },
                 catch_up: job.catch_up,
+                heartbeat: job.heartbeat.unwrap_or(Duration::from_secs(2)),
+                http: job.http.map(|h| crate::runtime::http::HttpGrant {
+                    allow: h.allow,
+                    allow_private: h.allow_private,
+                    timeout: h.timeout.unwrap_or(Duration::from_secs(10)),
+                    max_response_bytes: h.max_response_bytes.unwrap_or(1 << 20),
+                }),
                 config,
             });
         }

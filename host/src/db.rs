@@ -28,6 +28,8 @@ pub enum Outcome {
     Timeout,
     /// The host shut down and the run outlived the grace period; rolled back.
     Interrupted,
+    /// A `session` job's lock connection failed mid-run; the run was stopped.
+    LockLost,
 }
 
 impl Outcome {
@@ -39,6 +41,7 @@ impl Outcome {
             Outcome::Trap => "trap",
             Outcome::Timeout => "timeout",
             Outcome::Interrupted => "interrupted",
+            Outcome::LockLost => "lock_lost",
         }
     }
 }
@@ -136,6 +139,16 @@ pub async fn begin_run(
     .bind(plugin_sha256)
     .fetch_one(conn)
     .await
+}
+
+/// Points a `running` row at the backend that holds the run's session lock,
+/// so that `mark_lost` judges the run by the lock connection's life.
+pub async fn set_run_backend(conn: &mut PgConnection, id: i64) -> sqlx::Result<()> {
+    sqlx::query("update jobhost.runs set backend_pid = pg_backend_pid() where id = $1")
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// Removes the `running` row of a run that did not happen (lock busy, slot done).

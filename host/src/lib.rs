@@ -74,6 +74,8 @@ pub async fn load_jobs(runtime: &Arc<Runtime>, config: &JobsConfig) -> anyhow::R
             .await
             .context("plugin loader panicked")?
             .with_context(|| format!("job `{}`", job.name))?;
+        runner::check_plugin_kind(job, &plugin)
+            .map_err(|e| anyhow::anyhow!("job `{}`: {e}", job.name))?;
         jobs.push(Job {
             config: job.clone(),
             plugin,

@@ -78,6 +78,13 @@ impl Reloader {
                     let rt = self.runtime.clone();
                     let path = job.plugin.clone();
                     match tokio::task::spawn_blocking(move || rt.load(&path)).await {
+                        Ok(Ok(p)) if let Err(why) = crate::runner::check_plugin_kind(&job, &p) => {
+                            error!(job = %job.name, file = %job.plugin.display(), error = %why, "reload rejected: keeping the previous version of the plugin");
+                            if let Some(o) = old {
+                                next.push(o.clone());
+                            }
+                            continue;
+                        }
                         Ok(Ok(p)) => {
                             info!(job = %job.name, file = %p.path.display(), plugin_sha256 = %p.sha256, "plugin version loaded");
                             p

@@ -225,16 +225,9 @@ async fn a_killed_host_rolls_back_and_another_host_runs_its_slot(pool: PgPool) {
     let a = Host::spawn(&dir, &url, "doomed", &[]);
     // Wait until `doomed` is inside a run: its row is `running` and it holds the lock.
     wait_for(Duration::from_secs(20), "a run in flight", || async {
-        count(
-            &pool,
-            "select count(*) from jobhost.runs where outcome = 'running' and host_id = 'doomed'",
-        )
-        .await
-            == 1
-            && advisory_locks(&pool).await == 1
+        run_in_plugin(&pool, "slow").await.is_some()
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await; // the guest has written its row
     let slot: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
         "select slot from jobhost.runs where outcome = 'running' and host_id = 'doomed'",
     )
@@ -297,13 +290,7 @@ async fn sigterm_lets_a_run_finish_and_interrupts_it_past_the_grace(pool: PgPool
     );
     let host = Host::spawn(&dir, &url, "term", &[]);
     wait_for(Duration::from_secs(20), "a run in flight", || async {
-        count(
-            &pool,
-            "select count(*) from jobhost.runs where outcome = 'running'",
-        )
-        .await
-            == 1
-            && advisory_locks(&pool).await == 1
+        run_in_plugin(&pool, "finisher").await.is_some()
     })
     .await;
     assert_eq!(host.terminate(Duration::from_secs(20)), 0);
@@ -324,13 +311,7 @@ async fn sigterm_lets_a_run_finish_and_interrupts_it_past_the_grace(pool: PgPool
     std::fs::write(dir.join("jobs.toml"), toml).unwrap();
     let host = Host::spawn(&dir, &url, "impatient", &[]);
     wait_for(Duration::from_secs(20), "a long run in flight", || async {
-        count(
-            &pool,
-            "select count(*) from jobhost.runs where outcome = 'running'",
-        )
-        .await
-            == 1
-            && advisory_locks(&pool).await == 1
+        run_in_plugin(&pool, "lingerer").await.is_some()
     })
     .await;
     let started = Instant::now();
@@ -369,15 +350,11 @@ async fn a_terminated_backend_fails_the_run_and_the_host_keeps_serving(pool: PgP
     };
     wait_for(
         Duration::from_secs(10),
-        "the run to hold its lock",
-        || async { advisory_locks(&pool).await == 1 },
+        "the run to be in its plugin",
+        || async { run_in_plugin(&pool, "sleeper").await.is_some() },
     )
     .await;
-    let pid: i32 =
-        sqlx::query_scalar("select backend_pid from jobhost.runs where outcome = 'running'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let (_, pid) = run_in_plugin(&pool, "sleeper").await.unwrap();
     let killed: bool = sqlx::query_scalar("select pg_terminate_backend($1)")
         .bind(pid)
         .fetch_one(&pool)

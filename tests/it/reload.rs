@@ -128,14 +128,10 @@ async fn a_plugin_replaced_mid_run_finishes_on_the_old_version(pool: PgPool) {
 
     // A run of v1 is in flight...
     wait_until(Duration::from_secs(20), "a run in flight", || async {
-        advisory_locks(&pool).await == 1
+        run_in_plugin(&pool, "slow").await.is_some()
     })
     .await;
-    let in_flight: i64 =
-        sqlx::query_scalar("select id from jobhost.runs where outcome = 'running'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let (in_flight, _) = run_in_plugin(&pool, "slow").await.unwrap();
     // ...when v2 is deployed.
     let written = Instant::now();
     replace_atomically(&dir.join("probe.wasm"), &v2);

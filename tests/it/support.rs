@@ -51,6 +51,8 @@ pub fn job(name: &str, plugin_path: &str, config: &[(&str, &str)]) -> Job {
                 backoff: Duration::from_secs(10),
             },
             catch_up: None,
+            heartbeat: Duration::from_secs(2),
+            http: None,
             config: config
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -211,4 +213,20 @@ fn with_database(url: &str, db: &str) -> String {
         Some(q) => format!("{base}/{db}?{q}"),
         None => format!("{base}/{db}"),
     }
+}
+
+/// The run of `job` that is inside its plugin right now: its `running` row's
+/// backend is idle in the run's transaction, with the job in its
+/// `application_name` (set after the lock and the history checks).
+pub async fn run_in_plugin(pool: &PgPool, job: &str) -> Option<(i64, i32)> {
+    sqlx::query_as(
+        "select r.id, r.backend_pid from jobhost.runs r
+           join pg_stat_activity a on a.pid = r.backend_pid
+          where r.job = $1 and r.outcome = 'running'
+            and a.state = 'idle in transaction' and a.application_name like '%/' || $1",
+    )
+    .bind(job)
+    .fetch_optional(pool)
+    .await
+    .unwrap()
 }

@@ -12,6 +12,7 @@
 //! timeout (a plain `tokio::time::timeout`) can stop even an endless loop.
 
 pub mod bindings;
+pub mod http;
 mod log;
 pub mod sql;
 mod values;
@@ -23,15 +24,15 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use sha2::{Digest, Sha256};
-use tokio_util::sync::CancellationToken;
 use wasmtime::component::{Component, Linker, Resource, ResourceTable};
 use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use bindings::job::{Context, Failure, Report};
+use bindings::types::{Context, Failure, Report};
 use bindings::{JobPlugin, JobPluginPre};
-pub use sql::TxHandle;
+use http::{HttpGrant, HttpPolicy};
+pub use sql::{SessionHandle, TxHandle};
 
 /// How often the epoch advances: the granularity at which a busy guest yields.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -50,6 +51,15 @@ pub enum PluginError {
         #[source]
         source: std::io::Error,
     },
+    /// The plugin trapped while reporting its kind.
+    #[error("plugin `{path}` failed to initialise")]
+    Init {
+        /// The plugin file.
+        path: PathBuf,
+        /// What happened.
+        #[source]
+        source: wasmtime::Error,
+    },
     /// The file is not a WebAssembly component (a core module, or garbage).
     #[error(
         "plugin `{path}` is not a WebAssembly component (build it for wasm32-wasip2 as a cdylib)"
@@ -63,7 +73,7 @@ pub enum PluginError {
     },
     /// The component does not fit the `jobhost:plugin/job-plugin` world.
     #[error(
-        "plugin `{path}` does not implement world `jobhost:plugin/job-plugin@0.1.0` (it must export `jobhost:plugin/job` and import only sql, log and WASI)"
+        "plugin `{path}` does not implement world `jobhost:plugin/job-plugin@0.1.0` (it must export `jobhost:plugin/job` and import only sql, log, WASI and wasi:http)"
     )]
     WrongWorld {
         /// The plugin file.
@@ -81,7 +91,18 @@ pub struct Plugin {
     pub path: PathBuf,
     /// SHA-256 of the file's bytes, hex: which version ran, in the history.
     pub sha256: String,
+    /// The lock mode the plugin says it is written for (`job.kind`).
+    pub kind: PluginKind,
     pre: JobPluginPre<RunState>,
+}
+
+/// The lock mode a plugin is written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PluginKind {
+    /// Implements `run` (one lent transaction).
+    Xact,
+    /// Implements `run-long` (a session of short transactions).
+    Session,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -99,7 +120,46 @@ pub struct RunState {
     slot: Arc<str>,
     table: ResourceTable,
     wasi: WasiCtx,
+    http: wasmtime_wasi_http::WasiHttpCtx,
+    http_policy: HttpPolicy,
+    output: MemoryOutputPipe,
     limits: StoreLimits,
+}
+
+impl RunState {
+    /// Fresh store data for one run: an empty WASI (no files, no sockets, only
+    /// the declared environment), captured stdio, the job's HTTP policy and
+    /// memory limit.
+    fn new(
+        job: Arc<str>,
+        slot: Arc<str>,
+        http: Option<HttpGrant>,
+        env: &[(String, String)],
+        max_memory_bytes: usize,
+    ) -> Self {
+        let output = MemoryOutputPipe::new(OUTPUT_CAP);
+        let wasi = wasmtime_wasi::WasiCtx::builder()
+            .stdout(output.clone())
+            .stderr(output.clone())
+            .envs(env)
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        Self {
+            http_policy: HttpPolicy::new(job.clone(), http),
+            job,
+            slot,
+            table: ResourceTable::new(),
+            wasi,
+            output,
+            http: wasmtime_wasi_http::WasiHttpCtx::new(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(max_memory_bytes)
+                .trap_on_grow_failure(true)
+                .build(),
+        }
+    }
 }
 
 impl WasiView for RunState {
@@ -109,6 +169,26 @@ impl WasiView for RunState {
             table: &mut self.table,
         }
     }
+}
+
+impl wasmtime_wasi_http::WasiHttpView for RunState {
+    fn http(&mut self) -> wasmtime_wasi_http::WasiHttpCtxView<'_> {
+        wasmtime_wasi_http::WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.http_policy,
+        }
+    }
+}
+
+impl bindings::types::Host for RunState {}
+
+/// What the plugin is lent for its run.
+pub enum Lent {
+    /// The run's locked transaction (`xact` jobs).
+    Transaction(TxHandle),
+    /// A session to begin short transactions from (`session` jobs).
+    Session(SessionHandle),
 }
 
 /// Per-run limits.
@@ -131,14 +211,18 @@ pub enum Returned {
     Timeout,
     /// The host aborted the run (shutdown past its grace period).
     Interrupted,
+    /// The job's session lock was lost (its connection died); the run was
+    /// interrupted.
+    LockLost,
 }
 
 /// The result of one invocation, with the transaction handed back.
 pub struct Invocation {
     /// How `run` ended.
     pub returned: Returned,
-    /// The lent handle, closed: the runner commits or rolls back its transaction.
-    pub handle: TxHandle,
+    /// The lent handle, back from the plugin: the runner commits or rolls back
+    /// an `xact` transaction; a session's leftover transactions are rolled back.
+    pub lent: Lent,
     /// Captured stdout + stderr of the guest (capped).
     pub output: String,
 }
@@ -196,6 +280,9 @@ impl Runtime {
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        // Every plugin may import wasi:http; the per-run policy refuses
+        // requests of jobs without a grant.
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         JobPlugin::add_to_linker::<RunState, wasmtime::component::HasSelf<RunState>>(
             &mut linker,
             |s| s,
@@ -244,49 +331,73 @@ impl Runtime {
             .instantiate_pre(&component)
             .map_err(wrong_world)?;
         let pre = JobPluginPre::new(instance_pre).map_err(wrong_world)?;
+        let kind = self.kind_of(&pre).map_err(|source| PluginError::Init {
+            path: path.to_owned(),
+            source,
+        })?;
         Ok(Plugin {
             path: path.to_owned(),
             sha256,
+            kind,
             pre,
         })
     }
 
+    /// Asks a freshly instantiated plugin for its `kind`. Runs on the caller's
+    /// (blocking) thread: the call is tiny and loading is off the async
+    /// executor already.
+    fn kind_of(&self, pre: &JobPluginPre<RunState>) -> wasmtime::Result<PluginKind> {
+        let state = RunState::new("load".into(), "".into(), None, &[], 16 << 20);
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.set_epoch_deadline(200); // ~1 s of ticks: `kind` must not spin
+        // No host call and no epoch yield happens here, so a plain executor on
+        // this thread suffices (loading may run outside any tokio runtime).
+        let kind = futures_executor::block_on(async {
+            let instance = pre.instantiate_async(&mut store).await?;
+            instance.jobhost_plugin_job().call_kind(&mut store).await
+        })?;
+        Ok(match kind {
+            bindings::job::JobKind::Xact => PluginKind::Xact,
+            bindings::job::JobKind::Session => PluginKind::Session,
+        })
+    }
+
     /// Instantiates `plugin` in a fresh store and calls `run`, lending it
-    /// `handle`. Always hands the handle back, closed, whatever the guest did.
+    /// `lent`. Always hands the handle back, whatever the guest did. `stop`
+    /// resolves to why the run must end early (shutdown, lost lock).
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call site; each argument is a distinct part of the run"
+    )]
     pub async fn invoke(
         &self,
         plugin: &Plugin,
         ctx: Context,
-        handle: TxHandle,
+        lent: Lent,
         limits: RunLimits,
         env: &[(String, String)],
-        abort: &CancellationToken,
+        http: Option<HttpGrant>,
+        stop: impl Future<Output = Returned>,
     ) -> Invocation {
-        let output = MemoryOutputPipe::new(OUTPUT_CAP);
-        let wasi = wasmtime_wasi::WasiCtx::builder()
-            .stdout(output.clone())
-            .stderr(output.clone())
-            .envs(env)
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
-        let mut table = ResourceTable::new();
+        let mut state = RunState::new(
+            ctx.job.as_str().into(),
+            ctx.slot.as_str().into(),
+            http,
+            env,
+            limits.max_memory_bytes,
+        );
+        let output = state.output.clone();
         // The table is fresh, so the push cannot fail (it only fails when full).
-        let lent: Resource<TxHandle> = match table.push(handle) {
-            Ok(r) => r,
-            Err(_) => unreachable!("a fresh resource table has room for one entry"),
-        };
-        let rep = lent.rep();
-        let state = RunState {
-            job: ctx.job.as_str().into(),
-            slot: ctx.slot.as_str().into(),
-            table,
-            wasi,
-            limits: StoreLimitsBuilder::new()
-                .memory_size(limits.max_memory_bytes)
-                .trap_on_grow_failure(true)
-                .build(),
+        let (rep, is_session) = match lent {
+            Lent::Transaction(h) => match state.table.push(h) {
+                Ok(r) => (r.rep(), false),
+                Err(_) => unreachable!("a fresh resource table has room for one entry"),
+            },
+            Lent::Session(h) => match state.table.push(h) {
+                Ok(r) => (r.rep(), true),
+                Err(_) => unreachable!("a fresh resource table has room for one entry"),
+            },
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -295,10 +406,14 @@ impl Runtime {
 
         let call = async {
             let instance = plugin.pre.instantiate_async(&mut store).await?;
-            instance
-                .jobhost_plugin_job()
-                .call_run(&mut store, &ctx, lent)
-                .await
+            let job = instance.jobhost_plugin_job();
+            if is_session {
+                let lent = Resource::<SessionHandle>::new_own(rep);
+                job.call_run_long(&mut store, &ctx, lent).await
+            } else {
+                let lent = Resource::<TxHandle>::new_own(rep);
+                job.call_run(&mut store, &ctx, lent).await
+            }
         };
         let returned = tokio::select! {
             r = tokio::time::timeout(limits.timeout, call) => match r {
@@ -306,21 +421,32 @@ impl Runtime {
                 Ok(Err(trap)) => Returned::Trap(trap),
                 Err(_elapsed) => Returned::Timeout,
             },
-            _ = abort.cancelled() => Returned::Interrupted,
+            why = stop => why,
         };
-        let handle = match store
-            .data_mut()
-            .table
-            .delete(Resource::<TxHandle>::new_own(rep))
-        {
-            Ok(h) => h,
-            // The runner's entry is only ever removed here.
-            Err(e) => unreachable!("the lent transaction vanished from the table: {e}"),
+        let table = &mut store.data_mut().table;
+        // The runner's entry is only ever removed here.
+        let lent = if is_session {
+            let session = match table.delete(Resource::<SessionHandle>::new_own(rep)) {
+                Ok(s) => s,
+                Err(e) => unreachable!("the lent session vanished from the table: {e}"),
+            };
+            // Roll back whatever the plugin left open.
+            for &tx in session.began() {
+                if let Ok(mut h) = table.delete(Resource::<TxHandle>::new_own(tx)) {
+                    h.rollback().await;
+                }
+            }
+            Lent::Session(session)
+        } else {
+            match table.delete(Resource::<TxHandle>::new_own(rep)) {
+                Ok(h) => Lent::Transaction(h),
+                Err(e) => unreachable!("the lent transaction vanished from the table: {e}"),
+            }
         };
         let output = String::from_utf8_lossy(&output.contents()).into_owned();
         Invocation {
             returned,
-            handle,
+            lent,
             output,
         }
     }

@@ -1,4 +1,6 @@
-//! The `sql` capability: the `transaction` resource a plugin gets for one run.
+//! The `sql` capability: the `transaction` an `xact` plugin is lent for one
+//! run, and the `session` a `session` plugin is lent to begin its own short
+//! transactions from the host's pool.
 //!
 //! A [`TxHandle`] owns the run's sqlx transaction while the plugin holds the
 //! borrow. It also remembers the first database error: after any statement error
@@ -10,7 +12,8 @@
 
 use std::sync::Arc;
 
-use sqlx::{PgConnection, Postgres, Transaction};
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use tokio_util::sync::CancellationToken;
 use wasmtime::component::Resource;
 
 use super::RunState;
@@ -25,6 +28,9 @@ pub struct TxHandle {
     max_rows: usize,
     job: Arc<str>,
     guard: Arc<SqlGuard>,
+    /// Set for transactions a session plugin began: it may commit them,
+    /// unless the job's lock has been lost meanwhile.
+    own_commit: Option<CancellationToken>,
 }
 
 impl TxHandle {
@@ -42,6 +48,49 @@ impl TxHandle {
             max_rows,
             job,
             guard,
+            own_commit: None,
+        }
+    }
+
+    /// Whether the transaction is still open (not committed or rolled back).
+    pub fn is_open(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// Rolls back if still open (a transaction the plugin never committed).
+    pub async fn rollback(&mut self) {
+        if let Some(tx) = self.tx.take()
+            && let Err(e) = tx.rollback().await
+        {
+            tracing::warn!(job = %self.job, error = %e, "rollback failed; the connection is discarded");
+        }
+    }
+
+    async fn commit(&mut self) -> wasmtime::Result<Result<(), Error>> {
+        let Some(lost) = &self.own_commit else {
+            return Ok(Err(Error::Refused(
+                "this transaction belongs to the host, which commits it when `run` returns".into(),
+            )));
+        };
+        if lost.is_cancelled() {
+            self.rollback().await;
+            return Ok(Err(Error::Refused(
+                "the job's lock was lost; the transaction was rolled back".into(),
+            )));
+        }
+        let Some(tx) = self.tx.take() else {
+            return Ok(Err(Error::ScopeClosed));
+        };
+        if self.first_error.is_some() {
+            // Postgres has aborted it; COMMIT would silently roll back.
+            if let Err(e) = tx.rollback().await {
+                tracing::warn!(job = %self.job, error = %e, "rollback failed");
+            }
+            return Ok(Err(Error::TransactionAborted));
+        }
+        match tx.commit().await {
+            Ok(()) => Ok(Ok(())),
+            Err(e) => self.fail(StatementError::Sqlx(e)).map(Err),
         }
     }
 
@@ -142,7 +191,100 @@ impl TxHandle {
     }
 }
 
+/// Host side of a lent `session`: begins transactions from the pool.
+pub struct SessionHandle {
+    pool: PgPool,
+    job: Arc<str>,
+    guard: Arc<SqlGuard>,
+    max_rows: usize,
+    lost: CancellationToken,
+    /// Every transaction this session began (table reps), so the host can roll
+    /// back what the plugin left open when `run` returns.
+    began: Vec<u32>,
+}
+
+impl SessionHandle {
+    /// A session for `job`; `lost` is cancelled when the job's lock is lost.
+    pub fn new(
+        pool: PgPool,
+        job: Arc<str>,
+        guard: Arc<SqlGuard>,
+        max_rows: usize,
+        lost: CancellationToken,
+    ) -> Self {
+        Self {
+            pool,
+            job,
+            guard,
+            max_rows,
+            lost,
+            began: Vec::new(),
+        }
+    }
+
+    /// Table reps of the transactions this session began.
+    pub fn began(&self) -> &[u32] {
+        &self.began
+    }
+}
+
 impl sql::Host for RunState {}
+
+impl sql::HostSession for RunState {
+    async fn begin(
+        &mut self,
+        session: Resource<SessionHandle>,
+    ) -> wasmtime::Result<Result<Resource<TxHandle>, Error>> {
+        let s = self.table.get(&session)?;
+        if s.lost.is_cancelled() {
+            return Ok(Err(Error::Refused("the job's lock was lost".into())));
+        }
+        for rep in s.began.clone() {
+            if self
+                .table
+                .get(&Resource::<TxHandle>::new_borrow(rep))
+                .is_ok_and(TxHandle::is_open)
+            {
+                return Ok(Err(Error::Refused(
+                    "one transaction at a time: commit or drop the open one first".into(),
+                )));
+            }
+        }
+        let s = self.table.get(&session)?;
+        let (pool, job, guard, max_rows, lost) = (
+            s.pool.clone(),
+            s.job.clone(),
+            s.guard.clone(),
+            s.max_rows,
+            s.lost.clone(),
+        );
+        let tx = match pool.begin().await {
+            Ok(tx) => tx,
+            Err(e) => {
+                let mut scratch = TxHandle {
+                    tx: None,
+                    first_error: None,
+                    max_rows,
+                    job,
+                    guard,
+                    own_commit: None,
+                };
+                return scratch.fail(StatementError::Sqlx(e)).map(Err);
+            }
+        };
+        let mut handle = TxHandle::new(tx, job, max_rows, guard);
+        handle.own_commit = Some(lost);
+        let lent = self.table.push(handle)?;
+        self.table.get_mut(&session)?.began.push(lent.rep());
+        Ok(Ok(lent))
+    }
+
+    async fn drop(&mut self, session: Resource<SessionHandle>) -> wasmtime::Result<()> {
+        // Only reached for handles the guest owns; the run's session is lent.
+        self.table.delete(session)?;
+        Ok(())
+    }
+}
 
 impl sql::HostTransaction for RunState {
     async fn query(
@@ -163,10 +305,16 @@ impl sql::HostTransaction for RunState {
         self.table.get_mut(&tx)?.execute(&statement, &params).await
     }
 
+    async fn commit(&mut self, tx: Resource<TxHandle>) -> wasmtime::Result<Result<(), Error>> {
+        self.table.get_mut(&tx)?.commit().await
+    }
+
     async fn drop(&mut self, tx: Resource<TxHandle>) -> wasmtime::Result<()> {
-        // Only reached for handles the guest owns; the run's handle is only ever
-        // lent, and the runner deletes it itself.
-        self.table.delete(tx)?;
+        // Reached for transactions a session plugin began and dropped:
+        // uncommitted means rolled back. (An `xact` run's transaction is only
+        // lent; the runner takes it back itself.)
+        let mut handle = self.table.delete(tx)?;
+        handle.rollback().await;
         Ok(())
     }
 }

@@ -43,8 +43,10 @@ pub mod bindings {
     });
 }
 
-use bindings::exports::jobhost::plugin::job as wit_job;
-use bindings::jobhost::plugin::sql::Transaction;
+use bindings::jobhost::plugin::sql::{Session as WitSession, Transaction};
+use bindings::jobhost::plugin::types as wit_types;
+
+pub mod http;
 pub use bindings::jobhost::plugin::sql::{Column, DbError, Error as SqlError, RowSet, Value};
 
 /// What the host tells the plugin about this run.
@@ -148,9 +150,24 @@ impl From<&str> for JobError {
     }
 }
 
-/// The host's transaction, lent for this run.
+/// A transaction: the one the host lends an `xact` run, or one a session
+/// job began (see [`Session::begin`]).
 pub struct Tx<'a> {
-    inner: &'a Transaction,
+    inner: TxRef<'a>,
+}
+
+enum TxRef<'a> {
+    Lent(&'a Transaction),
+    Owned(Transaction),
+}
+
+impl TxRef<'_> {
+    fn get(&self) -> &Transaction {
+        match self {
+            TxRef::Lent(t) => t,
+            TxRef::Owned(t) => t,
+        }
+    }
 }
 
 impl Tx<'_> {
@@ -178,12 +195,45 @@ impl Tx<'_> {
 
     /// Runs a query and returns the positional row set.
     pub fn query_raw(&self, sql: &str, params: &[Value]) -> Result<RowSet, SqlError> {
-        self.inner.query(sql, params)
+        self.inner.get().query(sql, params)
     }
 
     /// Runs a statement; returns the rows it affected.
     pub fn execute(&self, sql: &str, params: &[Value]) -> Result<u64, SqlError> {
-        self.inner.execute(sql, params)
+        self.inner.get().execute(sql, params)
+    }
+
+    /// Commits a transaction begun from a [`Session`]. (An `xact` run's
+    /// transaction is the host's to commit: this returns `refused` there.)
+    /// Dropping a transaction without committing rolls it back.
+    pub fn commit(self) -> Result<(), SqlError> {
+        self.inner.get().commit()
+    }
+}
+
+/// Lent to session (long) jobs: begins short transactions, one at a time,
+/// each committed on its own.
+pub struct Session<'a> {
+    inner: &'a WitSession,
+}
+
+impl Session<'_> {
+    /// Begins a transaction; `commit` it, or drop it to roll back.
+    pub fn begin(&self) -> Result<Tx<'static>, SqlError> {
+        Ok(Tx {
+            inner: TxRef::Owned(self.inner.begin()?),
+        })
+    }
+
+    /// Runs `work` in its own transaction and commits it if `work` succeeds.
+    pub fn transaction<T>(
+        &self,
+        work: impl FnOnce(&Tx<'_>) -> Result<T, JobError>,
+    ) -> Result<T, JobError> {
+        let tx = self.begin()?;
+        let value = work(&tx)?;
+        tx.commit()?;
+        Ok(value)
     }
 }
 
@@ -234,10 +284,20 @@ macro_rules! params {
     ($($v:expr),* $(,)?) => { &[$($crate::Value::from($v)),*] };
 }
 
-/// A job: one call per scheduled slot, inside the host's locked transaction.
+/// A job: one call per scheduled slot, inside the host's locked transaction
+/// (`lock = "xact"`).
 pub trait Job {
     /// Does the work; `Ok(summary)` commits, `Err` rolls back.
     fn run(ctx: &Context, tx: &Tx<'_>) -> Result<String, JobError>;
+}
+
+/// A long job (`lock = "session"`): the host holds the job's lock on a
+/// connection of its own while the job commits its work in short
+/// transactions begun from the session.
+pub trait LongJob {
+    /// Does the work; each committed transaction stays committed whatever the
+    /// result.
+    fn run(ctx: &Context, session: &Session<'_>) -> Result<String, JobError>;
 }
 
 /// Structured logging into the host's log, tagged with the job and slot.
@@ -275,43 +335,106 @@ pub mod log {
 pub mod __private {
     use super::*;
 
-    pub fn run<J: Job>(
-        ctx: wit_job::Context,
-        tx: &Transaction,
-    ) -> Result<wit_job::Report, wit_job::Failure> {
-        let ctx = Context {
+    fn context(ctx: wit_types::Context) -> Context {
+        Context {
             job: ctx.job,
             slot: ctx.slot,
             attempt: ctx.attempt,
             config: ctx.config.into_iter().collect(),
-        };
-        match J::run(&ctx, &Tx { inner: tx }) {
-            Ok(summary) => Ok(wit_job::Report { summary }),
-            Err(e) => Err(wit_job::Failure {
+        }
+    }
+
+    fn outcome(r: Result<String, JobError>) -> Result<wit_types::Report, wit_types::Failure> {
+        match r {
+            Ok(summary) => Ok(wit_types::Report { summary }),
+            Err(e) => Err(wit_types::Failure {
                 message: e.message,
                 sql: e.sql,
             }),
         }
     }
 
-    pub use crate::bindings::exports::jobhost::plugin::job::{
-        Context as WitContext, Failure, Guest, Report,
-    };
-    pub use crate::bindings::jobhost::plugin::sql::Transaction;
+    pub fn run<J: Job>(
+        ctx: wit_types::Context,
+        tx: &Transaction,
+    ) -> Result<wit_types::Report, wit_types::Failure> {
+        outcome(J::run(
+            &context(ctx),
+            &Tx {
+                inner: TxRef::Lent(tx),
+            },
+        ))
+    }
+
+    pub fn run_long<J: LongJob>(
+        ctx: wit_types::Context,
+        session: &WitSession,
+    ) -> Result<wit_types::Report, wit_types::Failure> {
+        outcome(J::run(&context(ctx), &Session { inner: session }))
+    }
+
+    pub fn wrong_kind(expected: &str) -> Result<wit_types::Report, wit_types::Failure> {
+        Err(wit_types::Failure {
+            message: format!(
+                "this plugin is {expected} job; the host called the other kind of run"
+            ),
+            sql: None,
+        })
+    }
+
+    pub use crate::bindings::exports::jobhost::plugin::job::{Guest, JobKind};
+    pub use crate::bindings::jobhost::plugin::sql::{Session as WitSessionResource, Transaction};
+    pub use crate::bindings::jobhost::plugin::types::{Context as WitContext, Failure, Report};
 }
 
-/// Exports a [`Job`] implementation as the plugin's `run`.
+/// Exports a [`Job`] implementation (`lock = "xact"`).
 #[macro_export]
 macro_rules! export_job {
     ($job:ty) => {
         #[doc(hidden)]
         pub struct __JobhostExport;
         impl $crate::__private::Guest for __JobhostExport {
+            fn kind() -> $crate::__private::JobKind {
+                $crate::__private::JobKind::Xact
+            }
             fn run(
                 ctx: $crate::__private::WitContext,
                 tx: &$crate::__private::Transaction,
             ) -> ::core::result::Result<$crate::__private::Report, $crate::__private::Failure> {
                 $crate::__private::run::<$job>(ctx, tx)
+            }
+            fn run_long(
+                _ctx: $crate::__private::WitContext,
+                _session: &$crate::__private::WitSessionResource,
+            ) -> ::core::result::Result<$crate::__private::Report, $crate::__private::Failure> {
+                $crate::__private::wrong_kind("an xact")
+            }
+        }
+        $crate::bindings::__export_world!(__JobhostExport with_types_in $crate::bindings);
+    };
+}
+
+/// Exports a [`LongJob`] implementation (`lock = "session"`).
+#[macro_export]
+macro_rules! export_long_job {
+    ($job:ty) => {
+        #[doc(hidden)]
+        pub struct __JobhostExport;
+        impl $crate::__private::Guest for __JobhostExport {
+            fn kind() -> $crate::__private::JobKind {
+                $crate::__private::JobKind::Session
+            }
+            fn run(
+                _ctx: $crate::__private::WitContext,
+                _tx: &$crate::__private::Transaction,
+            ) -> ::core::result::Result<$crate::__private::Report, $crate::__private::Failure> {
+                $crate::__private::wrong_kind("a session (long)")
+            }
+            fn run_long(
+                ctx: $crate::__private::WitContext,
+                session: &$crate::__private::WitSessionResource,
+            ) -> ::core::result::Result<$crate::__private::Report, $crate::__private::Failure> {
+                $crate::__private::run_long::<$job>(ctx, session)
             }
         }
         $crate::bindings::__export_world!(__JobhostExport with_types_in $crate::bindings);

@@ -15,6 +15,9 @@
 //!    so the history can never say `ok` for work that is not there. Anything
 //!    else: roll back to the savepoint, write the failure, COMMIT. Either way
 //!    COMMIT (or ROLLBACK) releases the lock; there is no unlock call anywhere.
+//!
+//! `session` jobs (long ones) take a different lock path, in [`session`]; the
+//! history checks under the lock ([`Runner::check_slot`]) are shared.
 
 use std::sync::Arc;
 
@@ -25,10 +28,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, error, info, info_span, warn};
 
 use crate::config::JobConfig;
+use crate::config::LockMode;
 use crate::db::{self, Outcome, RunRecord};
 use crate::guard::SqlGuard;
-use crate::runtime::bindings::job::Context;
-use crate::runtime::{Invocation, Plugin, Returned, RunLimits, Runtime, TxHandle};
+use crate::runtime::bindings::types::Context;
+use crate::runtime::{Invocation, Lent, Plugin, Returned, RunLimits, Runtime, TxHandle};
+
+mod session;
 
 /// A configured job with its loaded plugin.
 #[derive(Debug, Clone)]
@@ -120,10 +126,13 @@ impl Runner {
     /// run's row stays `running` until the next holder marks it `lost`.
     pub async fn run(&self, job: &Job, slot: DateTime<Utc>) -> anyhow::Result<RunResult> {
         let span = info_span!("run", job = %job.config.name, slot = %slot.to_rfc3339());
-        self.run_inner(job, slot).instrument(span).await
+        match job.config.lock {
+            LockMode::Xact => self.run_xact(job, slot).instrument(span).await,
+            LockMode::Session => self.run_session(job, slot).instrument(span).await,
+        }
     }
 
-    async fn run_inner(&self, job: &Job, slot: DateTime<Utc>) -> anyhow::Result<RunResult> {
+    async fn run_xact(&self, job: &Job, slot: DateTime<Utc>) -> anyhow::Result<RunResult> {
         let name = job.config.name.as_str();
         let mut conn = self
             .pool
@@ -179,15 +188,20 @@ impl Runner {
             max_memory_bytes: job.config.max_memory_bytes,
         };
         let handle = TxHandle::new(tx, name.into(), job.config.max_rows, self.guard.clone());
+        let abort = self.abort.clone();
         let invocation = self
             .runtime
             .invoke(
                 &job.plugin,
                 ctx,
-                handle,
+                Lent::Transaction(handle),
                 limits,
                 &job.config.env,
-                &self.abort,
+                job.config.http.clone(),
+                async move {
+                    abort.cancelled().await;
+                    Returned::Interrupted
+                },
             )
             .await;
         let (outcome, message, tx) = self.judge(job, invocation);
@@ -237,16 +251,32 @@ impl Runner {
             warn!(job = %name, lock_key = %key, event = "lock_busy", "lock_busy: job lock held elsewhere, slot skipped");
             return Ok(Err(RunResult::LockBusy));
         }
+        self.check_slot(tx, job, slot, run_id, db_now).await
+    }
+
+    /// The history checks under the job's lock, for both lock modes: the
+    /// database clock must have reached the slot; runs of hosts that died are
+    /// marked `lost`; a slot that succeeded, ran out of attempts or is in its
+    /// retry backoff is skipped. `Ok(Ok(attempt))` to run.
+    async fn check_slot(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        job: &Job,
+        slot: DateTime<Utc>,
+        run_id: i64,
+        db_now: DateTime<Utc>,
+    ) -> anyhow::Result<Result<i32, RunResult>> {
+        let name = job.config.name.as_str();
         if db_now < slot {
             return Ok(Err(RunResult::NotDue { db_now }));
         }
-        let lost = db::mark_lost(tx, name, run_id)
+        let lost = db::mark_lost(conn, name, run_id)
             .await
             .with_context(|| format!("job `{name}`: cannot check for abandoned runs"))?;
         if lost > 0 {
             warn!(job = %name, runs = lost, "marked runs of vanished hosts as lost");
         }
-        let state = db::slot_state(tx, name, slot, run_id)
+        let state = db::slot_state(conn, name, slot, run_id)
             .await
             .with_context(|| format!("job `{name}`: cannot read the slot's history"))?;
         if state.succeeded {
@@ -279,7 +309,11 @@ impl Runner {
         for line in invocation.output.lines().filter(|l| !l.trim().is_empty()) {
             info!(target: "jobhost::plugin", job = %name, stream = "stdio", "{line}");
         }
-        let (tx, db_error) = invocation.handle.close();
+        let (tx, db_error) = match &mut invocation.lent {
+            Lent::Transaction(handle) => handle.close(),
+            // Each session transaction stood on its own; none is left to judge.
+            Lent::Session(_) => (None, None),
+        };
         let (outcome, message) = match (invocation.returned, db_error) {
             (Returned::Value(Ok(report)), None) => (Outcome::Ok, report.summary),
             (Returned::Value(Ok(_)), Some(db)) => (
@@ -310,6 +344,10 @@ impl Runner {
                 }
                 (Outcome::Trap, m)
             }
+            (Returned::LockLost, _) => (
+                Outcome::LockLost,
+                "lock lost: the job's lock connection failed, so another host may take the lock; the run was interrupted and its open transaction rolled back".to_owned(),
+            ),
             (Returned::Interrupted, _) => (
                 Outcome::Interrupted,
                 "interrupted: the host shut down and the run outlived the grace period".to_owned(),
@@ -413,6 +451,22 @@ impl Runner {
     }
 }
 
+/// Why a plugin cannot serve a job: its world must match the lock mode.
+pub fn check_plugin_kind(config: &JobConfig, plugin: &Plugin) -> Result<(), String> {
+    use crate::runtime::PluginKind;
+    match (config.lock, plugin.kind) {
+        (LockMode::Xact, PluginKind::Xact) | (LockMode::Session, PluginKind::Session) => Ok(()),
+        (LockMode::Xact, PluginKind::Session) => Err(format!(
+            "plugin `{}` is a session (long) job: set lock = \"session\"",
+            plugin.path.display()
+        )),
+        (LockMode::Session, PluginKind::Xact) => Err(format!(
+            "plugin `{}` is an xact job (one lent transaction): set lock = \"xact\"",
+            plugin.path.display()
+        )),
+    }
+}
+
 /// Backstops, savepoint and role for the plugin's part of the transaction.
 async fn prepare(
     job: &JobConfig,
@@ -452,7 +506,7 @@ async fn prepare(
     Ok(())
 }
 
-fn truncate_utf8(s: &str, max: usize) -> String {
+pub(crate) fn truncate_utf8(s: &str, max: usize) -> String {
     let mut end = s.len().min(max);
     while !s.is_char_boundary(end) {
         end -= 1;

@@ -1,0 +1,248 @@
+//! The `session` lock path, for long jobs (DESIGN §1, second shape of the fix).
+//!
+//! A poll cycle of minutes with live HTTP calls cannot sit in one transaction:
+//! it would pin a pooled connection and roll back every result on one failure.
+//! So:
+//!
+//! 1. the run's `running` row is inserted on a pooled connection, released at once;
+//! 2. a connection **not from the pool** is opened for this run, and
+//!    `pg_try_advisory_lock` taken there (busy: `lock_busy`, skip);
+//! 3. the shared history checks run on that connection, under the lock;
+//! 4. a heartbeat task owns the lock connection and pings it every
+//!    `heartbeat`; if it fails (backend terminated, network gone) the lock is
+//!    gone, so the plugin is interrupted, its open transaction rolled back and
+//!    the run recorded `lock_lost`: a host that takes the lock next never runs
+//!    alongside a zombie;
+//! 5. the plugin gets a `session` from which it begins short transactions
+//!    through the pool, one at a time, each committed on its own;
+//! 6. the outcome is written on the lock connection, then
+//!    `pg_advisory_unlock` runs **on that same connection** and its boolean is
+//!    checked (false is logged as an error with the key), and the connection
+//!    is closed. On any error or cancellation it is closed, never reused:
+//!    closing a session releases its locks.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+use sqlx::{Connection as _, PgConnection};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::{Job, RunResult, Runner};
+use crate::db::{self, Outcome, RunRecord};
+use crate::runtime::bindings::types::Context;
+use crate::runtime::{Lent, Returned, RunLimits, SessionHandle};
+
+impl Runner {
+    pub(super) async fn run_session(
+        &self,
+        job: &Job,
+        slot: DateTime<Utc>,
+    ) -> anyhow::Result<RunResult> {
+        let name = job.config.name.as_str();
+        let key = job.config.lock_key;
+        let run_id = {
+            let mut conn = self
+                .pool
+                .acquire()
+                .await
+                .with_context(|| format!("job `{name}`: cannot get a connection"))?;
+            db::begin_run(&mut conn, name, slot, &self.host_id, &job.plugin.sha256)
+                .await
+                .with_context(|| format!("job `{name}`: cannot record the run's start"))?
+        };
+
+        // A connection of this run's own: never a pooled one, whose return to
+        // the pool would keep the lock (the production bug).
+        let app = crate::runner::truncate_utf8(
+            &format!("{}/{name}/lock", db::application_name(&self.host_id)),
+            63,
+        );
+        let options = (*self.pool.connect_options())
+            .clone()
+            .application_name(&app);
+        let mut lock = match PgConnection::connect_with(&options).await {
+            Ok(c) => c,
+            Err(e) => {
+                let e = anyhow::Error::new(e)
+                    .context(format!("job `{name}`: cannot open the lock connection"));
+                return Err(self.fail_before_plugin(name, run_id, e).await);
+            }
+        };
+        let taken: sqlx::Result<(bool, DateTime<Utc>)> =
+            sqlx::query_as("select pg_try_advisory_lock($1, $2), clock_timestamp()")
+                .bind(key.namespace)
+                .bind(key.key)
+                .fetch_one(&mut lock)
+                .await;
+        let (locked, db_now) = match taken {
+            Ok(t) => t,
+            Err(e) => {
+                drop(lock);
+                let e =
+                    anyhow::Error::new(e).context(format!("job `{name}`: cannot try lock {key}"));
+                return Err(self.fail_before_plugin(name, run_id, e).await);
+            }
+        };
+        if !locked {
+            warn!(job = %name, lock_key = %key, event = "lock_busy", "lock_busy: job lock held elsewhere, slot skipped");
+            if let Err(e) = db::discard_run(&mut lock, run_id).await {
+                warn!(job = %name, error = %e, "cannot remove the row of a skipped run");
+            }
+            close(lock, name).await;
+            return Ok(RunResult::LockBusy);
+        }
+
+        let checked = async {
+            db::set_run_backend(&mut lock, run_id).await?;
+            self.check_slot(&mut lock, job, slot, run_id, db_now).await
+        }
+        .await;
+        let attempt = match checked {
+            Ok(Ok(attempt)) => attempt,
+            Ok(Err(skip)) => {
+                if let Err(e) = db::discard_run(&mut lock, run_id).await {
+                    warn!(job = %name, error = %e, "cannot remove the row of a skipped run");
+                }
+                unlock_and_close(lock, job).await;
+                return Ok(skip);
+            }
+            Err(e) => {
+                drop(lock);
+                return Err(self.fail_before_plugin(name, run_id, e).await);
+            }
+        };
+
+        let lost = CancellationToken::new();
+        let stop_heartbeat = CancellationToken::new();
+        // Dropping this run's future stops the heartbeat, which then drops
+        // (closes) the lock connection: the lock can never outlive the run.
+        let _stop_on_drop = stop_heartbeat.clone().drop_guard();
+        let heartbeat = tokio::spawn(heartbeat(
+            lock,
+            job.config.heartbeat,
+            lost.clone(),
+            stop_heartbeat.clone(),
+            name.to_owned(),
+        ));
+
+        let ctx = Context {
+            job: name.to_owned(),
+            slot: slot.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+            attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
+            config: job.config.config.clone(),
+        };
+        let limits = RunLimits {
+            timeout: job.config.timeout,
+            max_memory_bytes: job.config.max_memory_bytes,
+        };
+        let session = SessionHandle::new(
+            self.pool.clone(),
+            name.into(),
+            self.guard.clone(),
+            job.config.max_rows,
+            lost.clone(),
+        );
+        let (abort, lost_too) = (self.abort.clone(), lost.clone());
+        let invocation = self
+            .runtime
+            .invoke(
+                &job.plugin,
+                ctx,
+                Lent::Session(session),
+                limits,
+                &job.config.env,
+                job.config.http.clone(),
+                async move {
+                    tokio::select! {
+                        _ = abort.cancelled() => Returned::Interrupted,
+                        _ = lost_too.cancelled() => Returned::LockLost,
+                    }
+                },
+            )
+            .await;
+        stop_heartbeat.cancel();
+        let lock = heartbeat.await.ok().flatten();
+        let (outcome, message, _) = self.judge(job, invocation);
+        let record = RunRecord {
+            attempt,
+            outcome,
+            message: &message,
+        };
+        match lock {
+            Some(mut lock) => {
+                if let Err(e) = db::finish_run(&mut lock, run_id, &record).await {
+                    error!(job = %name, error = %e, "cannot record the run on the lock connection");
+                    drop(lock);
+                    self.record_detached(name, run_id, &record).await;
+                } else {
+                    unlock_and_close(lock, job).await;
+                }
+            }
+            None => self.record_detached(name, run_id, &record).await,
+        }
+        match outcome {
+            Outcome::Ok => info!(job = %name, attempt, summary = %message, "run ok"),
+            _ => {
+                warn!(job = %name, attempt, outcome = outcome.as_str(), error = %message, "run failed")
+            }
+        }
+        Ok(RunResult::Finished {
+            outcome,
+            message,
+            attempt,
+        })
+    }
+}
+
+/// Owns the lock connection during the run and checks it every `every`.
+/// Returns it when stopped, or `None` (after cancelling `lost`) when it failed.
+async fn heartbeat(
+    mut conn: PgConnection,
+    every: Duration,
+    lost: CancellationToken,
+    stop: CancellationToken,
+    job: String,
+) -> Option<PgConnection> {
+    let patience = every.max(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Some(conn),
+            _ = tokio::time::sleep(every) => {}
+        }
+        let ping = tokio::time::timeout(patience, sqlx::query("select 1").execute(&mut conn)).await;
+        if !matches!(ping, Ok(Ok(_))) {
+            error!(job = %job, "lock connection failed: the job's session lock is lost; interrupting the run");
+            lost.cancel();
+            return None;
+        }
+    }
+}
+
+/// Unlocks on the connection that holds the lock, checks the answer, closes.
+async fn unlock_and_close(mut lock: PgConnection, job: &Job) {
+    let key = job.config.lock_key;
+    let name = job.config.name.as_str();
+    let unlocked: sqlx::Result<bool> = sqlx::query_scalar("select pg_advisory_unlock($1, $2)")
+        .bind(key.namespace)
+        .bind(key.key)
+        .fetch_one(&mut lock)
+        .await;
+    match unlocked {
+        Ok(true) => {}
+        Ok(false) => {
+            error!(job = %name, lock_key = %key, "pg_advisory_unlock returned false: the session lock was not held by this connection")
+        }
+        Err(e) => {
+            error!(job = %name, lock_key = %key, error = %e, "unlock failed; closing the connection releases the lock")
+        }
+    }
+    close(lock, name).await;
+}
+
+async fn close(lock: PgConnection, job: &str) {
+    if let Err(e) = lock.close().await {
+        warn!(job = %job, error = %e, "closing the lock connection failed; Postgres ends the session");
+    }
+}
