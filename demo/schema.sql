@@ -38,6 +38,23 @@ create table if not exists demo.notifications   (id bigserial primary key, creat
 create table if not exists demo.password_resets (id bigserial primary key, created_at timestamptz not null);
 create table if not exists demo.webhook_events  (id bigserial primary key, created_at timestamptz not null);
 
+-- test-scheduler: capabilities to probe over HTTP, one result row per probe.
+create table if not exists demo.capabilities (
+    id      bigserial primary key,
+    name    text    not null unique,
+    url     text    not null,
+    enabled boolean not null default true
+);
+create table if not exists demo.test_results (
+    id            bigserial primary key,
+    capability_id bigint      not null references demo.capabilities (id),
+    ok            boolean     not null,
+    status        integer,
+    latency_ms    bigint      not null,
+    error         text,
+    probed_at     timestamptz not null default now()
+);
+
 -- Per-job roles for the reference jobs (`role = "..."` in jobs.toml): after
 -- taking the lock the host runs `SET LOCAL ROLE`, so Postgres itself limits each
 -- job to its own tables. Roles are cluster-wide; creating them is idempotent and
@@ -46,7 +63,7 @@ do $$
 declare
     r text;
 begin
-    foreach r in array array['jobhost_demo_hash', 'jobhost_demo_drip', 'jobhost_demo_retention'] loop
+    foreach r in array array['jobhost_demo_hash', 'jobhost_demo_drip', 'jobhost_demo_retention', 'jobhost_demo_scheduler'] loop
         begin
             execute format('create role %I nologin', r);
         exception when duplicate_object or unique_violation then
@@ -54,10 +71,14 @@ begin
         end;
     end loop;
 end $$;
-grant usage on schema demo to jobhost_demo_hash, jobhost_demo_drip, jobhost_demo_retention;
+grant usage on schema demo to jobhost_demo_hash, jobhost_demo_drip, jobhost_demo_retention,
+    jobhost_demo_scheduler;
 grant select, update on demo.audit_events to jobhost_demo_hash;
 grant select, update on demo.users to jobhost_demo_drip;
 grant select, insert on demo.activation_messages to jobhost_demo_drip;
 grant usage on sequence demo.activation_messages_id_seq to jobhost_demo_drip;
 grant select, delete on demo.sessions, demo.job_logs, demo.notifications, demo.password_resets,
     demo.webhook_events to jobhost_demo_retention;
+grant select on demo.capabilities to jobhost_demo_scheduler;
+grant insert on demo.test_results to jobhost_demo_scheduler;
+grant usage on sequence demo.test_results_id_seq to jobhost_demo_scheduler;

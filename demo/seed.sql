@@ -26,3 +26,14 @@ where not exists (select 1 from demo.password_resets);
 insert into demo.webhook_events (created_at)
 select now() - make_interval(hours => g * 6) from generate_series(1, 100) g
 where not exists (select 1 from demo.webhook_events);
+
+-- Probed by test-scheduler; served by the demo HTTP server that `jobhost --demo`
+-- starts on 127.0.0.1:8089 (the last one is outside the job's allow-list, so
+-- the host refuses it before any connection).
+insert into demo.capabilities (name, url) values
+    ('health', 'http://127.0.0.1:8089/health'),
+    ('reports', 'http://127.0.0.1:8089/reports'),
+    ('exports', 'http://127.0.0.1:8089/exports'),
+    ('broken', 'http://127.0.0.1:8089/broken'),
+    ('unlisted', 'http://unlisted.invalid/')
+on conflict (name) do nothing;

@@ -14,6 +14,8 @@ const GUESTS: &[&str] = &[
     "db-retention",
     "test-core-probe",
     "test-sandbox-hostile",
+    "test-session-probe",
+    "test-scheduler",
 ];
 
 fn main() {

@@ -110,11 +110,20 @@ pub async fn run(
         &options.host_id,
     )
     .await?;
-    if options.demo {
+    let _demo_http = if options.demo {
         demo::setup(&pool)
             .await
             .context("cannot set up the demo tables")?;
-    }
+        match demo::serve_probe_targets(demo::DEMO_HTTP_ADDR).await {
+            Ok(server) => Some(AbortOnDrop(server)),
+            Err(e) => {
+                tracing::warn!(addr = demo::DEMO_HTTP_ADDR, error = %e, "demo HTTP server not started; test-scheduler probes will fail");
+                None
+            }
+        }
+    } else {
+        None
+    };
     tracing::info!(
         host_id = %options.host_id,
         jobs = jobs.len(),
@@ -141,4 +150,13 @@ pub async fn run(
     let _ = watcher.await;
     pool.close().await;
     Ok(())
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

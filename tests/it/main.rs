@@ -14,4 +14,5 @@ mod reference_jobs;
 mod reload;
 mod sandbox;
 mod scheduling;
+mod session;
 mod values;

@@ -44,7 +44,7 @@ fn the_default_jobs_toml_is_valid() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../jobs.toml");
     // Plugin files exist only after `./dev run` built them; check the rest.
     match JobsConfig::from_file(path) {
-        Ok(config) => assert_eq!(config.jobs.len(), 3),
+        Ok(config) => assert_eq!(config.jobs.len(), 4),
         Err(e) => assert!(e.to_string().contains("does not exist"), "{e}"),
     }
 }

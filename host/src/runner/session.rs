@@ -70,13 +70,14 @@ impl Runner {
                 return Err(self.fail_before_plugin(name, run_id, e).await);
             }
         };
-        let taken: sqlx::Result<(bool, DateTime<Utc>)> =
-            sqlx::query_as("select pg_try_advisory_lock($1, $2), clock_timestamp()")
-                .bind(key.namespace)
-                .bind(key.key)
-                .fetch_one(&mut lock)
-                .await;
-        let (locked, db_now) = match taken {
+        let taken: sqlx::Result<(bool, DateTime<Utc>, i32)> = sqlx::query_as(
+            "select pg_try_advisory_lock($1, $2), clock_timestamp(), pg_backend_pid()",
+        )
+        .bind(key.namespace)
+        .bind(key.key)
+        .fetch_one(&mut lock)
+        .await;
+        let (locked, db_now, pid) = match taken {
             Ok(t) => t,
             Err(e) => {
                 drop(lock);
@@ -105,7 +106,7 @@ impl Runner {
                 if let Err(e) = db::discard_run(&mut lock, run_id).await {
                     warn!(job = %name, error = %e, "cannot remove the row of a skipped run");
                 }
-                unlock_and_close(lock, job).await;
+                unlock_and_close(lock, job, pid).await;
                 return Ok(skip);
             }
             Err(e) => {
@@ -143,6 +144,8 @@ impl Runner {
             self.guard.clone(),
             job.config.max_rows,
             lost.clone(),
+            job.config.role.clone(),
+            job.config.timeout,
         );
         let (abort, lost_too) = (self.abort.clone(), lost.clone());
         let invocation = self
@@ -177,7 +180,7 @@ impl Runner {
                     drop(lock);
                     self.record_detached(name, run_id, &record).await;
                 } else {
-                    unlock_and_close(lock, job).await;
+                    unlock_and_close(lock, job, pid).await;
                 }
             }
             None => self.record_detached(name, run_id, &record).await,
@@ -220,8 +223,9 @@ async fn heartbeat(
     }
 }
 
-/// Unlocks on the connection that holds the lock, checks the answer, closes.
-async fn unlock_and_close(mut lock: PgConnection, job: &Job) {
+/// Unlocks on the connection that holds the lock (backend `pid`), checks the
+/// answer, closes.
+async fn unlock_and_close(mut lock: PgConnection, job: &Job, pid: i32) {
     let key = job.config.lock_key;
     let name = job.config.name.as_str();
     let unlocked: sqlx::Result<bool> = sqlx::query_scalar("select pg_advisory_unlock($1, $2)")
@@ -230,9 +234,11 @@ async fn unlock_and_close(mut lock: PgConnection, job: &Job) {
         .fetch_one(&mut lock)
         .await;
     match unlocked {
-        Ok(true) => {}
+        Ok(true) => {
+            info!(job = %name, lock_key = %key, pid, "session lock released");
+        }
         Ok(false) => {
-            error!(job = %name, lock_key = %key, "pg_advisory_unlock returned false: the session lock was not held by this connection")
+            error!(job = %name, lock_key = %key, pid, "pg_advisory_unlock returned false: the session lock was not held by this connection")
         }
         Err(e) => {
             error!(job = %name, lock_key = %key, error = %e, "unlock failed; closing the connection releases the lock")

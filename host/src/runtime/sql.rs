@@ -198,6 +198,9 @@ pub struct SessionHandle {
     guard: Arc<SqlGuard>,
     max_rows: usize,
     lost: CancellationToken,
+    /// Role and statement timeout applied to each transaction (`SET LOCAL`).
+    role: Option<String>,
+    statement_timeout_ms: u128,
     /// Every transaction this session began (table reps), so the host can roll
     /// back what the plugin left open when `run` returns.
     began: Vec<u32>,
@@ -205,12 +208,16 @@ pub struct SessionHandle {
 
 impl SessionHandle {
     /// A session for `job`; `lost` is cancelled when the job's lock is lost.
+    /// Each transaction it begins runs as `role` (if any), with
+    /// `statement_timeout` set to `statement_timeout`.
     pub fn new(
         pool: PgPool,
         job: Arc<str>,
         guard: Arc<SqlGuard>,
         max_rows: usize,
         lost: CancellationToken,
+        role: Option<String>,
+        statement_timeout: std::time::Duration,
     ) -> Self {
         Self {
             pool,
@@ -218,6 +225,8 @@ impl SessionHandle {
             guard,
             max_rows,
             lost,
+            role,
+            statement_timeout_ms: statement_timeout.as_millis().max(1),
             began: Vec::new(),
         }
     }
@@ -258,7 +267,27 @@ impl sql::HostSession for RunState {
             s.max_rows,
             s.lost.clone(),
         );
-        let tx = match pool.begin().await {
+        let (role, timeout_ms) = {
+            let s = self.table.get(&session)?;
+            (s.role.clone(), s.statement_timeout_ms)
+        };
+        // Each short transaction gets the run's backstop and the job's role.
+        let begun = async {
+            let mut tx = pool.begin().await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "select set_config('statement_timeout', '{timeout_ms}', true)"
+            )))
+            .execute(&mut *tx)
+            .await?;
+            if let Some(role) = role {
+                let quoted = format!("\"{}\"", role.replace('"', "\"\""));
+                sqlx::query(sqlx::AssertSqlSafe(format!("set local role {quoted}")))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Ok::<_, sqlx::Error>(tx)
+        };
+        let tx = match begun.await {
             Ok(tx) => tx,
             Err(e) => {
                 let mut scratch = TxHandle {

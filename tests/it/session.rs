@@ -1,0 +1,366 @@
+//! Long jobs: the session lock on a dedicated connection, lock loss, short
+//! independent transactions, no pool starvation, and outbound HTTP with SSRF
+//! refusal. HTTP only ever goes to a server this test starts on loopback.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use jobhost::config::LockMode;
+use jobhost::db::Outcome;
+use jobhost::runner::Job;
+use jobhost::runtime::http::HttpGrant;
+use jobhost::schedule::Schedule;
+use jobhost_tests::guests;
+use sqlx::PgPool;
+
+use crate::support::*;
+
+fn session_job(name: &str, plugin: &str, config: &[(&str, &str)]) -> Job {
+    let mut job = job(name, plugin, config);
+    job.config.lock = LockMode::Session;
+    job.config.heartbeat = Duration::from_millis(200);
+    job
+}
+
+/// A loopback HTTP server answering `200 pong` that counts the connections it accepted.
+async fn loopback_server() -> (String, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 2048];
+                let _ = sock.read(&mut buf).await;
+                let _ = sock
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: close\r\n\r\npong",
+                    )
+                    .await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+async fn wait_until<F, Fut>(within: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn the_session_lock_lives_on_a_dedicated_connection_and_is_unlocked_there(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let logs = LogCapture::start();
+    let job = session_job(
+        "long",
+        guests::TEST_SESSION_PROBE,
+        &[("mode", "hold"), ("sleep-ms", "800")],
+    );
+    // Observe the lock from another thread while the run is awaited here (so
+    // the log capture of this thread sees the runner's events).
+    let options = pool.connect_options().as_ref().clone();
+    let observer = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async move {
+            let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect_with(options).await.unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let seen: Option<(i32, String, String)> = sqlx::query_as(
+                    "select l.pid, a.application_name, l.mode from pg_locks l
+                       join pg_stat_activity a on a.pid = l.pid where l.locktype = 'advisory'",
+                )
+                .fetch_optional(&pool)
+                .await
+                .unwrap();
+                if let Some(seen) = seen {
+                    let pooled: Vec<i32> = sqlx::query_scalar(
+                        "select pid from pg_stat_activity where application_name = 'jobhost:test-host'",
+                    )
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap();
+                    return (seen, pooled);
+                }
+                assert!(Instant::now() < deadline, "no session lock seen");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    });
+    let msg = finished(runner(&pool).run(&job, slot(1)).await.unwrap(), Outcome::Ok);
+    assert_eq!(msg, "held 800 ms");
+    let ((holder, app, mode), pooled) = observer.join().unwrap();
+    assert!(
+        app.ends_with("/long/lock"),
+        "a connection of its own: {app}"
+    );
+    assert_eq!(mode, "ExclusiveLock");
+    assert!(
+        !pooled.contains(&holder),
+        "holder {holder} is one of the pool's: {pooled:?}"
+    );
+
+    let text = logs.text();
+    let released = text
+        .lines()
+        .find(|l| l.contains("session lock released"))
+        .unwrap_or_default();
+    assert!(
+        released.contains(&format!("pid={holder}")),
+        "unlocked on the holder's own backend, which answered true: {released}"
+    );
+    assert!(!text.contains("returned false"), "{text}");
+    assert_eq!(advisory_locks(&pool).await, 0);
+    assert_eq!(probe_rows(&pool).await, 1);
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_terminated_lock_backend_interrupts_the_run_within_the_heartbeat(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let job = session_job(
+        "zombie",
+        guests::TEST_SESSION_PROBE,
+        &[("mode", "hold"), ("sleep-ms", "20000")],
+    );
+    let task = {
+        let (runner, job) = (runner(&pool), job.clone());
+        tokio::spawn(async move { runner.run(&job, slot(1)).await })
+    };
+    wait_until(Duration::from_secs(10), "the session lock", || async {
+        advisory_locks(&pool).await == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await; // the plugin holds an open transaction
+    let holder: i32 = sqlx::query_scalar("select pid from pg_locks where locktype = 'advisory'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let killed_at = Instant::now();
+    let _: bool = sqlx::query_scalar("select pg_terminate_backend($1)")
+        .bind(holder)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let result = task.await.unwrap().unwrap();
+    let took = killed_at.elapsed();
+    let msg = finished(result, Outcome::LockLost);
+    assert!(msg.contains("lock lost"), "{msg}");
+    // Heartbeat 200 ms, ping timeout 1 s: interrupted well before the 20 s sleep.
+    assert!(took < Duration::from_secs(5), "interrupted after {took:?}");
+    assert_eq!(runs(&pool, "zombie").await[0].0, "lock_lost");
+    assert_eq!(
+        probe_rows(&pool).await,
+        0,
+        "the open transaction was rolled back"
+    );
+    assert_eq!(advisory_locks(&pool).await, 0);
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn one_failing_transaction_leaves_the_others_committed(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let job = session_job(
+        "batches",
+        guests::TEST_SESSION_PROBE,
+        &[("mode", "commit-each"), ("count", "5"), ("fail-at", "3")],
+    );
+    let msg = finished(runner(&pool).run(&job, slot(1)).await.unwrap(), Outcome::Ok);
+    assert_eq!(msg, "4 committed, 1 failed");
+    let notes: Vec<(String,)> = sqlx::query_as("select note from probe order by id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let suffixes: Vec<String> = notes
+        .iter()
+        .map(|(n,)| n.rsplit('-').next().unwrap().to_owned())
+        .collect();
+    assert_eq!(suffixes, ["1", "2", "4", "5"]);
+    assert_eq!(advisory_locks(&pool).await, 0);
+    // The same job is refused an `xact` plugin's world, and vice versa.
+    let mut wrong = job.clone();
+    wrong.config.lock = LockMode::Xact;
+    assert!(jobhost::runner::check_plugin_kind(&wrong.config, &wrong.plugin).is_err());
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn an_xact_job_keeps_its_cadence_with_a_pool_of_two_while_a_long_job_runs(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let small = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(pool.connect_options().as_ref().clone())
+        .await
+        .unwrap();
+    let mut long = session_job(
+        "long",
+        guests::TEST_SESSION_PROBE,
+        &[("mode", "hold"), ("sleep-ms", "2500")],
+    );
+    long.config.schedule = Schedule::Every(Duration::from_secs(1));
+    let mut ticker = probe("ticker", "write");
+    ticker.config.schedule = Schedule::Every(Duration::from_millis(200));
+    let runner = jobhost::runner::Runner::new(small.clone(), runtime(), "small-host");
+    jobhost::scheduler::run(
+        runner,
+        vec![long, ticker],
+        Default::default(),
+        tokio::time::sleep(Duration::from_millis(3200)),
+    )
+    .await;
+    let long_runs: i64 = sqlx::query_scalar(
+        "select count(*) from jobhost.runs where job = 'long' and outcome = 'ok'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let ticks: i64 = sqlx::query_scalar(
+        "select count(*) from jobhost.runs where job = 'ticker' and outcome = 'ok'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(long_runs >= 1, "the long job ran");
+    // ~16 slots of 200 ms in 3.2 s; allow for scheduling noise, not starvation.
+    assert!(ticks >= 10, "the xact job kept its cadence: {ticks} runs");
+    small.close().await;
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn http_is_granted_per_job_and_internal_addresses_are_refused_before_connecting(
+    pool: PgPool,
+) {
+    create_probe_table(&pool).await;
+    let (addr, accepted) = loopback_server().await;
+    let grant = |allow: &[&str], allow_private: bool| HttpGrant {
+        allow: allow.iter().map(|s| s.to_string()).collect(),
+        allow_private,
+        timeout: Duration::from_secs(5),
+        max_response_bytes: 1024,
+    };
+    let logs = LogCapture::start();
+    let runner = runner(&pool);
+
+    // Allowed: loopback, explicitly allow-listed with allow-private.
+    let url = format!("http://{addr}/ping");
+    let mut allowed = session_job(
+        "allowed",
+        guests::TEST_SESSION_PROBE,
+        &[("mode", "http"), ("urls", &url)],
+    );
+    allowed.config.http = Some(grant(&[&addr], true));
+    let msg = finished(runner.run(&allowed, slot(1)).await.unwrap(), Outcome::Ok);
+    assert_eq!(msg, format!("{url} -> 200 pong"));
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+    // Metadata, RFC 1918 and loopback without allow-private: refused after
+    // resolution and before any connection (the loopback server sees nothing).
+    let targets = format!("http://169.254.169.254/latest/meta-data/,http://10.0.0.1/,{url}");
+    let mut internal = session_job(
+        "internal",
+        guests::TEST_SESSION_PROBE,
+        &[("mode", "http"), ("urls", &targets)],
+    );
+    internal.config.http = Some(grant(&["169.254.169.254", "10.0.0.1", &addr], false));
+    let started = Instant::now();
+    let msg = finished(runner.run(&internal, slot(1)).await.unwrap(), Outcome::Ok);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "no connect timeout was waited for"
+    );
+    assert_eq!(
+        msg.matches("destination address prohibited").count(),
+        3,
+        "{msg}"
+    );
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "no connection was attempted"
+    );
+    let text = logs.text();
+    for target in ["169.254.169.254", "10.0.0.1", "127.0.0.1"] {
+        assert!(
+            text.lines().any(|l| l.contains("outbound HTTP refused")
+                && l.contains("before-connect")
+                && l.contains(target)
+                && l.contains("job=internal")),
+            "decision log names {target}: {text}"
+        );
+    }
+
+    // A host missing from the allow-list, and a job without a grant.
+    let mut unlisted = session_job(
+        "unlisted",
+        guests::TEST_SESSION_PROBE,
+        &[("mode", "http"), ("urls", &url)],
+    );
+    unlisted.config.http = Some(grant(&["api.example.com"], true));
+    let msg = finished(runner.run(&unlisted, slot(1)).await.unwrap(), Outcome::Ok);
+    assert!(msg.contains("request denied"), "{msg}");
+    let ungranted = session_job(
+        "ungranted",
+        guests::TEST_SESSION_PROBE,
+        &[("mode", "http"), ("urls", &url)],
+    );
+    let msg = finished(runner.run(&ungranted, slot(1)).await.unwrap(), Outcome::Ok);
+    assert!(msg.contains("request denied"), "{msg}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    assert!(logs.text().contains("not granted"));
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn test_scheduler_probes_capabilities_and_records_each_result(pool: PgPool) {
+    jobhost::demo::create_tables(&pool).await.unwrap();
+    let (addr, _) = loopback_server().await;
+    sqlx::query(
+        "insert into demo.capabilities (name, url) values
+           ('one', $1), ('two', $2), ('refused', 'http://unlisted.invalid/'), ('off', $1)",
+    )
+    .bind(format!("http://{addr}/one"))
+    .bind(format!("http://{addr}/two"))
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("update demo.capabilities set enabled = false where name = 'off'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut job = session_job(
+        "test-scheduler",
+        guests::TEST_SCHEDULER,
+        &[("batch-size", "20")],
+    );
+    job.config.role = Some("jobhost_demo_scheduler".into());
+    job.config.http = Some(HttpGrant {
+        allow: vec![addr.clone()],
+        allow_private: true,
+        timeout: Duration::from_secs(5),
+        max_response_bytes: 65536,
+    });
+    let msg = finished(runner(&pool).run(&job, slot(1)).await.unwrap(), Outcome::Ok);
+    assert_eq!(msg, "probed 3 capabilities: 2 ok, 1 failed");
+    let results: Vec<(String, bool, Option<i32>)> = sqlx::query_as(
+        "select c.name, r.ok, r.status from demo.test_results r join demo.capabilities c on c.id = r.capability_id order by c.id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        results,
+        vec![
+            ("one".into(), true, Some(200)),
+            ("two".into(), true, Some(200)),
+            ("refused".into(), false, None)
+        ]
+    );
+    assert_eq!(advisory_locks(&pool).await, 0);
+}
