@@ -78,14 +78,16 @@ async fn the_session_lock_lives_on_a_dedicated_connection_and_is_unlocked_there(
             loop {
                 let seen: Option<(i32, String, String)> = sqlx::query_as(
                     "select l.pid, a.application_name, l.mode from pg_locks l
-                       join pg_stat_activity a on a.pid = l.pid where l.locktype = 'advisory'",
+                       join pg_stat_activity a on a.pid = l.pid
+                      where l.locktype = 'advisory' and a.datname = current_database()",
                 )
                 .fetch_optional(&pool)
                 .await
                 .unwrap();
                 if let Some(seen) = seen {
                     let pooled: Vec<i32> = sqlx::query_scalar(
-                        "select pid from pg_stat_activity where application_name = 'jobhost:test-host'",
+                        "select pid from pg_stat_activity
+                          where application_name = 'jobhost:test-host' and datname = current_database()",
                     )
                     .fetch_all(&pool)
                     .await
@@ -141,10 +143,13 @@ async fn a_terminated_lock_backend_interrupts_the_run_within_the_heartbeat(pool:
     })
     .await;
     tokio::time::sleep(Duration::from_millis(200)).await; // the plugin holds an open transaction
-    let holder: i32 = sqlx::query_scalar("select pid from pg_locks where locktype = 'advisory'")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let holder: i32 = sqlx::query_scalar(
+        "select pid from pg_locks where locktype = 'advisory'
+            and database = (select oid from pg_database where datname = current_database())",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
     let killed_at = Instant::now();
     let _: bool = sqlx::query_scalar("select pg_terminate_backend($1)")
         .bind(holder)
