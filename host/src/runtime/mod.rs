@@ -258,8 +258,11 @@ impl Runtime {
     pub fn with_cache(dir: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the compile cache `{}`", dir.display()))?;
+        // wasmtime wants an absolute directory.
+        let dir = std::fs::canonicalize(dir)
+            .with_context(|| format!("cannot resolve the compile cache `{}`", dir.display()))?;
         let mut config = wasmtime::CacheConfig::new();
-        config.with_directory(dir);
+        config.with_directory(&dir);
         let cache = wasmtime::Cache::new(config)
             .map_err(anyhow::Error::from)
             .with_context(|| format!("cannot open the compile cache `{}`", dir.display()))?;
