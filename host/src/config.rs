@@ -84,6 +84,9 @@ pub struct HostToml {
     pub compile_cache: Option<PathBuf>,
     /// Watch jobs.toml and plugin files and reload on change (default true).
     pub watch: Option<bool>,
+    /// Use wasmtime's pooling instance allocator (default false): cheaper
+    /// instantiation, memory reserved up front.
+    pub pooling_allocator: Option<bool>,
     /// Quiet period after a file event before reloading (default 300ms).
     #[serde(default, with = "humantime_serde::option")]
     pub reload_debounce: Option<Duration>,
@@ -220,6 +223,8 @@ pub struct HostConfig {
     pub compile_cache: PathBuf,
     /// Whether files are watched for hot reload.
     pub watch: bool,
+    /// Whether the pooling instance allocator is used.
+    pub pooling_allocator: bool,
     /// Debounce of file events.
     pub reload_debounce: Duration,
 }
@@ -455,6 +460,7 @@ impl JobsToml {
                         .unwrap_or_else(|| PathBuf::from(".jobhost/compile-cache")),
                 ),
                 watch: self.host.watch.unwrap_or(true),
+                pooling_allocator: self.host.pooling_allocator.unwrap_or(false),
                 reload_debounce: self
                     .host
                     .reload_debounce

@@ -93,8 +93,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let runtime = Arc::new(
-        Runtime::with_cache(&config.host.compile_cache)
-            .context("cannot start the WebAssembly engine")?,
+        Runtime::with_options(
+            Some(&config.host.compile_cache),
+            config.host.pooling_allocator,
+        )
+        .context("cannot start the WebAssembly engine")?,
     );
     let started = std::time::Instant::now();
     let jobs = load_jobs(&runtime, &config).await?;

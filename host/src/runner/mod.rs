@@ -36,6 +36,15 @@ use crate::runtime::{Invocation, Lent, Plugin, Returned, RunLimits, Runtime, TxH
 
 mod session;
 
+/// Native work for [`Runner::run_native`]: gets the run's locked transaction.
+pub type NativeWork = Box<
+    dyn for<'c> FnOnce(
+            &'c mut sqlx::PgConnection,
+        ) -> std::pin::Pin<
+            Box<dyn Future<Output = Result<String, String>> + Send + 'c>,
+        > + Send,
+>;
+
 /// A configured job with its loaded plugin.
 #[derive(Debug, Clone)]
 pub struct Job {
@@ -132,7 +141,29 @@ impl Runner {
         }
     }
 
+    /// Runs `slot` of an `xact` job through exactly the plugin's path (lock,
+    /// history checks, backstops, savepoint, record, commit) but with `work`,
+    /// native Rust, in place of the plugin. Exists so benchmarks can compare
+    /// the sandbox against native code on the same path.
+    pub async fn run_native(
+        &self,
+        job: &Job,
+        slot: DateTime<Utc>,
+        work: NativeWork,
+    ) -> anyhow::Result<RunResult> {
+        self.run_xact_with(job, slot, Some(work)).await
+    }
+
     async fn run_xact(&self, job: &Job, slot: DateTime<Utc>) -> anyhow::Result<RunResult> {
+        self.run_xact_with(job, slot, None).await
+    }
+
+    async fn run_xact_with(
+        &self,
+        job: &Job,
+        slot: DateTime<Utc>,
+        native: Option<NativeWork>,
+    ) -> anyhow::Result<RunResult> {
         let name = job.config.name.as_str();
         let mut conn = self
             .pool
@@ -189,21 +220,41 @@ impl Runner {
         };
         let handle = TxHandle::new(tx, name.into(), job.config.max_rows, self.guard.clone());
         let abort = self.abort.clone();
-        let invocation = self
-            .runtime
-            .invoke(
-                &job.plugin,
-                ctx,
-                Lent::Transaction(handle),
-                limits,
-                &job.config.env,
-                job.config.http.clone(),
-                async move {
-                    abort.cancelled().await;
-                    Returned::Interrupted
-                },
-            )
-            .await;
+        let invocation = if let Some(work) = native {
+            let mut handle = handle;
+            let returned = match handle.connection() {
+                Some(conn) => Returned::Value(
+                    work(conn)
+                        .await
+                        .map(|summary| crate::runtime::bindings::types::Report { summary })
+                        .map_err(|message| crate::runtime::bindings::types::Failure {
+                            message,
+                            sql: None,
+                        }),
+                ),
+                None => Returned::Trap(wasmtime::Error::msg("no transaction")),
+            };
+            Invocation {
+                returned,
+                lent: Lent::Transaction(handle),
+                output: String::new(),
+            }
+        } else {
+            self.runtime
+                .invoke(
+                    &job.plugin,
+                    ctx,
+                    Lent::Transaction(handle),
+                    limits,
+                    &job.config.env,
+                    job.config.http.clone(),
+                    async move {
+                        abort.cancelled().await;
+                        Returned::Interrupted
+                    },
+                )
+                .await
+        };
         let (outcome, message, tx) = self.judge(job, invocation);
 
         let record = RunRecord {

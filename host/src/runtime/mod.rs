@@ -36,6 +36,8 @@ pub use sql::{SessionHandle, TxHandle};
 
 /// How often the epoch advances: the granularity at which a busy guest yields.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
+/// Largest linear memory a pooled instance may have.
+const MAX_POOLED_MEMORY: usize = 256 << 20;
 /// Cap on captured plugin stdout/stderr per run.
 const OUTPUT_CAP: usize = 64 * 1024;
 
@@ -246,7 +248,7 @@ impl Runtime {
     /// capabilities every plugin gets, and starts the epoch ticker. Compiles
     /// without an on-disk cache.
     pub fn new() -> anyhow::Result<Self> {
-        Self::build(None)
+        Self::build(None, false)
     }
 
     /// Like [`Runtime::new`], with compiled plugins cached in `dir`.
@@ -256,6 +258,22 @@ impl Runtime {
     /// of an unchanged file) skips Cranelift, and an incompatible engine never
     /// reads a stale artifact.
     pub fn with_cache(dir: &Path) -> anyhow::Result<Self> {
+        Self::with_options(Some(dir), false)
+    }
+
+    /// A runtime with an optional compile cache and, with `pooling`, the
+    /// pooling instance allocator: memories and instances are reserved up
+    /// front and reused (copy-on-write images reset between runs), which makes
+    /// instantiation much cheaper at the cost of reserved virtual memory.
+    pub fn with_options(cache_dir: Option<&Path>, pooling: bool) -> anyhow::Result<Self> {
+        let cache = match cache_dir {
+            Some(dir) => Some(Self::open_cache(dir)?),
+            None => None,
+        };
+        Self::build(cache, pooling)
+    }
+
+    fn open_cache(dir: &Path) -> anyhow::Result<wasmtime::Cache> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the compile cache `{}`", dir.display()))?;
         // wasmtime wants an absolute directory.
@@ -263,10 +281,9 @@ impl Runtime {
             .with_context(|| format!("cannot resolve the compile cache `{}`", dir.display()))?;
         let mut config = wasmtime::CacheConfig::new();
         config.with_directory(&dir);
-        let cache = wasmtime::Cache::new(config)
+        wasmtime::Cache::new(config)
             .map_err(anyhow::Error::from)
-            .with_context(|| format!("cannot open the compile cache `{}`", dir.display()))?;
-        Self::build(Some(cache))
+            .with_context(|| format!("cannot open the compile cache `{}`", dir.display()))
     }
 
     /// Compilations served from the on-disk cache so far.
@@ -274,11 +291,23 @@ impl Runtime {
         self.cache.as_ref().map_or(0, |c| c.cache_hits())
     }
 
-    fn build(cache: Option<wasmtime::Cache>) -> anyhow::Result<Self> {
+    fn build(cache: Option<wasmtime::Cache>, pooling: bool) -> anyhow::Result<Self> {
         let mut config = wasmtime::Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
         config.cache(cache.clone());
+        if pooling {
+            // Sized for a host running up to 64 runs at once, each plugin up to
+            // MAX_POOLED_MEMORY of linear memory (jobs.toml limits are lower).
+            let mut pool = wasmtime::PoolingAllocationConfig::default();
+            pool.total_component_instances(64)
+                .total_core_instances(64 * 8)
+                .total_memories(64 * 4)
+                .total_tables(64 * 4)
+                .total_stacks(64)
+                .max_memory_size(MAX_POOLED_MEMORY);
+            config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+        }
         let engine = Engine::new(&config)?;
 
         let mut linker = Linker::new(&engine);
@@ -344,6 +373,18 @@ impl Runtime {
             kind,
             pre,
         })
+    }
+
+    /// Instantiates `plugin` in a fresh store and drops it: the per-run
+    /// instantiation cost alone (benchmarks).
+    pub async fn instantiate_only(&self, plugin: &Plugin) -> anyhow::Result<()> {
+        let state = RunState::new("bench".into(), "".into(), None, &[], 64 << 20);
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_async_yield_and_update(1);
+        plugin.pre.instantiate_async(&mut store).await?;
+        Ok(())
     }
 
     /// Asks a freshly instantiated plugin for its `kind`. Runs on the caller's

@@ -52,6 +52,12 @@ impl TxHandle {
         }
     }
 
+    /// The transaction's connection, for native work on the same path
+    /// (benchmarks); `None` once the scope is closed.
+    pub fn connection(&mut self) -> Option<&mut PgConnection> {
+        self.tx.as_mut().map(|tx| &mut **tx)
+    }
+
     /// Whether the transaction is still open (not committed or rolled back).
     pub fn is_open(&self) -> bool {
         self.tx.is_some()

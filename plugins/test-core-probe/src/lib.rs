@@ -86,6 +86,14 @@ struct Probe;
 impl Job for Probe {
     fn run(ctx: &Context, tx: &Tx<'_>) -> Result<String, JobError> {
         match ctx.config_str("mode").unwrap_or("write") {
+            "noop" => Ok(String::new()),
+            "select-n" => {
+                let n: u32 = ctx.config_or("n", 100)?;
+                for i in 0..n {
+                    tx.query_raw("select $1::int4 as v", &[Value::Int4(i as i32)])?;
+                }
+                Ok(format!("{n} selects"))
+            }
             "write" => {
                 write(ctx, tx)?;
                 Ok(format!("wrote attempt {}", ctx.attempt))

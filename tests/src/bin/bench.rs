@@ -1,0 +1,523 @@
+//! `jobhost-bench`: what the sandbox costs, measured side by side with native
+//! code in one run against one Postgres, written to `BENCHMARKS.md`.
+//!
+//! ```sh
+//! cargo run --release -p jobhost-tests --bin jobhost-bench -- --out BENCHMARKS.md
+//! cargo run -p jobhost-tests --bin jobhost-bench -- --quick   # CI: keeps it from rotting
+//! ```
+//!
+//! Needs `DATABASE_URL` (a user that may create databases); works in a fresh
+//! database of its own and drops it at the end. Plugin and native runs are
+//! interleaved in rounds so drift (cache warm-up, autovacuum) hits both alike.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use chrono::{DateTime, TimeDelta, Utc};
+use jobhost::config::{JobConfig, LockMode, RetryPolicy};
+use jobhost::lock::LockKey;
+use jobhost::runner::{Job, NativeWork, RunResult, Runner};
+use jobhost::runtime::Runtime;
+use jobhost::schedule::Schedule;
+use jobhost_tests::guests;
+use sha2::{Digest, Sha256};
+use sqlx::Connection as _;
+use sqlx::postgres::PgPoolOptions;
+
+struct Sizes {
+    rounds: usize,
+    per_round: usize,
+    hash_iterations: usize,
+    instantiations: usize,
+    selects: u32,
+    scale_jobs: usize,
+    scale_secs: u64,
+}
+
+const FULL: Sizes = Sizes {
+    rounds: 10,
+    per_round: 100,
+    hash_iterations: 40,
+    instantiations: 5000,
+    selects: 200,
+    scale_jobs: 1000,
+    scale_secs: 10,
+};
+const QUICK: Sizes = Sizes {
+    rounds: 2,
+    per_round: 10,
+    hash_iterations: 2,
+    instantiations: 50,
+    selects: 20,
+    scale_jobs: 20,
+    scale_secs: 2,
+};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let sizes = if quick { QUICK } else { FULL };
+    let url = std::env::var("DATABASE_URL").context("DATABASE_URL must point at a Postgres")?;
+
+    // A database of our own.
+    let db = format!("jobhost_bench_{}", std::process::id());
+    let mut admin = sqlx::PgConnection::connect(&url).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("create database {db}")))
+        .execute(&mut admin)
+        .await?;
+    let bench_url = with_database(&url, &db);
+    let result = run(&bench_url, &sizes, quick).await;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "drop database if exists {db} with (force)"
+    )))
+    .execute(&mut admin)
+    .await?;
+    let report = result?;
+    print!("{report}");
+    if let Some(path) = out {
+        std::fs::write(&path, &report).with_context(|| format!("cannot write {path}"))?;
+        eprintln!("wrote {path}");
+    }
+    Ok(())
+}
+
+fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{db}?{q}"),
+        None => format!("{base}/{db}"),
+    }
+}
+
+fn job(
+    name: &str,
+    plugin_path: &str,
+    runtime: &Runtime,
+    config: &[(&str, &str)],
+) -> anyhow::Result<Job> {
+    Ok(Job {
+        config: JobConfig {
+            name: name.into(),
+            plugin: plugin_path.into(),
+            schedule: Schedule::Every(Duration::from_secs(1)),
+            lock: LockMode::Xact,
+            lock_key: LockKey::derive(name),
+            timeout: Duration::from_secs(30),
+            max_memory_bytes: 64 << 20,
+            max_rows: 10_000,
+            role: None,
+            env: Vec::new(),
+            retry: RetryPolicy {
+                max_attempts: 1,
+                backoff: Duration::from_secs(10),
+            },
+            catch_up: None,
+            heartbeat: Duration::from_secs(2),
+            http: None,
+            config: config
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        },
+        plugin: runtime.load(Path::new(plugin_path))?,
+    })
+}
+
+/// Distinct past slots, one per run.
+struct Slots(i64);
+impl Slots {
+    fn next(&mut self) -> DateTime<Utc> {
+        self.0 += 1;
+        DateTime::<Utc>::UNIX_EPOCH + TimeDelta::days(19_000) + TimeDelta::seconds(self.0)
+    }
+}
+
+fn ok(r: RunResult) -> anyhow::Result<()> {
+    match r {
+        RunResult::Finished {
+            outcome, message, ..
+        } if outcome == jobhost::db::Outcome::Ok => {
+            let _ = message;
+            Ok(())
+        }
+        other => anyhow::bail!("run did not succeed: {other:?}"),
+    }
+}
+
+fn native(
+    f: fn(
+        &mut sqlx::PgConnection,
+        u32,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<String, String>> + Send + '_>>,
+    n: u32,
+) -> NativeWork {
+    Box::new(move |conn| f(conn, n))
+}
+
+fn stats(mut v: Vec<Duration>) -> (Duration, Duration, Duration) {
+    v.sort();
+    let mean = v.iter().sum::<Duration>() / v.len().max(1) as u32;
+    let p = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+    (mean, p(0.5), p(0.99))
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
+    let pool = PgPoolOptions::new()
+        .max_connections(10)
+        .connect(url)
+        .await?;
+    jobhost::db::MIGRATOR.run(&pool).await?;
+    jobhost::demo::create_tables(&pool).await?;
+    let runtime = Arc::new(Runtime::new()?);
+    let pooled_runtime = Arc::new(Runtime::with_options(None, true)?);
+    let runner = Runner::new(pool.clone(), pooled_runtime.clone(), "bench");
+    let mut slots = Slots(0);
+    let mut md = String::new();
+
+    // 1. A no-op run, whole path, plugin vs native.
+    let noop = job(
+        "noop",
+        guests::TEST_CORE_PROBE,
+        &pooled_runtime,
+        &[("mode", "noop")],
+    )?;
+    let (mut plugin_t, mut native_t) = (Vec::new(), Vec::new());
+    for _ in 0..s.rounds {
+        for _ in 0..s.per_round {
+            let t = Instant::now();
+            ok(runner.run(&noop, slots.next()).await?)?;
+            plugin_t.push(t.elapsed());
+        }
+        for _ in 0..s.per_round {
+            let t = Instant::now();
+            ok(runner
+                .run_native(
+                    &noop,
+                    slots.next(),
+                    native(|_c, _| Box::pin(async { Ok(String::new()) }), 0),
+                )
+                .await?)?;
+            native_t.push(t.elapsed());
+        }
+    }
+    let (p_mean, p_p50, p_p99) = stats(plugin_t);
+    let (n_mean, n_p50, n_p99) = stats(native_t);
+    let noop_ratio = p_mean.as_secs_f64() / n_mean.as_secs_f64();
+
+    // 2. The 50-row integrity-hash batch, plugin vs native (same SQL, SHA-256 in Rust).
+    let hash = job(
+        "hash",
+        guests::INTEGRITY_HASH_RETRY,
+        &pooled_runtime,
+        &[("batch-size", "50")],
+    )?;
+    let seed = "insert into demo.audit_events (actor, action, payload)
+                select 'actor-' || g, 'login', jsonb_build_object('seq', g) from generate_series(1, 50) g";
+    let (mut plugin_h, mut native_h) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..s.hash_iterations {
+        sqlx::query(seed).execute(&pool).await?;
+        let t = Instant::now();
+        ok(runner.run(&hash, slots.next()).await?)?;
+        plugin_h += t.elapsed();
+        sqlx::query(seed).execute(&pool).await?;
+        let t = Instant::now();
+        ok(runner
+            .run_native(&hash, slots.next(), native(native_hash, 50))
+            .await?)?;
+        native_h += t.elapsed();
+    }
+    let rows = (50 * s.hash_iterations) as f64;
+    let (plugin_rps, native_rps) = (rows / plugin_h.as_secs_f64(), rows / native_h.as_secs_f64());
+
+    // 3. Instantiation of a pre-instantiated component: on-demand vs pooling.
+    let on_demand = runtime.load(Path::new(guests::TEST_CORE_PROBE))?;
+    let pooled = pooled_runtime.load(Path::new(guests::TEST_CORE_PROBE))?;
+    let inst = |rt: Arc<Runtime>, p| async move {
+        let mut v = Vec::with_capacity(s.instantiations);
+        for _ in 0..s.instantiations {
+            let t = Instant::now();
+            rt.instantiate_only(&p).await?;
+            v.push(t.elapsed());
+        }
+        anyhow::Ok(stats(v))
+    };
+    let (od_mean, od_p50, _) = inst(runtime.clone(), on_demand).await?;
+    let (po_mean, po_p50, _) = inst(pooled_runtime.clone(), pooled).await?;
+
+    // 4. One SQL call through the WIT interface vs sqlx directly, same transaction.
+    let n = s.selects.to_string();
+    let selects = job(
+        "selects",
+        guests::TEST_CORE_PROBE,
+        &pooled_runtime,
+        &[("mode", "select-n"), ("n", &n)],
+    )?;
+    let (mut wit, mut direct) = (Duration::ZERO, Duration::ZERO);
+    let (mut wit_noop, mut direct_noop) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..s.rounds {
+        let t = Instant::now();
+        ok(runner.run(&selects, slots.next()).await?)?;
+        wit += t.elapsed();
+        let t = Instant::now();
+        ok(runner.run(&noop, slots.next()).await?)?;
+        wit_noop += t.elapsed();
+        let t = Instant::now();
+        ok(runner
+            .run_native(&selects, slots.next(), native(native_selects, s.selects))
+            .await?)?;
+        direct += t.elapsed();
+        let t = Instant::now();
+        ok(runner
+            .run_native(
+                &noop,
+                slots.next(),
+                native(|_c, _| Box::pin(async { Ok(String::new()) }), 0),
+            )
+            .await?)?;
+        direct_noop += t.elapsed();
+    }
+    let calls = f64::from(s.selects) * s.rounds as f64;
+    let wit_call = (wit.saturating_sub(wit_noop)).as_secs_f64() / calls;
+    let direct_call = (direct.saturating_sub(direct_noop)).as_secs_f64() / calls;
+
+    // 5. Scheduler scale: K no-op jobs at a 1 s cadence on one host.
+    let scale_pool = PgPoolOptions::new()
+        .max_connections(10)
+        .connect(url)
+        .await?;
+    let scale_runtime = pooled_runtime.clone();
+    let mut jobs = Vec::with_capacity(s.scale_jobs);
+    let noop_plugin = noop.plugin.clone();
+    for i in 0..s.scale_jobs {
+        let mut j = noop.clone();
+        j.config.name = format!("scale-{i}");
+        j.config.lock_key = LockKey::derive(&j.config.name);
+        j.plugin = noop_plugin.clone();
+        jobs.push(j);
+    }
+    let scale_runner = Runner::new(scale_pool.clone(), scale_runtime, "bench-scale");
+    let cpu_before = cpu_seconds();
+    let wall = Instant::now();
+    let sampler_pool = pool.clone();
+    let max_conns = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let seen = max_conns.clone();
+    let sampling = tokio::spawn(async move {
+        loop {
+            let n: i64 = sqlx::query_scalar(
+                "select count(*) from pg_stat_activity where application_name like 'jobhost:bench-scale%'",
+            )
+            .fetch_one(&sampler_pool)
+            .await
+            .unwrap_or(0);
+            seen.fetch_max(n, std::sync::atomic::Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let since: DateTime<Utc> = sqlx::query_scalar("select clock_timestamp()")
+        .fetch_one(&pool)
+        .await?;
+    jobhost::scheduler::run(
+        scale_runner,
+        jobs,
+        Default::default(),
+        tokio::time::sleep(Duration::from_secs(s.scale_secs)),
+    )
+    .await;
+    let cpu = cpu_seconds() - cpu_before;
+    let elapsed = wall.elapsed().as_secs_f64();
+    sampling.abort();
+    let max_conns = max_conns.load(std::sync::atomic::Ordering::Relaxed);
+    let lags: Vec<f64> = sqlx::query_scalar(
+        "select extract(epoch from started_at - slot)::float8 * 1000 from jobhost.runs
+          where job like 'scale-%' and slot >= $1 and outcome = 'ok' order by 1",
+    )
+    .bind(since)
+    .fetch_all(&pool)
+    .await?;
+    let expected_runs = s.scale_jobs as f64 * s.scale_secs as f64;
+    let pct = |q: f64| {
+        lags.get(((lags.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    scale_pool.close().await;
+
+    // The report.
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let pg: String = sqlx::query_scalar("select version()")
+        .fetch_one(&pool)
+        .await?;
+    let _ = writeln!(md, "# Benchmarks\n");
+    let _ = writeln!(
+        md,
+        "Measured {} by `jobhost-bench` ({}) on {} ({} cores), {}.\n",
+        Utc::now().format("%Y-%m-%d %H:%M UTC"),
+        if quick {
+            "quick mode: figures are not meaningful"
+        } else {
+            "full mode"
+        },
+        cpu_model,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        pg.split(" on ").next().unwrap_or(&pg)
+    );
+    let _ = writeln!(
+        md,
+        "Command: `cargo run --release -p jobhost-tests --bin jobhost-bench -- --out BENCHMARKS.md` (DATABASE_URL as for the tests). The host, Postgres and the benchmark share the machine; plugin and native runs alternate in rounds.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| # | measure | jobhost (wasm) | native / reference | ratio | target | met |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+    let met = |b: bool| if b { "yes" } else { "no" };
+    let _ = writeln!(
+        md,
+        "| 1 | no-op run, whole path (lock, tx, instantiate, call, record, commit), mean | {:.0} µs (p50 {:.0}, p99 {:.0}) | {:.0} µs (p50 {:.0}, p99 {:.0}) | {:.2}× | ≤ 1.10× | {} |",
+        us(p_mean),
+        us(p_p50),
+        us(p_p99),
+        us(n_mean),
+        us(n_p50),
+        us(n_p99),
+        noop_ratio,
+        met(noop_ratio <= 1.10)
+    );
+    let hash_ratio = plugin_rps / native_rps;
+    let _ = writeln!(
+        md,
+        "| 2 | 50-row integrity-hash batch, throughput | {plugin_rps:.0} rows/s | {native_rps:.0} rows/s | {hash_ratio:.2}× | ≥ 0.90× | {} |",
+        met(hash_ratio >= 0.9)
+    );
+    let _ = writeln!(
+        md,
+        "| 3 | instantiate a pre-instantiated component, mean (p50) | pooling: {:.1} µs ({:.1}) | on-demand: {:.1} µs ({:.1}) | {:.2}× | ≤ 10 µs (pooling) | {} |",
+        us(po_mean),
+        us(po_p50),
+        us(od_mean),
+        us(od_p50),
+        po_mean.as_secs_f64() / od_mean.as_secs_f64(),
+        met(us(po_mean) <= 10.0)
+    );
+    let sql_ratio = wit_call / direct_call;
+    let _ = writeln!(
+        md,
+        "| 4 | one SQL call (`select $1::int4`) in the run's transaction | {:.1} µs | sqlx directly: {:.1} µs | {sql_ratio:.2}× | ≤ 1.10× | {} |",
+        wit_call * 1e6,
+        direct_call * 1e6,
+        met(sql_ratio <= 1.10)
+    );
+    let _ = writeln!(
+        md,
+        "| 5 | {} jobs at 1 s cadence for {} s: start lag p50 / p99 | {:.1} / {:.1} ms; {} of {:.0} slots ran; ≤ {} connections; host CPU {:.2} cores | | | p99 ≤ 20 ms, ≤ 10 connections | {} |",
+        s.scale_jobs,
+        s.scale_secs,
+        pct(0.5),
+        pct(0.99),
+        lags.len(),
+        expected_runs,
+        max_conns,
+        cpu / elapsed,
+        met(pct(0.99) <= 20.0 && max_conns <= 10 && lags.len() as f64 >= expected_runs * 0.9)
+    );
+    let _ = writeln!(
+        md,
+        "\nRaw: no-op plugin {:?}, native {:?} per run (means); hash {plugin_h:?} vs {native_h:?} for {rows} rows; {} SQL calls: wit {wit:?} (no-op runs {wit_noop:?}), direct {direct:?} (no-op runs {direct_noop:?}); instantiate on-demand {od_mean:?}, pooling {po_mean:?}; scale: {} lag samples, CPU {cpu:.2} s over {elapsed:.1} s.",
+        p_mean,
+        n_mean,
+        calls,
+        lags.len()
+    );
+    pool.close().await;
+    Ok(md)
+}
+
+fn native_hash(
+    conn: &mut sqlx::PgConnection,
+    batch: u32,
+) -> std::pin::Pin<Box<dyn Future<Output = Result<String, String>> + Send + '_>> {
+    Box::pin(async move {
+        let rows: Vec<(i64, String, String, String)> = sqlx::query_as(
+            "select id, actor, action, payload::text as payload from demo.audit_events
+              where hash_status = 'pending' order by id limit $1 for update skip locked",
+        )
+        .bind(i64::from(batch))
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(|e| e.to_string())?;
+        for (id, actor, action, payload) in &rows {
+            let hash = hex::encode(Sha256::digest(format!("{actor}\n{action}\n{payload}")));
+            sqlx::query(
+                "update demo.audit_events set content_hash = $1, hash_status = 'complete', hashed_at = now() where id = $2",
+            )
+            .bind(hash)
+            .bind(id)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        }
+        Ok(format!("hashed {} rows", rows.len()))
+    })
+}
+
+fn native_selects(
+    conn: &mut sqlx::PgConnection,
+    n: u32,
+) -> std::pin::Pin<Box<dyn Future<Output = Result<String, String>> + Send + '_>> {
+    Box::pin(async move {
+        for i in 0..n {
+            let _: Vec<(i32,)> = sqlx::query_as("select $1::int4 as v")
+                .bind(i as i32)
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(format!("{n} selects"))
+    })
+}
+
+/// CPU seconds (user + system) this process has used.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // After the comm field: utime is the 12th, stime the 13th (0-based 11, 12).
+    (ticks(11) + ticks(12)) / 100.0
+}
