@@ -55,7 +55,7 @@ impl TxHandle {
     /// The transaction's connection, for native work on the same path
     /// (benchmarks); `None` once the scope is closed.
     pub fn connection(&mut self) -> Option<&mut PgConnection> {
-        self.tx.as_mut().map(|tx| &mut **tx)
+        self.tx.as_deref_mut()
     }
 
     /// Whether the transaction is still open (not committed or rolled back).

@@ -151,22 +151,20 @@ impl Slots {
 fn ok(r: RunResult) -> anyhow::Result<()> {
     match r {
         RunResult::Finished {
-            outcome, message, ..
-        } if outcome == jobhost::db::Outcome::Ok => {
-            let _ = message;
-            Ok(())
-        }
+            outcome: jobhost::db::Outcome::Ok,
+            ..
+        } => Ok(()),
         other => anyhow::bail!("run did not succeed: {other:?}"),
     }
 }
 
-fn native(
-    f: fn(
-        &mut sqlx::PgConnection,
-        u32,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<String, String>> + Send + '_>>,
-    n: u32,
-) -> NativeWork {
+/// A native job body: the run's connection and a size parameter.
+type NativeFn = fn(
+    &mut sqlx::PgConnection,
+    u32,
+) -> std::pin::Pin<Box<dyn Future<Output = Result<String, String>> + Send + '_>>;
+
+fn native(f: NativeFn, n: u32) -> NativeWork {
     Box::new(move |conn| f(conn, n))
 }
 
