@@ -91,18 +91,6 @@ fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
-async fn wait_until<F, Fut>(within: Duration, what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !cond().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 async fn ok_runs_with(pool: &PgPool, sha: &str) -> i64 {
     sqlx::query_scalar(
         "select count(*) from jobhost.runs where outcome = 'ok' and plugin_sha256 = $1",
@@ -127,7 +115,7 @@ async fn a_plugin_replaced_mid_run_finishes_on_the_old_version(pool: PgPool) {
     let host = TestHost::start(&pool, dir.clone()).await;
 
     // A run of v1 is in flight...
-    wait_until(Duration::from_secs(20), "a run in flight", || async {
+    wait_for(Duration::from_secs(20), "a run in flight", || async {
         run_in_plugin(&pool, "slow").await.is_some()
     })
     .await;
@@ -136,14 +124,14 @@ async fn a_plugin_replaced_mid_run_finishes_on_the_old_version(pool: PgPool) {
     let written = Instant::now();
     replace_atomically(&dir.join("probe.wasm"), &v2);
     let v2_sha = sha(&v2);
-    wait_until(Duration::from_secs(10), "v2 to be loaded", || async {
+    wait_for(Duration::from_secs(10), "v2 to be loaded", || async {
         logs.text().contains(&format!("plugin_sha256={v2_sha}"))
     })
     .await;
     let latency = written.elapsed();
     eprintln!("reload latency (file written -> new version loaded): {latency:?}");
 
-    wait_until(Duration::from_secs(20), "a run of v2", || async {
+    wait_for(Duration::from_secs(20), "a run of v2", || async {
         ok_runs_with(&pool, &v2_sha).await >= 1
     })
     .await;
@@ -181,14 +169,14 @@ async fn broken_and_half_written_plugins_never_replace_a_working_one(pool: PgPoo
     let logs = LogCapture::start();
     let host = TestHost::start(&pool, dir.clone()).await;
     let v1_sha = sha(&v1);
-    wait_until(Duration::from_secs(20), "v1 running", || async {
+    wait_for(Duration::from_secs(20), "v1 running", || async {
         ok_runs_with(&pool, &v1_sha).await >= 1
     })
     .await;
 
     // Garbage: rejected with the file named; v1 keeps running.
     std::fs::write(dir.join("probe.wasm"), b"this is not a component").unwrap();
-    wait_until(Duration::from_secs(10), "the rejection", || async {
+    wait_for(Duration::from_secs(10), "the rejection", || async {
         let t = logs.text();
         t.contains("reload rejected")
             && t.contains("probe.wasm")
@@ -196,7 +184,7 @@ async fn broken_and_half_written_plugins_never_replace_a_working_one(pool: PgPoo
     })
     .await;
     let before = ok_runs_with(&pool, &v1_sha).await;
-    wait_until(Duration::from_secs(10), "v1 to keep running", || async {
+    wait_for(Duration::from_secs(10), "v1 to keep running", || async {
         ok_runs_with(&pool, &v1_sha).await >= before + 2
     })
     .await;
@@ -204,7 +192,7 @@ async fn broken_and_half_written_plugins_never_replace_a_working_one(pool: PgPoo
     // A valid file is picked up on its next change.
     std::fs::write(dir.join("probe.wasm"), &v2).unwrap();
     let v2_sha = sha(&v2);
-    wait_until(Duration::from_secs(20), "v2 running", || async {
+    wait_for(Duration::from_secs(20), "v2 running", || async {
         ok_runs_with(&pool, &v2_sha).await >= 1
     })
     .await;
@@ -214,7 +202,7 @@ async fn broken_and_half_written_plugins_never_replace_a_working_one(pool: PgPoo
     tokio::time::sleep(Duration::from_millis(400)).await;
     std::fs::write(dir.join("probe.wasm"), &v3).unwrap();
     let v3_sha = sha(&v3);
-    wait_until(Duration::from_secs(20), "v3 running", || async {
+    wait_for(Duration::from_secs(20), "v3 running", || async {
         ok_runs_with(&pool, &v3_sha).await >= 2
     })
     .await;
@@ -256,7 +244,7 @@ async fn jobs_toml_edits_add_change_and_remove_jobs_live(pool: PgPool) {
                 .unwrap()
         }
     };
-    wait_until(Duration::from_secs(20), "a running", || async {
+    wait_for(Duration::from_secs(20), "a running", || async {
         notes("a1").await >= 1
     })
     .await;
@@ -267,14 +255,14 @@ async fn jobs_toml_edits_add_change_and_remove_jobs_live(pool: PgPool) {
         job("a", "200ms", "a2"),
         job("b", "200ms", "b1")
     ));
-    wait_until(Duration::from_secs(20), "b added and a changed", || async {
+    wait_for(Duration::from_secs(20), "b added and a changed", || async {
         notes("b1").await >= 2 && notes("a2").await >= 2
     })
     .await;
 
     // Remove b: it stops (at most a run in flight finishes).
     host.write_config(&job("a", "200ms", "a2"));
-    wait_until(Duration::from_secs(10), "b removed", || async {
+    wait_for(Duration::from_secs(10), "b removed", || async {
         logs.text().contains("job removed")
     })
     .await;
@@ -286,12 +274,12 @@ async fn jobs_toml_edits_add_change_and_remove_jobs_live(pool: PgPool) {
     // An invalid edit keeps the running configuration.
     let invalid = job("a", "200ms", "a3").replacen("[[job]]\n", "[[job]]\nfrequency = 3\n", 1);
     host.write_config(&invalid);
-    wait_until(Duration::from_secs(10), "the rejection", || async {
+    wait_for(Duration::from_secs(10), "the rejection", || async {
         logs.text().contains("invalid jobs.toml")
     })
     .await;
     let a2 = notes("a2").await;
-    wait_until(Duration::from_secs(10), "a to keep running", || async {
+    wait_for(Duration::from_secs(10), "a to keep running", || async {
         notes("a2").await >= a2 + 2
     })
     .await;

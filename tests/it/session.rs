@@ -47,18 +47,6 @@ async fn loopback_server() -> (String, Arc<AtomicUsize>) {
     (addr, accepted)
 }
 
-async fn wait_until<F, Fut>(within: Duration, what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !cond().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
 async fn the_session_lock_lives_on_a_dedicated_connection_and_is_unlocked_there(pool: PgPool) {
     create_probe_table(&pool).await;
@@ -138,7 +126,7 @@ async fn a_terminated_lock_backend_interrupts_the_run_within_the_heartbeat(pool:
         let (runner, job) = (runner(&pool), job.clone());
         tokio::spawn(async move { runner.run(&job, slot(1)).await })
     };
-    wait_until(Duration::from_secs(10), "the session lock", || async {
+    wait_for(Duration::from_secs(10), "the session lock", || async {
         advisory_locks(&pool).await == 1
     })
     .await;

@@ -197,22 +197,7 @@ pub async fn database_url(pool: &PgPool) -> String {
         .fetch_one(pool)
         .await
         .unwrap();
-    with_database(&std::env::var("DATABASE_URL").unwrap(), &db)
-}
-
-fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = url
-        .split_once('?')
-        .map_or((url, None), |(b, q)| (b, Some(q)));
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let base = match base[scheme_end..].find('/') {
-        Some(i) => &base[..scheme_end + i],
-        None => base,
-    };
-    match query {
-        Some(q) => format!("{base}/{db}?{q}"),
-        None => format!("{base}/{db}"),
-    }
+    jobhost_tests::with_database(&std::env::var("DATABASE_URL").unwrap(), &db)
 }
 
 /// The run of `job` that is inside its plugin right now: its `running` row's
@@ -229,4 +214,20 @@ pub async fn run_in_plugin(pool: &PgPool, job: &str) -> Option<(i64, i32)> {
     .fetch_optional(pool)
     .await
     .unwrap()
+}
+
+/// Polls `cond` every 10 ms until it holds; fails the test after `within`.
+pub async fn wait_for<F, Fut>(within: std::time::Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + within;
+    while !cond().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }

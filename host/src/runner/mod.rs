@@ -208,16 +208,7 @@ impl Runner {
             return Err(self.fail_before_plugin(name, run_id, e).await);
         }
 
-        let ctx = Context {
-            job: name.to_owned(),
-            slot: slot.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
-            attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
-            config: job.config.config.clone(),
-        };
-        let limits = RunLimits {
-            timeout: job.config.timeout,
-            max_memory_bytes: job.config.max_memory_bytes,
-        };
+        let (ctx, limits) = run_context(job, slot, attempt);
         let handle = TxHandle::new(tx, name.into(), job.config.max_rows, self.guard.clone());
         let abort = self.abort.clone();
         let invocation = if let Some(work) = native {
@@ -500,6 +491,21 @@ impl Runner {
     ) -> sqlx::Result<Vec<DateTime<Utc>>> {
         db::succeeded_slots(&self.pool, &job.config.name, since).await
     }
+}
+
+/// What the plugin is told about its run, and the run's limits.
+fn run_context(job: &Job, slot: DateTime<Utc>, attempt: i32) -> (Context, RunLimits) {
+    let ctx = Context {
+        job: job.config.name.clone(),
+        slot: slot.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+        attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
+        config: job.config.config.clone(),
+    };
+    let limits = RunLimits {
+        timeout: job.config.timeout,
+        max_memory_bytes: job.config.max_memory_bytes,
+    };
+    (ctx, limits)
 }
 
 /// Why a plugin cannot serve a job: its world must match the lock mode.

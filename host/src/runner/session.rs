@@ -29,10 +29,9 @@ use sqlx::{Connection as _, PgConnection};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::{Job, RunResult, Runner};
+use super::{Job, RunResult, Runner, run_context};
 use crate::db::{self, Outcome, RunRecord};
-use crate::runtime::bindings::types::Context;
-use crate::runtime::{Lent, Returned, RunLimits, SessionHandle};
+use crate::runtime::{Lent, Returned, SessionHandle};
 
 impl Runner {
     pub(super) async fn run_session(
@@ -128,16 +127,7 @@ impl Runner {
             name.to_owned(),
         ));
 
-        let ctx = Context {
-            job: name.to_owned(),
-            slot: slot.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
-            attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
-            config: job.config.config.clone(),
-        };
-        let limits = RunLimits {
-            timeout: job.config.timeout,
-            max_memory_bytes: job.config.max_memory_bytes,
-        };
+        let (ctx, limits) = run_context(job, slot, attempt);
         let session = SessionHandle::new(
             self.pool.clone(),
             name.into(),

@@ -74,7 +74,7 @@ async fn main() -> anyhow::Result<()> {
     sqlx::query(sqlx::AssertSqlSafe(format!("create database {db}")))
         .execute(&mut admin)
         .await?;
-    let bench_url = with_database(&url, &db);
+    let bench_url = jobhost_tests::with_database(&url, &db);
     let result = run(&bench_url, &sizes, quick).await;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "drop database if exists {db} with (force)"
@@ -88,21 +88,6 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("wrote {path}");
     }
     Ok(())
-}
-
-fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = url
-        .split_once('?')
-        .map_or((url, None), |(b, q)| (b, Some(q)));
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let base = match base[scheme_end..].find('/') {
-        Some(i) => &base[..scheme_end + i],
-        None => base,
-    };
-    match query {
-        Some(q) => format!("{base}/{db}?{q}"),
-        None => format!("{base}/{db}"),
-    }
 }
 
 fn job(
