@@ -3,14 +3,11 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use jobhost::config::{JobConfig, LockMode};
 use jobhost::lock::LockKey;
 use jobhost::runner::{Job, RunResult, Runner};
 use jobhost::runtime::{Plugin, Runtime};
-use jobhost::schedule::Schedule;
 use sqlx::PgPool;
 
 /// One engine for the whole test binary (as in a host process).
@@ -35,29 +32,7 @@ pub fn plugin(path: &str) -> Plugin {
 /// A job over `plugin_path` with the given config.
 pub fn job(name: &str, plugin_path: &str, config: &[(&str, &str)]) -> Job {
     Job {
-        config: JobConfig {
-            name: name.into(),
-            plugin: plugin_path.into(),
-            schedule: Schedule::Every(Duration::from_secs(1)),
-            lock: LockMode::Xact,
-            lock_key: LockKey::derive(name),
-            timeout: Duration::from_secs(20),
-            max_memory_bytes: 64 << 20,
-            max_rows: 10_000,
-            role: None,
-            env: Vec::new(),
-            retry: jobhost::config::RetryPolicy {
-                max_attempts: 1,
-                backoff: Duration::from_secs(10),
-            },
-            catch_up: None,
-            heartbeat: Duration::from_secs(2),
-            http: None,
-            config: config
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        },
+        config: jobhost_tests::job_config(name, plugin_path, config),
         plugin: plugin(plugin_path),
     }
 }

@@ -254,17 +254,7 @@ impl Runner {
             message: &message,
         };
         let (outcome, message) = self.finish(name, run_id, tx, &record).await;
-        match outcome {
-            Outcome::Ok => info!(job = %name, attempt, summary = %message, "run ok"),
-            _ => {
-                warn!(job = %name, attempt, outcome = outcome.as_str(), error = %message, "run failed, rolled back")
-            }
-        }
-        Ok(RunResult::Finished {
-            outcome,
-            message,
-            attempt,
-        })
+        Ok(finished(name, attempt, outcome, message))
     }
 
     /// Takes the lock and decides, under it, whether the slot runs now.
@@ -490,6 +480,19 @@ impl Runner {
         since: DateTime<Utc>,
     ) -> sqlx::Result<Vec<DateTime<Utc>>> {
         db::succeeded_slots(&self.pool, &job.config.name, since).await
+    }
+}
+
+/// Logs a finished run and makes its result.
+fn finished(job: &str, attempt: i32, outcome: Outcome, message: String) -> RunResult {
+    match outcome {
+        Outcome::Ok => info!(job = %job, attempt, summary = %message, "run ok"),
+        _ => warn!(job = %job, attempt, outcome = outcome.as_str(), error = %message, "run failed"),
+    }
+    RunResult::Finished {
+        outcome,
+        message,
+        attempt,
     }
 }
 

@@ -29,8 +29,8 @@ use sqlx::{Connection as _, PgConnection};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::{Job, RunResult, Runner, run_context};
-use crate::db::{self, Outcome, RunRecord};
+use super::{Job, RunResult, Runner, finished, run_context};
+use crate::db::{self, RunRecord};
 use crate::runtime::{Lent, Returned, SessionHandle};
 
 impl Runner {
@@ -175,17 +175,7 @@ impl Runner {
             }
             None => self.record_detached(name, run_id, &record).await,
         }
-        match outcome {
-            Outcome::Ok => info!(job = %name, attempt, summary = %message, "run ok"),
-            _ => {
-                warn!(job = %name, attempt, outcome = outcome.as_str(), error = %message, "run failed")
-            }
-        }
-        Ok(RunResult::Finished {
-            outcome,
-            message,
-            attempt,
-        })
+        Ok(finished(name, attempt, outcome, message))
     }
 }
 

@@ -17,11 +17,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use chrono::{DateTime, TimeDelta, Utc};
-use jobhost::config::{JobConfig, LockMode, RetryPolicy};
 use jobhost::lock::LockKey;
 use jobhost::runner::{Job, NativeWork, RunResult, Runner};
 use jobhost::runtime::Runtime;
-use jobhost::schedule::Schedule;
 use jobhost_tests::guests;
 use sha2::{Digest, Sha256};
 use sqlx::Connection as _;
@@ -97,29 +95,7 @@ fn job(
     config: &[(&str, &str)],
 ) -> anyhow::Result<Job> {
     Ok(Job {
-        config: JobConfig {
-            name: name.into(),
-            plugin: plugin_path.into(),
-            schedule: Schedule::Every(Duration::from_secs(1)),
-            lock: LockMode::Xact,
-            lock_key: LockKey::derive(name),
-            timeout: Duration::from_secs(30),
-            max_memory_bytes: 64 << 20,
-            max_rows: 10_000,
-            role: None,
-            env: Vec::new(),
-            retry: RetryPolicy {
-                max_attempts: 1,
-                backoff: Duration::from_secs(10),
-            },
-            catch_up: None,
-            heartbeat: Duration::from_secs(2),
-            http: None,
-            config: config
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        },
+        config: jobhost_tests::job_config(name, plugin_path, config),
         plugin: runtime.load(Path::new(plugin_path))?,
     })
 }
