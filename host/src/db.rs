@@ -88,6 +88,23 @@ pub async fn connect(database_url: &str, pool_size: u32, host_id: &str) -> anyho
     Ok(pool)
 }
 
+/// Quotes an SQL identifier (`"name"`, inner quotes doubled).
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `SET LOCAL ROLE role` in the current transaction: from here on Postgres
+/// checks the job's statements against that role's privileges.
+pub async fn set_local_role(conn: &mut PgConnection, role: &str) -> sqlx::Result<()> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "set local role {}",
+        quote_ident(role)
+    )))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// `application_name` for a host's connections; Postgres truncates it at 63 bytes.
 pub fn application_name(host_id: &str) -> String {
     format!("jobhost:{host_id}")

@@ -186,6 +186,31 @@ async fn one_failing_transaction_leaves_the_others_committed(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_handle_whose_scope_ended_refuses_every_call(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let job = session_job(
+        "after",
+        guests::TEST_SESSION_PROBE,
+        &[("mode", "after-scope")],
+    );
+    let msg = finished(runner(&pool).run(&job, slot(1)).await.unwrap(), Outcome::Ok);
+    assert_eq!(
+        msg,
+        "Err(Error::ScopeClosed) | Err(Error::ScopeClosed) | Err(Error::ScopeClosed)"
+    );
+    let notes: Vec<(String,)> = sqlx::query_as("select note from probe")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        notes,
+        vec![("committed".to_string(),)],
+        "the late insert never reached Postgres"
+    );
+    assert_eq!(advisory_locks(&pool).await, 0);
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
 async fn an_xact_job_keeps_its_cadence_with_a_pool_of_two_while_a_long_job_runs(pool: PgPool) {
     create_probe_table(&pool).await;
     let small = sqlx::postgres::PgPoolOptions::new()

@@ -107,16 +107,6 @@ impl Runner {
         }
     }
 
-    /// The host id recorded with each run.
-    pub fn host_id(&self) -> &str {
-        &self.host_id
-    }
-
-    /// The pool runs use.
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
     /// Interrupts every run in flight on this runner (and its clones): each
     /// rolls back and is recorded `interrupted`. Used when a shutdown's grace
     /// period is over.
@@ -555,13 +545,9 @@ async fn prepare(
         .with_context(|| format!("job `{name}`: cannot create the work savepoint"))?;
     if let Some(role) = &job.role {
         // After the savepoint, so rolling back to it also drops the role.
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "set local role {}",
-            quote_ident(role)
-        )))
-        .execute(&mut **tx)
-        .await
-        .with_context(|| format!("job `{name}`: cannot switch to role `{role}`"))?;
+        db::set_local_role(tx, role)
+            .await
+            .with_context(|| format!("job `{name}`: cannot switch to role `{role}`"))?;
     }
     Ok(())
 }
@@ -572,11 +558,6 @@ pub(crate) fn truncate_utf8(s: &str, max: usize) -> String {
         end -= 1;
     }
     s[..end].to_owned()
-}
-
-/// Quotes an SQL identifier (`"name"`, inner quotes doubled).
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 fn last_lines(text: &str, n: usize) -> String {

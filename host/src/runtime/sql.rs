@@ -286,10 +286,7 @@ impl sql::HostSession for RunState {
             .execute(&mut *tx)
             .await?;
             if let Some(role) = role {
-                let quoted = format!("\"{}\"", role.replace('"', "\"\""));
-                sqlx::query(sqlx::AssertSqlSafe(format!("set local role {quoted}")))
-                    .execute(&mut *tx)
-                    .await?;
+                crate::db::set_local_role(&mut tx, &role).await?;
             }
             Ok::<_, sqlx::Error>(tx)
         };

@@ -214,7 +214,7 @@ fn cast_target(ty: &PgTypeInfo, index: usize) -> Result<String, StatementError> 
     }
     // User-defined type (enum, domain): quote it; it resolves through the same
     // search_path as the statement itself.
-    Ok(format!("\"{}\"", name.replace('"', "\"\"")))
+    Ok(crate::db::quote_ident(name))
 }
 
 /// Prepares `sql` and binds `params` in the server's types (see module docs).

@@ -225,6 +225,11 @@ impl Session<'_> {
         })
     }
 
+    /// The raw `session` resource, for what the SDK does not wrap.
+    pub fn raw(&self) -> &WitSession {
+        self.inner
+    }
+
     /// Runs `work` in its own transaction and commits it if `work` succeeds.
     pub fn transaction<T>(
         &self,

@@ -3,7 +3,8 @@
 //! Modes: `commit-each` (`count` rows, each in its own transaction; the one at
 //! `fail-at` hits a SQL error and is dropped), `hold` (insert in an open
 //! transaction, sleep `sleep-ms`, then try to commit), `http` (GET each of the
-//! comma-separated `urls`, record each outcome in its own transaction).
+//! comma-separated `urls`, record each outcome in its own transaction),
+//! `after-scope` (call a committed transaction again).
 
 use jobhost_plugin_sdk::{Context, JobError, LongJob, Session, export_long_job, http, params};
 
@@ -56,6 +57,20 @@ impl LongJob for SessionProbe {
                     report.push(format!("{url} -> {outcome}"));
                 }
                 Ok(report.join("\n"))
+            }
+            "after-scope" => {
+                // A transaction whose scope ended (committed) must refuse every
+                // later call, without reaching Postgres.
+                let tx = session.raw().begin()?;
+                tx.execute("insert into probe (note) values ('committed')", &[])?;
+                tx.commit()?;
+                let query = format!("{:?}", tx.query("select 1", &[]));
+                let execute = format!(
+                    "{:?}",
+                    tx.execute("insert into probe (note) values ('late')", &[])
+                );
+                let commit = format!("{:?}", tx.commit());
+                Ok(format!("{query} | {execute} | {commit}"))
             }
             other => Err(JobError::new(format!("unknown mode `{other}`"))),
         }
