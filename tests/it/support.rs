@@ -197,8 +197,27 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
+    wait_for_some(within, what, || {
+        let fut = cond();
+        async move { fut.await.then_some(()) }
+    })
+    .await
+}
+
+/// Polls `probe` every 10 ms until it yields a value and returns that value;
+/// fails the test after `within`. Returning what the successful poll saw,
+/// rather than querying again afterwards, is what keeps a test from racing a
+/// run that ends between the wait and the next query.
+pub async fn wait_for_some<T, F, Fut>(within: std::time::Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
     let deadline = std::time::Instant::now() + within;
-    while !cond().await {
+    loop {
+        if let Some(found) = probe().await {
+            return found;
+        }
         assert!(
             std::time::Instant::now() < deadline,
             "timed out waiting for {what}"
