@@ -103,6 +103,10 @@ pub struct JobToml {
     /// A fixed cadence (`"30s"`, `"6h"`); exclusive with `cron`.
     #[serde(default, with = "humantime_serde::option")]
     pub every: Option<Duration>,
+    /// Where an `every` grid sits in its period: `"auto"` (default, derived
+    /// from the name within `min(every, 1m)`, see [`crate::schedule`]) or a
+    /// duration shorter than `every` (`"0s"`: aligned to the Unix epoch).
+    pub offset: Option<EveryOffset>,
     /// A cron expression, seconds field optional (`"*/10 * * * * *"`).
     pub cron: Option<CronExpr>,
     /// IANA time zone for `cron` (default UTC).
@@ -184,6 +188,28 @@ impl TryFrom<String> for CronExpr {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
         CronSchedule::parse(&s).map(CronExpr)
+    }
+}
+
+/// `offset` of an `every` job: `"auto"` or a duration.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum EveryOffset {
+    /// Derived from the job name ([`Schedule::spread_offset`]).
+    Auto,
+    /// This far past each multiple of the period since the Unix epoch.
+    Fixed(Duration),
+}
+
+impl TryFrom<String> for EveryOffset {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if s.trim() == "auto" {
+            return Ok(Self::Auto);
+        }
+        humantime::parse_duration(&s).map(Self::Fixed).map_err(|e| {
+            format!("invalid offset `{s}`: {e} (expected `auto` or a duration like `15s`)")
+        })
     }
 }
 
@@ -345,11 +371,46 @@ impl JobsToml {
                 (Some(every), None) if every.is_zero() => {
                     return Err(invalid(&name, "`every` must be greater than zero".into()));
                 }
+                // Slots are stored in Postgres (`timestamptz`, microseconds) and
+                // compared with the ones the schedule computes: keep both exact.
+                (Some(every), None) if every.subsec_nanos() % 1_000_000 != 0 => {
+                    return Err(invalid(
+                        &name,
+                        "`every` must be a whole number of milliseconds".into(),
+                    ));
+                }
+                (Some(_), None) if matches!(job.offset, Some(EveryOffset::Fixed(o)) if o.subsec_nanos() % 1_000_000 != 0) =>
+                {
+                    return Err(invalid(
+                        &name,
+                        "`offset` must be a whole number of milliseconds".into(),
+                    ));
+                }
                 (Some(every), None) => {
                     if job.timezone.is_some() {
                         return Err(invalid(&name, "`timezone` only applies to `cron`".into()));
                     }
-                    Schedule::Every(every)
+                    let offset = match job.offset.unwrap_or(EveryOffset::Auto) {
+                        EveryOffset::Auto => Schedule::spread_offset(&name, every),
+                        EveryOffset::Fixed(offset) if offset < every => offset,
+                        EveryOffset::Fixed(offset) => {
+                            return Err(invalid(
+                                &name,
+                                format!(
+                                    "`offset` ({}) must be shorter than `every` ({})",
+                                    humantime::format_duration(offset),
+                                    humantime::format_duration(every)
+                                ),
+                            ));
+                        }
+                    };
+                    Schedule::Every {
+                        period: every,
+                        offset,
+                    }
+                }
+                (None, Some(_)) if job.offset.is_some() => {
+                    return Err(invalid(&name, "`offset` only applies to `every`".into()));
                 }
                 (None, Some(CronExpr(cron))) => Schedule::Cron(Box::new(
                     cron.in_zone(job.timezone.map_or(chrono_tz::UTC, |t| t.0)),
@@ -505,7 +566,13 @@ mod tests {
         )
         .unwrap();
         let j = &c.jobs[0];
-        assert_eq!(j.schedule, Schedule::Every(Duration::from_secs(30)));
+        assert_eq!(
+            j.schedule,
+            Schedule::Every {
+                period: Duration::from_secs(30),
+                offset: Schedule::spread_offset("a", Duration::from_secs(30)),
+            }
+        );
         assert_eq!(j.timeout, DEFAULT_TIMEOUT);
         assert_eq!(
             j.config,
@@ -566,6 +633,44 @@ mod tests {
         assert!(e.contains("job `a`: duplicate job name"), "{e}");
         let e = parse("[[job]]\nname = \"a\"\nplugin = \"Cargo.toml\"\n").unwrap_err();
         assert!(e.contains("missing schedule"), "{e}");
+    }
+
+    #[test]
+    fn an_every_offset_is_fixed_auto_or_rejected() {
+        let job = |extra: &str| {
+            parse(&format!(
+                "[[job]]\nname = \"a\"\nplugin = \"Cargo.toml\"\n{extra}\n"
+            ))
+        };
+        let fixed = job("every = \"30s\"\noffset = \"0s\"").unwrap();
+        assert_eq!(
+            fixed.jobs[0].schedule,
+            Schedule::every(Duration::from_secs(30))
+        );
+        let auto = job("every = \"30s\"\noffset = \"auto\"").unwrap();
+        assert_eq!(
+            auto.jobs[0].schedule,
+            job("every = \"30s\"").unwrap().jobs[0].schedule
+        );
+        let e = job("every = \"30s\"\noffset = \"30s\"").unwrap_err();
+        assert!(
+            e.contains("job `a`: `offset` (30s) must be shorter than `every` (30s)"),
+            "{e}"
+        );
+        let e = job("cron = \"* * * * *\"\noffset = \"5s\"").unwrap_err();
+        assert!(e.contains("`offset` only applies to `every`"), "{e}");
+        let e = job("every = \"30s\"\noffset = \"1500us\"").unwrap_err();
+        assert!(
+            e.contains("`offset` must be a whole number of milliseconds"),
+            "{e}"
+        );
+        let e = job("every = \"1500us\"").unwrap_err();
+        assert!(
+            e.contains("`every` must be a whole number of milliseconds"),
+            "{e}"
+        );
+        let e = job("every = \"30s\"\noffset = \"soon\"").unwrap_err();
+        assert!(e.contains("invalid offset `soon`"), "{e}");
     }
 
     #[test]

@@ -93,6 +93,14 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// Quotes an SQL string literal as `E'...'` (backslashes and quotes
+/// doubled), which reads the same whatever `standard_conforming_strings` is.
+/// Only for statements that cannot take parameters (`SET`, multi-statement
+/// simple queries).
+pub fn quote_literal(value: &str) -> String {
+    format!("E'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
+}
+
 /// `SET LOCAL ROLE role` in the current transaction: from here on Postgres
 /// checks the job's statements against that role's privileges.
 pub async fn set_local_role(conn: &mut PgConnection, role: &str) -> sqlx::Result<()> {
@@ -138,6 +146,13 @@ pub struct SlotState {
 ///
 /// Runs on the connection that will carry the run, *before* BEGIN, so the
 /// lock stays the first statement of the run's transaction.
+///
+/// The insert commits with `synchronous_commit = off` (set for its own
+/// implicit transaction only): it does not wait for a WAL flush, which halves
+/// its cost. That is safe because WAL is flushed in order: the run's final
+/// COMMIT is synchronous, so the outcome that overwrites this row can never be
+/// durable while the row is not. A crash that loses the row loses the run's
+/// transaction too, and then nothing ran.
 pub async fn begin_run(
     conn: &mut PgConnection,
     job: &str,
@@ -146,8 +161,9 @@ pub async fn begin_run(
     plugin_sha256: &str,
 ) -> sqlx::Result<i64> {
     sqlx::query_scalar(
-        "insert into jobhost.runs (job, slot, attempt, host_id, plugin_sha256, started_at, outcome, backend_pid)
-         values ($1, $2, 0, $3, $4, clock_timestamp(), 'running', pg_backend_pid())
+        "with async_commit as (select set_config('synchronous_commit', 'off', true))
+         insert into jobhost.runs (job, slot, attempt, host_id, plugin_sha256, started_at, outcome, backend_pid)
+         select $1, $2, 0, $3, $4, clock_timestamp(), 'running', pg_backend_pid() from async_commit
          returning id",
     )
     .bind(job)
@@ -177,37 +193,43 @@ pub async fn discard_run(conn: &mut PgConnection, id: i64) -> sqlx::Result<()> {
     Ok(())
 }
 
-/// Marks `running` rows of `job` whose backend no longer exists as `lost`.
+/// Reads the history of `slot` (excluding the run `me`) and, in the same
+/// statement, marks `running` rows of `job` whose backend no longer exists as
+/// `lost`. Returns how many rows it marked, and the slot's state.
 ///
 /// Called under the job's lock: any other `running` row of the job is then not
 /// holding the lock, and if its backend is gone its host died mid-run (its
 /// transaction was rolled back by Postgres). Rows whose backend lives belong to
 /// a host that is still about to try the lock, and are left alone.
-pub async fn mark_lost(conn: &mut PgConnection, job: &str, me: i64) -> sqlx::Result<u64> {
-    let done = sqlx::query(
-        "update jobhost.runs r
-            set outcome = 'lost', finished_at = clock_timestamp(),
-                message = 'the host running it died or lost its connection before finishing; its work was rolled back'
-          where r.job = $1 and r.outcome = 'running' and r.id <> $2
-            and not exists (select 1 from pg_stat_activity a
-                             where a.pid = r.backend_pid and a.backend_start <= r.started_at)",
-    )
-    .bind(job)
-    .bind(me)
-    .execute(conn)
-    .await?;
-    Ok(done.rows_affected())
-}
-
-/// The history of `slot` (excluding the run `me`).
-pub async fn slot_state(
+///
+/// One statement, one round trip. The history part reads the snapshot from
+/// before the update, where the rows just marked were still `running`; they
+/// are added back into `attempts` from the update's own result.
+pub async fn slot_history(
     conn: &mut PgConnection,
     job: &str,
     slot: DateTime<Utc>,
     me: i64,
-) -> sqlx::Result<SlotState> {
-    let (succeeded, attempts, failures, last_failure): (bool, i32, i32, Option<DateTime<Utc>>) = sqlx::query_as(
-        "select coalesce(bool_or(outcome = 'ok'), false), count(*)::int4,
+) -> sqlx::Result<(u64, SlotState)> {
+    let (lost, succeeded, attempts, failures, last_failure): (
+        i64,
+        bool,
+        i32,
+        i32,
+        Option<DateTime<Utc>>,
+    ) = sqlx::query_as(
+        "with lost as (
+            update jobhost.runs r
+               set outcome = 'lost', finished_at = clock_timestamp(),
+                   message = 'the host running it died or lost its connection before finishing; its work was rolled back'
+             where r.job = $1 and r.outcome = 'running' and r.id <> $3
+               and not exists (select 1 from pg_stat_activity a
+                                where a.pid = r.backend_pid and a.backend_start <= r.started_at)
+            returning r.slot
+         )
+         select (select count(*) from lost),
+                coalesce(bool_or(outcome = 'ok'), false),
+                (count(*) + (select count(*) from lost where lost.slot = $2))::int4,
                 (count(*) filter (where outcome in ('error', 'trap', 'timeout', 'lock_lost')))::int4,
                 max(finished_at) filter (where outcome in ('error', 'trap', 'timeout', 'lock_lost'))
            from jobhost.runs
@@ -218,12 +240,13 @@ pub async fn slot_state(
     .bind(me)
     .fetch_one(conn)
     .await?;
-    Ok(SlotState {
+    let state = SlotState {
         succeeded,
         attempts,
         failures,
         last_failure,
-    })
+    };
+    Ok((u64::try_from(lost).unwrap_or(0), state))
 }
 
 /// Writes a run's final outcome. Inside the job's transaction, an `ok` commits

@@ -1,22 +1,41 @@
 //! Schedules: which instants are a job's slots.
 //!
 //! A slot is an instant on the schedule's grid, identical on every host of a
-//! fleet: `every` slots are multiples of the interval since the Unix epoch (so a
-//! 30 s job's slots are :00 and :30 on every host), cron slots are the
-//! expression's matches in its time zone. Hosts only decide *when to look*; the
-//! runner decides whether a slot is due by the database clock.
+//! fleet. `every` slots are `offset + k·every` since the Unix epoch; cron slots
+//! are the expression's matches in its time zone. Hosts only decide *when to
+//! look*; the runner decides whether a slot is due by the database clock.
+//!
+//! **Why an offset.** Aligned to the epoch alone, every job with the same
+//! cadence fires at the same instant: a thousand `every = "1s"` jobs queue for
+//! the pool at once each second and the last one starts hundreds of
+//! milliseconds late. By default each job's grid is shifted by an offset
+//! derived from its name ([`Schedule::spread_offset`]), the same on every host,
+//! within `min(every, 1 min)`: the herd is spread out, and a job stays
+//! predictable (an hourly job runs within the first minute of each hour, at
+//! the same second every time). `offset = "0s"` in `jobs.toml` aligns a job to
+//! the epoch (a 30 s job at :00 and :30); cron schedules are never shifted.
 
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use croner::Cron;
 use croner::parser::{CronParser, Seconds};
+use sha2::{Digest, Sha256};
+
+/// The widest default spread of `every` grids (see the module docs).
+pub const MAX_SPREAD: Duration = Duration::from_secs(60);
 
 /// When a job runs.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Schedule {
-    /// Every fixed interval, aligned to the Unix epoch.
-    Every(Duration),
+    /// Every `period`, `offset` past each multiple of `period` since the Unix
+    /// epoch (`offset < period`).
+    Every {
+        /// The cadence.
+        period: Duration,
+        /// Where the grid sits within a period.
+        offset: Duration,
+    },
     /// The matches of a cron expression.
     Cron(Box<CronSchedule>),
 }
@@ -58,15 +77,33 @@ impl CronSchedule {
 }
 
 impl Schedule {
+    /// Every `period`, aligned to the Unix epoch (no offset).
+    pub fn every(period: Duration) -> Self {
+        Self::Every {
+            period,
+            offset: Duration::ZERO,
+        }
+    }
+
+    /// The default offset of job `name`'s `every` grid: SHA-256 of the name,
+    /// bytes 4..12 (the lock key uses 0..4), modulo `min(period, MAX_SPREAD)`,
+    /// in whole milliseconds. Deterministic, so every host of a fleet computes
+    /// the same slots; whole milliseconds, so a slot survives its round trip
+    /// through Postgres (`timestamptz` keeps microseconds) unchanged.
+    pub fn spread_offset(name: &str, period: Duration) -> Duration {
+        let window = period.min(MAX_SPREAD).as_millis() as u64;
+        if window == 0 {
+            return Duration::ZERO;
+        }
+        let digest = Sha256::digest(name.as_bytes());
+        let bits = u64::from_be_bytes(digest[4..12].try_into().expect("8 bytes"));
+        Duration::from_millis(bits % window)
+    }
+
     /// The latest slot at or before `t`, if any.
     pub fn slot_at_or_before(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
         match self {
-            Schedule::Every(every) => {
-                let step = every.as_nanos() as i128;
-                let now = t.timestamp_nanos_opt()? as i128;
-                let slot = now.div_euclid(step) * step;
-                Some(Utc.timestamp_nanos(i64::try_from(slot).ok()?))
-            }
+            Schedule::Every { period, offset } => grid(*period, *offset, t, 0),
             Schedule::Cron(c) => c
                 .cron
                 .find_previous_occurrence(&t.with_timezone(&c.tz), true)
@@ -78,12 +115,7 @@ impl Schedule {
     /// The first slot strictly after `t`, if any.
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
         match self {
-            Schedule::Every(every) => {
-                let step = every.as_nanos() as i128;
-                let now = t.timestamp_nanos_opt()? as i128;
-                let slot = (now.div_euclid(step) + 1) * step;
-                Some(Utc.timestamp_nanos(i64::try_from(slot).ok()?))
-            }
+            Schedule::Every { period, offset } => grid(*period, *offset, t, 1),
             Schedule::Cron(c) => c
                 .cron
                 .find_next_occurrence(&t.with_timezone(&c.tz), false)
@@ -91,6 +123,20 @@ impl Schedule {
                 .map(|d| d.with_timezone(&Utc)),
         }
     }
+}
+
+/// The grid point `steps` after the latest one at or before `t`.
+fn grid(
+    period: Duration,
+    offset: Duration,
+    t: DateTime<Utc>,
+    steps: i128,
+) -> Option<DateTime<Utc>> {
+    let step = period.as_nanos() as i128;
+    let offset = offset.as_nanos() as i128;
+    let since = t.timestamp_nanos_opt()? as i128 - offset;
+    let slot = (since.div_euclid(step) + steps) * step + offset;
+    Some(Utc.timestamp_nanos(i64::try_from(slot).ok()?))
 }
 
 #[cfg(test)]
@@ -102,8 +148,8 @@ mod tests {
     }
 
     #[test]
-    fn every_is_aligned_to_the_epoch() {
-        let s = Schedule::Every(Duration::from_secs(30));
+    fn every_without_offset_is_aligned_to_the_epoch() {
+        let s = Schedule::every(Duration::from_secs(30));
         assert_eq!(
             s.slot_at_or_before(at("2024-01-01T00:00:45Z")),
             Some(at("2024-01-01T00:00:30Z"))
@@ -116,11 +162,58 @@ mod tests {
             s.next_after(at("2024-01-01T00:00:30Z")),
             Some(at("2024-01-01T00:01:00Z"))
         );
-        let ms = Schedule::Every(Duration::from_millis(250));
+        let ms = Schedule::every(Duration::from_millis(250));
         assert_eq!(
             ms.next_after(at("2024-01-01T00:00:00.1Z")),
             Some(at("2024-01-01T00:00:00.25Z"))
         );
+    }
+
+    #[test]
+    fn an_offset_shifts_the_grid() {
+        let s = Schedule::Every {
+            period: Duration::from_secs(30),
+            offset: Duration::from_secs(7),
+        };
+        assert_eq!(
+            s.slot_at_or_before(at("2024-01-01T00:00:45Z")),
+            Some(at("2024-01-01T00:00:37Z"))
+        );
+        assert_eq!(
+            s.slot_at_or_before(at("2024-01-01T00:00:05Z")),
+            Some(at("2023-12-31T23:59:37Z"))
+        );
+        assert_eq!(
+            s.next_after(at("2024-01-01T00:00:37Z")),
+            Some(at("2024-01-01T00:01:07Z"))
+        );
+    }
+
+    #[test]
+    fn spread_offsets_are_stable_bounded_and_spread() {
+        let second = Duration::from_secs(1);
+        // Pinned: a change would move every job's slots on a fleet upgrade.
+        let digest = Sha256::digest(b"integrity-hash-retry");
+        let bits = u64::from_be_bytes(digest[4..12].try_into().unwrap());
+        assert_eq!(
+            Schedule::spread_offset("integrity-hash-retry", second),
+            Duration::from_millis(bits % 1000)
+        );
+        // Within the period, and within MAX_SPREAD of long periods.
+        let day = Duration::from_secs(86_400);
+        for i in 0..200 {
+            let name = format!("job-{i}");
+            assert!(Schedule::spread_offset(&name, second) < second);
+            assert!(Schedule::spread_offset(&name, day) < MAX_SPREAD);
+        }
+        // 1000 jobs at 1 s: no 10 ms bucket of the second holds more than a
+        // few dozen of them (uniform would be 10 per bucket).
+        let mut buckets = [0u32; 100];
+        for i in 0..1000 {
+            let off = Schedule::spread_offset(&format!("scale-{i}"), second);
+            buckets[(off.as_millis() / 10) as usize] += 1;
+        }
+        assert!(buckets.iter().all(|n| *n < 30), "{buckets:?}");
     }
 
     #[test]

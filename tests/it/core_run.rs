@@ -224,3 +224,40 @@ async fn two_hundred_mixed_runs_leave_no_advisory_lock(pool: PgPool) {
         .unwrap();
     assert_eq!(recorded, 200);
 }
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_job_name_with_quotes_and_backslashes_runs_and_is_named_exactly(pool: PgPool) {
+    // The run's `set local application_name` is inlined as a literal (one
+    // simple query for all the backstops): quoting must hold under either
+    // `standard_conforming_strings`.
+    let nasty = r#"it's "odd" \' job"#;
+    for conforming in ["on", "off"] {
+        let mut conn = pool.acquire().await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "set standard_conforming_strings = {conforming}"
+        )))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        let back: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "select {}",
+            jobhost::db::quote_literal(nasty)
+        )))
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        assert_eq!(back, nasty, "standard_conforming_strings = {conforming}");
+    }
+
+    create_probe_table(&pool).await;
+    let mut job = probe(nasty, "query");
+    job.config.config.push((
+        "sql".into(),
+        "select current_setting('application_name') as app".into(),
+    ));
+    let msg = finished(runner(&pool).run(&job, slot(1)).await.unwrap(), Outcome::Ok);
+    assert!(
+        msg.contains(&serde_json::to_string(&format!("jobhost:test-host/{nasty}")).unwrap()),
+        "{msg}"
+    );
+}

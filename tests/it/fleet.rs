@@ -241,17 +241,20 @@ async fn a_killed_host_rolls_back_and_another_host_runs_its_slot(pool: PgPool) {
     .await;
     assert_eq!(b.terminate(Duration::from_secs(20)), 0);
 
-    let history: Vec<(String, String)> =
-        sqlx::query_as("select host_id, outcome from jobhost.runs where slot = $1 order by id")
-            .bind(slot)
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+    let history: Vec<(String, String, i32)> = sqlx::query_as(
+        "select host_id, outcome, attempt from jobhost.runs where slot = $1 order by id",
+    )
+    .bind(slot)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
     assert_eq!(
         history,
         vec![
-            ("doomed".into(), "lost".into()),
-            ("survivor".into(), "ok".into())
+            ("doomed".into(), "lost".into(), 0),
+            // The lost run counts as an attempt, though it was marked in the
+            // same statement that read the history.
+            ("survivor".into(), "ok".into(), 2)
         ]
     );
     let rows_for_slot: i64 = sqlx::query_scalar("select count(*) from probe where note = $1")

@@ -60,7 +60,7 @@ async fn every_escape_is_refused_while_a_good_job_keeps_its_schedule(pool: PgPoo
             ),
         ],
     );
-    good.config.schedule = Schedule::Every(Duration::from_millis(100));
+    good.config.schedule = Schedule::every(Duration::from_millis(100));
     let good_key = good.config.lock_key;
     // A host runs on a multi-threaded runtime (sqlx::test gives this test a
     // single thread): run the scheduler on one, sharing the engine, with a pool

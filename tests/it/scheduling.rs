@@ -13,7 +13,7 @@ use crate::support::*;
 async fn a_fast_cadence_runs_each_slot_once_and_shutdown_waits(pool: PgPool) {
     create_probe_table(&pool).await;
     let mut job = probe("ticker", "write");
-    job.config.schedule = Schedule::Every(Duration::from_millis(200));
+    job.config.schedule = Schedule::every(Duration::from_millis(200));
     let shutdown = tokio::time::sleep(Duration::from_millis(1500));
     jobhost::scheduler::run(runner(&pool), vec![job], Default::default(), shutdown).await;
 

@@ -223,9 +223,9 @@ async fn an_xact_job_keeps_its_cadence_with_a_pool_of_two_while_a_long_job_runs(
         guests::TEST_SESSION_PROBE,
         &[("mode", "hold"), ("sleep-ms", "2500")],
     );
-    long.config.schedule = Schedule::Every(Duration::from_secs(1));
+    long.config.schedule = Schedule::every(Duration::from_secs(1));
     let mut ticker = probe("ticker", "write");
-    ticker.config.schedule = Schedule::Every(Duration::from_millis(200));
+    ticker.config.schedule = Schedule::every(Duration::from_millis(200));
     let runner = jobhost::runner::Runner::new(small.clone(), runtime(), "small-host");
     jobhost::scheduler::run(
         runner,

@@ -20,6 +20,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use jobhost::lock::LockKey;
 use jobhost::runner::{Job, NativeWork, RunResult, Runner};
 use jobhost::runtime::Runtime;
+use jobhost::schedule::Schedule;
 use jobhost_tests::guests;
 use sha2::{Digest, Sha256};
 use sqlx::Connection as _;
@@ -271,6 +272,11 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         let mut j = noop.clone();
         j.config.name = format!("scale-{i}");
         j.config.lock_key = LockKey::derive(&j.config.name);
+        // As `every = "1s"` in jobs.toml: the default offset spreads the jobs.
+        j.config.schedule = Schedule::Every {
+            period: Duration::from_secs(1),
+            offset: Schedule::spread_offset(&j.config.name, Duration::from_secs(1)),
+        };
         j.plugin = noop_plugin.clone();
         jobs.push(j);
     }
