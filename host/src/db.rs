@@ -175,7 +175,7 @@ pub async fn begin_run(
 }
 
 /// Points a `running` row at the backend that holds the run's session lock,
-/// so that `mark_lost` judges the run by the lock connection's life.
+/// so that [`slot_history`] judges the run by the lock connection's life.
 pub async fn set_run_backend(conn: &mut PgConnection, id: i64) -> sqlx::Result<()> {
     sqlx::query("update jobhost.runs set backend_pid = pg_backend_pid() where id = $1")
         .bind(id)

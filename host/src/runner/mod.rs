@@ -1,15 +1,18 @@
 //! The run path: one slot of one job, from BEGIN to COMMIT. Read top-down:
 //!
 //! 1. take a pooled connection and insert the run's `running` row (committed on
-//!    its own, so every host's `status` shows runs in flight), then `BEGIN`;
+//!    its own, asynchronously, so every host's `status` shows runs in flight;
+//!    see [`db::begin_run`] for why that is safe), then `BEGIN`;
 //! 2. first statement: `pg_try_advisory_xact_lock(namespace, key)` with the
 //!    database clock. Busy: warn `lock_busy`, skip;
 //! 3. [`Runner::gate`], under the lock: skip a slot the database clock has not
 //!    reached (this host's clock is ahead), a slot that already succeeded on any
 //!    host (the fleet-wide once-per-slot rule), a slot out of attempts or in
-//!    its retry backoff; mark `running` rows of hosts that died as `lost`;
+//!    its retry backoff; mark `running` rows of hosts that died as `lost` (one
+//!    statement: [`db::slot_history`]);
 //! 4. backstops (`SET LOCAL statement_timeout`, `idle_in_transaction_session_
-//!    timeout`, `application_name` naming the job), `SAVEPOINT`, the job's role;
+//!    timeout`, `application_name` naming the job), `SAVEPOINT`, the job's role,
+//!    in one simple query;
 //! 5. lend the transaction to a fresh plugin instance and call `run`;
 //! 6. success: write `ok` over the run's row in the same transaction and COMMIT,
 //!    so the history can never say `ok` for work that is not there. Anything
