@@ -375,16 +375,22 @@ impl Runtime {
         })
     }
 
-    /// Instantiates `plugin` in a fresh store and drops it: the per-run
-    /// instantiation cost alone (benchmarks).
-    pub async fn instantiate_only(&self, plugin: &Plugin) -> anyhow::Result<()> {
+    /// Instantiates `plugin` in a fresh store and drops it (benchmarks).
+    /// Returns how long building the run's store data took (WASI context,
+    /// output pipe, limits) and, separately, how long instantiation and
+    /// teardown took: the second is what the pooling allocator speeds up.
+    pub async fn instantiate_only(&self, plugin: &Plugin) -> anyhow::Result<(Duration, Duration)> {
+        let t = std::time::Instant::now();
         let state = RunState::new("bench".into(), "".into(), None, &[], 64 << 20);
+        let built = t.elapsed();
+        let t = std::time::Instant::now();
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         store.set_epoch_deadline(1);
         store.epoch_deadline_async_yield_and_update(1);
         plugin.pre.instantiate_async(&mut store).await?;
-        Ok(())
+        drop(store);
+        Ok((built, t.elapsed()))
     }
 
     /// Asks a freshly instantiated plugin for its `kind`. Runs on the caller's
