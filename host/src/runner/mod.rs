@@ -5,7 +5,7 @@
 //!    see [`db::begin_run`] for why that is safe), then `BEGIN`;
 //! 2. first statement: `pg_try_advisory_xact_lock(namespace, key)` with the
 //!    database clock. Busy: warn `lock_busy`, skip;
-//! 3. [`Runner::gate`], under the lock: skip a slot the database clock has not
+//! 3. `Runner::gate`, under the lock: skip a slot the database clock has not
 //!    reached (this host's clock is ahead), a slot that already succeeded on any
 //!    host (the fleet-wide once-per-slot rule), a slot out of attempts or in
 //!    its retry backoff; mark `running` rows of hosts that died as `lost` (one
@@ -19,8 +19,8 @@
 //!    else: roll back to the savepoint, write the failure, COMMIT. Either way
 //!    COMMIT (or ROLLBACK) releases the lock; there is no unlock call anywhere.
 //!
-//! `session` jobs (long ones) take a different lock path, in [`session`]; the
-//! history checks under the lock ([`Runner::check_slot`]) are shared.
+//! `session` jobs (long ones) take a different lock path, in `runner/session.rs`; the
+//! history checks under the lock (`Runner::check_slot`) are shared.
 
 use std::sync::Arc;
 
