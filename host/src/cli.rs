@@ -121,9 +121,18 @@ pub async fn run_cli(args: impl IntoIterator<Item = OsString>) -> anyhow::Result
         }
         Command::Status => {
             let pool = inspect_pool(&database_url()?, &host_id).await?;
-            let rows = inspect::status(&pool, &config)
-                .await
-                .context("cannot read the run history")?;
+            let rows = inspect::status(&pool, &config).await.map_err(|e| {
+                // 42P01 undefined_table: no host has ever started on this database.
+                let missing = e
+                    .as_database_error()
+                    .is_some_and(|d| d.code().as_deref() == Some("42P01"));
+                let e = anyhow::Error::new(e);
+                if missing {
+                    e.context("no run history in this database (schema `jobhost` is missing): start a host on it once, which applies the migrations")
+                } else {
+                    e.context("cannot read the run history")
+                }
+            })?;
             print!("{}", inspect::render_status(&rows));
             Ok(ExitCode::SUCCESS)
         }

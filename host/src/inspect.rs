@@ -59,13 +59,13 @@ pub async fn status(pool: &PgPool, config: &JobsConfig) -> sqlx::Result<Vec<JobS
 /// Renders `status` as a table.
 pub fn render_status(rows: &[JobStatus]) -> String {
     let mut s = format!(
-        "{:<24} {:<22} {:<12} {:>9} {:>7}  {}\n",
+        "{:<24} {:<23} {:<12} {:>9} {:>7}  {}\n",
         "JOB", "NEXT SLOT (UTC)", "LAST", "DURATION", "ATTEMPT", "HOST / IN FLIGHT"
     );
     for r in rows {
-        let next = r
-            .next_slot
-            .map_or("-".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string());
+        let next = r.next_slot.map_or("-".into(), |t| {
+            t.format("%Y-%m-%d %H:%M:%S%.3f").to_string()
+        });
         let (outcome, duration, attempt, host) = match &r.last {
             Some((o, ms, a, h, _)) => (o.clone(), format!("{ms}ms"), a.to_string(), h.clone()),
             None => ("never".into(), "-".into(), "-".into(), "-".into()),
@@ -80,7 +80,7 @@ pub fn render_status(rows: &[JobStatus]) -> String {
         }
         let _ = writeln!(
             s,
-            "{:<24} {:<22} {:<12} {:>9} {:>7}  {}",
+            "{:<24} {:<23} {:<12} {:>9} {:>7}  {}",
             r.job, next, outcome, duration, attempt, host
         );
     }
