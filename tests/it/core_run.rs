@@ -261,3 +261,49 @@ async fn a_job_name_with_quotes_and_backslashes_runs_and_is_named_exactly(pool: 
         "{msg}"
     );
 }
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn the_lock_is_the_first_statement_of_the_plugins_transaction(pool: PgPool) {
+    // Invariant 2. On the wire: sqlx logs every statement it sends, in order
+    // (all but BEGIN), and this test runs one slot alone. In Postgres: the
+    // plugin's own statement sees the job's advisory lock granted to its
+    // backend, and an xact lock lives only as long as the transaction that
+    // took it.
+    let mut job = probe("first", "query");
+    let key = job.config.lock_key;
+    job.config.config.push((
+        "sql".into(),
+        format!(
+            "select 'plugin-statement' as marker, count(*)::int4 as held from pg_locks
+              where locktype = 'advisory' and granted and pid = pg_backend_pid()
+                and classid = ({})::int4::oid and objid = ({})::int4::oid and objsubid = 2",
+            key.namespace, key.key
+        ),
+    ));
+    let logs = LogCapture::start();
+    let msg = finished(runner(&pool).run(&job, slot(1)).await.unwrap(), Outcome::Ok);
+    let text = logs.text();
+    let sent: Vec<&str> = text.lines().filter(|l| l.contains("sqlx::query")).collect();
+    let at = |needle: &str| {
+        sent.iter()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("`{needle}` was not sent: {sent:#?}"))
+    };
+    // The `running` row commits on its own before BEGIN; the next statement
+    // is the lock.
+    let lock = at("pg_try_advisory_xact_lock");
+    assert_eq!(lock, at("insert into jobhost.runs") + 1, "{sent:#?}");
+    let plugin = at("plugin-statement");
+    assert!(plugin > lock, "{sent:#?}");
+    assert!(
+        !sent[lock..plugin]
+            .iter()
+            .any(|l| l.contains("COMMIT") || l.contains("ROLLBACK")),
+        "no transaction ends between the lock and the plugin: {sent:#?}"
+    );
+    assert!(
+        msg.contains(r#"[["text","plugin-statement"],["int4",1]]"#),
+        "the plugin's statement runs under the lock: {msg}"
+    );
+    assert_eq!(advisory_locks(&pool).await, 0, "COMMIT released it");
+}
