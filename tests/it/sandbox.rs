@@ -262,3 +262,30 @@ async fn a_read_only_role_is_enforced_by_postgres(pool: PgPool) {
     .await
     .unwrap();
 }
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_chatty_plugin_is_truncated_not_trapped(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let logs = LogCapture::start();
+    // ~200 KB on stdout and stderr against the 64 KiB cap: a refused write
+    // would make the guest's `println!` panic and the run trap.
+    let msg = finished(
+        runner(&pool)
+            .run(&probe("chatty", "chatty"), slot(1))
+            .await
+            .unwrap(),
+        Outcome::Ok,
+    );
+    assert_eq!(msg, "printed 200000 bytes");
+    let text = logs.text();
+    assert!(text.contains("first-line-marker"), "the start is kept");
+    // 1000 × (100 + 100) bytes + the 18-byte marker, 65 536 kept.
+    assert!(
+        text.contains("plugin output truncated") && text.contains("dropped_bytes=134482"),
+        "{}",
+        text.lines()
+            .filter(|l| l.contains("WARN"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

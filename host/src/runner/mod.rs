@@ -222,6 +222,7 @@ impl Runner {
                 returned,
                 lent: Lent::Transaction(handle),
                 output: String::new(),
+                output_dropped: 0,
             }
         } else {
             self.runtime
@@ -331,6 +332,9 @@ impl Runner {
         let name = job.config.name.as_str();
         for line in invocation.output.lines().filter(|l| !l.trim().is_empty()) {
             info!(target: "jobhost::plugin", job = %name, stream = "stdio", "{line}");
+        }
+        if invocation.output_dropped > 0 {
+            warn!(target: "jobhost::plugin", job = %name, dropped_bytes = invocation.output_dropped, "plugin output truncated: stdout/stderr past the per-run cap was dropped");
         }
         let (tx, db_error) = match &mut invocation.lent {
             Lent::Transaction(handle) => handle.close(),

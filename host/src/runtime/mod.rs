@@ -5,7 +5,8 @@
 //! transaction lent for the run, `log`, and a WASI environment with nothing in
 //! it (no directories, no environment variables, no sockets, no inherited
 //! stdio; clocks and randomness only). Its stdout and stderr are captured into
-//! a capped buffer and logged with the job's fields after the run.
+//! a capped buffer (`output.rs`: past the cap bytes are dropped and counted,
+//! never refused) and logged with the job's fields after the run.
 //!
 //! Guest code runs on tokio's threads without blocking them: imports are async,
 //! and epoch interruption makes a busy guest yield every tick, so the run's
@@ -14,6 +15,7 @@
 pub mod bindings;
 pub mod http;
 mod log;
+mod output;
 pub mod sql;
 mod values;
 
@@ -26,7 +28,6 @@ use anyhow::Context as _;
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker, Resource, ResourceTable};
 use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder};
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use bindings::types::{Context, Failure, Report};
@@ -38,7 +39,7 @@ pub use sql::{SessionHandle, TxHandle};
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// Largest linear memory a pooled instance may have.
 const MAX_POOLED_MEMORY: usize = 256 << 20;
-/// Cap on captured plugin stdout/stderr per run.
+/// Cap on captured plugin stdout/stderr per run; the rest is dropped and counted.
 const OUTPUT_CAP: usize = 64 * 1024;
 
 /// Why a plugin file could not be loaded.
@@ -124,7 +125,7 @@ pub struct RunState {
     wasi: WasiCtx,
     http: wasmtime_wasi_http::WasiHttpCtx,
     http_policy: HttpPolicy,
-    output: MemoryOutputPipe,
+    output: output::CappedOutput,
     limits: StoreLimits,
 }
 
@@ -139,7 +140,7 @@ impl RunState {
         env: &[(String, String)],
         max_memory_bytes: usize,
     ) -> Self {
-        let output = MemoryOutputPipe::new(OUTPUT_CAP);
+        let output = output::CappedOutput::new(OUTPUT_CAP);
         let wasi = wasmtime_wasi::WasiCtx::builder()
             .stdout(output.clone())
             .stderr(output.clone())
@@ -225,8 +226,10 @@ pub struct Invocation {
     /// The lent handle, back from the plugin: the runner commits or rolls back
     /// an `xact` transaction; a session's leftover transactions are rolled back.
     pub lent: Lent,
-    /// Captured stdout + stderr of the guest (capped).
+    /// Captured stdout + stderr of the guest, up to its cap.
     pub output: String,
+    /// Bytes the guest wrote past the cap (dropped, not an error).
+    pub output_dropped: u64,
 }
 
 /// The process-wide engine and linker.
@@ -493,11 +496,12 @@ impl Runtime {
                 Err(e) => unreachable!("the lent transaction vanished from the table: {e}"),
             }
         };
-        let output = String::from_utf8_lossy(&output.contents()).into_owned();
+        let (output, output_dropped) = output.contents();
         Invocation {
             returned,
             lent,
             output,
+            output_dropped,
         }
     }
 }

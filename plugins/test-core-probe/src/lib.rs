@@ -5,7 +5,7 @@
 //! `trap` (write, then panic), `swallow` (write, hit `select 1/0`, ignore it,
 //! return success), `query` (run config `sql` with JSON `params`, report the
 //! result as JSON), `sleep` (write, sleep `sleep-ms`, touch the connection),
-//! `spin` (loop forever), `after-scope` (keep nothing: the
+//! `spin` (loop forever), `chatty` (print `bytes` to stdout and stderr), `after-scope` (keep nothing: the
 //! borrow ends with the call; proves the handle cannot be smuggled).
 
 use jobhost_plugin_sdk::{Context, Job, JobError, Tx, Value, export_job, params};
@@ -87,6 +87,19 @@ impl Job for Probe {
     fn run(ctx: &Context, tx: &Tx<'_>) -> Result<String, JobError> {
         match ctx.config_str("mode").unwrap_or("write") {
             "noop" => Ok(String::new()),
+            "chatty" => {
+                // Far past the host's output cap, on both streams.
+                let bytes: usize = ctx.config_or("bytes", 200_000)?;
+                let line = "x".repeat(99);
+                for i in 0..bytes / 200 {
+                    println!("{line}");
+                    eprintln!("{line}");
+                    if i == 0 {
+                        println!("first-line-marker");
+                    }
+                }
+                Ok(format!("printed {bytes} bytes"))
+            }
             "select-n" => {
                 let n: u32 = ctx.config_or("n", 100)?;
                 for i in 0..n {
