@@ -101,16 +101,13 @@ pub fn quote_literal(value: &str) -> String {
     format!("E'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
 }
 
-/// `SET LOCAL ROLE role` in the current transaction: from here on Postgres
-/// checks the job's statements against that role's privileges.
-pub async fn set_local_role(conn: &mut PgConnection, role: &str) -> sqlx::Result<()> {
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "set local role {}",
-        quote_ident(role)
-    )))
-    .execute(conn)
-    .await?;
-    Ok(())
+/// `SET LOCAL ROLE "role"`: from there to the end of the transaction (or a
+/// rollback to an earlier savepoint) Postgres checks the job's statements
+/// against that role's privileges. Sent inside a multi-statement simple query
+/// with the other `SET LOCAL`s of the scope, so it costs no round trip of its
+/// own.
+pub fn set_local_role_sql(role: &str) -> String {
+    format!("set local role {}", quote_ident(role))
 }
 
 /// `application_name` for a host's connections; Postgres truncates it at 63 bytes.

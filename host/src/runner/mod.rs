@@ -549,10 +549,8 @@ async fn prepare(
     );
     if let Some(role) = &job.role {
         // After the savepoint, so rolling back to it also drops the role.
-        sql.push_str(&format!(
-            ";\n         set local role {}",
-            db::quote_ident(role)
-        ));
+        sql.push_str(";\n         ");
+        sql.push_str(&db::set_local_role_sql(role));
     }
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
         .execute(&mut **tx)

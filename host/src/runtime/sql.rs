@@ -277,17 +277,18 @@ impl sql::HostSession for RunState {
             let s = self.table.get(&session)?;
             (s.role.clone(), s.statement_timeout_ms)
         };
-        // Each short transaction gets the run's backstop and the job's role.
+        // Each short transaction gets the run's backstop and the job's role,
+        // in one simple query.
         let begun = async {
             let mut tx = pool.begin().await?;
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "select set_config('statement_timeout', '{timeout_ms}', true)"
-            )))
-            .execute(&mut *tx)
-            .await?;
+            let mut scope = format!("set local statement_timeout = {timeout_ms}");
             if let Some(role) = role {
-                crate::db::set_local_role(&mut tx, &role).await?;
+                scope.push_str(";\n");
+                scope.push_str(&crate::db::set_local_role_sql(&role));
             }
+            sqlx::raw_sql(sqlx::AssertSqlSafe(scope))
+                .execute(&mut *tx)
+                .await?;
             Ok::<_, sqlx::Error>(tx)
         };
         let tx = match begun.await {
