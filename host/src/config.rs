@@ -213,6 +213,41 @@ impl TryFrom<String> for EveryOffset {
     }
 }
 
+/// The `every` schedule of job `name`, validated, with its offset resolved.
+fn every_schedule(
+    name: &str,
+    every: Duration,
+    offset: Option<EveryOffset>,
+) -> Result<Schedule, String> {
+    // Slots are stored in Postgres (`timestamptz`, microseconds) and compared
+    // with the ones the schedule computes: keep both exact.
+    let whole_ms = |d: Duration| d.subsec_nanos().is_multiple_of(1_000_000);
+    if every.is_zero() {
+        return Err("`every` must be greater than zero".into());
+    }
+    if !whole_ms(every) {
+        return Err("`every` must be a whole number of milliseconds".into());
+    }
+    let offset = match offset.unwrap_or(EveryOffset::Auto) {
+        EveryOffset::Auto => Schedule::spread_offset(name, every),
+        EveryOffset::Fixed(o) if !whole_ms(o) => {
+            return Err("`offset` must be a whole number of milliseconds".into());
+        }
+        EveryOffset::Fixed(o) if o >= every => {
+            return Err(format!(
+                "`offset` ({}) must be shorter than `every` ({})",
+                humantime::format_duration(o),
+                humantime::format_duration(every)
+            ));
+        }
+        EveryOffset::Fixed(o) => o,
+    };
+    Ok(Schedule::Every {
+        period: every,
+        offset,
+    })
+}
+
 /// An IANA time zone name that exists.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(try_from = "String")]
@@ -368,46 +403,11 @@ impl JobsToml {
                 return Err(invalid(&name, "duplicate job name".into()));
             }
             let schedule = match (job.every, job.cron) {
-                (Some(every), None) if every.is_zero() => {
-                    return Err(invalid(&name, "`every` must be greater than zero".into()));
-                }
-                // Slots are stored in Postgres (`timestamptz`, microseconds) and
-                // compared with the ones the schedule computes: keep both exact.
-                (Some(every), None) if every.subsec_nanos() % 1_000_000 != 0 => {
-                    return Err(invalid(
-                        &name,
-                        "`every` must be a whole number of milliseconds".into(),
-                    ));
-                }
-                (Some(_), None) if matches!(job.offset, Some(EveryOffset::Fixed(o)) if o.subsec_nanos() % 1_000_000 != 0) =>
-                {
-                    return Err(invalid(
-                        &name,
-                        "`offset` must be a whole number of milliseconds".into(),
-                    ));
-                }
                 (Some(every), None) => {
                     if job.timezone.is_some() {
                         return Err(invalid(&name, "`timezone` only applies to `cron`".into()));
                     }
-                    let offset = match job.offset.unwrap_or(EveryOffset::Auto) {
-                        EveryOffset::Auto => Schedule::spread_offset(&name, every),
-                        EveryOffset::Fixed(offset) if offset < every => offset,
-                        EveryOffset::Fixed(offset) => {
-                            return Err(invalid(
-                                &name,
-                                format!(
-                                    "`offset` ({}) must be shorter than `every` ({})",
-                                    humantime::format_duration(offset),
-                                    humantime::format_duration(every)
-                                ),
-                            ));
-                        }
-                    };
-                    Schedule::Every {
-                        period: every,
-                        offset,
-                    }
+                    every_schedule(&name, every, job.offset).map_err(|m| invalid(&name, m))?
                 }
                 (None, Some(_)) if job.offset.is_some() => {
                     return Err(invalid(&name, "`offset` only applies to `every`".into()));

@@ -130,6 +130,11 @@ fn native(f: NativeFn, n: u32) -> NativeWork {
     Box::new(move |conn| f(conn, n))
 }
 
+/// Native work that does nothing: the run path alone.
+fn native_noop() -> NativeWork {
+    native(|_c, _| Box::pin(async { Ok(String::new()) }), 0)
+}
+
 fn stats(mut v: Vec<Duration>) -> (Duration, Duration, Duration) {
     v.sort();
     let mean = v.iter().sum::<Duration>() / v.len().max(1) as u32;
@@ -171,11 +176,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         for _ in 0..s.per_round {
             let t = Instant::now();
             ok(runner
-                .run_native(
-                    &noop,
-                    slots.next(),
-                    native(|_c, _| Box::pin(async { Ok(String::new()) }), 0),
-                )
+                .run_native(&noop, slots.next(), native_noop())
                 .await?)?;
             native_t.push(t.elapsed());
         }
@@ -252,11 +253,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         direct += t.elapsed();
         let t = Instant::now();
         ok(runner
-            .run_native(
-                &noop,
-                slots.next(),
-                native(|_c, _| Box::pin(async { Ok(String::new()) }), 0),
-            )
+            .run_native(&noop, slots.next(), native_noop())
             .await?)?;
         direct_noop += t.elapsed();
     }
