@@ -61,8 +61,9 @@ enum Command {
     Check,
     /// Jobs, their next slot, last outcome and duration, runs in flight.
     Status,
-    /// Advisory locks with their holders; exits 2 if one is held by an idle
-    /// backend (a stuck lock), so monitoring can run it.
+    /// Advisory locks with their holders; exits 2 if one is STUCK (held by a
+    /// backend of no live host, by a run past its deadline, or left on an
+    /// idle pooled connection), so monitoring can run it.
     Locks,
     /// Make every host on this database reload jobs.toml and its plugins.
     Reload,
@@ -134,6 +135,10 @@ pub async fn run_cli(args: impl IntoIterator<Item = OsString>) -> anyhow::Result
                 }
             })?;
             print!("{}", inspect::render_status(&rows));
+            let fleet = inspect::fleet(&pool, &config)
+                .await
+                .context("cannot read the fleet (jobhost.hosts)")?;
+            print!("\n{}", inspect::render_fleet(&fleet));
             Ok(ExitCode::SUCCESS)
         }
         Command::Reload => {

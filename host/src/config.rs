@@ -90,6 +90,15 @@ pub struct HostToml {
     /// Quiet period after a file event before reloading (default 300ms).
     #[serde(default, with = "humantime_serde::option")]
     pub reload_debounce: Option<Duration>,
+    /// How often this host reports itself alive in `jobhost.hosts`
+    /// (default 5s).
+    #[serde(default, with = "humantime_serde::option")]
+    pub heartbeat: Option<Duration>,
+    /// A host not seen for this long is dead: its `running` rows are `lost`
+    /// and locks its backends hold are STUCK (default 30s; at least two
+    /// heartbeats).
+    #[serde(default, with = "humantime_serde::option")]
+    pub host_lost_after: Option<Duration>,
 }
 
 /// One `[[job]]` table as written.
@@ -248,6 +257,31 @@ fn every_schedule(
     })
 }
 
+/// Refuses a retry policy whose retries could never run: the scheduler moves
+/// on to the next slot when it comes before a retry, so the backoffs of all
+/// retries must fit between two slots.
+fn retries_fit(retry: &RetryPolicy, schedule: &Schedule) -> Result<(), String> {
+    if retry.max_attempts <= 1 {
+        return Ok(());
+    }
+    let Some(gap) = schedule.min_gap(chrono::Utc::now()) else {
+        return Ok(());
+    };
+    let total: Duration = (1..retry.max_attempts).map(|n| retry.delay_after(n)).sum();
+    if total >= gap {
+        return Err(format!(
+            "`max-attempts` = {} with `retry-backoff` = {} waits {} in all before its last retry, \
+             but slots can be {} apart: the next slot would come first and the retries would never run; \
+             lower `max-attempts` or `retry-backoff`",
+            retry.max_attempts,
+            humantime::format_duration(retry.backoff),
+            humantime::format_duration(total),
+            humantime::format_duration(gap),
+        ));
+    }
+    Ok(())
+}
+
 /// An IANA time zone name that exists.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(try_from = "String")]
@@ -288,6 +322,8 @@ pub struct HostConfig {
     pub pooling_allocator: bool,
     /// Debounce of file events.
     pub reload_debounce: Duration,
+    /// Host heartbeat and when a silent host counts as dead.
+    pub liveness: crate::hosts::Liveness,
 }
 
 /// When a failed slot is tried again.
@@ -392,6 +428,21 @@ impl JobsToml {
             .unwrap_or(DEFAULT_MAX_MEMORY_MIB);
 
         let default_rows = self.host.default_max_rows.unwrap_or(DEFAULT_MAX_ROWS);
+        let defaults = crate::hosts::Liveness::default();
+        let liveness = crate::hosts::Liveness {
+            heartbeat: self.host.heartbeat.unwrap_or(defaults.heartbeat),
+            lost_after: self.host.host_lost_after.unwrap_or(defaults.lost_after),
+        };
+        if liveness.heartbeat.is_zero() || liveness.lost_after < liveness.heartbeat * 2 {
+            return Err(invalid(
+                "-",
+                format!(
+                    "`host.host-lost-after` ({}) must be at least two `host.heartbeat`s ({}): a host must not be taken for dead between two of its heartbeats",
+                    humantime::format_duration(liveness.lost_after),
+                    humantime::format_duration(liveness.heartbeat)
+                ),
+            ));
+        }
 
         let mut jobs: Vec<JobConfig> = Vec::with_capacity(self.jobs.len());
         for job in self.jobs {
@@ -471,6 +522,11 @@ impl JobsToml {
             if max_attempts == 0 {
                 return Err(invalid(&name, "`max-attempts` must be at least 1".into()));
             }
+            let retry = RetryPolicy {
+                max_attempts,
+                backoff: job.retry_backoff.unwrap_or(DEFAULT_RETRY_BACKOFF),
+            };
+            retries_fit(&retry, &schedule).map_err(|m| invalid(&name, m))?;
             let config = job
                 .config
                 .into_iter()
@@ -495,10 +551,7 @@ impl JobsToml {
                 max_rows: job.max_rows.unwrap_or(default_rows),
                 role: job.role,
                 env: job.env.into_iter().collect(),
-                retry: RetryPolicy {
-                    max_attempts,
-                    backoff: job.retry_backoff.unwrap_or(DEFAULT_RETRY_BACKOFF),
-                },
+                retry,
                 catch_up: job.catch_up,
                 heartbeat: job.heartbeat.unwrap_or(Duration::from_secs(2)),
                 http: job.http.map(|h| crate::runtime::http::HttpGrant {
@@ -526,6 +579,7 @@ impl JobsToml {
                     .host
                     .reload_debounce
                     .unwrap_or(Duration::from_millis(300)),
+                liveness,
             },
             jobs,
         })

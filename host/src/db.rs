@@ -33,6 +33,16 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Whether this outcome is a failure of the job's own doing, which counts
+    /// against `max-attempts` and drives the retry backoff (the same set as
+    /// [`slot_history`]'s `failures`).
+    pub fn counts_against_attempts(self) -> bool {
+        matches!(
+            self,
+            Outcome::Error | Outcome::Trap | Outcome::Timeout | Outcome::LockLost
+        )
+    }
+
     /// The value stored in the runs table.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -68,12 +78,19 @@ pub async fn connect(database_url: &str, pool_size: u32, host_id: &str) -> anyho
     // Server-side keepalives: if this host vanishes without closing its
     // sockets, Postgres notices within ~1 min, ends the session and so
     // releases whatever lock the session's transaction held.
+    //
+    // `client_connection_check_interval`: a backend busy with a statement
+    // checks every second that its client is still there, so a connection the
+    // host closed mid-statement (a run cut off by its timeout) is rolled back,
+    // and its lock released, within a second instead of when the statement
+    // ends.
     let options = options
         .application_name(&application_name(host_id))
         .options([
             ("tcp_keepalives_idle", "30"),
             ("tcp_keepalives_interval", "10"),
             ("tcp_keepalives_count", "3"),
+            ("client_connection_check_interval", "1000"),
         ]);
     let pool = PgPoolOptions::new()
         .max_connections(pool_size)
@@ -108,6 +125,23 @@ pub fn quote_literal(value: &str) -> String {
 /// own.
 pub fn set_local_role_sql(role: &str) -> String {
     format!("set local role {}", quote_ident(role))
+}
+
+/// How long past its timeout a run's transaction may sit idle before
+/// Postgres ends it (and so releases the job's lock) on its own.
+pub const DEADLINE_MARGIN: Duration = Duration::from_secs(2);
+
+/// The run's server-side deadline, as `SET LOCAL`s for the `BEGIN` of every
+/// transaction that carries a job's work: no statement runs longer than the
+/// job's timeout, and a transaction whose host stops talking (frozen,
+/// partitioned, hung) is ended by Postgres a little after it. Sent with
+/// `BEGIN` itself, so the lock taken next is bounded from the instant it is
+/// granted.
+pub fn backstops_sql(timeout_ms: u128) -> String {
+    let idle_ms = timeout_ms + DEADLINE_MARGIN.as_millis();
+    format!(
+        "set local statement_timeout = {timeout_ms};\nset local idle_in_transaction_session_timeout = {idle_ms}"
+    )
 }
 
 /// `application_name` for a host's connections; Postgres truncates it at 63 bytes.
@@ -181,6 +215,12 @@ pub async fn set_run_backend(conn: &mut PgConnection, id: i64) -> sqlx::Result<(
     Ok(())
 }
 
+/// The statement that removes the `running` row of a run that did not happen
+/// (lock busy, slot done), for a multi-statement simple query.
+pub fn discard_run_sql(id: i64) -> String {
+    format!("delete from jobhost.runs where id = {id} and outcome = 'running'")
+}
+
 /// Removes the `running` row of a run that did not happen (lock busy, slot done).
 pub async fn discard_run(conn: &mut PgConnection, id: i64) -> sqlx::Result<()> {
     sqlx::query("delete from jobhost.runs where id = $1 and outcome = 'running'")
@@ -191,13 +231,16 @@ pub async fn discard_run(conn: &mut PgConnection, id: i64) -> sqlx::Result<()> {
 }
 
 /// Reads the history of `slot` (excluding the run `me`) and, in the same
-/// statement, marks `running` rows of `job` whose backend no longer exists as
-/// `lost`. Returns how many rows it marked, and the slot's state.
+/// statement, marks `running` rows of `job` whose host is dead (see
+/// [`crate::hosts`]: not seen for `lost_after`, or stopped) as `lost`.
+/// Returns how many rows it marked, and the slot's state.
 ///
 /// Called under the job's lock: any other `running` row of the job is then not
-/// holding the lock, and if its backend is gone its host died mid-run (its
-/// transaction was rolled back by Postgres). Rows whose backend lives belong to
-/// a host that is still about to try the lock, and are left alone.
+/// holding the lock, and if its host is dead its run died with it (its
+/// transaction was rolled back by Postgres: the run's deadline, keepalives).
+/// Rows of live hosts belong to runs still about to try the lock, or whose
+/// task died while the host lives on: that host's own heartbeat marks those.
+/// This host's own rows are never judged here, for the same reason.
 ///
 /// One statement, one round trip. The history part reads the snapshot from
 /// before the update, where the rows just marked were still `running`; they
@@ -207,6 +250,8 @@ pub async fn slot_history(
     job: &str,
     slot: DateTime<Utc>,
     me: i64,
+    host_id: &str,
+    lost_after: Duration,
 ) -> sqlx::Result<(u64, SlotState)> {
     let (lost, succeeded, attempts, failures, last_failure): (
         i64,
@@ -219,9 +264,10 @@ pub async fn slot_history(
             update jobhost.runs r
                set outcome = 'lost', finished_at = clock_timestamp(),
                    message = 'the host running it died or lost its connection before finishing; its work was rolled back'
-             where r.job = $1 and r.outcome = 'running' and r.id <> $3
-               and not exists (select 1 from pg_stat_activity a
-                                where a.pid = r.backend_pid and a.backend_start <= r.started_at)
+             where r.job = $1 and r.outcome = 'running' and r.id <> $3 and r.host_id <> $4
+               and not exists (select 1 from jobhost.hosts h
+                                where h.id = r.host_id and h.stopped_at is null
+                                  and h.last_seen > clock_timestamp() - make_interval(secs => $5))
             returning r.slot
          )
          select (select count(*) from lost),
@@ -235,6 +281,8 @@ pub async fn slot_history(
     .bind(job)
     .bind(slot)
     .bind(me)
+    .bind(host_id)
+    .bind(lost_after.as_secs_f64())
     .fetch_one(conn)
     .await?;
     let state = SlotState {

@@ -1,6 +1,6 @@
 //! What operators look at: `jobhost status` (jobs, next slot, last and
-//! in-flight runs) and `jobhost locks` (advisory locks with their holders,
-//! flagging a lock held by an idle backend: the signature of a stuck lock).
+//! in-flight runs, the hosts of the fleet) and `jobhost locks` (advisory
+//! locks with their holders, each judged healthy or STUCK; see [`judge`]).
 
 use std::fmt::Write as _;
 
@@ -8,6 +8,8 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 use crate::config::JobsConfig;
+use crate::db::DEADLINE_MARGIN;
+use crate::hosts::{self, HostRow};
 use crate::lock::LOCK_NAMESPACE;
 
 /// One job's line in `jobhost status`.
@@ -56,6 +58,34 @@ pub async fn status(pool: &PgPool, config: &JobsConfig) -> sqlx::Result<Vec<JobS
     Ok(out)
 }
 
+/// The hosts of the fleet (for `status`).
+pub async fn fleet(pool: &PgPool, config: &JobsConfig) -> sqlx::Result<Vec<HostRow>> {
+    hosts::fleet(pool, config.host.liveness.lost_after).await
+}
+
+/// Renders the fleet as a table.
+pub fn render_fleet(rows: &[HostRow]) -> String {
+    let mut s = format!(
+        "{:<32} {:<8} {:<10} {:<19} {:<19}\n",
+        "HOST", "STATE", "VERSION", "STARTED (UTC)", "LAST SEEN (UTC)"
+    );
+    for h in rows {
+        let _ = writeln!(
+            s,
+            "{:<32} {:<8} {:<10} {:<19} {:<19}",
+            h.id,
+            if h.live { "live" } else { "gone" },
+            h.version,
+            h.started_at.format("%Y-%m-%d %H:%M:%S"),
+            h.last_seen.format("%Y-%m-%d %H:%M:%S")
+        );
+    }
+    if rows.is_empty() {
+        s.push_str("(no host has registered)\n");
+    }
+    s
+}
+
 /// Renders `status` as a table.
 pub fn render_status(rows: &[JobStatus]) -> String {
     let mut s = format!(
@@ -102,12 +132,123 @@ pub struct LockRow {
     pub state: String,
     /// Seconds the holder has been in its transaction (or idle, if idle).
     pub held_for_secs: f64,
-    /// Held by an idle backend: nobody will release it.
+    /// Nobody will release it in time: see [`judge`] for the rules.
     pub stuck: bool,
+    /// Why it is healthy or stuck, in words.
+    pub verdict: String,
 }
 
-/// Granted advisory locks in the current database with their holders.
+/// Who holds a lock, as far as `jobhost locks` can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holder<'a> {
+    /// A backend of a live host: the run's transaction (`jobhost:<host>/<job>`).
+    RunOf(&'a str),
+    /// A live host's session-lock connection (`jobhost:<host>/<job>/lock`).
+    LockConnectionOf(&'a str),
+    /// A live host's backend that is neither (its pool, its CLI).
+    OtherOf(&'a str),
+    /// A backend named for jobhost whose host is not alive.
+    DeadHost,
+    /// Not jobhost's.
+    Foreign,
+}
+
+/// Whose backend `application_name` is, given the live hosts' ids.
+pub fn holder<'a>(application_name: &str, live: &'a [String]) -> Holder<'a> {
+    let Some(rest) = application_name.strip_prefix("jobhost:") else {
+        return Holder::Foreign;
+    };
+    // Host ids may contain `/`: take the longest live id the name starts with.
+    let host = live
+        .iter()
+        .filter(|id| {
+            rest.strip_prefix(id.as_str())
+                .is_some_and(|tail| tail.is_empty() || tail.starts_with('/'))
+        })
+        .max_by_key(|id| id.len());
+    let Some(host) = host else {
+        return Holder::DeadHost;
+    };
+    let tail = &rest[host.len()..];
+    if tail.ends_with("/lock") {
+        Holder::LockConnectionOf(host)
+    } else if tail.len() > 1 && !tail.ends_with("/cli") {
+        Holder::RunOf(host)
+    } else {
+        Holder::OtherOf(host)
+    }
+}
+
+/// Judges one advisory lock (`ours`: in jobhost's namespace). A lock is
+/// healthy when something alive will release it in time:
+///
+/// - a live host's run, inside its transaction, within the run's deadline
+///   (`deadline_secs`: the job's timeout plus the margin Postgres is given);
+/// - a live host's session-lock connection (its heartbeat keeps it, and
+///   `idle_session_timeout` ends it if the host freezes).
+///
+/// It is STUCK when held by a backend of no live host (a frozen or dead
+/// host), by a run past its deadline, or by an idle connection that is not a
+/// lock connection (a pooled one: the production bug). Locks that are neither
+/// in jobhost's namespace nor held by a jobhost backend are not judged.
+pub fn judge(
+    holder: Holder<'_>,
+    ours: bool,
+    state: &str,
+    held_secs: f64,
+    deadline_secs: f64,
+) -> (bool, String) {
+    let in_tx = state.starts_with("idle in transaction") || state == "active";
+    match holder {
+        Holder::LockConnectionOf(h) => (false, format!("session lock of live host {h}")),
+        Holder::RunOf(h) | Holder::OtherOf(h) if in_tx => {
+            if held_secs <= deadline_secs {
+                (false, format!("in a run of live host {h}"))
+            } else {
+                (
+                    true,
+                    format!("STUCK: run of {h} past its deadline ({deadline_secs:.0}s)"),
+                )
+            }
+        }
+        Holder::RunOf(h) | Holder::OtherOf(h) => (
+            true,
+            format!("STUCK: left on an idle connection of {h}, outside any run"),
+        ),
+        Holder::DeadHost => (true, "STUCK: held by a backend of no live host".into()),
+        Holder::Foreign if ours && !in_tx => (
+            true,
+            "STUCK: job key held by an idle non-jobhost backend".into(),
+        ),
+        Holder::Foreign if ours => {
+            if held_secs > deadline_secs {
+                (
+                    true,
+                    "STUCK: job key held by a non-jobhost transaction past the deadline".into(),
+                )
+            } else {
+                (false, "job key held by a non-jobhost transaction".into())
+            }
+        }
+        Holder::Foreign => (false, "-".into()),
+    }
+}
+
+/// Granted advisory locks in the current database with their holders, each
+/// judged (see [`judge`]).
 pub async fn locks(pool: &PgPool, config: &JobsConfig) -> sqlx::Result<Vec<LockRow>> {
+    let live: Vec<String> = hosts::fleet(pool, config.host.liveness.lost_after)
+        .await?
+        .into_iter()
+        .filter(|h| h.live)
+        .map(|h| h.id)
+        .collect();
+    let margin = DEADLINE_MARGIN.as_secs_f64();
+    let longest = config
+        .jobs
+        .iter()
+        .map(|j| j.timeout.as_secs_f64())
+        .fold(0.0, f64::max);
     let rows: Vec<(i64, i64, i16, i32, String, String, f64)> = sqlx::query_as(
         "select l.classid::int8, l.objid::int8, l.objsubid, l.pid,
                 coalesce(a.application_name, ''), coalesce(a.state, 'unknown'),
@@ -124,22 +265,26 @@ pub async fn locks(pool: &PgPool, config: &JobsConfig) -> sqlx::Result<Vec<LockR
         .into_iter()
         .map(|(classid, objid, objsubid, pid, app, state, held)| {
             // Two-int locks: classid = first int, objid = second (as unsigned oids).
-            let (key, job) = if objsubid == 2 {
+            let (key, job, ours) = if objsubid == 2 {
                 let (ns, k) = (classid as u32 as i32, objid as u32 as i32);
                 let job = (ns == LOCK_NAMESPACE)
                     .then(|| config.jobs.iter().find(|j| j.lock_key.key == k))
-                    .flatten()
-                    .map(|j| j.name.clone());
-                (format!("({ns}, {k})"), job)
+                    .flatten();
+                (format!("({ns}, {k})"), job, ns == LOCK_NAMESPACE)
             } else {
-                (((classid << 32) | objid).to_string(), None)
+                (((classid << 32) | objid).to_string(), None, false)
             };
+            // The deadline of the job's run; for a lock that is not a
+            // configured job's, the longest any run may take.
+            let deadline = job.map_or(longest, |j| j.timeout.as_secs_f64()) + margin;
+            let (stuck, verdict) = judge(holder(&app, &live), ours, &state, held, deadline);
             LockRow {
                 key,
-                job,
+                job: job.map(|j| j.name.clone()),
                 pid,
                 application_name: app,
-                stuck: state == "idle",
+                stuck,
+                verdict,
                 state,
                 held_for_secs: held,
             }
@@ -150,24 +295,20 @@ pub async fn locks(pool: &PgPool, config: &JobsConfig) -> sqlx::Result<Vec<LockR
 /// Renders `locks` as a table.
 pub fn render_locks(rows: &[LockRow]) -> String {
     let mut s = format!(
-        "{:<26} {:<22} {:>8} {:<32} {:<20} {:>10}\n",
-        "KEY", "JOB", "PID", "APPLICATION", "STATE", "HELD FOR"
+        "{:<26} {:<22} {:>8} {:<32} {:<20} {:>10}  {}\n",
+        "KEY", "JOB", "PID", "APPLICATION", "STATE", "HELD FOR", "VERDICT"
     );
     for r in rows {
         let _ = writeln!(
             s,
-            "{:<26} {:<22} {:>8} {:<32} {:<20} {:>9.1}s{}",
+            "{:<26} {:<22} {:>8} {:<32} {:<20} {:>9.1}s  {}",
             r.key,
             r.job.as_deref().unwrap_or("-"),
             r.pid,
             r.application_name,
             r.state,
             r.held_for_secs,
-            if r.stuck {
-                "  STUCK: held by an idle backend"
-            } else {
-                ""
-            }
+            r.verdict
         );
     }
     if rows.is_empty() {

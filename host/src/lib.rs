@@ -12,6 +12,12 @@
 //! - [`lock`]: advisory lock keys in the two-int keyspace.
 //! - [`db`]: the pool, the host's migrations and run history.
 //! - [`guard`]: the SQL scope guard (pg_query) every plugin statement passes.
+//! - [`tx`]: the transaction a run opens by hand: deadline in its `BEGIN`,
+//!   verified end, never reused after an interruption.
+//! - [`hygiene`]: the proof after every run that the connection carries
+//!   nothing into its next use (locks, settings, temporary objects).
+//! - [`hosts`]: host liveness (the `jobhost.hosts` heartbeat) that decides
+//!   which `running` rows are lost and which lock holders are alive.
 //! - [`runtime`]: wasmtime engine, plugins, the capabilities they are granted
 //!   (`sql` transaction, `log`, an empty WASI).
 //! - [`runner`]: one slot of one job, from BEGIN through lock, plugin call,
@@ -34,6 +40,8 @@ pub mod config;
 pub mod db;
 pub mod demo;
 pub mod guard;
+pub mod hosts;
+pub mod hygiene;
 pub mod inspect;
 pub mod lock;
 pub mod reload;
@@ -41,6 +49,7 @@ pub mod runner;
 pub mod runtime;
 pub mod schedule;
 pub mod scheduler;
+pub mod tx;
 
 use std::sync::Arc;
 
@@ -133,7 +142,24 @@ pub async fn run(
         config = %config.path.display(),
         "jobhost started"
     );
-    let runner = Runner::new(pool.clone(), runtime.clone(), &options.host_id);
+    hosts::register(&pool, &options.host_id)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot register host `{}` in jobhost.hosts",
+                options.host_id
+            )
+        })?;
+    let runner = Runner::new(pool.clone(), runtime.clone(), &options.host_id)
+        .with_liveness(config.host.liveness);
+    let stop_heartbeat = tokio_util::sync::CancellationToken::new();
+    let heartbeat = tokio::spawn(hosts::heartbeat(
+        pool.clone(),
+        options.host_id.clone(),
+        config.host.liveness,
+        runner.in_flight(),
+        stop_heartbeat.clone(),
+    ));
     let scheduler_options = scheduler::SchedulerOptions {
         clock_offset: options.clock_offset,
         shutdown_grace: config.host.shutdown_grace,
@@ -151,6 +177,11 @@ pub async fn run(
     scheduler::run_with_updates(runner, jobs, scheduler_options, updates, shutdown).await;
     stop_watching.cancel();
     let _ = watcher.await;
+    stop_heartbeat.cancel();
+    let _ = heartbeat.await;
+    if let Err(e) = hosts::stop(&pool, &options.host_id).await {
+        tracing::warn!(host_id = %options.host_id, error = %e, "cannot mark this host stopped; others will see it silent after host-lost-after");
+    }
     pool.close().await;
     Ok(())
 }

@@ -112,6 +112,28 @@ impl Schedule {
         }
     }
 
+    /// The shortest time between two consecutive slots: the period of an
+    /// `every` grid; for cron, the least gap among the next 256 matches after
+    /// `from` (enough to see every gap of a daily or weekly pattern).
+    pub fn min_gap(&self, from: DateTime<Utc>) -> Option<Duration> {
+        match self {
+            Schedule::Every { period, .. } => Some(*period),
+            Schedule::Cron(_) => {
+                let mut prev = self.next_after(from)?;
+                let mut least: Option<Duration> = None;
+                for _ in 0..256 {
+                    let Some(next) = self.next_after(prev) else {
+                        break;
+                    };
+                    let gap = (next - prev).to_std().unwrap_or(Duration::ZERO);
+                    least = Some(least.map_or(gap, |l| l.min(gap)));
+                    prev = next;
+                }
+                least
+            }
+        }
+    }
+
     /// The first slot strictly after `t`, if any.
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
         match self {

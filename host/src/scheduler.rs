@@ -27,7 +27,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::db::Outcome;
 use crate::runner::{Job, RunResult, Runner};
 
 /// Scheduler settings.
@@ -199,17 +198,9 @@ async fn job_loop(
                 continue;
             }
             Ok(RunResult::Finished {
-                outcome, attempt, ..
-            }) if outcome != Outcome::Ok
-                && u32::try_from(attempt).unwrap_or(u32::MAX)
-                    < current.config.retry.max_attempts =>
-            {
-                let delay = current
-                    .config
-                    .retry
-                    .delay_after(u32::try_from(attempt).unwrap_or(1));
-                Some(now(learned) + delay)
-            }
+                retry_in: Some(delay),
+                ..
+            }) => Some(now(learned) + delay),
             Ok(RunResult::BackingOff { until }) => Some(until),
             Ok(RunResult::AlreadyDone) => {
                 debug!(job = %name, "slot already done elsewhere");

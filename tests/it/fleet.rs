@@ -16,14 +16,14 @@ use crate::support::*;
 
 const HOST_ARGS_ENV: &str = "JOBHOST_IT_HOST_ARGS";
 
-/// Not a test of its own: when the binary is re-executed with
-/// `JOBHOST_IT_HOST_ARGS`, this runs the `jobhost` CLI with those arguments
-/// and exits with its code. In a normal test run it returns at once.
+/// Not a test of its own (so ignored in a normal run): when the binary is
+/// re-executed with `--ignored` and `JOBHOST_IT_HOST_ARGS`, this runs the
+/// `jobhost` CLI with those arguments and exits with its code.
 #[test]
+#[ignore = "the entry point of host child processes, not a test"]
 fn host_process() {
-    let Ok(args) = std::env::var(HOST_ARGS_ENV) else {
-        return;
-    };
+    let args = std::env::var(HOST_ARGS_ENV)
+        .expect("run only as a host child process, with JOBHOST_IT_HOST_ARGS set");
     let args: Vec<String> = serde_json::from_str(&args).unwrap();
     tracing_subscriber::fmt()
         .with_env_filter("info,sqlx=warn")
@@ -70,6 +70,7 @@ impl Host {
             .args([
                 "--exact",
                 "fleet::host_process",
+                "--ignored",
                 "--nocapture",
                 "--test-threads=1",
             ])
@@ -130,7 +131,7 @@ fn config_dir(tag: &str, job: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("jobhost-fleet-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let toml = format!(
-        "[host]\npool-size = 2\nshutdown-grace = \"10s\"\n\n[[job]]\nplugin = {:?}\n{job}\n",
+        "[host]\npool-size = 2\nshutdown-grace = \"10s\"\nheartbeat = \"200ms\"\nhost-lost-after = \"1s\"\n\n[[job]]\nplugin = {:?}\n{job}\n",
         guests::TEST_CORE_PROBE
     );
     std::fs::write(dir.join("jobs.toml"), toml).unwrap();
@@ -173,6 +174,17 @@ async fn three_hosts_with_skewed_clocks_run_every_slot_exactly_once(pool: PgPool
     .await
     .unwrap();
     assert!(per_slot.iter().all(|(_, ok)| *ok <= 1), "{per_slot:?}");
+    // The unique index alone would keep the above true whatever the hosts
+    // did: losing a race must not even show up as a failed attempt.
+    assert_eq!(
+        count(
+            &pool,
+            "select count(*) from jobhost.runs where outcome <> 'ok'"
+        )
+        .await,
+        0,
+        "a losing host recorded a failure"
+    );
     let ok = count(
         &pool,
         "select count(*) from jobhost.runs where outcome = 'ok'",
@@ -222,6 +234,17 @@ async fn a_killed_host_rolls_back_and_another_host_runs_its_slot(pool: PgPool) {
             .await
             .unwrap();
     a.kill();
+    // Host liveness, not backend pids: the survivor may only call the run
+    // lost once `doomed` has missed its heartbeats for `host-lost-after`.
+    wait_for(Duration::from_secs(10), "doomed to go silent", || async {
+        count(
+            &pool,
+            "select count(*) from jobhost.hosts where id = 'doomed' and last_seen < clock_timestamp() - interval '1 second'",
+        )
+        .await
+            == 1
+    })
+    .await;
 
     let b = Host::spawn(&dir, &url, "survivor", &[]);
     wait_for(
@@ -611,3 +634,178 @@ trait MapGe: Future<Output = i64> + Sized {
     }
 }
 impl<F: Future<Output = i64>> MapGe for F {}
+
+/// Every lock has a server-side deadline from the instant it is granted. The
+/// test freezes a host (SIGSTOP) right after it took a job's lock: its
+/// history check is held up on a row the test has locked, so the freeze lands
+/// between the lock and anything else of the run. Postgres must end that
+/// transaction within the job's timeout plus the margin, `jobhost locks` must
+/// call the frozen holder STUCK, and another host must run the job.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_host_frozen_right_after_the_lock_loses_it_by_the_deadline(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let url = database_url(&pool).await;
+    let dir = config_dir(
+        "freeze",
+        "name = \"iced\"\nevery = \"1s\"\ntimeout = \"2s\"\n[job.config]\nmode = \"write\"",
+    );
+    let config = jobhost::config::JobsConfig::from_file(dir.join("jobs.toml")).unwrap();
+    let key = config.jobs[0].lock_key;
+    // A `running` row of a dead host: the frozen host's history check will
+    // want to mark it lost, and wait on the row lock held here.
+    let ghost: i64 = sqlx::query_scalar(
+        "insert into jobhost.runs (job, slot, attempt, host_id, plugin_sha256, started_at, outcome)
+         values ('iced', now() - interval '1 hour', 0, 'ghost', 'x', now() - interval '1 hour', 'running')
+         returning id",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let mut blocker = pool.begin().await.unwrap();
+    sqlx::query("select 1 from jobhost.runs where id = $1 for update")
+        .bind(ghost)
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+
+    let frozen = Host::spawn(&dir, &url, "frozen", &[]);
+    let holder: i32 = wait_for_some(
+        Duration::from_secs(30),
+        "the lock taken, history blocked",
+        || async {
+            sqlx::query_scalar(
+                "select l.pid from pg_locks l join pg_stat_activity a on a.pid = l.pid
+              where l.locktype = 'advisory' and l.granted and l.objsubid = 2
+                and l.objid::int8 = ($1::int8 & 4294967295) and a.wait_event_type = 'Lock'",
+            )
+            .bind(key.key)
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+        },
+    )
+    .await;
+    frozen.signal("STOP");
+    let frozen_at = Instant::now();
+    blocker.rollback().await.unwrap();
+
+    // While frozen: once the host is silent past host-lost-after, its lock
+    // is STUCK; then Postgres ends the transaction by the run's deadline.
+    let stuck_seen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    wait_for(
+        Duration::from_secs(20),
+        "the frozen holder's lock to be released",
+        || {
+            let (pool, config, stuck_seen) = (pool.clone(), config.clone(), stuck_seen.clone());
+            async move {
+                let rows = jobhost::inspect::locks(&pool, &config).await.unwrap();
+                let held = rows.iter().find(|r| r.pid == holder);
+                if held.is_some_and(|r| r.stuck) {
+                    stuck_seen.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                held.is_none()
+            }
+        },
+    )
+    .await;
+    let released_after = frozen_at.elapsed();
+    // timeout 2 s + margin 2 s, and slack for a loaded machine.
+    assert!(
+        released_after < Duration::from_secs(7),
+        "the lock outlived its deadline: {released_after:?}"
+    );
+    assert!(
+        stuck_seen.load(std::sync::atomic::Ordering::SeqCst),
+        "`jobhost locks` never called the frozen holder STUCK"
+    );
+
+    // The job goes on elsewhere.
+    let other = Host::spawn(&dir, &url, "thawed-elsewhere", &[]);
+    wait_for(Duration::from_secs(30), "another host to run the job", || async {
+        count(
+            &pool,
+            "select count(*) from jobhost.runs where host_id = 'thawed-elsewhere' and outcome = 'ok'",
+        )
+        .await
+            >= 1
+    })
+    .await;
+    frozen.kill();
+    assert_eq!(other.terminate(Duration::from_secs(20)), 0);
+    assert_eq!(
+        count(
+            &pool,
+            "select count(*) from jobhost.runs where host_id = 'frozen' and outcome = 'ok'"
+        )
+        .await,
+        0,
+        "the frozen host's run never committed"
+    );
+}
+
+/// `jobhost locks` tells the truth: a healthy long (`session`) job's lock
+/// connection sits idle between heartbeats and is not an alarm; the same key
+/// held by an idle connection of no live host is.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn locks_does_not_cry_wolf_during_a_session_job(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let url = database_url(&pool).await;
+    let dir = std::env::temp_dir().join(format!("jobhost-fleet-wolf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("jobs.toml"),
+        format!(
+            "[host]\nheartbeat = \"200ms\"\nhost-lost-after = \"1s\"\n\n[[job]]\nname = \"long\"\nplugin = {:?}\nevery = \"1h\"\noffset = \"0s\"\ncatch-up = \"2h\"\nlock = \"session\"\nheartbeat = \"200ms\"\ntimeout = \"30s\"\n[job.config]\nmode = \"hold\"\nsleep-ms = \"4000\"\n",
+            guests::TEST_SESSION_PROBE
+        ),
+    )
+    .unwrap();
+    // The job's first slot needs a history to catch up from.
+    sqlx::query(
+        "insert into jobhost.runs (job, slot, attempt, host_id, plugin_sha256, started_at, finished_at, outcome)
+         values ('long', date_trunc('hour', now()) - interval '1 hour', 1, 'earlier', 'x', now(), now(), 'ok')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let config = jobhost::config::JobsConfig::from_file(dir.join("jobs.toml")).unwrap();
+    let host = Host::spawn(&dir, &url, "steady", &[]);
+    let args: Vec<std::ffi::OsString> = [
+        "jobhost",
+        "--config",
+        &dir.join("jobs.toml").display().to_string(),
+        "--database-url",
+        &url,
+        "locks",
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    wait_for(Duration::from_secs(30), "the session lock held", || async {
+        jobhost::inspect::locks(&pool, &config)
+            .await
+            .unwrap()
+            .iter()
+            .any(|r| r.job.as_deref() == Some("long"))
+    })
+    .await;
+    // Sampled across several heartbeats while the run holds its lock.
+    for _ in 0..5 {
+        let rows = jobhost::inspect::locks(&pool, &config).await.unwrap();
+        let held = rows.iter().find(|r| r.job.as_deref() == Some("long"));
+        let Some(held) = held else { break };
+        // Idle between heartbeats (what the old rule called STUCK), active
+        // during one.
+        assert!(
+            held.state == "idle" || held.state == "active",
+            "a lock connection: {held:?}"
+        );
+        assert!(!held.stuck, "false alarm: {held:?}");
+        assert_eq!(
+            jobhost::cli::run_cli(args.clone()).await.unwrap(),
+            std::process::ExitCode::SUCCESS
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(host.terminate(Duration::from_secs(20)), 0);
+}

@@ -9,6 +9,7 @@ mod support;
 
 mod core_run;
 mod fleet;
+mod hygiene;
 mod loading;
 mod reference_jobs;
 mod reload;

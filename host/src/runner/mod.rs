@@ -26,16 +26,19 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument as _, error, info, info_span, warn};
+use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
 use crate::config::JobConfig;
 use crate::config::LockMode;
 use crate::db::{self, Outcome, RunRecord};
 use crate::guard::SqlGuard;
+use crate::hosts::{InFlight, Liveness};
+use crate::hygiene;
 use crate::runtime::bindings::types::Context;
-use crate::runtime::{Invocation, Lent, Plugin, Returned, RunLimits, Runtime, TxHandle};
+use crate::runtime::{Closed, Invocation, Lent, Plugin, Returned, RunLimits, Runtime, TxHandle};
+use crate::tx::OpenTx;
 
 mod session;
 
@@ -68,6 +71,10 @@ pub enum RunResult {
         message: String,
         /// Attempt number at this slot.
         attempt: i32,
+        /// When the slot may be tried again, if it failed and has attempts
+        /// left (counted as the gate counts them: failures of the job's own
+        /// doing against `max-attempts`).
+        retry_in: Option<std::time::Duration>,
     },
     /// Another holder has the job's lock; nothing ran.
     LockBusy,
@@ -96,10 +103,13 @@ pub struct Runner {
     host_id: Arc<str>,
     guard: Arc<SqlGuard>,
     abort: CancellationToken,
+    liveness: Liveness,
+    in_flight: InFlight,
 }
 
 impl Runner {
-    /// A runner using `pool` for every job transaction.
+    /// A runner using `pool` for every job transaction, judging other hosts'
+    /// liveness with the default [`Liveness`].
     pub fn new(pool: PgPool, runtime: Arc<Runtime>, host_id: &str) -> Self {
         Self {
             pool,
@@ -107,7 +117,20 @@ impl Runner {
             host_id: host_id.into(),
             guard: Arc::new(SqlGuard::new()),
             abort: CancellationToken::new(),
+            liveness: Liveness::default(),
+            in_flight: InFlight::default(),
         }
+    }
+
+    /// Judges other hosts dead after `liveness.lost_after` without a heartbeat.
+    pub fn with_liveness(mut self, liveness: Liveness) -> Self {
+        self.liveness = liveness;
+        self
+    }
+
+    /// This runner's runs in flight (for the host heartbeat).
+    pub fn in_flight(&self) -> InFlight {
+        self.in_flight.clone()
     }
 
     /// Interrupts every run in flight on this runner (and its clones): each
@@ -166,7 +189,11 @@ impl Runner {
         let run_id = db::begin_run(&mut conn, name, slot, &self.host_id, &job.plugin.sha256)
             .await
             .with_context(|| format!("job `{name}`: cannot record the run's start"))?;
-        let mut tx = match Transaction::begin(conn, None).await {
+        let _in_flight = self.in_flight.enter(run_id);
+        // The deadline rides in BEGIN's own query: the lock, taken next, is
+        // bounded by the server from the instant it is granted.
+        let timeout_ms = job.config.timeout.as_millis().max(1);
+        let mut tx = match OpenTx::begin(conn, &db::backstops_sql(timeout_ms)).await {
             Ok(tx) => tx,
             Err(e) => {
                 let e = anyhow::Error::new(e)
@@ -175,18 +202,18 @@ impl Runner {
             }
         };
 
-        let attempt = match self.gate(job, slot, run_id, &mut tx).await {
-            Ok(Ok(attempt)) => attempt,
+        let gated = match tx.conn() {
+            Some(conn) => self.gate(job, slot, run_id, conn).await,
+            None => Err(anyhow::anyhow!("job `{name}`: the transaction closed")),
+        };
+        let go = match gated {
+            Ok(Ok(go)) => go,
             Ok(Err(skip)) => {
                 // Nothing runs: drop the `running` row in the same transaction
                 // (keeping any `lost` marks made under the lock) and commit,
-                // which also releases the lock if we took it.
-                let done: sqlx::Result<()> = async {
-                    db::discard_run(&mut tx, run_id).await?;
-                    tx.commit().await
-                }
-                .await;
-                if let Err(e) = done {
+                // which also releases the lock if we took it. One round trip.
+                let closing = format!("{};\ncommit", db::discard_run_sql(run_id));
+                if let Err(e) = tx.end(&closing).await {
                     warn!(job = %name, error = %e, "cannot close a skipped run; Postgres rolls it back");
                 }
                 return Ok(skip);
@@ -201,6 +228,7 @@ impl Runner {
             return Err(self.fail_before_plugin(name, run_id, e).await);
         }
 
+        let attempt = go.attempt;
         let (ctx, limits) = run_context(job, slot, attempt);
         let handle = TxHandle::new(tx, name.into(), job.config.max_rows, self.guard.clone());
         let abort = self.abort.clone();
@@ -240,16 +268,14 @@ impl Runner {
                 )
                 .await
         };
-        let (outcome, message, tx) = self.judge(job, invocation);
-
+        let judged = self.judge(job, invocation);
         let record = RunRecord {
             attempt,
-            outcome,
-            message: &message,
+            outcome: judged.outcome,
+            message: &judged.message,
         };
-        let role = job.config.role.as_deref();
-        let (outcome, message) = self.finish(name, role, run_id, tx, &record).await;
-        Ok(finished(name, attempt, outcome, message))
+        let (outcome, message) = self.finish(job, run_id, judged.closed, &record).await;
+        Ok(finished(job, go, outcome, message))
     }
 
     /// Takes the lock and decides, under it, whether the slot runs now.
@@ -259,8 +285,8 @@ impl Runner {
         job: &Job,
         slot: DateTime<Utc>,
         run_id: i64,
-        tx: &mut Transaction<'static, Postgres>,
-    ) -> anyhow::Result<Result<i32, RunResult>> {
+        conn: &mut sqlx::PgConnection,
+    ) -> anyhow::Result<Result<Go, RunResult>> {
         let name = job.config.name.as_str();
         let key = job.config.lock_key;
         // Invariant: the lock is the first statement of the transaction the
@@ -271,14 +297,15 @@ impl Runner {
             sqlx::query_as("select pg_try_advisory_xact_lock($1, $2), clock_timestamp()")
                 .bind(key.namespace)
                 .bind(key.key)
-                .fetch_one(&mut **tx)
+                .fetch_one(&mut *conn)
                 .await
                 .with_context(|| format!("job `{name}`: cannot try lock {key}"))?;
         if !locked {
-            warn!(job = %name, lock_key = %key, event = "lock_busy", "lock_busy: job lock held elsewhere, slot skipped");
+            // Losing the race for a slot is the normal case in a fleet.
+            debug!(job = %name, lock_key = %key, event = "lock_busy", "lock_busy: job lock held elsewhere, slot skipped");
             return Ok(Err(RunResult::LockBusy));
         }
-        self.check_slot(tx, job, slot, run_id, db_now).await
+        self.check_slot(conn, job, slot, run_id, db_now).await
     }
 
     /// The history checks under the job's lock, for both lock modes: the
@@ -292,14 +319,21 @@ impl Runner {
         slot: DateTime<Utc>,
         run_id: i64,
         db_now: DateTime<Utc>,
-    ) -> anyhow::Result<Result<i32, RunResult>> {
+    ) -> anyhow::Result<Result<Go, RunResult>> {
         let name = job.config.name.as_str();
         if db_now < slot {
             return Ok(Err(RunResult::NotDue { db_now }));
         }
-        let (lost, state) = db::slot_history(conn, name, slot, run_id)
-            .await
-            .with_context(|| format!("job `{name}`: cannot read the slot's history"))?;
+        let (lost, state) = db::slot_history(
+            conn,
+            name,
+            slot,
+            run_id,
+            &self.host_id,
+            self.liveness.lost_after,
+        )
+        .await
+        .with_context(|| format!("job `{name}`: cannot read the slot's history"))?;
         if lost > 0 {
             warn!(job = %name, runs = lost, "marked runs of vanished hosts as lost");
         }
@@ -319,16 +353,15 @@ impl Runner {
                 return Ok(Err(RunResult::BackingOff { until }));
             }
         }
-        Ok(Ok(state.attempts + 1))
+        Ok(Ok(Go {
+            attempt: state.attempts + 1,
+            failures,
+        }))
     }
 
     /// Decides the outcome. A statement error the plugin swallowed still makes
     /// the run an error: Postgres has already aborted the transaction.
-    fn judge(
-        &self,
-        job: &Job,
-        mut invocation: Invocation,
-    ) -> (Outcome, String, Option<Transaction<'static, Postgres>>) {
+    fn judge(&self, job: &Job, mut invocation: Invocation) -> Judged {
         let name = job.config.name.as_str();
         for line in invocation.output.lines().filter(|l| !l.trim().is_empty()) {
             info!(target: "jobhost::plugin", job = %name, stream = "stdio", "{line}");
@@ -336,12 +369,24 @@ impl Runner {
         if invocation.output_dropped > 0 {
             warn!(target: "jobhost::plugin", job = %name, dropped_bytes = invocation.output_dropped, "plugin output truncated: stdout/stderr past the per-run cap was dropped");
         }
-        let (tx, db_error) = match &mut invocation.lent {
-            Lent::Transaction(handle) => handle.close(),
-            // Each session transaction stood on its own; none is left to judge.
-            Lent::Session(_) => (None, None),
+        let (closed, db_error, leaked) = match &mut invocation.lent {
+            Lent::Transaction(handle) => {
+                let mut closed = handle.close();
+                let db_error = closed.db_error.take();
+                (Some(closed), db_error, None)
+            }
+            // Each session transaction stood on its own; none is left to
+            // judge, but a commit may have found the plugin's leftovers.
+            Lent::Session(session) => (None, None, session.leaked()),
         };
         let (outcome, message) = match (invocation.returned, db_error) {
+            (Returned::Value(_), _) if leaked.is_some() => (
+                Outcome::Error,
+                format!(
+                    "{}: the plugin left state on a connection that would outlive the run; that transaction was rolled back and the connection closed",
+                    leaked.unwrap_or_default()
+                ),
+            ),
             (Returned::Value(Ok(report)), None) => (Outcome::Ok, report.summary),
             (Returned::Value(Ok(_)), Some(db)) => (
                 Outcome::Error,
@@ -387,57 +432,105 @@ impl Runner {
                 ),
             ),
         };
-        (outcome, message, tx)
+        Judged {
+            outcome,
+            message,
+            closed,
+        }
     }
 
-    /// Writes the outcome over the run's row and commits (which releases the
-    /// lock). If the transaction is lost, records the failure on a fresh
-    /// connection: nothing of the run survived. Returns what was recorded.
+    /// Ends an `xact` run: writes the outcome over the run's row and commits
+    /// (which releases the lock), proving the connection clean on the way
+    /// ([`crate::hygiene`]). A run cut off mid-flight has its connection
+    /// closed instead, and is recorded on a fresh one: nothing of it survived.
+    /// Returns what was recorded.
     async fn finish(
         &self,
-        name: &str,
-        role: Option<&str>,
+        job: &Job,
         run_id: i64,
-        tx: Option<Transaction<'static, Postgres>>,
+        closed: Option<Closed>,
         record: &RunRecord<'_>,
     ) -> (Outcome, String) {
-        if let Some(mut tx) = tx {
-            let attempt: sqlx::Result<()> = async {
-                if record.outcome == Outcome::Ok {
-                    if role.is_some() {
-                        // Back to the host's own role for its bookkeeping.
-                        sqlx::query("reset role").execute(&mut *tx).await?;
-                    }
-                } else {
-                    sqlx::query("rollback to savepoint jobhost_work")
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                db::finish_run(&mut tx, run_id, record).await?;
-                tx.commit().await
-            }
-            .await;
-            let e = match attempt {
-                Ok(()) => return (record.outcome, record.message.to_owned()),
-                Err(e) => e,
-            };
-            error!(job = %name, error = %e, "cannot commit the run; Postgres rolled it back");
-            let outcome = if record.outcome == Outcome::Ok {
-                Outcome::Error
-            } else {
-                record.outcome
-            };
-            let message = format!("{} (transaction lost: {e})", record.message);
-            let failed = RunRecord {
-                outcome,
-                message: &message,
-                ..record.clone()
-            };
-            self.record_detached(name, run_id, &failed).await;
-            return (outcome, message);
+        let name = job.config.name.as_str();
+        let Some(Closed {
+            tx: Some(mut tx),
+            local_settings,
+            ..
+        }) = closed
+        else {
+            self.record_detached(name, run_id, record).await;
+            return (record.outcome, record.message.to_owned());
+        };
+        if matches!(
+            record.outcome,
+            Outcome::Timeout | Outcome::Interrupted | Outcome::LockLost
+        ) {
+            // The plugin may have been cut off inside a statement: never send
+            // another one on that connection.
+            tx.abandon();
+            self.record_detached(name, run_id, record).await;
+            return (record.outcome, record.message.to_owned());
         }
-        self.record_detached(name, run_id, record).await;
-        (record.outcome, record.message.to_owned())
+        let (attempt, run_outcome) = (record.attempt, record.outcome);
+        let closing = if run_outcome == Outcome::Ok {
+            hygiene::commit_ok_sql(
+                &job.config,
+                &local_settings,
+                run_id,
+                attempt,
+                record.message,
+            )
+        } else {
+            hygiene::commit_failure_sql(run_id, attempt, run_outcome, record.message)
+        };
+        let e = match tx.finish(&closing).await {
+            Ok(leftovers) => {
+                if let Some(left) = leftovers {
+                    // Only what a COMMIT kept can get here (the check before it
+                    // passed, or the run had failed anyway): the work stands as
+                    // recorded, the connection is closed.
+                    log_leak(name, &left, "after commit");
+                }
+                return (run_outcome, record.message.to_owned());
+            }
+            Err(e) => e,
+        };
+        if let Some(leak) = hygiene::leaked(&e) {
+            log_leak(name, &leak, "before commit");
+            let message = format!(
+                "{leak}: the plugin left state on its connection that would outlive the run; its work was rolled back and the connection closed"
+            );
+            let closing = hygiene::commit_failure_sql(run_id, attempt, Outcome::Error, &message);
+            match tx.finish(&closing).await {
+                Ok(_) => {}
+                Err(e) => {
+                    error!(job = %name, error = %e, "cannot record the run on its connection");
+                    drop(tx);
+                    let failed = RunRecord {
+                        outcome: Outcome::Error,
+                        message: &message,
+                        ..record.clone()
+                    };
+                    self.record_detached(name, run_id, &failed).await;
+                }
+            }
+            return (Outcome::Error, message);
+        }
+        drop(tx);
+        error!(job = %name, error = %e, "cannot commit the run; Postgres rolled it back");
+        let outcome = if run_outcome == Outcome::Ok {
+            Outcome::Error
+        } else {
+            run_outcome
+        };
+        let message = format!("{} (transaction lost: {e})", record.message);
+        let failed = RunRecord {
+            outcome,
+            message: &message,
+            ..record.clone()
+        };
+        self.record_detached(name, run_id, &failed).await;
+        (outcome, message)
     }
 
     /// Records a failure that happened before the plugin ran; returns the error.
@@ -481,16 +574,49 @@ impl Runner {
     }
 }
 
-/// Logs a finished run and makes its result.
-fn finished(job: &str, attempt: i32, outcome: Outcome, message: String) -> RunResult {
+/// What [`Runner::judge`] decided.
+struct Judged {
+    outcome: Outcome,
+    message: String,
+    /// The lent transaction, taken back (`xact` runs).
+    closed: Option<Closed>,
+}
+
+/// The structured event of a run that left state on its connection.
+fn log_leak(job: &str, what: &str, when: &str) {
+    error!(job = %job, event = "session_state_leaked", leaked = %what, found = when, "session_state_leaked: the plugin left state on its connection; the connection was closed");
+}
+
+/// The gate's answer for a slot that runs now.
+#[derive(Debug, Clone, Copy)]
+struct Go {
+    /// This attempt's number (every earlier attempt counts).
+    attempt: i32,
+    /// Earlier failures of the job's own doing (these count against
+    /// `max-attempts`).
+    failures: u32,
+}
+
+/// Logs a finished run and makes its result, with when to retry it.
+fn finished(job: &Job, go: Go, outcome: Outcome, message: String) -> RunResult {
+    let name = job.config.name.as_str();
+    let attempt = go.attempt;
+    let retry_in = outcome.counts_against_attempts().then(|| {
+        let failures = go.failures + 1;
+        (failures < job.config.retry.max_attempts).then(|| job.config.retry.delay_after(failures))
+    });
+    let retry_in = retry_in.flatten();
     match outcome {
-        Outcome::Ok => info!(job = %job, attempt, summary = %message, "run ok"),
-        _ => warn!(job = %job, attempt, outcome = outcome.as_str(), error = %message, "run failed"),
+        Outcome::Ok => info!(job = %name, attempt, summary = %message, "run ok"),
+        _ => {
+            warn!(job = %name, attempt, outcome = outcome.as_str(), error = %message, retry_in = ?retry_in, "run failed")
+        }
     }
     RunResult::Finished {
         outcome,
         message,
         attempt,
+        retry_in,
     }
 }
 
@@ -525,25 +651,14 @@ pub fn check_plugin_kind(config: &JobConfig, plugin: &Plugin) -> Result<(), Stri
     }
 }
 
-/// Backstops, savepoint and role for the plugin's part of the transaction,
-/// sent as one simple query: one round trip instead of three or four on a
-/// path every run takes.
-async fn prepare(
-    job: &JobConfig,
-    host_id: &str,
-    tx: &mut Transaction<'static, Postgres>,
-) -> anyhow::Result<()> {
+/// The run's name in `pg_stat_activity`, savepoint and role for the plugin's
+/// part of the transaction, sent as one simple query. (The deadline was set
+/// with BEGIN.)
+async fn prepare(job: &JobConfig, host_id: &str, tx: &mut OpenTx) -> anyhow::Result<()> {
     let name = job.name.as_str();
-    let timeout_ms = job.timeout.as_millis().max(1);
-    // No statement outlives the run; a host that hangs mid-transaction is cut
-    // off by Postgres (ending the transaction and so the lock) a little after
-    // the run's own budget.
-    let idle_ms = timeout_ms + 5_000;
     let app = truncate_utf8(&format!("{}/{name}", db::application_name(host_id)), 63);
     let mut sql = format!(
-        "set local statement_timeout = {timeout_ms};
-         set local idle_in_transaction_session_timeout = {idle_ms};
-         set local application_name = {};
+        "set local application_name = {};
          savepoint jobhost_work",
         db::quote_literal(&app)
     );
@@ -552,14 +667,15 @@ async fn prepare(
         sql.push_str(";\n         ");
         sql.push_str(&db::set_local_role_sql(role));
     }
+    let conn = tx
+        .conn()
+        .with_context(|| format!("job `{name}`: the transaction closed"))?;
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-        .execute(&mut **tx)
+        .execute(conn)
         .await
         .with_context(|| match &job.role {
-            Some(role) => {
-                format!("job `{name}`: cannot set the run's backstops, savepoint and role `{role}`")
-            }
-            None => format!("job `{name}`: cannot set the run's backstops and savepoint"),
+            Some(role) => format!("job `{name}`: cannot set the run's savepoint and role `{role}`"),
+            None => format!("job `{name}`: cannot set the run's savepoint"),
         })?;
     Ok(())
 }

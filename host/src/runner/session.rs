@@ -5,8 +5,11 @@
 //! So:
 //!
 //! 1. the run's `running` row is inserted on a pooled connection, released at once;
-//! 2. a connection **not from the pool** is opened for this run, and
-//!    `pg_try_advisory_lock` taken there (busy: `lock_busy`, skip);
+//! 2. a connection **not from the pool** is opened for this run, with
+//!    `idle_session_timeout` a little over two heartbeats from its startup
+//!    packet on (a host frozen at any point loses the lock within that, by
+//!    the server's own clock), and `pg_try_advisory_lock` taken there (busy:
+//!    `lock_busy`, skip);
 //! 3. the shared history checks run on that connection, under the lock;
 //! 4. a heartbeat task owns the lock connection and pings it every
 //!    `heartbeat`; if it fails (backend terminated, network gone) the lock is
@@ -14,7 +17,10 @@
 //!    the run recorded `lock_lost`: a host that takes the lock next never runs
 //!    alongside a zombie;
 //! 5. the plugin gets a `session` from which it begins short transactions
-//!    through the pool, one at a time, each committed on its own;
+//!    through the pool, one at a time, each bounded by the run's deadline and
+//!    committed on its own in a query that first proves, in the database,
+//!    that the lock connection still holds the lock (`jobhost.assert_lock_held`):
+//!    a session job never commits after its lock is gone;
 //! 6. the outcome is written on the lock connection, then
 //!    `pg_advisory_unlock` runs **on that same connection** and its boolean is
 //!    checked (false is logged as an error with the key), and the connection
@@ -27,11 +33,11 @@ use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use sqlx::{Connection as _, PgConnection};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{Job, RunResult, Runner, finished, run_context};
 use crate::db::{self, RunRecord};
-use crate::runtime::{Lent, Returned, SessionHandle};
+use crate::runtime::{Lent, LockHolder, Returned, SessionHandle, TxScope};
 
 impl Runner {
     pub(super) async fn run_session(
@@ -51,6 +57,7 @@ impl Runner {
                 .await
                 .with_context(|| format!("job `{name}`: cannot record the run's start"))?
         };
+        let _in_flight = self.in_flight.enter(run_id);
 
         // A connection of this run's own: never a pooled one, whose return to
         // the pool would keep the lock (the production bug).
@@ -58,9 +65,14 @@ impl Runner {
             &format!("{}/{name}/lock", db::application_name(&self.host_id)),
             63,
         );
+        // The lock's server-side deadline: the heartbeat talks on this
+        // connection every `heartbeat`; if it stops (host frozen, hung,
+        // partitioned) Postgres ends the session, and so the lock, on its own.
+        let idle_ms = (job.config.heartbeat * 2 + db::DEADLINE_MARGIN).as_millis();
         let options = (*self.pool.connect_options())
             .clone()
-            .application_name(&app);
+            .application_name(&app)
+            .options([("idle_session_timeout", idle_ms.to_string())]);
         let mut lock = match PgConnection::connect_with(&options).await {
             Ok(c) => c,
             Err(e) => {
@@ -69,14 +81,15 @@ impl Runner {
                 return Err(self.fail_before_plugin(name, run_id, e).await);
             }
         };
-        let taken: sqlx::Result<(bool, DateTime<Utc>, i32)> = sqlx::query_as(
-            "select pg_try_advisory_lock($1, $2), clock_timestamp(), pg_backend_pid()",
+        let taken: sqlx::Result<(bool, DateTime<Utc>, i32, DateTime<Utc>)> = sqlx::query_as(
+            "select pg_try_advisory_lock($1, $2), clock_timestamp(), pg_backend_pid(),
+                    (select backend_start from pg_stat_activity where pid = pg_backend_pid())",
         )
         .bind(key.namespace)
         .bind(key.key)
         .fetch_one(&mut lock)
         .await;
-        let (locked, db_now, pid) = match taken {
+        let (locked, db_now, pid, backend_start) = match taken {
             Ok(t) => t,
             Err(e) => {
                 drop(lock);
@@ -86,7 +99,8 @@ impl Runner {
             }
         };
         if !locked {
-            warn!(job = %name, lock_key = %key, event = "lock_busy", "lock_busy: job lock held elsewhere, slot skipped");
+            // Losing the race for a slot is the normal case in a fleet.
+            debug!(job = %name, lock_key = %key, event = "lock_busy", "lock_busy: job lock held elsewhere, slot skipped");
             if let Err(e) = db::discard_run(&mut lock, run_id).await {
                 warn!(job = %name, error = %e, "cannot remove the row of a skipped run");
             }
@@ -99,8 +113,8 @@ impl Runner {
             self.check_slot(&mut lock, job, slot, run_id, db_now).await
         }
         .await;
-        let attempt = match checked {
-            Ok(Ok(attempt)) => attempt,
+        let go = match checked {
+            Ok(Ok(go)) => go,
             Ok(Err(skip)) => {
                 if let Err(e) = db::discard_run(&mut lock, run_id).await {
                     warn!(job = %name, error = %e, "cannot remove the row of a skipped run");
@@ -127,15 +141,24 @@ impl Runner {
             name.to_owned(),
         ));
 
+        let attempt = go.attempt;
         let (ctx, limits) = run_context(job, slot, attempt);
+        let holder = LockHolder {
+            key: (key.namespace, key.key),
+            pid,
+            backend_start,
+        };
         let session = SessionHandle::new(
             self.pool.clone(),
             name.into(),
             self.guard.clone(),
             job.config.max_rows,
             lost.clone(),
-            job.config.role.clone(),
-            job.config.timeout,
+            holder,
+            TxScope {
+                role: job.config.role.clone(),
+                timeout: job.config.timeout,
+            },
         );
         let (abort, lost_too) = (self.abort.clone(), lost.clone());
         let invocation = self
@@ -157,7 +180,8 @@ impl Runner {
             .await;
         stop_heartbeat.cancel();
         let lock = heartbeat.await.ok().flatten();
-        let (outcome, message, _) = self.judge(job, invocation);
+        let judged = self.judge(job, invocation);
+        let (outcome, message) = (judged.outcome, judged.message);
         let record = RunRecord {
             attempt,
             outcome,
@@ -175,12 +199,15 @@ impl Runner {
             }
             None => self.record_detached(name, run_id, &record).await,
         }
-        Ok(finished(name, attempt, outcome, message))
+        Ok(finished(job, go, outcome, message))
     }
 }
 
 /// Owns the lock connection during the run and checks it every `every`.
 /// Returns it when stopped, or `None` (after cancelling `lost`) when it failed.
+/// If the task ends any other way (a panic unwinds it, dropping, and so
+/// closing, the lock connection) `lost` is cancelled too: a run never goes on
+/// without its lock.
 async fn heartbeat(
     mut conn: PgConnection,
     every: Duration,
@@ -189,9 +216,13 @@ async fn heartbeat(
     job: String,
 ) -> Option<PgConnection> {
     let patience = every.max(Duration::from_secs(1));
+    let lost_unless_stopped = lost.clone().drop_guard();
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return Some(conn),
+            _ = stop.cancelled() => {
+                lost_unless_stopped.disarm();
+                return Some(conn);
+            }
             _ = tokio::time::sleep(every) => {}
         }
         let ping = tokio::time::timeout(patience, sqlx::query("select 1").execute(&mut conn)).await;

@@ -33,7 +33,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use bindings::types::{Context, Failure, Report};
 use bindings::{JobPlugin, JobPluginPre};
 use http::{HttpGrant, HttpPolicy};
-pub use sql::{SessionHandle, TxHandle};
+pub use sql::{Closed, LockHolder, SessionHandle, TxHandle, TxScope};
 
 /// How often the epoch advances: the granularity at which a busy guest yields.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -483,10 +483,17 @@ impl Runtime {
                 Ok(s) => s,
                 Err(e) => unreachable!("the lent session vanished from the table: {e}"),
             };
-            // Roll back whatever the plugin left open.
+            // Roll back whatever the plugin left open. A plugin that was cut
+            // off may have left a statement half-way through the protocol:
+            // close those connections instead (Postgres rolls back).
+            let cut_off = !matches!(returned, Returned::Value(_) | Returned::Trap(_));
             for &tx in session.began() {
                 if let Ok(mut h) = table.delete(Resource::<TxHandle>::new_own(tx)) {
-                    h.rollback().await;
+                    if cut_off {
+                        h.abandon();
+                    } else {
+                        h.rollback().await;
+                    }
                 }
             }
             Lent::Session(session)

@@ -10,9 +10,10 @@
 //! without reaching Postgres, and the runner records the run as an error even if
 //! the plugin swallowed the failure and returned success.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use wasmtime::component::Resource;
 
@@ -20,34 +21,79 @@ use super::RunState;
 use super::bindings::sql::{self, DbError, Error, RowSet, Value};
 use super::values::{self, StatementError};
 use crate::guard::SqlGuard;
+use crate::hygiene;
+use crate::tx::OpenTx;
 
 /// Host side of one lent `transaction`.
 pub struct TxHandle {
-    tx: Option<Transaction<'static, Postgres>>,
+    tx: Option<OpenTx>,
     first_error: Option<String>,
     max_rows: usize,
     job: Arc<str>,
     guard: Arc<SqlGuard>,
-    /// Set for transactions a session plugin began: it may commit them,
-    /// unless the job's lock has been lost meanwhile.
-    own_commit: Option<CancellationToken>,
+    /// Settings the plugin changed with `SET LOCAL` (the post-run check must
+    /// not take them for session-level leaks).
+    local_settings: Vec<String>,
+    /// Set for transactions a session plugin began: it may commit them while
+    /// the job's lock is held.
+    own_commit: Option<CommitRights>,
+}
+
+/// What a session job's short transaction needs to commit safely.
+#[derive(Clone)]
+struct CommitRights {
+    /// Cancelled when the heartbeat finds the lock connection gone.
+    lost: CancellationToken,
+    /// The lock connection, checked by the database in the COMMIT's own query.
+    holder: LockHolder,
+    /// The job's role, reset before the host's closing statements.
+    role: Option<String>,
+    /// The first leak found by a commit's check: the run is then an error.
+    leaked: Arc<OnceLock<String>>,
+}
+
+/// The connection that holds a session job's lock: key, backend pid and
+/// start (a pid alone can be reused by a new backend).
+#[derive(Debug, Clone, Copy)]
+pub struct LockHolder {
+    /// The job's lock key (namespace, key).
+    pub key: (i32, i32),
+    /// Backend pid of the lock connection.
+    pub pid: i32,
+    /// When that backend started.
+    pub backend_start: DateTime<Utc>,
+}
+
+/// The role and deadline of each short transaction a session begins.
+#[derive(Debug, Clone)]
+pub struct TxScope {
+    /// `SET LOCAL ROLE` for the job's statements.
+    pub role: Option<String>,
+    /// The run's timeout: no statement runs longer.
+    pub timeout: std::time::Duration,
+}
+
+/// What a closed [`TxHandle`] hands back to the runner.
+pub struct Closed {
+    /// The transaction, if still open.
+    pub tx: Option<OpenTx>,
+    /// The first database error of the run.
+    pub db_error: Option<String>,
+    /// Settings the plugin changed with `SET LOCAL`.
+    pub local_settings: Vec<String>,
 }
 
 impl TxHandle {
     /// Wraps the run's transaction (already locked by the runner). Every
     /// statement passes `guard` before it reaches Postgres.
-    pub fn new(
-        tx: Transaction<'static, Postgres>,
-        job: Arc<str>,
-        max_rows: usize,
-        guard: Arc<SqlGuard>,
-    ) -> Self {
+    pub fn new(tx: OpenTx, job: Arc<str>, max_rows: usize, guard: Arc<SqlGuard>) -> Self {
         Self {
             tx: Some(tx),
             first_error: None,
             max_rows,
             job,
             guard,
+            local_settings: Vec::new(),
             own_commit: None,
         }
     }
@@ -55,7 +101,7 @@ impl TxHandle {
     /// The transaction's connection, for native work on the same path
     /// (benchmarks); `None` once the scope is closed.
     pub fn connection(&mut self) -> Option<&mut PgConnection> {
-        self.tx.as_deref_mut()
+        self.tx.as_mut().and_then(OpenTx::conn)
     }
 
     /// Whether the transaction is still open (not committed or rolled back).
@@ -63,47 +109,113 @@ impl TxHandle {
         self.tx.is_some()
     }
 
-    /// Rolls back if still open (a transaction the plugin never committed).
+    /// Rolls back if still open (a transaction the plugin never committed),
+    /// checking the connection before it goes back to the pool.
     pub async fn rollback(&mut self) {
-        if let Some(tx) = self.tx.take()
-            && let Err(e) = tx.rollback().await
-        {
-            tracing::warn!(job = %self.job, error = %e, "rollback failed; the connection is discarded");
+        if let Some(mut tx) = self.tx.take() {
+            match tx.finish("rollback").await {
+                Ok(None) => {}
+                Ok(Some(left)) => self.report_leak(&left),
+                Err(e) => {
+                    tracing::warn!(job = %self.job, error = %e, "rollback failed; the connection is discarded")
+                }
+            }
+        }
+    }
+
+    /// Closes the connection without another statement (the plugin was cut
+    /// off, possibly mid-statement): Postgres rolls back.
+    pub fn abandon(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            tx.abandon();
+        }
+    }
+
+    fn report_leak(&self, what: &str) {
+        tracing::error!(job = %self.job, event = "session_state_leaked", leaked = %what, "session_state_leaked: the plugin left state on its connection; the connection was closed");
+        if let Some(rights) = &self.own_commit {
+            let _ = rights.leaked.set(what.to_owned());
         }
     }
 
     async fn commit(&mut self) -> wasmtime::Result<Result<(), Error>> {
-        let Some(lost) = &self.own_commit else {
+        let Some(rights) = self.own_commit.clone() else {
             return Ok(Err(Error::Refused(
                 "this transaction belongs to the host, which commits it when `run` returns".into(),
             )));
         };
-        if lost.is_cancelled() {
+        if rights.lost.is_cancelled() {
             self.rollback().await;
             return Ok(Err(Error::Refused(
                 "the job's lock was lost; the transaction was rolled back".into(),
             )));
         }
-        let Some(tx) = self.tx.take() else {
+        if self.tx.is_none() {
             return Ok(Err(Error::ScopeClosed));
-        };
+        }
         if self.first_error.is_some() {
             // Postgres has aborted it; COMMIT would silently roll back.
-            if let Err(e) = tx.rollback().await {
-                tracing::warn!(job = %self.job, error = %e, "rollback failed");
-            }
+            self.rollback().await;
             return Ok(Err(Error::TransactionAborted));
         }
-        match tx.commit().await {
-            Ok(()) => Ok(Ok(())),
-            Err(e) => self.fail(StatementError::Sqlx(e)).map(Err),
+        // One simple query: the host's scope back, the session check, the
+        // lock check *in the database*, COMMIT. If the lock connection died
+        // a moment ago, the check raises and COMMIT never runs: a session job
+        // never commits after its lock is gone.
+        let h = rights.holder;
+        let lock_check = format!(
+            "select jobhost.assert_lock_held({}, {}, {}, {}::timestamptz)",
+            h.key.0,
+            h.key.1,
+            h.pid,
+            crate::db::quote_literal(&h.backend_start.to_rfc3339()),
+        );
+        let closing =
+            hygiene::commit_session_sql(rights.role.as_deref(), &self.local_settings, &lock_check);
+        let Some(tx) = self.tx.as_mut() else {
+            return Ok(Err(Error::ScopeClosed));
+        };
+        match tx.finish(&closing).await {
+            Ok(left) => {
+                self.tx = None;
+                if let Some(left) = left {
+                    self.report_leak(&left);
+                }
+                Ok(Ok(()))
+            }
+            Err(e) => {
+                if let Some(leak) = hygiene::leaked(&e) {
+                    self.report_leak(&leak);
+                    self.rollback().await;
+                    return Ok(Err(Error::Refused(format!(
+                        "{leak}; the transaction was rolled back"
+                    ))));
+                }
+                if e.as_database_error()
+                    .is_some_and(|d| d.code().as_deref() == Some(hygiene::LOCK_GONE_SQLSTATE))
+                {
+                    rights.lost.cancel();
+                    self.rollback().await;
+                    return Ok(Err(Error::Refused(
+                        "the job's lock was lost; the transaction was rolled back".into(),
+                    )));
+                }
+                let out = self.fail(StatementError::Sqlx(e)).map(Err);
+                self.rollback().await;
+                out
+            }
         }
     }
 
-    /// Ends the scope: returns the transaction and the first database error, if
-    /// any. Every later call on this handle is `scope-closed`.
-    pub fn close(&mut self) -> (Option<Transaction<'static, Postgres>>, Option<String>) {
-        (self.tx.take(), self.first_error.take())
+    /// Ends the scope: returns the transaction, the first database error and
+    /// the plugin's `SET LOCAL`s. Every later call on this handle is
+    /// `scope-closed`.
+    pub fn close(&mut self) -> Closed {
+        Closed {
+            tx: self.tx.take(),
+            db_error: self.first_error.take(),
+            local_settings: std::mem::take(&mut self.local_settings),
+        }
     }
 
     /// The connection for `statement`, once the scope is open, the transaction
@@ -112,15 +224,24 @@ impl TxHandle {
         if self.tx.is_none() {
             return Err(Error::ScopeClosed);
         }
-        if let Err(why) = self.guard.check(statement) {
-            tracing::warn!(job = %self.job, reason = %why, statement, "statement refused by the scope guard");
-            return Err(Error::Refused(why));
+        match self.guard.check(statement) {
+            Err(why) => {
+                tracing::warn!(job = %self.job, reason = %why, statement, "statement refused by the scope guard");
+                return Err(Error::Refused(why));
+            }
+            Ok(allowed) => {
+                if let Some(name) = allowed.sets_local
+                    && !self.local_settings.contains(&name)
+                {
+                    self.local_settings.push(name);
+                }
+            }
         }
         if self.first_error.is_some() {
             return Err(Error::TransactionAborted);
         }
-        match self.tx.as_mut() {
-            Some(tx) => Ok(&mut **tx),
+        match self.tx.as_mut().and_then(OpenTx::conn) {
+            Some(conn) => Ok(conn),
             None => Err(Error::ScopeClosed),
         }
     }
@@ -203,9 +324,7 @@ pub struct SessionHandle {
     job: Arc<str>,
     guard: Arc<SqlGuard>,
     max_rows: usize,
-    lost: CancellationToken,
-    /// Role and statement timeout applied to each transaction (`SET LOCAL`).
-    role: Option<String>,
+    rights: CommitRights,
     statement_timeout_ms: u128,
     /// Every transaction this session began (table reps), so the host can roll
     /// back what the plugin left open when `run` returns.
@@ -213,25 +332,35 @@ pub struct SessionHandle {
 }
 
 impl SessionHandle {
-    /// A session for `job`; `lost` is cancelled when the job's lock is lost.
-    /// Each transaction it begins runs as `role` (if any), with
-    /// `statement_timeout` set to `statement_timeout`.
+    /// A session for `job`; `lost` is cancelled when the job's lock is lost,
+    /// and `holder` is the connection that holds it. Each transaction it
+    /// begins runs as `scope.role` (if any), bounded by `scope.timeout`
+    /// (`statement_timeout`, and `idle_in_transaction_session_timeout` a
+    /// margin later).
     pub fn new(
         pool: PgPool,
         job: Arc<str>,
         guard: Arc<SqlGuard>,
         max_rows: usize,
         lost: CancellationToken,
-        role: Option<String>,
-        statement_timeout: std::time::Duration,
+        holder: LockHolder,
+        scope: TxScope,
     ) -> Self {
+        let TxScope {
+            role,
+            timeout: statement_timeout,
+        } = scope;
         Self {
             pool,
             job,
             guard,
             max_rows,
-            lost,
-            role,
+            rights: CommitRights {
+                lost,
+                holder,
+                role,
+                leaked: Arc::default(),
+            },
             statement_timeout_ms: statement_timeout.as_millis().max(1),
             began: Vec::new(),
         }
@@ -240,6 +369,11 @@ impl SessionHandle {
     /// Table reps of the transactions this session began.
     pub fn began(&self) -> &[u32] {
         &self.began
+    }
+
+    /// What a commit's check found the plugin left on a connection, if anything.
+    pub fn leaked(&self) -> Option<String> {
+        self.rights.leaked.get().cloned()
     }
 }
 
@@ -251,7 +385,7 @@ impl sql::HostSession for RunState {
         session: Resource<SessionHandle>,
     ) -> wasmtime::Result<Result<Resource<TxHandle>, Error>> {
         let s = self.table.get(&session)?;
-        if s.lost.is_cancelled() {
+        if s.rights.lost.is_cancelled() {
             return Ok(Err(Error::Refused("the job's lock was lost".into())));
         }
         for rep in s.began.clone() {
@@ -266,30 +400,24 @@ impl sql::HostSession for RunState {
             }
         }
         let s = self.table.get(&session)?;
-        let (pool, job, guard, max_rows, lost) = (
+        let (pool, job, guard, max_rows, rights, timeout_ms) = (
             s.pool.clone(),
             s.job.clone(),
             s.guard.clone(),
             s.max_rows,
-            s.lost.clone(),
+            s.rights.clone(),
+            s.statement_timeout_ms,
         );
-        let (role, timeout_ms) = {
-            let s = self.table.get(&session)?;
-            (s.role.clone(), s.statement_timeout_ms)
-        };
-        // Each short transaction gets the run's backstop and the job's role,
-        // in one simple query.
+        // Each short transaction gets the run's backstops (from BEGIN on) and
+        // the job's role, in the BEGIN's own simple query.
+        let mut scope = crate::db::backstops_sql(timeout_ms);
+        if let Some(role) = &rights.role {
+            scope.push_str(";\n");
+            scope.push_str(&crate::db::set_local_role_sql(role));
+        }
         let begun = async {
-            let mut tx = pool.begin().await?;
-            let mut scope = format!("set local statement_timeout = {timeout_ms}");
-            if let Some(role) = role {
-                scope.push_str(";\n");
-                scope.push_str(&crate::db::set_local_role_sql(&role));
-            }
-            sqlx::raw_sql(sqlx::AssertSqlSafe(scope))
-                .execute(&mut *tx)
-                .await?;
-            Ok::<_, sqlx::Error>(tx)
+            let conn = pool.acquire().await?;
+            OpenTx::begin(conn, &scope).await
         };
         let tx = match begun.await {
             Ok(tx) => tx,
@@ -300,13 +428,14 @@ impl sql::HostSession for RunState {
                     max_rows,
                     job,
                     guard,
+                    local_settings: Vec::new(),
                     own_commit: None,
                 };
                 return scratch.fail(StatementError::Sqlx(e)).map(Err);
             }
         };
         let mut handle = TxHandle::new(tx, job, max_rows, guard);
-        handle.own_commit = Some(lost);
+        handle.own_commit = Some(rights);
         let lent = self.table.push(handle)?;
         self.table.get_mut(&session)?.began.push(lent.rep());
         Ok(Ok(lent))

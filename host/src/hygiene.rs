@@ -1,0 +1,155 @@
+//! Verify, don't enumerate: the proof, after every run, that the connection a
+//! plugin used carries nothing into its next use (DESIGN invariant 1).
+//!
+//! The [scope guard](crate::guard) refuses what it can see, but a list of
+//! refusals is never complete (a function created in one run and called in
+//! the next, an operator over `pg_advisory_lock`, an `UPDATE` of a view over
+//! `pg_settings`...). So the runner also checks the *state* of the session,
+//! with `jobhost.session_state` (migration `..._hosts`), at two points that
+//! cost no round trip of their own, because both ride in the simple query
+//! that ends the run ([`crate::tx::OpenTx::finish`]):
+//!
+//! 1. **before COMMIT**, inside the transaction, `jobhost.assert_clean`
+//!    raises `session_state_leaked` (SQLSTATE `JH002`) if the session holds
+//!    an advisory lock other than the job's own, a setting changed at session
+//!    level, a temporary object, a holdable cursor... The runner then rolls
+//!    back to the savepoint before the plugin's work and records the run as
+//!    `error` naming what it did;
+//! 2. **after COMMIT**, the same check with nothing allowed
+//!    ([`LEFTOVERS_SQL`]): what survives the transaction (a session-level
+//!    `search_path` hidden behind the host's own `SET LOCAL`, a lock taken
+//!    twice). A connection with leftovers is closed, never pooled, and the
+//!    runner logs `session_state_leaked` with the job.
+//!
+//! The host's own statements after the plugin's run with
+//! `search_path = pg_catalog, pg_temp` and schema-qualified names, so a
+//! function the job's role created cannot shadow one the host calls. (The
+//! guard refuses `SET LOCAL search_path` to plugins; a change through a
+//! function is a leak the check reports, since it runs before the host's own
+//! `SET LOCAL` would hide it.)
+
+use crate::config::JobConfig;
+use crate::db::{Outcome, quote_literal};
+
+/// SQLSTATE raised by `jobhost.assert_clean`.
+pub const LEAKED_SQLSTATE: &str = "JH002";
+
+/// SQLSTATE raised by `jobhost.assert_lock_held` (a session job's lock is gone).
+pub const LOCK_GONE_SQLSTATE: &str = "JH001";
+
+/// The post-commit check: one row, one nullable text column. `search_path` is
+/// read here, in the caller's context, because inside the function it is the
+/// function's own.
+pub const LEFTOVERS_SQL: &str = "select jobhost.session_state(null, null, null, \
+     pg_catalog.current_setting('search_path'), \
+     (select s.source from pg_catalog.pg_settings s where s.name operator(pg_catalog.=) 'search_path'))";
+
+/// Settings the host itself sets with `SET LOCAL` in a run's transaction
+/// before the plugin runs. (`search_path` is not one: the guard refuses it to
+/// plugins, so any change of it is a leak.)
+const HOST_LOCAL_SETTINGS: &[&str] = &[
+    "statement_timeout",
+    "idle_in_transaction_session_timeout",
+    "application_name",
+];
+
+/// The caller's `search_path` and its source, as arguments of the check:
+/// inside the function it is the function's own.
+const CALLER_SEARCH_PATH: &str = "pg_catalog.current_setting('search_path'), \
+     (select s.source from pg_catalog.pg_settings s where s.name operator(pg_catalog.=) 'search_path')";
+
+/// The host's own role back, then the check of what the plugin left (it reads
+/// the `search_path` the plugin left, so it comes first), then a
+/// `search_path` no job can have planted anything in for the host's
+/// statements that follow. Every name is schema-qualified as well.
+fn host_scope_checked(role: Option<&str>, check: &str) -> String {
+    let mut sql = String::new();
+    if role.is_some() {
+        sql.push_str("reset role;\n");
+    }
+    sql.push_str(check);
+    sql.push_str(";\n");
+    sql.push_str(HOST_SEARCH_PATH);
+    sql
+}
+
+/// The `search_path` of the host's statements after a plugin's.
+const HOST_SEARCH_PATH: &str = "set local search_path = pg_catalog, pg_temp";
+
+/// The in-transaction check of a run (raises `JH002`). `own` is the job's
+/// lock key (`None` for a session job's short transaction, which holds no
+/// advisory lock of its own); `plugin_local` the settings the plugin changed
+/// with `SET LOCAL` (the guard saw them).
+pub fn assert_clean_sql(own: Option<(i32, i32)>, plugin_local: &[String]) -> String {
+    let allowed: Vec<String> = HOST_LOCAL_SETTINGS
+        .iter()
+        .map(|s| (*s).to_owned())
+        .chain(plugin_local.iter().cloned())
+        .map(|s| quote_literal(&s))
+        .collect();
+    let (ns, key) = match own {
+        Some((ns, key)) => (ns.to_string(), key.to_string()),
+        None => ("null".into(), "null".into()),
+    };
+    format!(
+        "select jobhost.assert_clean({ns}, {key}, array[{}]::text[], {CALLER_SEARCH_PATH})",
+        allowed.join(", ")
+    )
+}
+
+/// The closing statements of a session job's short transaction: the host's
+/// scope and the check, the lock check (`lock_check`), COMMIT.
+pub fn commit_session_sql(role: Option<&str>, plugin_local: &[String], lock_check: &str) -> String {
+    format!(
+        "{};\n{lock_check};\ncommit",
+        host_scope_checked(role, &assert_clean_sql(None, plugin_local))
+    )
+}
+
+/// `UPDATE` of a run's row to its outcome, with literals (it rides in a
+/// multi-statement simple query, which cannot take parameters).
+pub fn record_sql(run_id: i64, attempt: i32, outcome: Outcome, message: &str) -> String {
+    // Postgres text cannot hold NUL; a plugin's message can.
+    let message = message.replace('\0', "\u{fffd}");
+    format!(
+        "update jobhost.runs set attempt = {attempt}, outcome = {}, message = {}, \
+         finished_at = pg_catalog.clock_timestamp() where id = {run_id}",
+        quote_literal(outcome.as_str()),
+        quote_literal(&message)
+    )
+}
+
+/// The closing statements of an `xact` run whose plugin succeeded: host scope,
+/// the check, the `ok` record, COMMIT.
+pub fn commit_ok_sql(
+    job: &JobConfig,
+    plugin_local: &[String],
+    run_id: i64,
+    attempt: i32,
+    message: &str,
+) -> String {
+    let key = job.lock_key;
+    let check = assert_clean_sql(Some((key.namespace, key.key)), plugin_local);
+    format!(
+        "{};\n{};\ncommit",
+        host_scope_checked(job.role.as_deref(), &check),
+        record_sql(run_id, attempt, Outcome::Ok, message)
+    )
+}
+
+/// The closing statements of an `xact` run that failed: undo the plugin's
+/// work (and its role and settings) back to the savepoint, record, COMMIT.
+/// Valid in an aborted transaction too.
+pub fn commit_failure_sql(run_id: i64, attempt: i32, outcome: Outcome, message: &str) -> String {
+    format!(
+        "rollback to savepoint jobhost_work;\n{HOST_SEARCH_PATH};\n{};\ncommit",
+        record_sql(run_id, attempt, outcome, message)
+    )
+}
+
+/// Whether `e` is the in-transaction check's refusal; its message says what
+/// leaked.
+pub fn leaked(e: &sqlx::Error) -> Option<String> {
+    let db = e.as_database_error()?;
+    (db.code().as_deref() == Some(LEAKED_SQLSTATE)).then(|| db.message().to_owned())
+}

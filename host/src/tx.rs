@@ -1,0 +1,126 @@
+//! [`OpenTx`]: a transaction the host opened on a pooled connection, managed
+//! by hand instead of through `sqlx::Transaction`, for three reasons:
+//!
+//! - **the deadline comes with `BEGIN`.** The run's backstops
+//!   (`statement_timeout`, `idle_in_transaction_session_timeout`) are sent in
+//!   the same simple query as `BEGIN`, so the job's lock, taken by the next
+//!   statement, has a server-side deadline from the instant it is granted: a
+//!   host frozen right after the lock still loses it (DESIGN invariant 4);
+//! - **the end is verified.** [`OpenTx::finish`] sends the host's closing
+//!   statements, `COMMIT`, and the post-commit check of the session
+//!   ([`crate::hygiene`]) in one simple query, one round trip; a connection
+//!   that is not proven clean never goes back to the pool;
+//! - **an interrupted connection is never reused.** A run cut off by its
+//!   timeout may have left a statement half-way through the protocol; such a
+//!   transaction is [abandoned](OpenTx::abandon) (the socket is closed, and
+//!   Postgres rolls back and releases the lock), and so is any `OpenTx`
+//!   dropped while still open.
+
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, Postgres, Row as _};
+
+/// A transaction open on a pooled connection (see the module docs).
+pub struct OpenTx {
+    conn: Option<PoolConnection<Postgres>>,
+}
+
+/// What the post-commit check found on the connection: `None` when clean,
+/// otherwise what was left behind (advisory locks, session settings, temporary
+/// objects, cursors, listened channels).
+pub type Leftovers = Option<String>;
+
+impl OpenTx {
+    /// Sends `BEGIN` and `setup` (statements that must be in force before
+    /// anything else runs, e.g. the run's deadline) as one simple query.
+    pub async fn begin(mut conn: PoolConnection<Postgres>, setup: &str) -> sqlx::Result<Self> {
+        let sql = if setup.is_empty() {
+            "begin".to_owned()
+        } else {
+            format!("begin;\n{setup}")
+        };
+        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut *conn)
+            .await
+        {
+            // The connection's state is unknown: do not hand it back.
+            conn.close_on_drop();
+            return Err(e);
+        }
+        Ok(Self { conn: Some(conn) })
+    }
+
+    /// The connection, while the transaction is open.
+    pub fn conn(&mut self) -> Option<&mut PgConnection> {
+        self.conn.as_deref_mut()
+    }
+
+    /// Ends the transaction with `closing` (the host's last statements, which
+    /// must end with `COMMIT` or `ROLLBACK`) followed by the post-commit
+    /// session check, in one simple query. Returns what the check found; a
+    /// connection with leftovers is closed instead of going back to the pool.
+    ///
+    /// On error (a closing statement failed, so the rest of the query did not
+    /// run) the transaction stays open, in Postgres's aborted state: the
+    /// caller may roll back to a savepoint and finish again, or drop it (which
+    /// closes the connection).
+    pub async fn finish(&mut self, closing: &str) -> sqlx::Result<Leftovers> {
+        let sql = format!("{closing};\n{}", crate::hygiene::LEFTOVERS_SQL);
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(sqlx::Error::PoolClosed);
+        };
+        let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&mut **conn)
+            .await?;
+        let Some(mut conn) = self.conn.take() else {
+            return Err(sqlx::Error::PoolClosed);
+        };
+        // The check is the only statement that returns rows.
+        let leftovers: Option<String> = match rows.last() {
+            Some(row) => row.try_get(0)?,
+            None => {
+                conn.close_on_drop();
+                return Err(sqlx::Error::RowNotFound);
+            }
+        };
+        if leftovers.is_some() {
+            conn.close_on_drop();
+        }
+        Ok(leftovers)
+    }
+
+    /// Ends a transaction no plugin touched with `closing` (ending in
+    /// `COMMIT` or `ROLLBACK`), one simple query, and returns the connection
+    /// to the pool without the session check: only the host's own
+    /// statements ran. A plugin's transaction must be [finished](Self::finish).
+    pub async fn end(mut self, closing: &str) -> sqlx::Result<()> {
+        let Some(mut conn) = self.conn.take() else {
+            return Ok(());
+        };
+        let done = sqlx::raw_sql(sqlx::AssertSqlSafe(closing.to_owned()))
+            .execute(&mut *conn)
+            .await;
+        if done.is_err() {
+            conn.close_on_drop();
+        }
+        done.map(drop)
+    }
+
+    /// Closes the connection without another statement: Postgres rolls the
+    /// transaction back and releases its locks when it sees the socket close
+    /// (at once when idle; within `client_connection_check_interval` while a
+    /// statement runs).
+    pub fn abandon(mut self) {
+        if let Some(conn) = self.conn.take() {
+            drop(conn.detach());
+        }
+    }
+}
+
+impl Drop for OpenTx {
+    fn drop(&mut self) {
+        // Never return an open (or unverified) transaction to the pool.
+        if let Some(conn) = self.conn.take() {
+            drop(conn.detach());
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! Nothing a plugin does outlives its run (DESIGN invariant 1, "verify, don't
+//! enumerate"). Each hostile case goes through a route the scope guard cannot
+//! see (a function or operator the job created in an ordinary schema, called
+//! in a later run), on a pool of ONE connection, so that a leak would reach
+//! the next job. Every case runs with a restricted job role and without one.
+
+use std::time::Duration;
+
+use jobhost::db::Outcome;
+use jobhost::lock::LockKey;
+use jobhost::runner::Runner;
+use jobhost_tests::guests;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+use crate::support::*;
+
+/// The job's lock key of `victim`: what the hostile plugin tries to keep.
+const VICTIM_KEY: (i32, i32) = (1785684584, 2115140381);
+
+/// A runner on a pool of one connection on the test's database.
+async fn one_connection_runner(pool: &PgPool) -> (Runner, PgPool) {
+    let one = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(pool.connect_options().as_ref().clone())
+        .await
+        .unwrap();
+    (Runner::new(one.clone(), runtime(), "hygiene-host"), one)
+}
+
+/// A role that may write `probe` and create objects in schema `jobspace`
+/// (what "a job role that can create a function in any schema" means), and
+/// that schema. Roles are cluster-wide: the name is unique to the database.
+async fn restricted_role(pool: &PgPool) -> String {
+    let db: String = sqlx::query_scalar("select current_database()")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    // Test databases are named per test; so is the role. A role left by an
+    // earlier, failed run of the same test is dropped first.
+    let role = format!("jhjob_{}", &db[db.len().saturating_sub(16)..]);
+    let exists: bool =
+        sqlx::query_scalar("select exists (select 1 from pg_roles where rolname = $1)")
+            .bind(&role)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    if exists {
+        drop_role(pool, &role).await;
+    }
+    for sql in [
+        format!("create role \"{role}\" nologin"),
+        format!("grant usage, create on schema jobspace to \"{role}\""),
+        format!("grant insert, select on probe to \"{role}\""),
+        format!("grant usage on sequence probe_id_seq to \"{role}\""),
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    role
+}
+
+async fn drop_role(pool: &PgPool, role: &str) {
+    let sql = format!("drop owned by \"{role}\" cascade; drop role \"{role}\"");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// Runs `sql` through the hostile plugin as job `name` (role `role`).
+async fn hostile_run(
+    runner: &Runner,
+    name: &str,
+    role: Option<&str>,
+    sql: &str,
+    n: i64,
+) -> jobhost::runner::RunResult {
+    let mut job = job(
+        name,
+        guests::TEST_SANDBOX_HOSTILE,
+        &[("mode", "sql"), ("sql", sql)],
+    );
+    job.config.role = role.map(str::to_owned);
+    runner.run(&job, slot(n)).await.unwrap()
+}
+
+/// What a *different* job sees on the (single) pooled connection afterwards:
+/// its search_path, temporary objects, and advisory locks of its backend.
+async fn next_job_sees(runner: &Runner, n: i64) -> String {
+    let job = job(
+        "bystander",
+        guests::TEST_CORE_PROBE,
+        &[
+            ("mode", "query"),
+            (
+                "sql",
+                "select current_setting('search_path') || ' | temp objects: ' ||
+                        (select count(*) from pg_class where relnamespace = pg_my_temp_schema())::text ||
+                        ' | session locks: ' ||
+                        (select count(*) from pg_locks where pid = pg_backend_pid() and locktype = 'advisory'
+                            and not (objsubid = 2 and objid::int8 = ($1::int8 & 4294967295)))::text as seen",
+            ),
+            ("params", &format!("[[\"int4\", {}]]", LockKey::derive("bystander").key)),
+        ],
+    );
+    finished(runner.run(&job, slot(1000 + n)).await.unwrap(), Outcome::Ok)
+}
+
+/// One hostile case: `setup` runs (each statement a run of its own, ok), then
+/// `attack` must end as an error naming `leaked`, with nothing left behind.
+async fn leak_case(pool: &PgPool, setup: &[&str], attack: &str, leaked: &str) {
+    create_probe_table(pool).await;
+    sqlx::query("create schema jobspace")
+        .execute(pool)
+        .await
+        .unwrap();
+    let role = restricted_role(pool).await;
+    for (round, role) in [None, Some(role.as_str())].into_iter().enumerate() {
+        // A fresh schema for each round, so both create the same objects.
+        let fresh = format!(
+            "drop schema jobspace cascade; create schema jobspace; grant usage, create on schema jobspace to \"{}\"",
+            role.map_or_else(|| "public".to_owned(), str::to_owned)
+        );
+        sqlx::raw_sql(sqlx::AssertSqlSafe(fresh.replace("\"public\"", "public")))
+            .execute(pool)
+            .await
+            .unwrap();
+        let logs = LogCapture::start();
+        let (runner, one) = one_connection_runner(pool).await;
+        let name = format!("hostile-{round}");
+        for (i, sql) in setup.iter().enumerate() {
+            let result = hostile_run(&runner, &name, role, sql, (round * 100 + i) as i64).await;
+            finished(result, Outcome::Ok);
+        }
+        let result = hostile_run(&runner, &name, role, attack, (round * 100 + 50) as i64).await;
+        let msg = finished(result, Outcome::Error);
+        assert!(
+            msg.contains("session_state_leaked") && msg.contains(leaked),
+            "role {role:?}: `{attack}` must be caught naming `{leaked}`, got: {msg}"
+        );
+        let text = logs.text();
+        assert!(
+            text.lines()
+                .any(|l| l.contains("session_state_leaked") && l.contains(&format!("job={name}"))),
+            "a structured event names the job: {text}"
+        );
+        // The plugin's write before the attack was rolled back with it.
+        assert_eq!(
+            sqlx::query_scalar::<_, i64>("select count(*) from probe where note = 'hostile'")
+                .fetch_one(pool)
+                .await
+                .unwrap(),
+            setup.len() as i64 * (round as i64 + 1),
+            "role {role:?}: only the setup runs' writes stand"
+        );
+        // Nothing reached the next job on the same pooled connection.
+        let seen = next_job_sees(&runner, round as i64).await;
+        assert!(
+            seen.contains("public | temp objects: 0 | session locks: 0")
+                && !seen.contains("jobspace"),
+            "role {role:?}: the next job saw {seen}"
+        );
+        assert_eq!(advisory_locks(pool).await, 0, "role {role:?}");
+        one.close().await;
+    }
+    drop_role(pool, &role).await;
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_function_taking_a_session_lock_is_caught_and_rolled_back(pool: PgPool) {
+    leak_case(
+        &pool,
+        &[&format!(
+            "create function jobspace.g() returns void language sql as 'select pg_advisory_lock({}, {})'",
+            VICTIM_KEY.0, VICTIM_KEY.1
+        )],
+        "select jobspace.g()",
+        &format!("advisory locks ({}, {})", VICTIM_KEY.0, VICTIM_KEY.1),
+    )
+    .await;
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn an_operator_over_pg_advisory_lock_is_caught(pool: PgPool) {
+    // No function-call node at all: the guard cannot see this one.
+    leak_case(
+        &pool,
+        &["create operator jobspace.### (rightarg = bigint, function = pg_advisory_lock)"],
+        "select operator(jobspace.###) 12::bigint",
+        "advisory locks",
+    )
+    .await;
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_session_setting_changed_through_a_function_is_caught(pool: PgPool) {
+    leak_case(
+        &pool,
+        &["create function jobspace.sp() returns text language sql as $$ select set_config('search_path', 'jobspace, public', false) $$"],
+        "select jobspace.sp()",
+        "search_path",
+    )
+    .await;
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_temporary_table_created_through_a_function_is_caught(pool: PgPool) {
+    leak_case(
+        &pool,
+        &["create function jobspace.mk() returns void language plpgsql as $$ begin create temp table sneaky (x int); end $$"],
+        "select jobspace.mk()",
+        "temporary objects sneaky",
+    )
+    .await;
+}
+
+/// The host's statements after the plugin's cannot be redirected: the job's
+/// role creates a `clock_timestamp()` in its own schema and moves its
+/// `search_path` there (through a function, since the guard refuses `SET`).
+/// The check (schema-qualified, run before the host's own `search_path`)
+/// catches the change, and the shadow is never called.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn host_statements_ignore_a_shadowing_function(pool: PgPool) {
+    create_probe_table(&pool).await;
+    sqlx::query("create schema jobspace")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let role = restricted_role(&pool).await;
+    let as_role = format!(
+        "set role \"{role}\";
+         create sequence jobspace.shadow_calls;
+         create function jobspace.clock_timestamp() returns timestamptz language plpgsql
+             as $$ begin perform pg_catalog.nextval('jobspace.shadow_calls'); return pg_catalog.now(); end $$;
+         create function jobspace.move_path() returns text language sql
+             as $$ select pg_catalog.set_config('search_path', 'jobspace, pg_catalog', true) $$;
+         reset role"
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(as_role))
+        .execute(&pool)
+        .await
+        .unwrap();
+    for (n, role) in [None, Some(role.as_str())].into_iter().enumerate() {
+        let (runner, one) = one_connection_runner(&pool).await;
+        let msg = finished(
+            hostile_run(
+                &runner,
+                "shadow",
+                role,
+                "select jobspace.move_path()",
+                n as i64,
+            )
+            .await,
+            Outcome::Error,
+        );
+        assert!(msg.contains("search_path"), "{msg}");
+        one.close().await;
+    }
+    let called: bool = sqlx::query_scalar("select is_called from jobspace.shadow_calls")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(
+        !called,
+        "the host called the job's shadowing clock_timestamp()"
+    );
+    drop_role(&pool, &role).await;
+}
+
+/// A run cut off by its timeout may be mid-statement: its connection is
+/// closed, never handed to the next run.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_timed_out_run_never_returns_its_connection_to_the_pool(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let (runner, one) = one_connection_runner(&pool).await;
+    let mut slow = probe("slow", "sleep");
+    slow.config.config.push(("sleep-ms".into(), "5000".into()));
+    slow.config.timeout = Duration::from_millis(500);
+    finished(runner.run(&slow, slot(1)).await.unwrap(), Outcome::Timeout);
+    let pid: i32 = sqlx::query_scalar("select backend_pid from jobhost.runs where job = 'slow'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    // The next run on the one-connection pool gets a new backend.
+    let next = probe("next", "write");
+    finished(runner.run(&next, slot(2)).await.unwrap(), Outcome::Ok);
+    let next_pid: i32 =
+        sqlx::query_scalar("select backend_pid from jobhost.runs where job = 'next'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_ne!(pid, next_pid, "the timed-out run's connection was reused");
+    wait_for(Duration::from_secs(5), "the old backend to end", || async {
+        sqlx::query_scalar::<_, i64>("select count(*) from pg_stat_activity where pid = $1")
+            .bind(pid)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+            == 0
+    })
+    .await;
+    assert_eq!(probe_rows(&pool).await, 1, "only the second run's write");
+    one.close().await;
+}
+
+/// `running` rows are judged by their host's heartbeat, not by backend pids:
+/// a live host's row survives (though its pid means nothing), a dead host's
+/// row is marked `lost`, and a host's own orphan (its task died while the host
+/// lives on) is marked by that host's heartbeat.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn running_rows_are_judged_by_host_liveness(pool: PgPool) {
+    create_probe_table(&pool).await;
+    jobhost::hosts::register(&pool, "alive").await.unwrap();
+    sqlx::query(
+        "insert into jobhost.hosts (id, hostname, pid, version, started_at, last_seen)
+         values ('silent', 'x', 1, '0', now() - interval '1 hour', now() - interval '1 hour')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let insert = |host: &'static str, n: i64| {
+        let pool = pool.clone();
+        async move {
+            // backend_pid null: a pid check would call both of these dead.
+            sqlx::query_scalar::<_, i64>(
+                "insert into jobhost.runs (job, slot, attempt, host_id, plugin_sha256, started_at, outcome)
+                 values ('judged', $1, 0, $2, 'x', now() - interval '1 minute', 'running') returning id",
+            )
+            .bind(slot(n))
+            .bind(host)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let live_row = insert("alive", 1).await;
+    let dead_row = insert("silent", 2).await;
+    let job = probe("judged", "write");
+    finished(runner(&pool).run(&job, slot(3)).await.unwrap(), Outcome::Ok);
+    let outcome = |id: i64| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("select outcome from jobhost.runs where id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(outcome(live_row).await, "running", "a live host's run");
+    assert_eq!(outcome(dead_row).await, "lost", "a dead host's run");
+
+    // The live host's own heartbeat: its row is in no task's hands.
+    let in_flight = jobhost::hosts::InFlight::default();
+    let _kept = in_flight.enter(999_999);
+    let marked = jobhost::hosts::beat(
+        &pool,
+        "alive",
+        &in_flight.snapshot(),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(marked, 1);
+    assert_eq!(outcome(live_row).await, "lost");
+}
