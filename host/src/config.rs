@@ -606,6 +606,38 @@ mod tests {
     }
 
     #[test]
+    fn retries_that_could_never_run_are_refused() {
+        let job = |extra: &str| {
+            format!("[[job]]\nname = \"r\"\nplugin = \"Cargo.toml\"\nevery = \"10s\"\n{extra}")
+        };
+        // 6 s + 12 s of backoff before the third attempt: the next slot, 10 s
+        // later, always comes first.
+        let e = parse(&job("max-attempts = 3\nretry-backoff = \"6s\"")).unwrap_err();
+        assert!(e.contains("job `r`") && e.contains("retries would never run"), "{e}");
+        assert!(e.contains("18s") && e.contains("10s"), "{e}");
+        // The default backoff (10 s) with a retry on a 10 s cadence: refused too.
+        assert!(parse(&job("max-attempts = 2")).is_err());
+        // 2 s + 4 s fit in 10 s.
+        let ok = parse(&job("max-attempts = 3\nretry-backoff = \"2s\"")).unwrap();
+        assert_eq!(ok.jobs[0].retry.max_attempts, 3);
+        // Cron: the least gap counts (every 10 s at :00 :10 ... on a minute).
+        let cron = "[[job]]\nname = \"c\"\nplugin = \"Cargo.toml\"\ncron = \"*/10 * * * * *\"\nmax-attempts = 2\nretry-backoff = \"15s\"";
+        assert!(parse(cron).is_err());
+    }
+
+    #[test]
+    fn host_liveness_needs_two_heartbeats() {
+        let host = |hb: &str, lost: &str| {
+            format!("[host]\nheartbeat = \"{hb}\"\nhost-lost-after = \"{lost}\"\n")
+        };
+        let e = parse(&host("5s", "8s")).unwrap_err();
+        assert!(e.contains("host-lost-after"), "{e}");
+        let c = parse(&host("200ms", "1s")).unwrap();
+        assert_eq!(c.host.liveness.heartbeat, Duration::from_millis(200));
+        assert_eq!(c.host.liveness.lost_after, Duration::from_secs(1));
+    }
+
+    #[test]
     fn valid_job_parses_with_defaults() {
         let c = parse(
             r#"

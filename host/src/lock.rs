@@ -56,9 +56,12 @@ mod tests {
     fn derived_key_is_stable_and_documented() {
         // Pinned: changing the derivation would let two host versions of one
         // fleet run the same job concurrently.
-        let digest = Sha256::digest(b"integrity-hash-retry");
-        let expected = i32::from_be_bytes(digest[..4].try_into().unwrap());
-        assert_eq!(LockKey::derive("integrity-hash-retry").key, expected);
+        // Literal values (first four bytes of SHA-256 of the name, signed
+        // big-endian), computed outside this code.
+        assert_eq!(LockKey::derive("integrity-hash-retry").key, -1_048_503_536);
+        assert_eq!(LockKey::derive("a").key, -896_040_686);
+        assert_eq!(LockKey::derive("b").key, 1_042_540_566);
+        assert_eq!(LockKey::derive("b").namespace, 0x6a6f_6268);
         assert_eq!(LOCK_NAMESPACE, 0x6a6f_6268);
         assert_ne!(LockKey::derive("a"), LockKey::derive("b"));
     }

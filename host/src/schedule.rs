@@ -215,11 +215,19 @@ mod tests {
     fn spread_offsets_are_stable_bounded_and_spread() {
         let second = Duration::from_secs(1);
         // Pinned: a change would move every job's slots on a fleet upgrade.
-        let digest = Sha256::digest(b"integrity-hash-retry");
-        let bits = u64::from_be_bytes(digest[4..12].try_into().unwrap());
+        // Literal values (SHA-256 bytes 4..12 of the name, big-endian, modulo
+        // the window in ms), computed outside this code.
         assert_eq!(
             Schedule::spread_offset("integrity-hash-retry", second),
-            Duration::from_millis(bits % 1000)
+            Duration::from_millis(687)
+        );
+        assert_eq!(
+            Schedule::spread_offset("integrity-hash-retry", Duration::from_secs(30)),
+            Duration::from_millis(23_687)
+        );
+        assert_eq!(
+            Schedule::spread_offset("integrity-hash-retry", Duration::from_secs(3600)),
+            Duration::from_millis(23_687)
         );
         // Within the period, and within MAX_SPREAD of long periods.
         let day = Duration::from_secs(86_400);

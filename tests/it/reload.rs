@@ -204,9 +204,17 @@ async fn broken_and_half_written_plugins_never_replace_a_working_one(pool: PgPoo
     })
     .await;
 
-    // A partial write followed by the complete one ends on the complete version.
+    // A partial write is seen and rejected (not merely outrun by the complete
+    // one), then the complete write ends on the complete version.
+    let rejections = |t: &str| t.matches("reload rejected").count();
+    let before = rejections(&logs.text());
     std::fs::write(dir.join("probe.wasm"), &v3[..v3.len() / 2]).unwrap();
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    wait_for(
+        Duration::from_secs(10),
+        "the half-written file's rejection",
+        || async { rejections(&logs.text()) > before },
+    )
+    .await;
     std::fs::write(dir.join("probe.wasm"), &v3).unwrap();
     let v3_sha = sha(&v3);
     wait_for(Duration::from_secs(20), "v3 running", || async {

@@ -87,7 +87,22 @@ async fn the_session_lock_lives_on_a_dedicated_connection_and_is_unlocked_there(
             }
         })
     });
-    let msg = finished(runner(&pool).run(&job, slot(1)).await.unwrap(), Outcome::Ok);
+    // The host's pool, named as a host names its connections, so the
+    // observer can list them.
+    let host_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(
+            pool.connect_options()
+                .as_ref()
+                .clone()
+                .application_name("jobhost:test-host"),
+        )
+        .await
+        .unwrap();
+    let msg = finished(
+        runner(&host_pool).run(&job, slot(1)).await.unwrap(),
+        Outcome::Ok,
+    );
     assert_eq!(msg, "held 800 ms");
     let ((holder, app, mode), pooled) = observer.join().unwrap();
     assert!(
@@ -96,9 +111,14 @@ async fn the_session_lock_lives_on_a_dedicated_connection_and_is_unlocked_there(
     );
     assert_eq!(mode, "ExclusiveLock");
     assert!(
+        !pooled.is_empty(),
+        "the run's `running` row went through the pool, which must be listed"
+    );
+    assert!(
         !pooled.contains(&holder),
         "holder {holder} is one of the pool's: {pooled:?}"
     );
+    host_pool.close().await;
 
     let text = logs.text();
     let released = text
@@ -130,7 +150,12 @@ async fn a_terminated_lock_backend_interrupts_the_run_within_the_heartbeat(pool:
         advisory_locks(&pool).await == 1
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await; // the plugin holds an open transaction
+    wait_for(
+        Duration::from_secs(10),
+        "the plugin's open transaction",
+        || open_write(&pool),
+    )
+    .await;
     let holder: i32 = sqlx::query_scalar(
         "select pid from pg_locks where locktype = 'advisory'
             and database = (select oid from pg_database where datname = current_database())",
@@ -157,6 +182,84 @@ async fn a_terminated_lock_backend_interrupts_the_run_within_the_heartbeat(pool:
         "the open transaction was rolled back"
     );
     assert_eq!(advisory_locks(&pool).await, 0);
+}
+
+/// Whether some backend of this database sits in a transaction that wrote
+/// (has an xid): a session plugin's open short transaction.
+async fn open_write(pool: &PgPool) -> bool {
+    sqlx::query_scalar::<_, i64>(
+        "select count(*) from pg_stat_activity
+          where datname = current_database() and state = 'idle in transaction'
+            and backend_xid is not null",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+        >= 1
+}
+
+/// A session job never commits after its lock is gone, even before its
+/// heartbeat notices: the COMMIT's own query checks, in the database, that the
+/// run's lock connection still holds the lock.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_session_job_never_commits_after_its_lock_is_gone(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let mut job = session_job(
+        "late",
+        guests::TEST_SESSION_PROBE,
+        &[("mode", "hold"), ("sleep-ms", "1500")],
+    );
+    // Far longer than the run: the heartbeat will not notice in time.
+    job.config.heartbeat = Duration::from_secs(30);
+    let key = job.config.lock_key;
+    let task = {
+        let (runner, job) = (runner(&pool), job.clone());
+        tokio::spawn(async move { runner.run(&job, slot(1)).await })
+    };
+    wait_for(
+        Duration::from_secs(10),
+        "the plugin's open transaction",
+        || open_write(&pool),
+    )
+    .await;
+    // The lock connection dies and someone else takes the lock at once.
+    let holder: i32 = sqlx::query_scalar(
+        "select pid from pg_locks where locktype = 'advisory'
+            and database = (select oid from pg_database where datname = current_database())",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let _: bool = sqlx::query_scalar("select pg_terminate_backend($1)")
+        .bind(holder)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let mut thief = pool.acquire().await.unwrap();
+    wait_for(Duration::from_secs(5), "the lock to be free", || async {
+        advisory_locks(&pool).await == 0
+    })
+    .await;
+    let taken: bool = sqlx::query_scalar("select pg_try_advisory_lock($1, $2)")
+        .bind(key.namespace)
+        .bind(key.key)
+        .fetch_one(&mut *thief)
+        .await
+        .unwrap();
+    assert!(taken);
+    let result = task.await.unwrap().unwrap();
+    match &result {
+        jobhost::runner::RunResult::Finished { outcome, .. } => assert!(
+            matches!(outcome, Outcome::Error | Outcome::LockLost),
+            "{result:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        probe_rows(&pool).await,
+        0,
+        "the plugin committed after its lock was gone: {result:?}"
+    );
 }
 
 #[sqlx::test(migrator = "jobhost::db::MIGRATOR")]

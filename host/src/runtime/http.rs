@@ -205,11 +205,13 @@ impl WasiHttpHooks for HttpPolicy {
             tracing::debug!(job = %job, authority = %authority, addr = %addrs[0], "outbound HTTP allowed");
             if !https {
                 // Send to the address that was checked, not a second lookup.
-                let mut parts = uri.into_parts();
-                let pinned = addrs[0].to_string();
-                parts.authority = pinned.parse().ok();
-                if let Ok(u) = http::Uri::from_parts(parts) {
-                    *request.uri_mut() = u;
+                // Fail closed: a request that cannot be pinned is not sent.
+                match pin(uri, addrs[0]) {
+                    Some(u) => *request.uri_mut() = u,
+                    None => {
+                        tracing::warn!(job = %job, authority = %authority, stage = "pin", "outbound HTTP refused: cannot pin the request to the checked address");
+                        return Err(HttpError::HttpRequestDenied);
+                    }
                 }
             }
             let cap = |given: Option<Duration>| {
@@ -236,9 +238,26 @@ impl WasiHttpHooks for HttpPolicy {
     }
 }
 
+/// `uri` with its authority replaced by the checked address, or `None` if
+/// that cannot be built.
+fn pin(uri: http::Uri, addr: SocketAddr) -> Option<http::Uri> {
+    let mut parts = uri.into_parts();
+    parts.authority = Some(addr.to_string().parse().ok()?);
+    http::Uri::from_parts(parts).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_are_pinned_to_the_checked_address() {
+        let uri: http::Uri = "http://example.test:8080/a?b=1".parse().unwrap();
+        let v4 = pin(uri.clone(), "127.0.0.1:8080".parse().unwrap()).unwrap();
+        assert_eq!(v4.to_string(), "http://127.0.0.1:8080/a?b=1");
+        let v6 = pin(uri, "[::1]:8080".parse().unwrap()).unwrap();
+        assert_eq!(v6.to_string(), "http://[::1]:8080/a?b=1");
+    }
 
     fn grant(allow: &[&str], allow_private: bool) -> HttpGrant {
         HttpGrant {
