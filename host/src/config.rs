@@ -613,7 +613,10 @@ mod tests {
         // 6 s + 12 s of backoff before the third attempt: the next slot, 10 s
         // later, always comes first.
         let e = parse(&job("max-attempts = 3\nretry-backoff = \"6s\"")).unwrap_err();
-        assert!(e.contains("job `r`") && e.contains("retries would never run"), "{e}");
+        assert!(
+            e.contains("job `r`") && e.contains("retries would never run"),
+            "{e}"
+        );
         assert!(e.contains("18s") && e.contains("10s"), "{e}");
         // The default backoff (10 s) with a retry on a 10 s cadence: refused too.
         assert!(parse(&job("max-attempts = 2")).is_err());

@@ -1,5 +1,5 @@
 //! Verify, don't enumerate: the proof, after every run, that the connection a
-//! plugin used carries nothing into its next use (DESIGN invariant 1).
+//! plugin used carries nothing into its next use (docs/DESIGN.md invariant 11).
 //!
 //! The [scope guard](crate::guard) refuses what it can see, but a list of
 //! refusals is never complete (a function created in one run and called in
@@ -16,10 +16,17 @@
 //!    back to the savepoint before the plugin's work and records the run as
 //!    `error` naming what it did;
 //! 2. **after COMMIT**, the same check with nothing allowed
-//!    ([`LEFTOVERS_SQL`]): what survives the transaction (a session-level
-//!    `search_path` hidden behind the host's own `SET LOCAL`, a lock taken
-//!    twice). A connection with leftovers is closed, never pooled, and the
-//!    runner logs `session_state_leaked` with the job.
+//!    ([`leftovers_sql`]): what survives the transaction (the job's own key
+//!    taken twice, a `LISTEN`, a session-level change of a setting the
+//!    plugin also `SET LOCAL`). A connection with leftovers is closed, never
+//!    pooled, and the runner logs `session_state_leaked` with the job.
+//!
+//! Cost: reading `pg_settings` (every setting formatted) is most of it, so it
+//! happens once per run, before COMMIT; the check after COMMIT skips it
+//! unless the plugin used `SET LOCAL`. A run none of whose statements reached
+//! the connection (a plugin that found nothing to do) cannot have changed the
+//! session and is not checked. The benchmark shows the cost side by side with
+//! the closing query without checks.
 //!
 //! The host's own statements after the plugin's run with
 //! `search_path = pg_catalog, pg_temp` and schema-qualified names, so a
@@ -37,12 +44,42 @@ pub const LEAKED_SQLSTATE: &str = "JH002";
 /// SQLSTATE raised by `jobhost.assert_lock_held` (a session job's lock is gone).
 pub const LOCK_GONE_SQLSTATE: &str = "JH001";
 
-/// The post-commit check: one row, one nullable text column. `search_path` is
-/// read here, in the caller's context, because inside the function it is the
-/// function's own.
-pub const LEFTOVERS_SQL: &str = "select jobhost.session_state(null, null, null, \
-     pg_catalog.current_setting('search_path'), \
-     (select s.source from pg_catalog.pg_settings s where s.name operator(pg_catalog.=) 'search_path'))";
+/// How much the check after COMMIT reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterCommit {
+    /// Nothing: no statement of the plugin's reached this connection, so
+    /// there is nothing to verify.
+    Skip,
+    /// Locks, temporary objects, cursors, LISTEN, prepared statements; not
+    /// settings (the check before COMMIT saw them, and a rollback reverts
+    /// every setting changed in the transaction).
+    Light,
+    /// Settings too: the plugin used `SET LOCAL`, which masks a session-level
+    /// change of the same setting before COMMIT.
+    WithSettings,
+}
+
+/// The post-commit check: one row, one nullable text column (`None` for
+/// [`AfterCommit::Skip`]).
+pub fn leftovers_sql(check: AfterCommit) -> Option<String> {
+    let allowed = match check {
+        AfterCommit::Skip => return None,
+        AfterCommit::Light => "null",
+        AfterCommit::WithSettings => "'{}'::text[]",
+    };
+    Some(format!(
+        "select jobhost.session_state(null, null, {allowed}, {CALLER_SEARCH_PATH})"
+    ))
+}
+
+/// The check after COMMIT for a transaction the plugin used as described.
+pub fn after_commit(touched: bool, plugin_local: &[String]) -> AfterCommit {
+    match (touched, plugin_local.is_empty()) {
+        (false, _) => AfterCommit::Skip,
+        (true, true) => AfterCommit::Light,
+        (true, false) => AfterCommit::WithSettings,
+    }
+}
 
 /// Settings the host itself sets with `SET LOCAL` in a run's transaction
 /// before the plugin runs. (`search_path` is not one: the guard refuses it to
@@ -53,10 +90,9 @@ const HOST_LOCAL_SETTINGS: &[&str] = &[
     "application_name",
 ];
 
-/// The caller's `search_path` and its source, as arguments of the check:
-/// inside the function it is the function's own.
-const CALLER_SEARCH_PATH: &str = "pg_catalog.current_setting('search_path'), \
-     (select s.source from pg_catalog.pg_settings s where s.name operator(pg_catalog.=) 'search_path')";
+/// The caller's `search_path`, as an argument of the check: inside the
+/// function it is the function's own.
+const CALLER_SEARCH_PATH: &str = "pg_catalog.current_setting('search_path')";
 
 /// The host's own role back, then the check of what the plugin left (it reads
 /// the `search_path` the plugin left, so it comes first), then a
@@ -98,11 +134,22 @@ pub fn assert_clean_sql(own: Option<(i32, i32)>, plugin_local: &[String]) -> Str
 }
 
 /// The closing statements of a session job's short transaction: the host's
-/// scope and the check, the lock check (`lock_check`), COMMIT.
-pub fn commit_session_sql(role: Option<&str>, plugin_local: &[String], lock_check: &str) -> String {
+/// scope and the check (if a statement reached the connection: `touched`),
+/// the lock check (`lock_check`), COMMIT.
+pub fn commit_session_sql(
+    role: Option<&str>,
+    touched: bool,
+    plugin_local: &[String],
+    lock_check: &str,
+) -> String {
+    let check = if touched {
+        assert_clean_sql(None, plugin_local)
+    } else {
+        "select true".to_owned()
+    };
     format!(
         "{};\n{lock_check};\ncommit",
-        host_scope_checked(role, &assert_clean_sql(None, plugin_local))
+        host_scope_checked(role, &check)
     )
 }
 
@@ -120,16 +167,22 @@ pub fn record_sql(run_id: i64, attempt: i32, outcome: Outcome, message: &str) ->
 }
 
 /// The closing statements of an `xact` run whose plugin succeeded: host scope,
-/// the check, the `ok` record, COMMIT.
+/// the check (only if a statement of the plugin's reached the connection:
+/// `touched`), the `ok` record, COMMIT.
 pub fn commit_ok_sql(
     job: &JobConfig,
+    touched: bool,
     plugin_local: &[String],
     run_id: i64,
     attempt: i32,
     message: &str,
 ) -> String {
     let key = job.lock_key;
-    let check = assert_clean_sql(Some((key.namespace, key.key)), plugin_local);
+    let check = if touched {
+        assert_clean_sql(Some((key.namespace, key.key)), plugin_local)
+    } else {
+        "select true".to_owned()
+    };
     format!(
         "{};\n{};\ncommit",
         host_scope_checked(job.role.as_deref(), &check),

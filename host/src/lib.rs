@@ -3,7 +3,8 @@
 //!
 //! A plugin never sees a connection, a pool or a lock: the host takes the job's
 //! lock as the first statement of a transaction and lends the plugin a handle
-//! to that transaction for one call. See `DESIGN.md` for the invariants.
+//! to that transaction for one call. See `docs/DESIGN.md` for the invariants
+//! and the tests that prove each.
 //!
 //! # Layout
 //!

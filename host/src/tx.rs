@@ -5,7 +5,7 @@
 //!   (`statement_timeout`, `idle_in_transaction_session_timeout`) are sent in
 //!   the same simple query as `BEGIN`, so the job's lock, taken by the next
 //!   statement, has a server-side deadline from the instant it is granted: a
-//!   host frozen right after the lock still loses it (DESIGN invariant 4);
+//!   host frozen right after the lock still loses it (docs/DESIGN.md invariant 12);
 //! - **the end is verified.** [`OpenTx::finish`] sends the host's closing
 //!   statements, `COMMIT`, and the post-commit check of the session
 //!   ([`crate::hygiene`]) in one simple query, one round trip; a connection
@@ -17,6 +17,8 @@
 //!   dropped while still open.
 
 use sqlx::pool::PoolConnection;
+
+use crate::hygiene::AfterCommit;
 use sqlx::{PgConnection, Postgres, Row as _};
 
 /// A transaction open on a pooled connection (see the module docs).
@@ -63,8 +65,22 @@ impl OpenTx {
     /// run) the transaction stays open, in Postgres's aborted state: the
     /// caller may roll back to a savepoint and finish again, or drop it (which
     /// closes the connection).
-    pub async fn finish(&mut self, closing: &str) -> sqlx::Result<Leftovers> {
-        let sql = format!("{closing};\n{}", crate::hygiene::LEFTOVERS_SQL);
+    ///
+    /// `check`: how much the check after COMMIT reads
+    /// ([`AfterCommit`]; with `Skip` the connection is returned unchecked,
+    /// for transactions no plugin statement reached).
+    pub async fn finish(&mut self, closing: &str, check: AfterCommit) -> sqlx::Result<Leftovers> {
+        let Some(leftovers) = crate::hygiene::leftovers_sql(check) else {
+            let Some(conn) = self.conn.as_mut() else {
+                return Err(sqlx::Error::PoolClosed);
+            };
+            sqlx::raw_sql(sqlx::AssertSqlSafe(closing.to_owned()))
+                .execute(&mut **conn)
+                .await?;
+            self.conn = None;
+            return Ok(None);
+        };
+        let sql = format!("{closing};\n{leftovers}");
         let Some(conn) = self.conn.as_mut() else {
             return Err(sqlx::Error::PoolClosed);
         };

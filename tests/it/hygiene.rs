@@ -1,4 +1,4 @@
-//! Nothing a plugin does outlives its run (DESIGN invariant 1, "verify, don't
+//! Nothing a plugin does outlives its run (docs/DESIGN.md invariant 11, "verify, don't
 //! enumerate"). Each hostile case goes through a route the scope guard cannot
 //! see (a function or operator the job created in an ordinary schema, called
 //! in a later run), on a pool of ONE connection, so that a leak would reach

@@ -455,6 +455,7 @@ impl Runner {
         let Some(Closed {
             tx: Some(mut tx),
             local_settings,
+            touched,
             ..
         }) = closed
         else {
@@ -475,6 +476,7 @@ impl Runner {
         let closing = if run_outcome == Outcome::Ok {
             hygiene::commit_ok_sql(
                 &job.config,
+                touched,
                 &local_settings,
                 run_id,
                 attempt,
@@ -483,7 +485,14 @@ impl Runner {
         } else {
             hygiene::commit_failure_sql(run_id, attempt, run_outcome, record.message)
         };
-        let e = match tx.finish(&closing).await {
+        // Settings after COMMIT only where a plugin's SET LOCAL masked them
+        // before it; a rollback to the savepoint reverts them anyway.
+        let check = if run_outcome == Outcome::Ok {
+            hygiene::after_commit(touched, &local_settings)
+        } else {
+            hygiene::after_commit(touched, &[])
+        };
+        let e = match tx.finish(&closing, check).await {
             Ok(leftovers) => {
                 if let Some(left) = leftovers {
                     // Only what a COMMIT kept can get here (the check before it
@@ -501,7 +510,7 @@ impl Runner {
                 "{leak}: the plugin left state on its connection that would outlive the run; its work was rolled back and the connection closed"
             );
             let closing = hygiene::commit_failure_sql(run_id, attempt, Outcome::Error, &message);
-            match tx.finish(&closing).await {
+            match tx.finish(&closing, hygiene::AfterCommit::Light).await {
                 Ok(_) => {}
                 Err(e) => {
                     error!(job = %name, error = %e, "cannot record the run on its connection");

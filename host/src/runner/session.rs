@@ -1,4 +1,4 @@
-//! The `session` lock path, for long jobs (DESIGN §1, second shape of the fix).
+//! The `session` lock path, for long jobs (docs/DESIGN.md §1, second shape of the fix; §4).
 //!
 //! A poll cycle of minutes with live HTTP calls cannot sit in one transaction:
 //! it would pin a pooled connection and roll back every result on one failure.

@@ -34,6 +34,9 @@ pub struct TxHandle {
     /// Settings the plugin changed with `SET LOCAL` (the post-run check must
     /// not take them for session-level leaks).
     local_settings: Vec<String>,
+    /// Whether any statement of the plugin's reached the connection (if
+    /// none did, the session cannot have changed).
+    touched: bool,
     /// Set for transactions a session plugin began: it may commit them while
     /// the job's lock is held.
     own_commit: Option<CommitRights>,
@@ -81,6 +84,8 @@ pub struct Closed {
     pub db_error: Option<String>,
     /// Settings the plugin changed with `SET LOCAL`.
     pub local_settings: Vec<String>,
+    /// Whether any statement of the plugin's reached the connection.
+    pub touched: bool,
 }
 
 impl TxHandle {
@@ -94,6 +99,7 @@ impl TxHandle {
             job,
             guard,
             local_settings: Vec::new(),
+            touched: false,
             own_commit: None,
         }
     }
@@ -113,7 +119,8 @@ impl TxHandle {
     /// checking the connection before it goes back to the pool.
     pub async fn rollback(&mut self) {
         if let Some(mut tx) = self.tx.take() {
-            match tx.finish("rollback").await {
+            let check = hygiene::after_commit(self.touched, &[]);
+            match tx.finish("rollback", check).await {
                 Ok(None) => {}
                 Ok(Some(left)) => self.report_leak(&left),
                 Err(e) => {
@@ -170,12 +177,17 @@ impl TxHandle {
             h.pid,
             crate::db::quote_literal(&h.backend_start.to_rfc3339()),
         );
-        let closing =
-            hygiene::commit_session_sql(rights.role.as_deref(), &self.local_settings, &lock_check);
+        let closing = hygiene::commit_session_sql(
+            rights.role.as_deref(),
+            self.touched,
+            &self.local_settings,
+            &lock_check,
+        );
         let Some(tx) = self.tx.as_mut() else {
             return Ok(Err(Error::ScopeClosed));
         };
-        match tx.finish(&closing).await {
+        let check = hygiene::after_commit(self.touched, &self.local_settings);
+        match tx.finish(&closing, check).await {
             Ok(left) => {
                 self.tx = None;
                 if let Some(left) = left {
@@ -215,6 +227,7 @@ impl TxHandle {
             tx: self.tx.take(),
             db_error: self.first_error.take(),
             local_settings: std::mem::take(&mut self.local_settings),
+            touched: self.touched,
         }
     }
 
@@ -241,7 +254,10 @@ impl TxHandle {
             return Err(Error::TransactionAborted);
         }
         match self.tx.as_mut().and_then(OpenTx::conn) {
-            Some(conn) => Ok(conn),
+            Some(conn) => {
+                self.touched = true;
+                Ok(conn)
+            }
             None => Err(Error::ScopeClosed),
         }
     }
@@ -429,6 +445,7 @@ impl sql::HostSession for RunState {
                     job,
                     guard,
                     local_settings: Vec::new(),
+                    touched: false,
                     own_commit: None,
                 };
                 return scratch.fail(StatementError::Sqlx(e)).map(Err);

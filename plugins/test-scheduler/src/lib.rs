@@ -1,4 +1,4 @@
-//! `test-scheduler`: the long job of DESIGN §6. Reads up to `batch-size` (≤ 20)
+//! `test-scheduler`: the reference long job (docs/DESIGN.md §4). Reads up to `batch-size` (≤ 20)
 //! enabled capabilities, probes each over HTTP, and writes one
 //! `demo.test_results` row per probe in its own short transaction, so one
 //! failing probe (or one failing write) leaves the other results committed.

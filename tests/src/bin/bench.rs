@@ -261,6 +261,12 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     let wit_call = (wit.saturating_sub(wit_noop)).as_secs_f64() / calls;
     let direct_call = (direct.saturating_sub(direct_noop)).as_secs_f64() / calls;
 
+    // 4′. The post-run verification (hygiene): the closing query of an `ok`
+    // run with and without the session checks, alternating on one
+    // connection. Both are one round trip; the difference is the checks'
+    // server-side cost, which every run now pays.
+    let (check_with, check_without) = hygiene_cost(&pool, &noop, s.rounds * s.per_round).await?;
+
     // 5. Scheduler scale: K no-op jobs at a 1 s cadence on one host, first
     // all on the epoch-aligned grid (offset 0s), then with the default
     // name-derived offsets: the same run shows what spreading buys.
@@ -345,6 +351,14 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         direct_call * 1e6,
         met(sql_ratio <= 1.10)
     );
+    let _ = writeln!(
+        md,
+        "| 4′ | closing query of an `ok` run whose plugin sent SQL, with the post-run session checks vs without (one round trip either way; a run that sent none is not checked), p50 | {:.0} µs | {:.0} µs | {:.2}× | cost shown (≈ {:.1} % of a native no-op run) | |",
+        us(check_with),
+        us(check_without),
+        check_with.as_secs_f64() / check_without.as_secs_f64(),
+        100.0 * check_with.saturating_sub(check_without).as_secs_f64() / n_p50.as_secs_f64()
+    );
     for (label, r) in [("5a", &aligned), ("5b", &spread)] {
         let _ = writeln!(
             md,
@@ -382,6 +396,52 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     );
     pool.close().await;
     Ok(md)
+}
+
+/// p50 of the closing query of an `ok` run, with the session checks and
+/// without, `n` of each, alternating, each in a transaction holding the job's
+/// lock as a run does.
+async fn hygiene_cost(
+    pool: &sqlx::PgPool,
+    job: &Job,
+    n: usize,
+) -> anyhow::Result<(Duration, Duration)> {
+    use jobhost::hygiene;
+    let mut conn = pool.acquire().await?;
+    let run_id: i64 = sqlx::query_scalar(
+        "insert into jobhost.runs (job, slot, attempt, host_id, plugin_sha256, started_at, outcome)
+         values ('hygiene-bench', now(), 0, 'bench', 'x', now(), 'running') returning id",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let key = job.config.lock_key;
+    let open = format!(
+        "begin; select pg_try_advisory_xact_lock({}, {}); savepoint jobhost_work",
+        key.namespace, key.key
+    );
+    let with = format!(
+        "{};\n{}",
+        hygiene::commit_ok_sql(&job.config, true, &[], run_id, 1, "bench"),
+        hygiene::leftovers_sql(hygiene::AfterCommit::Light).unwrap_or_default()
+    );
+    let without = format!(
+        "set local search_path = pg_catalog, pg_temp;\n{};\ncommit",
+        hygiene::record_sql(run_id, 1, jobhost::db::Outcome::Ok, "bench")
+    );
+    let (mut a, mut b) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for _ in 0..n {
+        for (closing, times) in [(&with, &mut a), (&without, &mut b)] {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(open.clone()))
+                .execute(&mut *conn)
+                .await?;
+            let t = Instant::now();
+            sqlx::raw_sql(sqlx::AssertSqlSafe(closing.clone()))
+                .fetch_all(&mut *conn)
+                .await?;
+            times.push(t.elapsed());
+        }
+    }
+    Ok((stats(a).1, stats(b).1))
 }
 
 /// What one scale run measured.
