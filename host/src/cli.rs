@@ -115,7 +115,15 @@ pub async fn run_cli(args: impl IntoIterator<Item = OsString>) -> anyhow::Result
             Ok(ExitCode::SUCCESS)
         }
         Command::Check => {
-            let runtime = Arc::new(Runtime::new()?);
+            // The same engine and compile cache as a host: a check of an
+            // unchanged plugin costs a cache hit, not a compile.
+            let runtime = Arc::new(
+                Runtime::with_options(
+                    Some(&config.host.compile_cache),
+                    config.host.pooling_allocator,
+                )
+                .context("cannot start the WebAssembly engine")?,
+            );
             let jobs = crate::load_jobs(&runtime, &config).await?;
             println!("{}: {} job(s) valid", cli.config.display(), jobs.len());
             Ok(ExitCode::SUCCESS)

@@ -25,7 +25,10 @@
 //!   COMMIT/ROLLBACK — the path every invariant hangs on.
 //! - [`scheduler`]: per-job loops that hand due slots to the runner, and swap
 //!   in new job versions between runs.
-//! - [`reload`]: hot reload of `jobs.toml` and plugins (files, SIGHUP, NOTIFY).
+//! - [`jobset`]: the one validation of a job set (config + loaded plugins)
+//!   for start, reload and `check`.
+//! - [`reload`]: hot reload of `jobs.toml` and plugins (files, SIGHUP, NOTIFY),
+//!   once per content change.
 //! - [`inspect`]: `status` and `locks` for operators.
 //! - [`cli`]: the command line (the binary is a one-line `main`).
 //! - [`demo`]: demo tables and rows for the reference jobs (never created by a
@@ -44,6 +47,7 @@ pub mod guard;
 pub mod hosts;
 pub mod hygiene;
 pub mod inspect;
+pub mod jobset;
 pub mod lock;
 pub mod reload;
 pub mod runner;
@@ -73,25 +77,10 @@ pub struct HostOptions {
     pub clock_offset: chrono::TimeDelta,
 }
 
-/// Loads every job's plugin, failing on the first one that cannot be used.
+/// Loads every job's plugin, failing on the first one that cannot be used
+/// (see [`jobset::load`], the one validation for start, reload and check).
 pub async fn load_jobs(runtime: &Arc<Runtime>, config: &JobsConfig) -> anyhow::Result<Vec<Job>> {
-    let mut jobs = Vec::with_capacity(config.jobs.len());
-    for job in &config.jobs {
-        let rt = runtime.clone();
-        let path = job.plugin.clone();
-        // Compiling is CPU-bound; keep it off the async workers.
-        let plugin = tokio::task::spawn_blocking(move || rt.load(&path))
-            .await
-            .context("plugin loader panicked")?
-            .with_context(|| format!("job `{}`", job.name))?;
-        runner::check_plugin_kind(job, &plugin)
-            .map_err(|e| anyhow::anyhow!("job `{}`: {e}", job.name))?;
-        jobs.push(Job {
-            config: job.clone(),
-            plugin,
-        });
-    }
-    Ok(jobs)
+    jobset::load(runtime, config, &[]).await
 }
 
 /// Runs the host until `shutdown` resolves: connects, migrates, loads the

@@ -5,22 +5,29 @@
 //! rename is seen), SIGHUP, and `NOTIFY jobhost_reload` (what `jobhost reload`
 //! sends: every host of the fleet reloads).
 //!
-//! A reload re-reads and validates `jobs.toml` and compiles every plugin whose
-//! content hash changed, off the scheduling path (`spawn_blocking`). Nothing is
-//! swapped in that does not load: an invalid `jobs.toml` keeps the running
-//! configuration; a plugin that is not a component, has the wrong world, or was
-//! caught half-written keeps the job on its previous version. Either way the
-//! error names the file, and the next change of the file is tried again. What
-//! loads is handed to the scheduler, which swaps it in between runs.
+//! File events only ask a question: did the *content* of `jobs.toml` or of a
+//! plugin change (SHA-256, read through symlinks)? Reads (a reload's own
+//! included), touches and rewrites with equal bytes change nothing and cause
+//! nothing; a burst of writes within the debounce is one reload, of the final
+//! content. Events on other names in a watched directory also ask (a deploy
+//! tool's temp file renamed over ours, a Kubernetes ConfigMap swapping its
+//! `..data` symlink).
+//!
+//! A reload validates the new set exactly as a start does
+//! ([`crate::jobset::load`]: config, every plugin's world, memory limit and
+//! kind against `lock`, changed or not), compiling only plugins whose content
+//! is new, off the scheduling path. Anything that fails keeps the running set
+//! whole, with the error naming the job and file; that content is not tried
+//! again until it changes. What loads is handed to the scheduler, which swaps
+//! it in between runs.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use notify_debouncer_full::notify::RecursiveMode;
+use notify_debouncer_full::notify::{EventKind, RecursiveMode};
 use notify_debouncer_full::{DebounceEventResult, new_debouncer};
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -37,16 +44,47 @@ pub struct Reloader {
     config_path: PathBuf,
     runtime: Arc<Runtime>,
     jobs: Vec<Job>,
+    /// Content of every watched file at the last reload attempt: a trigger
+    /// whose files all still have it is not a change.
+    seen: Fingerprint,
+}
+
+/// SHA-256 of `jobs.toml` and of every plugin file it names (through
+/// symlinks: a Kubernetes ConfigMap's `..data` swap changes what they read).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Fingerprint(Vec<(PathBuf, Option<String>)>);
+
+impl Fingerprint {
+    fn of(files: &[PathBuf]) -> Self {
+        Self(
+            files
+                .iter()
+                .map(|f| (f.clone(), crate::jobset::file_sha256(f).ok()))
+                .collect(),
+        )
+    }
+
+    /// The files whose content differs from `before` (or that are new).
+    fn changed_since(&self, before: &Fingerprint) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|(f, sha)| !before.0.iter().any(|(g, old)| g == f && old == sha))
+            .map(|(f, _)| f.display().to_string())
+            .collect()
+    }
 }
 
 impl Reloader {
     /// A reloader whose current state is `jobs` (as loaded at start).
     pub fn new(config_path: &Path, runtime: Arc<Runtime>, jobs: Vec<Job>) -> Self {
-        Self {
+        let mut reloader = Self {
             config_path: config_path.to_owned(),
             runtime,
             jobs,
-        }
+            seen: Fingerprint::default(),
+        };
+        reloader.seen = Fingerprint::of(&reloader.files());
+        reloader
     }
 
     /// `jobs.toml` and every current plugin file.
@@ -56,61 +94,51 @@ impl Reloader {
             .collect()
     }
 
-    /// Re-reads everything; returns the new job set if anything changed.
+    /// Reloads if the content of `jobs.toml` or of a plugin changed since the
+    /// last attempt (a read, a touch or a rewrite with equal bytes is no
+    /// change); returns the new job set if it was applied.
+    pub async fn reload_if_changed(&mut self) -> Option<Vec<Job>> {
+        let now = Fingerprint::of(&self.files());
+        let changed = now.changed_since(&self.seen);
+        if changed.is_empty() {
+            return None;
+        }
+        info!(files = ?changed, "content changed; reloading");
+        self.reload().await
+    }
+
+    /// Re-reads everything and validates it exactly as a start does
+    /// ([`crate::jobset::load`]); returns the new job set if anything
+    /// changed. Anything that fails keeps the running set whole.
     pub async fn reload(&mut self) -> Option<Vec<Job>> {
-        let config = match JobsConfig::from_file(&self.config_path) {
+        let config = JobsConfig::from_file(&self.config_path);
+        // Whatever happens, this content has been tried: only a new change
+        // is tried again (a broken file does not make every event an error).
+        let attempted = |this: &mut Self, plugins: &[PathBuf]| {
+            let files: Vec<PathBuf> = std::iter::once(this.config_path.clone())
+                .chain(plugins.iter().cloned())
+                .collect();
+            this.seen = Fingerprint::of(&files);
+        };
+        let config = match config {
             Ok(c) => c,
             Err(e) => {
+                let plugins: Vec<PathBuf> =
+                    self.jobs.iter().map(|j| j.config.plugin.clone()).collect();
+                attempted(self, &plugins);
                 error!(file = %self.config_path.display(), error = %chain(&e), "reload rejected: invalid jobs.toml; keeping the running configuration");
                 return None;
             }
         };
-        let mut next = Vec::with_capacity(config.jobs.len());
-        for job in config.jobs {
-            let old = self.jobs.iter().find(|j| j.config.name == job.name);
-            let unchanged = match file_sha256(&job.plugin) {
-                Ok(sha) => old.filter(|o| o.plugin.sha256 == sha && o.plugin.path == job.plugin),
-                Err(_) => None,
-            };
-            let plugin = match unchanged {
-                Some(o) => o.plugin.clone(),
-                None => {
-                    let rt = self.runtime.clone();
-                    let path = job.plugin.clone();
-                    match tokio::task::spawn_blocking(move || rt.load(&path)).await {
-                        Ok(Ok(p)) if let Err(why) = crate::runner::check_plugin_kind(&job, &p) => {
-                            error!(job = %job.name, file = %job.plugin.display(), error = %why, "reload rejected: keeping the previous version of the plugin");
-                            if let Some(o) = old {
-                                next.push(o.clone());
-                            }
-                            continue;
-                        }
-                        Ok(Ok(p)) => {
-                            info!(job = %job.name, file = %p.path.display(), plugin_sha256 = %p.sha256, "plugin version loaded");
-                            p
-                        }
-                        Ok(Err(e)) => {
-                            error!(job = %job.name, file = %job.plugin.display(), error = %chain(&e), "reload rejected: keeping the previous version of the plugin");
-                            if let Some(o) = old {
-                                next.push(o.clone());
-                            }
-                            continue;
-                        }
-                        Err(e) => {
-                            error!(job = %job.name, error = %e, "plugin loader panicked");
-                            if let Some(o) = old {
-                                next.push(o.clone());
-                            }
-                            continue;
-                        }
-                    }
-                }
-            };
-            next.push(Job {
-                config: job,
-                plugin,
-            });
-        }
+        let plugins: Vec<PathBuf> = config.jobs.iter().map(|j| j.plugin.clone()).collect();
+        attempted(self, &plugins);
+        let next = match crate::jobset::load(&self.runtime, &config, &self.jobs).await {
+            Ok(next) => next,
+            Err(e) => {
+                error!(file = %self.config_path.display(), error = %format!("{e:#}"), "reload rejected: the new configuration would not start; keeping the running one");
+                return None;
+            }
+        };
         let same = next.len() == self.jobs.len()
             && next
                 .iter()
@@ -119,14 +147,16 @@ impl Reloader {
         if same {
             return None;
         }
+        for job in &next {
+            let old = self.jobs.iter().find(|o| o.config.name == job.config.name);
+            if old.is_none_or(|o| o.plugin.sha256 != job.plugin.sha256) {
+                info!(job = %job.config.name, file = %job.plugin.path.display(), plugin_sha256 = %job.plugin.sha256, "plugin version loaded");
+            }
+        }
         info!(jobs = next.len(), "reload applied");
         self.jobs = next.clone();
         Some(next)
     }
-}
-
-fn file_sha256(path: &Path) -> std::io::Result<String> {
-    Ok(hex::encode(Sha256::digest(std::fs::read(path)?)))
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
@@ -138,6 +168,11 @@ fn chain(e: &dyn std::error::Error) -> String {
         src = c.source();
     }
     s
+}
+
+/// A directory, canonical when it exists.
+fn canonical_dir(dir: &Path) -> PathBuf {
+    std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned())
 }
 
 /// Canonical form used to match file events (the file itself may be gone).
@@ -183,10 +218,23 @@ pub async fn watch(
         match new_debouncer(debounce, None, move |res: DebounceEventResult| {
             let Ok(events) = res else { return };
             let wanted = wanted.lock().unwrap_or_else(|p| p.into_inner());
-            if events
-                .iter()
-                .any(|e| e.paths.iter().any(|p| wanted.contains(&canonical(p))))
-            {
+            // Reads (ours included: a reload reads every file) are not changes.
+            // Anything else on a watched file, or on a name that is no file of
+            // ours in a watched directory (a Kubernetes `..data` symlink swap, a
+            // deploy tool's temp file renamed over ours), asks for a content
+            // check: the hashes decide whether anything changed.
+            let relevant = |e: &notify_debouncer_full::DebouncedEvent| {
+                !matches!(e.kind, EventKind::Access(_))
+                    && e.paths.iter().any(|p| {
+                        wanted.contains(&canonical(p))
+                            || p.file_name()
+                                .is_some_and(|n| n.to_string_lossy().starts_with(".."))
+                            || p.parent().is_some_and(|d| {
+                                wanted.iter().any(|w| w.parent() == Some(&canonical_dir(d)))
+                            })
+                    })
+            };
+            if events.iter().any(relevant) {
                 let _ = tx.try_send("file change");
             }
         }) {
@@ -222,8 +270,15 @@ pub async fn watch(
             _ = token.cancelled() => break,
             Some(why) = triggered.recv() => why,
         };
-        info!(trigger = why, "reloading");
-        if let Some(jobs) = reloader.reload().await {
+        // File events ask whether content changed; SIGHUP and NOTIFY are an
+        // operator's explicit request and always re-read.
+        let applied = if why == "file change" {
+            reloader.reload_if_changed().await
+        } else {
+            info!(trigger = why, "reloading");
+            reloader.reload().await
+        };
+        if let Some(jobs) = applied {
             set_files(&reloader);
             watch_dirs(&reloader, &mut debouncer);
             if updates.send(jobs).await.is_err() {

@@ -53,3 +53,33 @@ fn a_missing_file_is_a_read_error() {
         .unwrap_err();
     assert!(matches!(err, PluginError::Read { .. }), "{err:?}");
 }
+
+/// Plugins start under the job's own memory limit: one that cannot is refused
+/// at load (so at start, reload and `jobhost check`) with both numbers, not
+/// trapped on every run; a generous limit lets it start.
+#[test]
+fn a_plugin_that_cannot_start_within_its_memory_limit_is_refused_with_both_numbers() {
+    let path = Path::new(jobhost_tests::guests::TEST_CORE_PROBE);
+    let err = runtime().load_limited(path, 1 << 20).unwrap_err();
+    let PluginError::MemoryLimit {
+        needed_mib,
+        limit_mib,
+        ..
+    } = &err
+    else {
+        panic!("expected a memory-limit refusal, got {err:?}");
+    };
+    assert_eq!(*limit_mib, 1);
+    assert!(*needed_mib > 1.0, "{needed_mib}");
+    let text = err.to_string();
+    assert!(
+        text.contains("test_core_probe.wasm")
+            && text.contains(&format!("{needed_mib:.1} MiB"))
+            && text.contains("limit of 1 MiB")
+            && text.contains("max-memory-mib"),
+        "{text}"
+    );
+    runtime()
+        .load_limited(path, 128 << 20)
+        .expect("starts within 128 MiB");
+}

@@ -342,3 +342,246 @@ fn the_compile_cache_serves_a_restart() {
     );
     eprintln!("plugin start-up: cold compile {cold_time:?}, warm cache {warm_time:?}");
 }
+
+/// Counts of the reloader's decisions in the captured log.
+fn reload_counts(logs: &LogCapture) -> (usize, usize) {
+    let t = logs.text();
+    (
+        t.matches("content changed; reloading").count(),
+        t.matches("reload applied").count(),
+    )
+}
+
+/// A probe job writing `note` every 200 ms.
+fn note_job(note: &str) -> String {
+    format!(
+        "[[job]]\nname = \"noted\"\nplugin = \"probe.wasm\"\nevery = \"200ms\"\n[job.config]\nmode = \"write\"\nnote = \"{note}\"\n"
+    )
+}
+
+async fn notes(pool: &PgPool, note: &str) -> i64 {
+    sqlx::query_scalar("select count(*) from probe where note = $1")
+        .bind(note)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Reloads follow content, not file events: a read and a rewrite with equal
+/// bytes cause none, one change causes one, a burst of writes causes one (of
+/// the final content). The reload's own reads set nothing off.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn reloads_happen_once_per_content_change(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let dir = temp_dir("once");
+    std::fs::write(dir.join("probe.wasm"), variant("v1")).unwrap();
+    write_config(&dir, &note_job("first"));
+    let logs = LogCapture::start();
+    let host = TestHost::start(&pool, dir.clone()).await;
+    wait_for(Duration::from_secs(20), "the job running", || async {
+        notes(&pool, "first").await >= 1
+    })
+    .await;
+    let quiet = Duration::from_millis(1500); // 15 debounce periods
+
+    // A read (what `cat jobs.toml` does), then the plugin read too.
+    let config = std::fs::read(dir.join("jobs.toml")).unwrap();
+    let _ = std::fs::read(dir.join("probe.wasm")).unwrap();
+    tokio::time::sleep(quiet).await;
+    assert_eq!(reload_counts(&logs), (0, 0), "a read is not a change");
+
+    // The same bytes written again (in place and by rename).
+    std::fs::write(dir.join("jobs.toml"), &config).unwrap();
+    replace_atomically(&dir.join("probe.wasm"), &variant("v1"));
+    tokio::time::sleep(quiet).await;
+    assert_eq!(
+        reload_counts(&logs),
+        (0, 0),
+        "equal content is not a change"
+    );
+
+    // One change: one reload, and then silence (no reload loop).
+    host.write_config(&note_job("second"));
+    wait_for(Duration::from_secs(10), "the change applied", || async {
+        notes(&pool, "second").await >= 1
+    })
+    .await;
+    tokio::time::sleep(quiet).await;
+    assert_eq!(reload_counts(&logs), (1, 1), "one change, one reload");
+
+    // A burst of writes within the debounce: one reload, of the final content.
+    for i in 0..5 {
+        std::fs::write(dir.join("jobs.toml"), {
+            let toml = format!(
+                "[host]\npool-size = 3\nreload-debounce = \"100ms\"\nshutdown-grace = \"10s\"\n\n{}",
+                note_job(&format!("burst-{i}"))
+            );
+            toml.into_bytes()
+        })
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    wait_for(
+        Duration::from_secs(10),
+        "the final content running",
+        || async { notes(&pool, "burst-4").await >= 1 },
+    )
+    .await;
+    tokio::time::sleep(quiet).await;
+    assert_eq!(reload_counts(&logs), (2, 2), "a burst is one reload");
+    for i in 0..4 {
+        assert_eq!(
+            notes(&pool, &format!("burst-{i}")).await,
+            0,
+            "an intermediate version ran"
+        );
+    }
+    host.stop().await;
+}
+
+/// Updates the way deployments make them: an editor's write-aside-and-rename,
+/// `cp` over the file in chunks (never loaded half-written), and a Kubernetes
+/// ConfigMap volume, whose files are symlinks through `..data`, swapped
+/// atomically to a new timestamped directory.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn deployment_style_updates_each_reload_once(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let dir = temp_dir("deploy");
+    // The ConfigMap layout: cm/..<ts>/jobs.toml, cm/..data -> ..<ts>,
+    // cm/jobs.toml -> ..data/jobs.toml. The plugin lives beside it.
+    let cm = dir.join("cm");
+    let plugin = dir.join("probe.wasm");
+    std::fs::write(&plugin, variant("v1")).unwrap();
+    let config_for = |note: &str| {
+        format!(
+            "[host]\npool-size = 3\nreload-debounce = \"100ms\"\nshutdown-grace = \"10s\"\n\n[[job]]\nname = \"noted\"\nplugin = {:?}\nevery = \"200ms\"\n[job.config]\nmode = \"write\"\nnote = \"{note}\"\n",
+            plugin.display().to_string()
+        )
+    };
+    let publish = |ts: &str, note: &str| {
+        let data = cm.join(format!("..{ts}"));
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::write(data.join("jobs.toml"), config_for(note)).unwrap();
+        let tmp = cm.join("..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(format!("..{ts}"), &tmp).unwrap();
+        std::fs::rename(&tmp, cm.join("..data")).unwrap();
+    };
+    std::fs::create_dir_all(&cm).unwrap();
+    publish("2026_11_28_v1", "cm-1");
+    std::os::unix::fs::symlink("..data/jobs.toml", cm.join("jobs.toml")).unwrap();
+
+    let logs = LogCapture::start();
+    let config = JobsConfig::from_file(cm.join("jobs.toml")).unwrap();
+    let options = HostOptions {
+        database_url: database_url(&pool).await,
+        host_id: "deployer".into(),
+        demo: false,
+        clock_offset: chrono::TimeDelta::zero(),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(jobhost::run(config, options, async {
+        let _ = stopped.await;
+    }));
+    wait_for(Duration::from_secs(20), "the job running", || async {
+        notes(&pool, "cm-1").await >= 1
+    })
+    .await;
+
+    // Kubernetes: the ..data swap.
+    publish("2026_11_28_v2", "cm-2");
+    wait_for(
+        Duration::from_secs(10),
+        "the ConfigMap update applied",
+        || async { notes(&pool, "cm-2").await >= 1 },
+    )
+    .await;
+    assert_eq!(reload_counts(&logs).1, 1, "{}", logs.text());
+
+    // An editor: write aside, rename over.
+    let v2 = variant("v2");
+    replace_atomically(&plugin, &v2);
+    wait_for(Duration::from_secs(10), "v2 running", || async {
+        ok_runs_with(&pool, &sha(&v2)).await >= 1
+    })
+    .await;
+    assert_eq!(reload_counts(&logs).1, 2);
+
+    // cp over the file in chunks: truncate, then write it piece by piece.
+    let v3 = variant("v3");
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(&plugin).unwrap();
+        for chunk in v3.chunks(v3.len() / 4 + 1) {
+            f.write_all(chunk).unwrap();
+            f.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    wait_for(Duration::from_secs(10), "v3 running", || async {
+        ok_runs_with(&pool, &sha(&v3)).await >= 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let text = logs.text();
+    assert!(
+        !text.contains("reload rejected"),
+        "a half-written version was tried: {text}"
+    );
+    assert_eq!(reload_counts(&logs).1, 3, "{text}");
+
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+    let failed: i64 = sqlx::query_scalar("select count(*) from jobhost.runs where outcome <> 'ok'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(failed, 0);
+}
+
+/// A reload is validated exactly as a start: `lock = "session"` on an `xact`
+/// plugin whose file did not change is refused, and the job keeps running.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_reload_a_start_would_refuse_is_refused(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let dir = temp_dir("strict");
+    std::fs::write(dir.join("probe.wasm"), variant("v1")).unwrap();
+    write_config(&dir, &note_job("steady"));
+    let logs = LogCapture::start();
+    let host = TestHost::start(&pool, dir.clone()).await;
+    wait_for(Duration::from_secs(20), "the job running", || async {
+        notes(&pool, "steady").await >= 1
+    })
+    .await;
+    let refused = note_job("steady").replace("[job.config]", "lock = \"session\"\n[job.config]");
+    host.write_config(&refused);
+    // A fresh start refuses it too, with the same reason.
+    let start = jobhost::load_jobs(
+        &runtime(),
+        &JobsConfig::from_file(dir.join("jobs.toml")).unwrap(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        format!("{start:#}").contains("set lock = \"xact\""),
+        "{start:#}"
+    );
+    wait_for(Duration::from_secs(10), "the rejection", || async {
+        let t = logs.text();
+        t.contains("reload rejected") && t.contains("an xact job") && t.contains("set lock =")
+    })
+    .await;
+    let before = notes(&pool, "steady").await;
+    wait_for(
+        Duration::from_secs(10),
+        "the job to keep running",
+        || async { notes(&pool, "steady").await >= before + 2 },
+    )
+    .await;
+    host.stop().await;
+    let failed: i64 = sqlx::query_scalar("select count(*) from jobhost.runs where outcome <> 'ok'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(failed, 0, "no run used the refused configuration");
+}

@@ -403,7 +403,7 @@ impl Runner {
             }
             (Returned::Trap(trap), _) => {
                 let mut m = format!("plugin trapped: {trap:#}");
-                if m.contains("forcing trap when growing memory") {
+                if m.contains(crate::runtime::MEMORY_LIMIT_TRAP) {
                     m = format!(
                         "plugin exceeded its memory limit of {} MiB ({m})",
                         job.config.max_memory_bytes >> 20

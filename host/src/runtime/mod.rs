@@ -74,6 +74,18 @@ pub enum PluginError {
         #[source]
         source: wasmtime::Error,
     },
+    /// Instantiating the plugin needs more linear memory than the job allows.
+    #[error(
+        "plugin `{path}` needs {needed_mib:.1} MiB of linear memory to start, more than its limit of {limit_mib} MiB (raise `max-memory-mib` for the job)"
+    )]
+    MemoryLimit {
+        /// The plugin file.
+        path: PathBuf,
+        /// What it asked for, in MiB.
+        needed_mib: f64,
+        /// The job's `max-memory-mib`.
+        limit_mib: usize,
+    },
     /// The component does not fit the `jobhost:plugin/job-plugin` world.
     #[error(
         "plugin `{path}` does not implement world `jobhost:plugin/job-plugin@0.1.0` (it must export `jobhost:plugin/job` and import only sql, log, WASI and wasi:http)"
@@ -97,6 +109,17 @@ pub struct Plugin {
     /// The lock mode the plugin says it is written for (`job.kind`).
     pub kind: PluginKind,
     pre: JobPluginPre<RunState>,
+}
+
+impl Plugin {
+    /// The same compiled plugin, named by another path with the same content
+    /// (shared, not compiled again).
+    pub fn at(&self, path: &Path) -> Plugin {
+        Plugin {
+            path: path.to_owned(),
+            ..self.clone()
+        }
+    }
 }
 
 /// The lock mode a plugin is written for.
@@ -126,7 +149,47 @@ pub struct RunState {
     http: wasmtime_wasi_http::WasiHttpCtx,
     http_policy: HttpPolicy,
     output: output::CappedOutput,
-    limits: StoreLimits,
+    limits: MemoryLimit,
+}
+
+/// The store's resource limiter: the job's memory cap, remembering the
+/// largest growth it refused so a load error can name both numbers.
+pub(crate) struct MemoryLimit {
+    tables: StoreLimits,
+    max_bytes: usize,
+    refused: Option<usize>,
+}
+
+/// The message of the trap a refused memory growth raises (the runner maps
+/// it to the job's limit).
+pub const MEMORY_LIMIT_TRAP: &str = "memory limit exceeded";
+
+impl wasmtime::ResourceLimiter for MemoryLimit {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.max_bytes {
+            self.refused = Some(self.refused.map_or(desired, |r| r.max(desired)));
+            return Err(wasmtime::Error::msg(format!(
+                "{MEMORY_LIMIT_TRAP}: the plugin asked for {:.1} MiB of linear memory, its limit is {} MiB",
+                desired as f64 / (1 << 20) as f64,
+                self.max_bytes >> 20
+            )));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.tables.table_growing(current, desired, maximum)
+    }
 }
 
 impl RunState {
@@ -157,10 +220,11 @@ impl RunState {
             wasi,
             output,
             http: wasmtime_wasi_http::WasiHttpCtx::new(),
-            limits: StoreLimitsBuilder::new()
-                .memory_size(max_memory_bytes)
-                .trap_on_grow_failure(true)
-                .build(),
+            limits: MemoryLimit {
+                tables: StoreLimitsBuilder::new().trap_on_grow_failure(true).build(),
+                max_bytes: max_memory_bytes,
+                refused: None,
+            },
         }
     }
 }
@@ -344,9 +408,21 @@ impl Runtime {
         })
     }
 
-    /// Reads, compiles and links a plugin. CPU-heavy: call it off the async
-    /// executor (`spawn_blocking`) when the host is running.
+    /// Reads, compiles and links a plugin, starting it under the default
+    /// memory limit (64 MiB). CPU-heavy: call it off the async executor
+    /// (`spawn_blocking`) when the host is running.
     pub fn load(&self, path: &Path) -> Result<Plugin, PluginError> {
+        self.load_limited(path, 64 << 20)
+    }
+
+    /// [`Runtime::load`], starting the plugin (to ask its kind) under
+    /// `max_memory_bytes`, the job's own limit: a plugin that cannot start
+    /// within it is refused here, with both numbers, not on every run.
+    pub fn load_limited(
+        &self,
+        path: &Path,
+        max_memory_bytes: usize,
+    ) -> Result<Plugin, PluginError> {
         let bytes = std::fs::read(path).map_err(|source| PluginError::Read {
             path: path.to_owned(),
             source,
@@ -366,10 +442,19 @@ impl Runtime {
             .instantiate_pre(&component)
             .map_err(wrong_world)?;
         let pre = JobPluginPre::new(instance_pre).map_err(wrong_world)?;
-        let kind = self.kind_of(&pre).map_err(|source| PluginError::Init {
-            path: path.to_owned(),
-            source,
-        })?;
+        let kind =
+            self.kind_of(&pre, max_memory_bytes)
+                .map_err(|(source, refused)| match refused {
+                    Some(needed) => PluginError::MemoryLimit {
+                        path: path.to_owned(),
+                        needed_mib: needed as f64 / (1 << 20) as f64,
+                        limit_mib: max_memory_bytes >> 20,
+                    },
+                    None => PluginError::Init {
+                        path: path.to_owned(),
+                        source,
+                    },
+                })?;
         Ok(Plugin {
             path: path.to_owned(),
             sha256,
@@ -399,8 +484,13 @@ impl Runtime {
     /// Asks a freshly instantiated plugin for its `kind`. Runs on the caller's
     /// (blocking) thread: the call is tiny and loading is off the async
     /// executor already.
-    fn kind_of(&self, pre: &JobPluginPre<RunState>) -> wasmtime::Result<PluginKind> {
-        let state = RunState::new("load".into(), "".into(), None, &[], 16 << 20);
+    /// On failure, also returns the memory growth the limiter refused, if any.
+    fn kind_of(
+        &self,
+        pre: &JobPluginPre<RunState>,
+        max_memory_bytes: usize,
+    ) -> Result<PluginKind, (wasmtime::Error, Option<usize>)> {
+        let state = RunState::new("load".into(), "".into(), None, &[], max_memory_bytes);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         store.set_epoch_deadline(200); // ~1 s of ticks: `kind` must not spin
@@ -409,7 +499,8 @@ impl Runtime {
         let kind = futures_executor::block_on(async {
             let instance = pre.instantiate_async(&mut store).await?;
             instance.jobhost_plugin_job().call_kind(&mut store).await
-        })?;
+        })
+        .map_err(|e| (e, store.data().limits.refused))?;
         Ok(match kind {
             bindings::job::JobKind::Xact => PluginKind::Xact,
             bindings::job::JobKind::Session => PluginKind::Session,

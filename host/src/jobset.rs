@@ -1,0 +1,83 @@
+//! The job set: a validated `jobs.toml` with every job's plugin loaded and
+//! checked. One function, [`load`], decides whether a set may run, for a
+//! fresh start, for a hot reload and for `jobhost check` alike: a reload is
+//! never held to less than a start.
+//!
+//! Checks, for every job whether its plugin changed or not: the plugin is a
+//! component of the `job-plugin` world; it starts within the job's own
+//! `max-memory-mib` (both numbers named otherwise); its kind matches the
+//! job's `lock`. A plugin already loaded with the same content and limit is
+//! reused, not compiled again (one compiled component per distinct plugin).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use sha2::{Digest, Sha256};
+
+use crate::config::JobsConfig;
+use crate::runner::{self, Job};
+use crate::runtime::{Plugin, Runtime};
+
+/// Loads and checks every job of `config`. `previous` is the running set
+/// (empty at start): plugins it already has with the same content and memory
+/// limit are reused. The first problem stops it, naming the job and file.
+pub async fn load(
+    runtime: &Arc<Runtime>,
+    config: &JobsConfig,
+    previous: &[Job],
+) -> anyhow::Result<Vec<Job>> {
+    // (content sha256, memory limit) → the plugin loaded for it.
+    let mut loaded: HashMap<(String, usize), Plugin> = previous
+        .iter()
+        .map(|j| {
+            (
+                (j.plugin.sha256.clone(), j.config.max_memory_bytes),
+                j.plugin.clone(),
+            )
+        })
+        .collect();
+    let mut jobs = Vec::with_capacity(config.jobs.len());
+    for job in &config.jobs {
+        let sha = file_sha256(&job.plugin).with_context(|| {
+            format!(
+                "job `{}`: cannot read plugin `{}`",
+                job.name,
+                job.plugin.display()
+            )
+        })?;
+        let key = (sha, job.max_memory_bytes);
+        let plugin = match loaded.get(&key) {
+            Some(p) => p.at(&job.plugin),
+            None => {
+                let rt = runtime.clone();
+                let (path, limit) = (job.plugin.clone(), job.max_memory_bytes);
+                // Compiling is CPU-bound; keep it off the async workers.
+                let plugin = tokio::task::spawn_blocking(move || rt.load_limited(&path, limit))
+                    .await
+                    .context("plugin loader panicked")?
+                    .with_context(|| format!("job `{}`", job.name))?;
+                if plugin.sha256 != key.0 {
+                    // Written between our hash and the loader's read: the
+                    // loader's bytes are what runs, and they will be seen as
+                    // a change again.
+                    tracing::debug!(job = %job.name, "plugin changed while loading");
+                }
+                loaded.insert((plugin.sha256.clone(), limit), plugin.clone());
+                plugin
+            }
+        };
+        runner::check_plugin_kind(job, &plugin)
+            .map_err(|e| anyhow::anyhow!("job `{}`: {e}", job.name))?;
+        jobs.push(Job {
+            config: job.clone(),
+            plugin,
+        });
+    }
+    Ok(jobs)
+}
+
+/// SHA-256 of a file's content, hex (what `plugin_sha256` records).
+pub fn file_sha256(path: &std::path::Path) -> std::io::Result<String> {
+    Ok(hex::encode(Sha256::digest(std::fs::read(path)?)))
+}
