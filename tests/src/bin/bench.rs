@@ -267,6 +267,12 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     // server-side cost, which every run now pays.
     let (check_with, check_without) = hygiene_cost(&pool, &noop, s.rounds * s.per_round).await?;
 
+    // 6. Plugin start-up (a fresh engine loading the probe: cold = empty
+    // compile cache, warm = the cache that cold filled) and reload latency
+    // (a new plugin file renamed into place → the first run on it), medians.
+    let startup = plugin_startup(if quick { 2 } else { 5 })?;
+    let reload = reload_latency(url, if quick { 1 } else { 5 }).await?;
+
     // 5. Scheduler scale: K no-op jobs at a 1 s cadence on one host, first
     // all on the epoch-aligned grid (offset 0s), then with the default
     // name-derived offsets: the same run shows what spreading buys.
@@ -383,6 +389,22 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     }
     let _ = writeln!(
         md,
+        "| 6 | plugin start-up, Rust probe (233 KB): cold compile / warm compile cache, median of {} | {:.0} ms / {:.1} ms | | {:.0}× | (not a target) | |",
+        startup.2,
+        startup.0.as_secs_f64() * 1e3,
+        startup.1.as_secs_f64() * 1e3,
+        startup.0.as_secs_f64() / startup.1.as_secs_f64().max(1e-9),
+    );
+    let _ = writeln!(
+        md,
+        "| 6′ | reload latency: new plugin renamed into place → first run on it (debounce 100 ms, 200 ms cadence), median of {} (range) | {:.0} ms ({:.0}–{:.0}) | | | (not a target) | |",
+        reload.len(),
+        reload[reload.len() / 2].as_secs_f64() * 1e3,
+        reload[0].as_secs_f64() * 1e3,
+        reload[reload.len() - 1].as_secs_f64() * 1e3,
+    );
+    let _ = writeln!(
+        md,
         "\nRaw: no-op plugin {:?}, native {:?} per run (means); hash {plugin_h:?} vs {native_h:?} for {rows} rows; {} SQL calls: wit {wit:?} (no-op runs {wit_noop:?}), direct {direct:?} (no-op runs {direct_noop:?}); instantiate on-demand {od_mean:?}, pooling {po_mean:?}; scale: aligned {} lag samples, CPU {:.2} s over {:.1} s; spread {} lag samples, CPU {:.2} s over {:.1} s.",
         p_mean,
         n_mean,
@@ -442,6 +464,94 @@ async fn hygiene_cost(
         }
     }
     Ok((stats(a).1, stats(b).1))
+}
+
+/// Median cold and warm start-up of the probe plugin in a fresh engine, over
+/// `n` repetitions, and `n`.
+fn plugin_startup(n: usize) -> anyhow::Result<(Duration, Duration, usize)> {
+    let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let cache =
+            std::env::temp_dir().join(format!("jobhost-bench-cache-{}-{i}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&cache);
+        for times in [&mut cold, &mut warm] {
+            let rt = Runtime::with_options(Some(&cache), false)?;
+            let t = Instant::now();
+            rt.load(Path::new(guests::TEST_CORE_PROBE))?;
+            times.push(t.elapsed());
+        }
+        let _ = std::fs::remove_dir_all(&cache);
+    }
+    Ok((stats(cold).1, stats(warm).1, n))
+}
+
+/// Reload latency, `n` times: an in-process host with one 200 ms job; a new
+/// version of its plugin is renamed into place and the time until the first
+/// run on it is recorded (sorted).
+async fn reload_latency(url: &str, n: usize) -> anyhow::Result<Vec<Duration>> {
+    let dir = std::env::temp_dir().join(format!("jobhost-bench-reload-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let base = std::fs::read(guests::TEST_CORE_PROBE)?;
+    // A custom section makes a new file (and sha256) that behaves the same.
+    let version = |v: usize| {
+        let mut b = base.clone();
+        let tag = format!("\x15jobhost-bench-version{v}");
+        b.push(0);
+        b.push(tag.len() as u8);
+        b.extend_from_slice(tag.as_bytes());
+        b
+    };
+    std::fs::write(dir.join("probe.wasm"), version(0))?;
+    std::fs::write(
+        dir.join("jobs.toml"),
+        "[host]\npool-size = 2\nreload-debounce = \"100ms\"\nshutdown-grace = \"5s\"\n\n[[job]]\nname = \"reloaded\"\nplugin = \"probe.wasm\"\nevery = \"200ms\"\n[job.config]\nmode = \"noop\"\n",
+    )?;
+    let config = jobhost::config::JobsConfig::from_file(dir.join("jobs.toml"))?;
+    let options = jobhost::HostOptions {
+        database_url: url.to_owned(),
+        host_id: "bench-reload".into(),
+        demo: false,
+        clock_offset: TimeDelta::zero(),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let host = tokio::spawn(jobhost::run(config, options, async {
+        let _ = stopped.await;
+    }));
+    let pool = PgPoolOptions::new().max_connections(1).connect(url).await?;
+    let mut latencies = Vec::with_capacity(n);
+    for v in 1..=n {
+        let bytes = version(v);
+        let sha = hex::encode(Sha256::digest(&bytes));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let tmp = dir.join("probe.wasm.tmp");
+        std::fs::write(&tmp, &bytes)?;
+        let t = Instant::now();
+        std::fs::rename(&tmp, dir.join("probe.wasm"))?;
+        loop {
+            let ran: i64 = sqlx::query_scalar(
+                "select count(*) from jobhost.runs where plugin_sha256 = $1 and outcome = 'ok'",
+            )
+            .bind(&sha)
+            .fetch_one(&pool)
+            .await?;
+            if ran > 0 {
+                break;
+            }
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(20),
+                "reload never ran v{v}"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        latencies.push(t.elapsed());
+    }
+    let _ = stop.send(());
+    host.await??;
+    pool.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    latencies.sort();
+    Ok(latencies)
 }
 
 /// What one scale run measured.
