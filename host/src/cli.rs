@@ -86,6 +86,13 @@ pub fn main() -> ExitCode {
     };
     match runtime.block_on(run_cli(std::env::args_os())) {
         Ok(code) => code,
+        // Usage errors, `--help` and `--version`: clap prints them (to stdout
+        // or stderr as fits) and says which exit code they deserve.
+        Err(e) if e.downcast_ref::<clap::Error>().is_some() => {
+            let clap = e.downcast_ref::<clap::Error>().expect("checked above");
+            let _ = clap.print();
+            ExitCode::from(u8::try_from(clap.exit_code()).unwrap_or(2))
+        }
         Err(e) => {
             eprintln!("jobhost: {e:#}");
             ExitCode::FAILURE
@@ -93,9 +100,12 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Parses `args` and runs the command.
+/// Parses `args` and runs the command. A usage error (and `--help`,
+/// `--version`) comes back as a `clap::Error` inside the `anyhow::Error`; the
+/// caller prints it and exits (see [`main`]): library code never exits the
+/// process.
 pub async fn run_cli(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<ExitCode> {
-    let cli = Cli::try_parse_from(args).unwrap_or_else(|e| e.exit());
+    let cli = Cli::try_parse_from(args)?;
     let config = JobsConfig::from_file(&cli.config)?;
     let database_url = || {
         cli.database_url
@@ -207,5 +217,22 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => tracing::info!("SIGINT received"),
         _ = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_errors_come_back_instead_of_exiting() {
+        // Were this `clap::Error::exit()`, the test process would end here.
+        let e = futures_executor::block_on(run_cli(["jobhost", "no-such-command"].map(Into::into)))
+            .unwrap_err();
+        let clap = e.downcast_ref::<clap::Error>().expect("a clap error");
+        assert_eq!(clap.exit_code(), 2);
+        let help =
+            futures_executor::block_on(run_cli(["jobhost", "--help"].map(Into::into))).unwrap_err();
+        assert_eq!(help.downcast_ref::<clap::Error>().unwrap().exit_code(), 0);
     }
 }

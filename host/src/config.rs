@@ -326,6 +326,20 @@ pub struct HostConfig {
     pub liveness: crate::hosts::Liveness,
 }
 
+/// What a job may reach over HTTP (`[job.http]`, validated). Configuration
+/// only: `runtime::http` enforces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpGrant {
+    /// Allowed `host` (any port) or `host:port` entries.
+    pub allow: Vec<String>,
+    /// Allow loopback, private, link-local and other internal addresses.
+    pub allow_private: bool,
+    /// Per-request timeout (connect, first byte, between bytes).
+    pub timeout: Duration,
+    /// Largest response body accepted, bytes.
+    pub max_response_bytes: usize,
+}
+
 /// When a failed slot is tried again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
@@ -375,7 +389,7 @@ pub struct JobConfig {
     /// `session` jobs: lock-connection check interval.
     pub heartbeat: Duration,
     /// Outbound HTTP grant.
-    pub http: Option<crate::runtime::http::HttpGrant>,
+    pub http: Option<HttpGrant>,
     /// `[job.config]` rendered as strings (TOML strings as-is, other values as TOML).
     pub config: Vec<(String, String)>,
 }
@@ -554,7 +568,7 @@ impl JobsToml {
                 retry,
                 catch_up: job.catch_up,
                 heartbeat: job.heartbeat.unwrap_or(Duration::from_secs(2)),
-                http: job.http.map(|h| crate::runtime::http::HttpGrant {
+                http: job.http.map(|h| HttpGrant {
                     allow: h.allow,
                     allow_private: h.allow_private,
                     timeout: h.timeout.unwrap_or(Duration::from_secs(10)),

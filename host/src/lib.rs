@@ -19,10 +19,14 @@
 //!   nothing into its next use (locks, settings, temporary objects).
 //! - [`hosts`]: host liveness (the `jobhost.hosts` heartbeat) that decides
 //!   which `running` rows are lost and which lock holders are alive.
-//! - [`runtime`]: wasmtime engine, plugins, the capabilities they are granted
-//!   (`sql` transaction, `log`, an empty WASI).
+//! - [`runtime`]: a narrow layer over wasmtime: the engine (`mod.rs`),
+//!   loading a plugin (`plugin.rs`), one run's store (`store.rs`), one call
+//!   (`invoke.rs`), and the capabilities a plugin is granted (`sql`, `log`,
+//!   an empty WASI, `http`). It does not know about locks or history.
 //! - [`runner`]: one slot of one job, from BEGIN through lock, plugin call,
-//!   COMMIT/ROLLBACK — the path every invariant hangs on.
+//!   COMMIT/ROLLBACK — the path every invariant hangs on (`open` → invoke →
+//!   `close`; the benchmark's native twin, feature `bench`, composes the same
+//!   steps in `runner/native.rs`).
 //! - [`scheduler`]: per-job loops that hand due slots to the runner, and swap
 //!   in new job versions between runs.
 //! - [`jobset`]: the one validation of a job set (config + loaded plugins)
@@ -35,7 +39,11 @@
 //!   production start).
 //!
 //! A run, tick to commit: [`scheduler`] → [`runner::Runner::run`] →
-//! [`runtime::Runtime::invoke`] → [`runtime::sql`] for each statement.
+//! [`runtime::Runtime::invoke`] → [`runtime::sql`] for each statement →
+//! back in the runner, [`hygiene`] and [`tx::OpenTx::finish`].
+//!
+//! Dependencies point one way: `config` is plain data (it imports no
+//! runtime); `runtime` knows nothing of locks or history; `runner` ties them.
 
 #![warn(missing_docs)]
 

@@ -302,9 +302,23 @@ async fn the_lock_is_the_first_statement_of_the_plugins_transaction(pool: PgPool
             key.namespace, key.key
         ),
     ));
-    let logs = LogCapture::start();
-    let msg = finished(runner(&pool).run(&job, slot(1)).await.unwrap(), Outcome::Ok);
-    let text = logs.text();
+    // tracing caches per call site whether anyone listens; with many tests
+    // starting and dropping thread-local captures at once, a capture can miss
+    // sqlx's events for a run. That is the capture failing, not the host:
+    // run another slot until one run was captured whole.
+    let (msg, text) = {
+        let mut captured = None;
+        for n in 1..=5 {
+            let logs = LogCapture::start();
+            let msg = finished(runner(&pool).run(&job, slot(n)).await.unwrap(), Outcome::Ok);
+            let text = logs.text();
+            if text.contains("plugin-statement") && text.contains("commit") {
+                captured = Some((msg, text));
+                break;
+            }
+        }
+        captured.expect("no run's statements were captured in 5 tries")
+    };
     let sent: Vec<&str> = text.lines().filter(|l| l.contains("sqlx::query")).collect();
     let at = |needle: &str| {
         sent.iter()

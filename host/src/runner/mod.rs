@@ -40,16 +40,12 @@ use crate::runtime::bindings::types::Context;
 use crate::runtime::{Closed, Invocation, Lent, Plugin, Returned, RunLimits, Runtime, TxHandle};
 use crate::tx::OpenTx;
 
+#[cfg(feature = "bench")]
+mod native;
 mod session;
 
-/// Native work for [`Runner::run_native`]: gets the run's locked transaction.
-pub type NativeWork = Box<
-    dyn for<'c> FnOnce(
-            &'c mut sqlx::PgConnection,
-        ) -> std::pin::Pin<
-            Box<dyn Future<Output = Result<String, String>> + Send + 'c>,
-        > + Send,
->;
+#[cfg(feature = "bench")]
+pub use native::NativeWork;
 
 /// A configured job with its loaded plugin.
 #[derive(Debug, Clone)]
@@ -157,29 +153,42 @@ impl Runner {
         }
     }
 
-    /// Runs `slot` of an `xact` job through exactly the plugin's path (lock,
-    /// history checks, backstops, savepoint, record, commit) but with `work`,
-    /// native Rust, in place of the plugin. Exists so benchmarks can compare
-    /// the sandbox against native code on the same path.
-    pub async fn run_native(
-        &self,
-        job: &Job,
-        slot: DateTime<Utc>,
-        work: NativeWork,
-    ) -> anyhow::Result<RunResult> {
-        self.run_xact_with(job, slot, Some(work)).await
-    }
-
+    /// An `xact` run: [open](Self::open) (lock, gate, scope), lend the
+    /// transaction to a fresh plugin instance, [close](Self::close) (judge,
+    /// verify, record, commit).
     async fn run_xact(&self, job: &Job, slot: DateTime<Utc>) -> anyhow::Result<RunResult> {
-        self.run_xact_with(job, slot, None).await
+        let opened = match self.open(job, slot).await? {
+            Ok(opened) => opened,
+            Err(skip) => return Ok(skip),
+        };
+        let (ctx, limits) = run_context(job, slot, opened.go.attempt);
+        let abort = self.abort.clone();
+        let invocation = self
+            .runtime
+            .invoke(
+                &job.plugin,
+                ctx,
+                Lent::Transaction(opened.handle),
+                limits,
+                &job.config.env,
+                job.config.http.clone(),
+                async move {
+                    abort.cancelled().await;
+                    Returned::Interrupted
+                },
+            )
+            .await;
+        Ok(self.close(job, opened.run, invocation).await)
     }
 
-    async fn run_xact_with(
+    /// Steps 1–4 of an `xact` run: the `running` row, BEGIN with the
+    /// deadline, the lock, the gate, the scope. `Ok(Err(skip))` when the slot
+    /// does not run now; otherwise the transaction, wrapped for lending.
+    pub(crate) async fn open(
         &self,
         job: &Job,
         slot: DateTime<Utc>,
-        native: Option<NativeWork>,
-    ) -> anyhow::Result<RunResult> {
+    ) -> anyhow::Result<Result<Opened, RunResult>> {
         let name = job.config.name.as_str();
         let mut conn = self
             .pool
@@ -189,7 +198,7 @@ impl Runner {
         let run_id = db::begin_run(&mut conn, name, slot, &self.host_id, &job.plugin.sha256)
             .await
             .with_context(|| format!("job `{name}`: cannot record the run's start"))?;
-        let _in_flight = self.in_flight.enter(run_id);
+        let in_flight = self.in_flight.enter(run_id);
         // The deadline rides in BEGIN's own query: the lock, taken next, is
         // bounded by the server from the instant it is granted.
         let timeout_ms = job.config.timeout.as_millis().max(1);
@@ -216,7 +225,7 @@ impl Runner {
                 if let Err(e) = tx.end(&closing).await {
                     warn!(job = %name, error = %e, "cannot close a skipped run; Postgres rolls it back");
                 }
-                return Ok(skip);
+                return Ok(Err(skip));
             }
             Err(e) => {
                 drop(tx);
@@ -227,55 +236,28 @@ impl Runner {
             drop(tx);
             return Err(self.fail_before_plugin(name, run_id, e).await);
         }
+        Ok(Ok(Opened {
+            run: OpenRun {
+                run_id,
+                go,
+                _in_flight: in_flight,
+            },
+            go,
+            handle: TxHandle::new(tx, name.into(), job.config.max_rows, self.guard.clone()),
+        }))
+    }
 
-        let attempt = go.attempt;
-        let (ctx, limits) = run_context(job, slot, attempt);
-        let handle = TxHandle::new(tx, name.into(), job.config.max_rows, self.guard.clone());
-        let abort = self.abort.clone();
-        let invocation = if let Some(work) = native {
-            let mut handle = handle;
-            let returned = match handle.connection() {
-                Some(conn) => Returned::Value(
-                    work(conn)
-                        .await
-                        .map(|summary| crate::runtime::bindings::types::Report { summary })
-                        .map_err(|message| crate::runtime::bindings::types::Failure {
-                            message,
-                            sql: None,
-                        }),
-                ),
-                None => Returned::Trap(wasmtime::Error::msg("no transaction")),
-            };
-            Invocation {
-                returned,
-                lent: Lent::Transaction(handle),
-                output: String::new(),
-                output_dropped: 0,
-            }
-        } else {
-            self.runtime
-                .invoke(
-                    &job.plugin,
-                    ctx,
-                    Lent::Transaction(handle),
-                    limits,
-                    &job.config.env,
-                    job.config.http.clone(),
-                    async move {
-                        abort.cancelled().await;
-                        Returned::Interrupted
-                    },
-                )
-                .await
-        };
+    /// Steps 6–7 of an `xact` run: judge what the body did, verify the
+    /// connection, record, commit; returns the run's result.
+    pub(crate) async fn close(&self, job: &Job, run: OpenRun, invocation: Invocation) -> RunResult {
         let judged = self.judge(job, invocation);
         let record = RunRecord {
-            attempt,
+            attempt: run.go.attempt,
             outcome: judged.outcome,
             message: &judged.message,
         };
-        let (outcome, message) = self.finish(job, run_id, judged.closed, &record).await;
-        Ok(finished(job, go, outcome, message))
+        let (outcome, message) = self.finish(job, run.run_id, judged.closed, &record).await;
+        finished(job, run.go, outcome, message)
     }
 
     /// Takes the lock and decides, under it, whether the slot runs now.
@@ -596,11 +578,26 @@ fn log_leak(job: &str, what: &str, when: &str) {
     error!(job = %job, event = "session_state_leaked", leaked = %what, found = when, "session_state_leaked: the plugin left state on its connection; the connection was closed");
 }
 
+/// An `xact` run past its gate: the bookkeeping [`Runner::close`] needs, and
+/// the transaction to lend.
+pub(crate) struct Opened {
+    pub(crate) run: OpenRun,
+    pub(crate) go: Go,
+    pub(crate) handle: TxHandle,
+}
+
+/// A run in flight: its row, its attempt, its place in the in-flight set.
+pub(crate) struct OpenRun {
+    run_id: i64,
+    go: Go,
+    _in_flight: crate::hosts::InFlightGuard,
+}
+
 /// The gate's answer for a slot that runs now.
 #[derive(Debug, Clone, Copy)]
-struct Go {
+pub(crate) struct Go {
     /// This attempt's number (every earlier attempt counts).
-    attempt: i32,
+    pub(crate) attempt: i32,
     /// Earlier failures of the job's own doing (these count against
     /// `max-attempts`).
     failures: u32,

@@ -19,18 +19,7 @@ use std::time::Duration;
 use http_body_util::BodyExt as _;
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
 
-/// What a job may reach over HTTP (`[job.http]`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpGrant {
-    /// Allowed `host` (any port) or `host:port` entries.
-    pub allow: Vec<String>,
-    /// Allow loopback, private, link-local and other internal addresses.
-    pub allow_private: bool,
-    /// Per-request timeout (connect, first byte, between bytes).
-    pub timeout: Duration,
-    /// Largest response body accepted, bytes.
-    pub max_response_bytes: usize,
-}
+pub use crate::config::HttpGrant;
 
 /// Why a request was refused before any connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
