@@ -4,9 +4,9 @@
 //! never held to less than a start.
 //!
 //! Checks, for every job whether its plugin changed or not: the plugin is a
-//! component of the `job-plugin` world; it starts within the job's own
-//! `max-memory-mib` (both numbers named otherwise); its kind matches the
-//! job's `lock`. A plugin already loaded with the same content and limit is
+//! component of the `xact-plugin` or `session-plugin` world (its kind); it
+//! starts within the job's own `max-memory-mib` (both numbers named
+//! otherwise); its kind matches the job's `lock`. A plugin already loaded with the same content and limit is
 //! reused, not compiled again (one compiled component per distinct plugin).
 
 use std::collections::HashMap;

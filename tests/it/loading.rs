@@ -41,7 +41,10 @@ fn a_component_of_the_wrong_world_is_rejected() {
     assert!(matches!(err, PluginError::WrongWorld { .. }), "{err:?}");
     let text = err.to_string();
     assert!(
-        text.contains("empty.wasm") && text.contains("jobhost:plugin/job-plugin"),
+        text.contains("empty.wasm")
+            && text.contains("xact-plugin")
+            && text.contains("session-plugin")
+            && text.contains("jobhost:plugin@0.2.0"),
         "{text}"
     );
 }
@@ -82,4 +85,25 @@ fn a_plugin_that_cannot_start_within_its_memory_limit_is_refused_with_both_numbe
     runtime()
         .load_limited(path, 128 << 20)
         .expect("starts within 128 MiB");
+}
+
+/// A plugin's kind is the world it implements, read when it is linked: no
+/// call into the plugin decides it.
+#[test]
+fn the_kind_is_the_world_that_links() {
+    use jobhost::runtime::PluginKind;
+    let xact = runtime()
+        .load(Path::new(jobhost_tests::guests::TEST_CORE_PROBE))
+        .unwrap();
+    assert_eq!(xact.kind, PluginKind::Xact);
+    let session = runtime()
+        .load(Path::new(jobhost_tests::guests::TEST_SESSION_PROBE))
+        .unwrap();
+    assert_eq!(session.kind, PluginKind::Session);
+    // And the job set refuses the wrong pairing before anything runs.
+    let mut config =
+        jobhost_tests::job_config("mismatched", jobhost_tests::guests::TEST_SESSION_PROBE, &[]);
+    config.lock = jobhost::config::LockMode::Xact;
+    let why = jobhost::runner::check_plugin_kind(&config, &session).unwrap_err();
+    assert!(why.contains("set lock = \"session\""), "{why}");
 }

@@ -8,6 +8,7 @@ use wasmtime::component::Resource;
 
 use super::bindings::types::{Context, Failure, Report};
 use super::http::HttpGrant;
+use super::plugin::PluginPre;
 use super::store::RunState;
 use super::{Plugin, Runtime, SessionHandle, TxHandle};
 
@@ -71,7 +72,7 @@ impl Runtime {
         store.limiter(|s| &mut s.limits);
         store.set_epoch_deadline(1);
         store.epoch_deadline_async_yield_and_update(1);
-        plugin.pre.instantiate_async(&mut store).await?;
+        plugin.pre.instantiate(&mut store).await?;
         drop(store);
         Ok((built, t.elapsed()))
     }
@@ -118,14 +119,28 @@ impl Runtime {
         store.epoch_deadline_async_yield_and_update(1);
 
         let call = async {
-            let instance = plugin.pre.instantiate_async(&mut store).await?;
-            let job = instance.jobhost_plugin_job();
-            if is_session {
-                let lent = Resource::<SessionHandle>::new_own(rep);
-                job.call_run_long(&mut store, &ctx, lent).await
-            } else {
-                let lent = Resource::<TxHandle>::new_own(rep);
-                job.call_run(&mut store, &ctx, lent).await
+            match (&plugin.pre, is_session) {
+                (PluginPre::Xact(pre), false) => {
+                    let instance = pre.instantiate_async(&mut store).await?;
+                    let lent = Resource::<TxHandle>::new_own(rep);
+                    instance
+                        .jobhost_plugin_xact_job()
+                        .call_run(&mut store, &ctx, lent)
+                        .await
+                }
+                (PluginPre::Session(pre), true) => {
+                    let instance = pre.instantiate_async(&mut store).await?;
+                    let lent = Resource::<SessionHandle>::new_own(rep);
+                    instance
+                        .jobhost_plugin_session_job()
+                        .call_run_long(&mut store, &ctx, lent)
+                        .await
+                }
+                // The job set refuses this pairing before anything runs.
+                _ => Err(wasmtime::Error::msg(format!(
+                    "plugin `{}` is of the other kind for this job's lock mode",
+                    plugin.path.display()
+                ))),
             }
         };
         let returned = tokio::select! {

@@ -42,7 +42,7 @@ use anyhow::Context as _;
 use wasmtime::Engine;
 use wasmtime::component::Linker;
 
-use bindings::JobPlugin;
+use bindings::XactPlugin;
 pub use invoke::{Invocation, Lent, Returned, RunLimits};
 pub use plugin::{Plugin, PluginError, PluginKind};
 pub use sql::{Closed, LockHolder, SessionHandle, TxHandle, TxScope};
@@ -141,7 +141,8 @@ impl Runtime {
         // Every plugin may import wasi:http; the per-run policy refuses
         // requests of jobs without a grant.
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
-        JobPlugin::add_to_linker::<RunState, wasmtime::component::HasSelf<RunState>>(
+        // Both worlds import the same interfaces: one registration serves both.
+        XactPlugin::add_to_linker::<RunState, wasmtime::component::HasSelf<RunState>>(
             &mut linker,
             |s| s,
         )?;

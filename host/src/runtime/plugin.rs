@@ -1,6 +1,6 @@
 //! Loading a plugin: read, compile (through the engine's cache), link against
-//! the `job-plugin` world, and start it once under the job's memory limit to
-//! ask its kind.
+//! the `xact-plugin` or the `session-plugin` world (which one links is the
+//! plugin's kind), and start it once under the job's memory limit.
 
 use std::path::{Path, PathBuf};
 
@@ -9,7 +9,7 @@ use wasmtime::Store;
 use wasmtime::component::Component;
 
 use super::Runtime;
-use super::bindings::{self, JobPluginPre};
+use super::bindings::{SessionPluginPre, WIT_PACKAGE, XactPluginPre};
 use super::store::RunState;
 
 /// Why a plugin file could not be loaded.
@@ -56,16 +56,15 @@ pub enum PluginError {
         /// The job's `max-memory-mib`.
         limit_mib: usize,
     },
-    /// The component does not fit the `jobhost:plugin/job-plugin` world.
+    /// The component implements neither `xact-plugin` nor `session-plugin`.
     #[error(
-        "plugin `{path}` does not implement world `jobhost:plugin/job-plugin@0.1.0` (it must export `jobhost:plugin/job` and import only sql, log, WASI and wasi:http)"
+        "plugin `{path}` implements neither world `xact-plugin` nor `session-plugin` of `{WIT_PACKAGE}` (it must export `xact-job` with `run`, or `session-job` with `run-long`, and import only sql, log, WASI and wasi:http; a plugin built against another version of the package does not link): {reason}"
     )]
     WrongWorld {
         /// The plugin file.
         path: PathBuf,
-        /// What did not match.
-        #[source]
-        source: wasmtime::Error,
+        /// What did not match, for each world.
+        reason: String,
     },
 }
 
@@ -76,9 +75,28 @@ pub struct Plugin {
     pub path: PathBuf,
     /// SHA-256 of the file's bytes, hex: which version ran, in the history.
     pub sha256: String,
-    /// The lock mode the plugin says it is written for (`job.kind`).
+    /// The lock mode the plugin is written for: the world it implements.
     pub kind: PluginKind,
-    pub(super) pre: JobPluginPre<RunState>,
+    pub(super) pre: PluginPre,
+}
+
+/// A plugin linked and ready to instantiate, in its world.
+#[derive(Clone)]
+pub(super) enum PluginPre {
+    /// Implements `xact-plugin`.
+    Xact(XactPluginPre<RunState>),
+    /// Implements `session-plugin`.
+    Session(SessionPluginPre<RunState>),
+}
+
+impl PluginPre {
+    /// Instantiates the component in `store` (without calling anything).
+    pub(super) async fn instantiate(&self, store: &mut Store<RunState>) -> wasmtime::Result<()> {
+        match self {
+            PluginPre::Xact(pre) => pre.instantiate_async(store).await.map(drop),
+            PluginPre::Session(pre) => pre.instantiate_async(store).await.map(drop),
+        }
+    }
 }
 
 impl Plugin {
@@ -95,9 +113,10 @@ impl Plugin {
 /// The lock mode a plugin is written for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PluginKind {
-    /// Implements `run` (one lent transaction).
+    /// Implements `xact-plugin`: `run` (one lent transaction).
     Xact,
-    /// Implements `run-long` (a session of short transactions).
+    /// Implements `session-plugin`: `run-long` (a session of short
+    /// transactions).
     Session,
 }
 
@@ -136,28 +155,38 @@ impl Runtime {
                 path: path.to_owned(),
                 source,
             })?;
-        let wrong_world = |source| PluginError::WrongWorld {
+        let wrong_world = |reason: String| PluginError::WrongWorld {
             path: path.to_owned(),
-            source,
+            reason,
         };
         let instance_pre = self
             .linker
             .instantiate_pre(&component)
-            .map_err(wrong_world)?;
-        let pre = JobPluginPre::new(instance_pre).map_err(wrong_world)?;
-        let kind =
-            self.kind_of(&pre, max_memory_bytes)
-                .map_err(|(source, refused)| match refused {
-                    Some(needed) => PluginError::MemoryLimit {
-                        path: path.to_owned(),
-                        needed_mib: needed as f64 / (1 << 20) as f64,
-                        limit_mib: max_memory_bytes >> 20,
-                    },
-                    None => PluginError::Init {
-                        path: path.to_owned(),
-                        source,
-                    },
-                })?;
+            .map_err(|e| wrong_world(format!("{e:#}")))?;
+        // The world that links is the kind: nothing to ask the plugin.
+        let (pre, kind) = match XactPluginPre::new(instance_pre.clone()) {
+            Ok(pre) => (PluginPre::Xact(pre), PluginKind::Xact),
+            Err(as_xact) => match SessionPluginPre::new(instance_pre) {
+                Ok(pre) => (PluginPre::Session(pre), PluginKind::Session),
+                Err(as_session) => {
+                    return Err(wrong_world(format!(
+                        "as xact-plugin: {as_xact:#}; as session-plugin: {as_session:#}"
+                    )));
+                }
+            },
+        };
+        self.start_within(&pre, max_memory_bytes)
+            .map_err(|(source, refused)| match refused {
+                Some(needed) => PluginError::MemoryLimit {
+                    path: path.to_owned(),
+                    needed_mib: needed as f64 / (1 << 20) as f64,
+                    limit_mib: max_memory_bytes >> 20,
+                },
+                None => PluginError::Init {
+                    path: path.to_owned(),
+                    source,
+                },
+            })?;
         Ok(Plugin {
             path: path.to_owned(),
             sha256,
@@ -166,29 +195,22 @@ impl Runtime {
         })
     }
 
-    /// Asks a freshly instantiated plugin for its `kind`. Runs on the caller's
-    /// (blocking) thread: the call is tiny and loading is off the async
-    /// executor already.
-    /// On failure, also returns the memory growth the limiter refused, if any.
-    fn kind_of(
+    /// Instantiates the plugin once under `max_memory_bytes`, as a run
+    /// would: a plugin that cannot start within its job's limit is refused at
+    /// load. Runs on the caller's (blocking) thread. On failure, also returns
+    /// the memory growth the limiter refused, if any.
+    fn start_within(
         &self,
-        pre: &JobPluginPre<RunState>,
+        pre: &PluginPre,
         max_memory_bytes: usize,
-    ) -> Result<PluginKind, (wasmtime::Error, Option<usize>)> {
+    ) -> Result<(), (wasmtime::Error, Option<usize>)> {
         let state = RunState::new("load".into(), "".into(), None, &[], max_memory_bytes);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
-        store.set_epoch_deadline(200); // ~1 s of ticks: `kind` must not spin
+        store.set_epoch_deadline(200); // ~1 s of ticks: start-up must not spin
         // No host call and no epoch yield happens here, so a plain executor on
         // this thread suffices (loading may run outside any tokio runtime).
-        let kind = futures_executor::block_on(async {
-            let instance = pre.instantiate_async(&mut store).await?;
-            instance.jobhost_plugin_job().call_kind(&mut store).await
-        })
-        .map_err(|e| (e, store.data().limits.refused))?;
-        Ok(match kind {
-            bindings::job::JobKind::Xact => PluginKind::Xact,
-            bindings::job::JobKind::Session => PluginKind::Session,
-        })
+        futures_executor::block_on(pre.instantiate(&mut store))
+            .map_err(|e| (e, store.data().limits.refused))
     }
 }

@@ -32,14 +32,38 @@ use std::str::FromStr;
 
 use serde::de::DeserializeOwned;
 
-/// Raw bindings generated from the WIT package (for what the SDK does not wrap).
+/// Raw bindings generated from the WIT package (for what the SDK does not
+/// wrap): the `xact-plugin` world, whose imports both worlds share.
+///
+/// With `pub_export_macro`, wit-bindgen puts a world's full type (imports
+/// *and* exports) into the crate that calls its export macro; the SDK itself
+/// carries only the imports. So a plugin built with [`export_job!`] is an
+/// `xact-plugin` component and one built with [`export_long_job!`] a
+/// `session-plugin` one: the host reads the kind from the world that links.
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../../wit",
-        world: "job-plugin",
+        world: "xact-plugin",
         pub_export_macro: true,
-        export_macro_name: "__export_world",
+        export_macro_name: "__export_xact_world",
         default_bindings_module: "jobhost_plugin_sdk::bindings",
+    });
+}
+
+/// Raw bindings of the `session-plugin` world (its imports are
+/// [`bindings`]'s).
+pub mod session_bindings {
+    wit_bindgen::generate!({
+        path: "../../wit",
+        world: "session-plugin",
+        pub_export_macro: true,
+        export_macro_name: "__export_session_world",
+        default_bindings_module: "jobhost_plugin_sdk::session_bindings",
+        with: {
+            "jobhost:plugin/sql@0.2.0": crate::bindings::jobhost::plugin::sql,
+            "jobhost:plugin/log@0.2.0": crate::bindings::jobhost::plugin::log,
+            "jobhost:plugin/types@0.2.0": crate::bindings::jobhost::plugin::types,
+        },
     });
 }
 
@@ -378,63 +402,39 @@ pub mod __private {
         outcome(J::run(&context(ctx), &Session { inner: session }))
     }
 
-    pub fn wrong_kind(expected: &str) -> Result<wit_types::Report, wit_types::Failure> {
-        Err(wit_types::Failure {
-            message: format!(
-                "this plugin is {expected} job; the host called the other kind of run"
-            ),
-            sql: None,
-        })
-    }
-
-    pub use crate::bindings::exports::jobhost::plugin::job::{Guest, JobKind};
+    pub use crate::bindings::exports::jobhost::plugin::xact_job::Guest as XactGuest;
     pub use crate::bindings::jobhost::plugin::sql::{Session as WitSessionResource, Transaction};
     pub use crate::bindings::jobhost::plugin::types::{Context as WitContext, Failure, Report};
+    pub use crate::session_bindings::exports::jobhost::plugin::session_job::Guest as SessionGuest;
 }
 
-/// Exports a [`Job`] implementation (`lock = "xact"`).
+/// Exports a [`Job`] implementation (`lock = "xact"`): the plugin becomes a
+/// component of world `xact-plugin`.
 #[macro_export]
 macro_rules! export_job {
     ($job:ty) => {
         #[doc(hidden)]
         pub struct __JobhostExport;
-        impl $crate::__private::Guest for __JobhostExport {
-            fn kind() -> $crate::__private::JobKind {
-                $crate::__private::JobKind::Xact
-            }
+        impl $crate::__private::XactGuest for __JobhostExport {
             fn run(
                 ctx: $crate::__private::WitContext,
                 tx: &$crate::__private::Transaction,
             ) -> ::core::result::Result<$crate::__private::Report, $crate::__private::Failure> {
                 $crate::__private::run::<$job>(ctx, tx)
             }
-            fn run_long(
-                _ctx: $crate::__private::WitContext,
-                _session: &$crate::__private::WitSessionResource,
-            ) -> ::core::result::Result<$crate::__private::Report, $crate::__private::Failure> {
-                $crate::__private::wrong_kind("an xact")
-            }
         }
-        $crate::bindings::__export_world!(__JobhostExport with_types_in $crate::bindings);
+        $crate::bindings::__export_xact_world!(__JobhostExport with_types_in $crate::bindings);
     };
 }
 
-/// Exports a [`LongJob`] implementation (`lock = "session"`).
+/// Exports a [`LongJob`] implementation (`lock = "session"`): the plugin
+/// becomes a component of world `session-plugin`.
 #[macro_export]
 macro_rules! export_long_job {
     ($job:ty) => {
         #[doc(hidden)]
         pub struct __JobhostExport;
-        impl $crate::__private::Guest for __JobhostExport {
-            fn kind() -> $crate::__private::JobKind {
-                $crate::__private::JobKind::Session
-            }
-            fn run(
-                _ctx: $crate::__private::WitContext,
-                _tx: &$crate::__private::Transaction,
-            ) -> ::core::result::Result<$crate::__private::Report, $crate::__private::Failure> {
-                $crate::__private::wrong_kind("a session (long)")
-            }
+        impl $crate::__private::SessionGuest for __JobhostExport {
             fn run_long(
                 ctx: $crate::__private::WitContext,
                 session: &$crate::__private::WitSessionResource,
@@ -442,6 +442,6 @@ macro_rules! export_long_job {
                 $crate::__private::run_long::<$job>(ctx, session)
             }
         }
-        $crate::bindings::__export_world!(__JobhostExport with_types_in $crate::bindings);
+        $crate::session_bindings::__export_session_world!(__JobhostExport with_types_in $crate::session_bindings);
     };
 }
