@@ -43,7 +43,9 @@ $$;
 -- "verify, don't enumerate"): advisory locks other than the job's own
 -- (`own_ns`, `own_key`; none at all when they are null), settings changed at
 -- session level other than `allowed` (the host's own and the plugin's
--- `SET LOCAL`s, which look the same until the transaction ends; skipped when
+-- `SET LOCAL`s, which look the same until the transaction ends; an entry
+-- `name=value` allows that setting only with that value, e.g. what a
+-- session-mode pooler replays on every server session; skipped when
 -- `allowed` is null), temporary objects, holdable cursors, listened
 -- channels, SQL-level prepared statements. NULL when clean, otherwise a
 -- description.
@@ -87,7 +89,8 @@ begin
         -- One pass over pg_settings: most of this function's cost.
         select 'session settings ' || string_agg(s.name, ', ' order by s.name)
                    filter (where s.source = 'session' and s.name <> 'search_path'
-                                 and s.name <> all (allowed)),
+                                 and s.name <> all (allowed)
+                                 and (s.name || '=' || s.setting) <> all (allowed)),
                max(s.reset_val) filter (where s.name = 'search_path')
           into item, default_search_path
           from pg_settings s;

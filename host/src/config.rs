@@ -12,6 +12,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
+use sha2::Digest as _;
 
 use crate::lock::LockKey;
 use crate::schedule::{CronSchedule, Schedule};
@@ -305,6 +306,9 @@ pub struct JobsConfig {
     pub host: HostConfig,
     /// The jobs, in file order.
     pub jobs: Vec<JobConfig>,
+    /// SHA-256 (hex) of the text this configuration was parsed from: what a
+    /// reload compares the file with.
+    pub text_sha256: String,
 }
 
 /// Validated `[host]` settings.
@@ -412,7 +416,9 @@ impl JobsConfig {
             path: path.to_owned(),
             source: Box::new(source),
         })?;
-        raw.validate(path)
+        let mut config = raw.validate(path)?;
+        config.text_sha256 = hex::encode(sha2::Sha256::digest(text.as_bytes()));
+        Ok(config)
     }
 }
 
@@ -578,6 +584,7 @@ impl JobsToml {
             });
         }
         Ok(JobsConfig {
+            text_sha256: String::new(),
             path: path.to_owned(),
             host: HostConfig {
                 pool_size,

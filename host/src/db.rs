@@ -67,11 +67,27 @@ pub struct RunRecord<'a> {
     pub message: &'a str,
 }
 
+/// The host's pool, and what a fresh connection of it carries.
+pub struct Connected {
+    /// The pool every run's connection comes from.
+    pub pool: PgPool,
+    /// Settings a fresh connection already has at session level, as
+    /// `name=value` (set by a session-mode pooler such as PgBouncer, which
+    /// replays the client's `TimeZone`, `DateStyle`... on the server
+    /// session): the post-run check takes them as the connection's own, not
+    /// as a plugin's leak. Empty on a direct connection.
+    pub session_baseline: Vec<String>,
+}
+
 /// Opens the host pool and applies the host's migrations.
 ///
 /// Every connection carries `application_name = jobhost:<host_id>` so that
 /// `pg_stat_activity` (and `pg_locks` joined to it) shows which host holds what.
-pub async fn connect(database_url: &str, pool_size: u32, host_id: &str) -> anyhow::Result<PgPool> {
+pub async fn connect(
+    database_url: &str,
+    pool_size: u32,
+    host_id: &str,
+) -> anyhow::Result<Connected> {
     let options: PgConnectOptions = database_url
         .parse()
         .context("invalid DATABASE_URL (expected postgres://user@host:port/db)")?;
@@ -92,6 +108,7 @@ pub async fn connect(database_url: &str, pool_size: u32, host_id: &str) -> anyho
             ("tcp_keepalives_count", "3"),
             ("client_connection_check_interval", "1000"),
         ]);
+    let session_baseline = refuse_transaction_pooler(&options).await?;
     let pool = PgPoolOptions::new()
         .max_connections(pool_size)
         .acquire_timeout(Duration::from_secs(10))
@@ -102,7 +119,146 @@ pub async fn connect(database_url: &str, pool_size: u32, host_id: &str) -> anyho
         .run(&pool)
         .await
         .context("cannot apply the host's migrations (schema `jobhost`)")?;
-    Ok(pool)
+    Ok(Connected {
+        pool,
+        session_baseline,
+    })
+}
+
+/// What jobhost says when it finds a transaction pooler between it and
+/// Postgres.
+const POOLER_ADVICE: &str = "jobhost needs one server session per connection (its locks, \
+     prepared statements and run transactions rely on it) and does not run through a \
+     transaction pooler yet: point DATABASE_URL at Postgres directly, or at a pooler in \
+     session mode (PgBouncer `pool_mode = session`)";
+
+/// Refuses to start behind a transaction pooler (PgBouncer `pool_mode =
+/// transaction`, RDS Proxy, Supavisor...), which hands a client's
+/// consecutive transactions to different server sessions: named prepared
+/// statements then point at other statements, session locks stay behind on
+/// server connections other clients get (the bug this project exists to
+/// prevent), NOTIFY is dropped. Never run into that silently.
+///
+/// The probe (simple queries only, which any pooler passes): two client
+/// connections A and B; A and B each open a transaction (so the pooler must
+/// give them different server sessions), one ends first, then B asks for
+/// its backend pid outside a transaction. A pooler that reuses released
+/// server sessions last-in-first-out hands B A's session in one order, a
+/// first-in-first-out one in the other: across both, B sees another backend.
+/// Directly connected, B's pid never changes. A pooler with a single server
+/// session makes B's BEGIN wait for A's transaction, which a direct
+/// connection never does.
+///
+/// Also: a pooler that refuses the startup parameters (`options`, which
+/// carries the keepalives) is named as such, and one that drops them
+/// silently is warned about. Returns the settings a fresh connection carries
+/// at session level (see [`Connected::session_baseline`]).
+pub async fn refuse_transaction_pooler(options: &PgConnectOptions) -> anyhow::Result<Vec<String>> {
+    use sqlx::{Connection as _, Row as _};
+    let connect = || async {
+        PgConnection::connect_with(options).await.map_err(|e| {
+            let text = e.to_string();
+            let e = anyhow::Error::new(e);
+            if text.contains("unsupported startup parameter") {
+                e.context(format!(
+                    "cannot connect to Postgres (DATABASE_URL): the server refused a startup parameter, which PgBouncer and other poolers do; {POOLER_ADVICE}"
+                ))
+            } else {
+                e.context("cannot connect to Postgres (DATABASE_URL)")
+            }
+        })
+    };
+    async fn backend(conn: &mut PgConnection, sql: &'static str) -> sqlx::Result<i32> {
+        let rows = sqlx::raw_sql(sql).fetch_all(conn).await?;
+        rows.last()
+            .ok_or(sqlx::Error::RowNotFound)?
+            .try_get::<i32, _>(0)
+    }
+    let mut a = connect().await?;
+    let mut b = connect().await?;
+    let probe = async {
+        let own = backend(&mut b, "select pg_backend_pid()").await?;
+        for a_ends_first in [false, true] {
+            backend(&mut a, "begin; select pg_backend_pid()").await?;
+            let waited = tokio::time::timeout(
+                Duration::from_secs(3),
+                backend(&mut b, "begin; select pg_backend_pid()"),
+            )
+            .await;
+            match waited {
+                Err(_) => {
+                    return Ok(Path::Pooler(
+                        "a second client's BEGIN waited for the first client's transaction (one server session shared by both)".to_owned(),
+                    ));
+                }
+                Ok(pid) => {
+                    pid?;
+                }
+            }
+            let order: [&mut PgConnection; 2] = if a_ends_first {
+                [&mut a, &mut b]
+            } else {
+                [&mut b, &mut a]
+            };
+            for conn in order {
+                sqlx::raw_sql("commit").execute(conn).await?;
+            }
+            let now = backend(&mut b, "select pg_backend_pid()").await?;
+            if now != own {
+                return Ok(Path::Pooler(format!(
+                    "one client connection was served by backend {own}, then by backend {now}"
+                )));
+            }
+        }
+        // Startup options that did not arrive: a pooler dropping them.
+        let check = sqlx::raw_sql("select current_setting('client_connection_check_interval')")
+            .fetch_one(&mut b)
+            .await?;
+        let interval: String = check.try_get(0)?;
+        Ok::<_, sqlx::Error>(if interval == "0" && options.get_options().is_some() {
+            Path::OptionsDropped
+        } else {
+            Path::Direct
+        })
+    };
+    let found = probe
+        .await
+        .context("cannot probe the connection to Postgres")?;
+    let baseline = async {
+        let rows = sqlx::raw_sql(
+            "select name || '=' || setting from pg_settings where source = 'session' order by name",
+        )
+        .fetch_all(&mut a)
+        .await?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>(0))
+            .collect::<sqlx::Result<Vec<String>>>()
+    };
+    let baseline = baseline
+        .await
+        .context("cannot read a fresh connection's session settings")?;
+    drop(a);
+    drop(b);
+    match found {
+        Path::Direct => Ok(baseline),
+        Path::OptionsDropped => {
+            tracing::warn!(session_settings = ?baseline, "the connection's startup options (TCP keepalives, client_connection_check_interval) did not reach Postgres: a pooler may be dropping them; a vanished host is then noticed later");
+            Ok(baseline)
+        }
+        Path::Pooler(what) => anyhow::bail!(
+            "DATABASE_URL leads to a transaction pooler, not to one Postgres session per connection: {what}. {POOLER_ADVICE}"
+        ),
+    }
+}
+
+/// What [`refuse_transaction_pooler`] found between the host and Postgres.
+enum Path {
+    /// One server session per connection, startup options in force.
+    Direct,
+    /// One session per connection, but the startup options were dropped.
+    OptionsDropped,
+    /// Transactions of one connection reach different server sessions.
+    Pooler(String),
 }
 
 /// Quotes an SQL identifier (`"name"`, inner quotes doubled).

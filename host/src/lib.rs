@@ -114,7 +114,10 @@ pub async fn run(
         cache_hits = runtime.cache_hits(),
         "plugins loaded"
     );
-    let pool = db::connect(
+    let db::Connected {
+        pool,
+        session_baseline,
+    } = db::connect(
         &options.database_url,
         config.host.pool_size,
         &options.host_id,
@@ -149,7 +152,8 @@ pub async fn run(
             )
         })?;
     let runner = Runner::new(pool.clone(), runtime.clone(), &options.host_id)
-        .with_liveness(config.host.liveness);
+        .with_liveness(config.host.liveness)
+        .with_session_baseline(session_baseline);
     let stop_heartbeat = tokio_util::sync::CancellationToken::new();
     let heartbeat = tokio::spawn(hosts::heartbeat(
         pool.clone(),
@@ -165,7 +169,7 @@ pub async fn run(
     let (updates_tx, updates) = tokio::sync::mpsc::channel(4);
     let stop_watching = tokio_util::sync::CancellationToken::new();
     let watcher = tokio::spawn(reload::watch(
-        reload::Reloader::new(&config.path, runtime, jobs.clone()),
+        reload::Reloader::new(&config, runtime, jobs.clone()),
         config.host.watch,
         config.host.reload_debounce,
         Some(options.database_url.clone()),

@@ -55,6 +55,20 @@ pub struct Reloader {
 struct Fingerprint(Vec<(PathBuf, Option<String>)>);
 
 impl Fingerprint {
+    /// What is running: the configuration's text and the plugins as loaded
+    /// (not as the files are now: a change between the load and the first
+    /// look must still be seen as one).
+    fn running(config_path: &Path, config_sha256: &str, jobs: &[Job]) -> Self {
+        Self(
+            std::iter::once((config_path.to_owned(), Some(config_sha256.to_owned())))
+                .chain(
+                    jobs.iter()
+                        .map(|j| (j.config.plugin.clone(), Some(j.plugin.sha256.clone()))),
+                )
+                .collect(),
+        )
+    }
+
     fn of(files: &[PathBuf]) -> Self {
         Self(
             files
@@ -75,16 +89,16 @@ impl Fingerprint {
 }
 
 impl Reloader {
-    /// A reloader whose current state is `jobs` (as loaded at start).
-    pub fn new(config_path: &Path, runtime: Arc<Runtime>, jobs: Vec<Job>) -> Self {
-        let mut reloader = Self {
-            config_path: config_path.to_owned(),
+    /// A reloader whose current state is `jobs`, loaded from `config` at
+    /// start.
+    pub fn new(config: &JobsConfig, runtime: Arc<Runtime>, jobs: Vec<Job>) -> Self {
+        let seen = Fingerprint::running(&config.path, &config.text_sha256, &jobs);
+        Self {
+            config_path: config.path.clone(),
             runtime,
             jobs,
-            seen: Fingerprint::default(),
-        };
-        reloader.seen = Fingerprint::of(&reloader.files());
-        reloader
+            seen,
+        }
     }
 
     /// `jobs.toml` and every current plugin file.
@@ -262,6 +276,8 @@ pub async fn watch(
     };
     watch_dirs(&reloader, &mut debouncer);
 
+    // A change between the start's load and the watch is a change too.
+    let _ = trigger.try_send("file change");
     let signals = tokio::spawn(hangups(trigger.clone()));
     let notifications = database_url.map(|url| tokio::spawn(notifications(url, trigger.clone())));
 

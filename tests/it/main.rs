@@ -11,6 +11,7 @@ mod core_run;
 mod fleet;
 mod hygiene;
 mod loading;
+mod pooler;
 mod reference_jobs;
 mod reload;
 mod sandbox;

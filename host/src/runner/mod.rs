@@ -101,6 +101,9 @@ pub struct Runner {
     abort: CancellationToken,
     liveness: Liveness,
     in_flight: InFlight,
+    /// Session settings a fresh connection carries (`name=value`), which the
+    /// post-run check takes as the connection's own.
+    session_baseline: Arc<[String]>,
 }
 
 impl Runner {
@@ -115,7 +118,25 @@ impl Runner {
             abort: CancellationToken::new(),
             liveness: Liveness::default(),
             in_flight: InFlight::default(),
+            session_baseline: Arc::from(Vec::new()),
         }
+    }
+
+    /// Settings a fresh connection of the pool already carries at session
+    /// level (see [`db::Connected::session_baseline`]).
+    pub fn with_session_baseline(mut self, baseline: Vec<String>) -> Self {
+        self.session_baseline = Arc::from(baseline);
+        self
+    }
+
+    /// What the post-run check accepts at session level: the pool's baseline
+    /// and the plugin's own `SET LOCAL`s.
+    fn allowed_settings(&self, plugin_local: &[String]) -> Vec<String> {
+        self.session_baseline
+            .iter()
+            .chain(plugin_local)
+            .cloned()
+            .collect()
     }
 
     /// Judges other hosts dead after `liveness.lost_after` without a heartbeat.
@@ -459,7 +480,7 @@ impl Runner {
             hygiene::commit_ok_sql(
                 &job.config,
                 touched,
-                &local_settings,
+                &self.allowed_settings(&local_settings),
                 run_id,
                 attempt,
                 record.message,

@@ -158,6 +158,7 @@ impl Runner {
             TxScope {
                 role: job.config.role.clone(),
                 timeout: job.config.timeout,
+                session_baseline: self.session_baseline.clone(),
             },
         );
         let (abort, lost_too) = (self.abort.clone(), lost.clone());

@@ -53,6 +53,8 @@ struct CommitRights {
     role: Option<String>,
     /// The first leak found by a commit's check: the run is then an error.
     leaked: Arc<OnceLock<String>>,
+    /// Session settings a fresh pooled connection carries (`name=value`).
+    session_baseline: Arc<[String]>,
 }
 
 /// The connection that holds a session job's lock: key, backend pid and
@@ -74,6 +76,8 @@ pub struct TxScope {
     pub role: Option<String>,
     /// The run's timeout: no statement runs longer.
     pub timeout: std::time::Duration,
+    /// Session settings a fresh pooled connection carries (`name=value`).
+    pub session_baseline: Arc<[String]>,
 }
 
 /// What a closed [`TxHandle`] hands back to the runner.
@@ -177,10 +181,16 @@ impl TxHandle {
             h.pid,
             crate::db::quote_literal(&h.backend_start.to_rfc3339()),
         );
+        let allowed: Vec<String> = rights
+            .session_baseline
+            .iter()
+            .chain(&self.local_settings)
+            .cloned()
+            .collect();
         let closing = hygiene::commit_session_sql(
             rights.role.as_deref(),
             self.touched,
-            &self.local_settings,
+            &allowed,
             &lock_check,
         );
         let Some(tx) = self.tx.as_mut() else {
@@ -365,6 +375,7 @@ impl SessionHandle {
         let TxScope {
             role,
             timeout: statement_timeout,
+            session_baseline,
         } = scope;
         Self {
             pool,
@@ -376,6 +387,7 @@ impl SessionHandle {
                 holder,
                 role,
                 leaked: Arc::default(),
+                session_baseline,
             },
             statement_timeout_ms: statement_timeout.as_millis().max(1),
             began: Vec::new(),
