@@ -538,6 +538,10 @@ async fn reload_latency(url: &str, n: usize) -> anyhow::Result<Vec<Duration>> {
             if ran > 0 {
                 break;
             }
+            if host.is_finished() {
+                let ended = host.await?;
+                anyhow::bail!("the reload benchmark's host stopped: {ended:?}");
+            }
             anyhow::ensure!(
                 t.elapsed() < Duration::from_secs(20),
                 "reload never ran v{v}"
