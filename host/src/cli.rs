@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
-use crate::config::JobsConfig;
+use crate::config::{JobsConfig, PluginFiles};
 use crate::runtime::Runtime;
 use crate::{HostOptions, db, inspect};
 
@@ -106,7 +106,14 @@ pub fn main() -> ExitCode {
 /// process.
 pub async fn run_cli(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<ExitCode> {
     let cli = Cli::try_parse_from(args)?;
-    let config = JobsConfig::from_file(&cli.config)?;
+    let command = cli.command.as_ref().unwrap_or(&Command::Run);
+    // Operators' commands read the database only: the plugin files may be
+    // on other machines.
+    let files = match command {
+        Command::Run | Command::Check => PluginFiles::Required,
+        Command::Status | Command::Locks | Command::Reload => PluginFiles::NotNeeded,
+    };
+    let config = JobsConfig::read(&cli.config, files)?;
     let database_url = || {
         cli.database_url
             .clone()

@@ -398,25 +398,43 @@ pub struct JobConfig {
     pub config: Vec<(String, String)>,
 }
 
+/// Whether validation requires every plugin file to exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PluginFiles {
+    /// A host's start, reload and `check`: a missing file is an error.
+    Required,
+    /// Operators' commands (`status`, `locks`, `reload`), which only read
+    /// the database: the plugin files may live on other machines.
+    NotNeeded,
+}
+
 impl JobsConfig {
     /// Reads and validates `path`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
-        let path = path.as_ref();
+        Self::read(path.as_ref(), PluginFiles::Required)
+    }
+
+    /// Reads and validates `path`, with plugin files `files`.
+    pub fn read(path: &Path, files: PluginFiles) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::from_str_at(&text, path)
+        Self::parse(&text, path, files)
     }
 
     /// Parses and validates `text` as if read from `path` (plugin paths resolve
     /// against `path`'s directory). Lets tests use inline TOML.
     pub fn from_str_at(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        Self::parse(text, path, PluginFiles::Required)
+    }
+
+    fn parse(text: &str, path: &Path, files: PluginFiles) -> Result<Self, ConfigError> {
         let raw: JobsToml = toml::from_str(text).map_err(|source| ConfigError::Parse {
             path: path.to_owned(),
             source: Box::new(source),
         })?;
-        let mut config = raw.validate(path)?;
+        let mut config = raw.validate(path, files)?;
         config.text_sha256 = hex::encode(sha2::Sha256::digest(text.as_bytes()));
         Ok(config)
     }
@@ -430,7 +448,7 @@ const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_secs(10);
 
 impl JobsToml {
-    fn validate(self, path: &Path) -> Result<JobsConfig, ConfigError> {
+    fn validate(self, path: &Path, files: PluginFiles) -> Result<JobsConfig, ConfigError> {
         let base = path.parent().unwrap_or(Path::new("."));
         let invalid = |job: &str, message: String| ConfigError::Invalid {
             path: path.to_owned(),
@@ -501,7 +519,7 @@ impl JobsToml {
                 }
             };
             let plugin = base.join(&job.plugin);
-            if !plugin.is_file() {
+            if files == PluginFiles::Required && !plugin.is_file() {
                 return Err(invalid(
                     &name,
                     format!("`plugin` file `{}` does not exist", plugin.display()),

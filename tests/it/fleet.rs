@@ -809,3 +809,41 @@ async fn locks_does_not_cry_wolf_during_a_session_job(pool: PgPool) {
     }
     assert_eq!(host.terminate(Duration::from_secs(20)), 0);
 }
+
+/// `status`, `locks` and `reload` read the database only: they work on an
+/// operator's machine that has `jobs.toml` but not the plugin files; `check`
+/// still needs them.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn operator_commands_need_no_plugin_files(pool: PgPool) {
+    let url = database_url(&pool).await;
+    let dir = std::env::temp_dir().join(format!("jobhost-fleet-noplugin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("jobs.toml"),
+        "[[job]]\nname = \"elsewhere\"\nplugin = \"not-on-this-machine.wasm\"\nevery = \"1m\"\n",
+    )
+    .unwrap();
+    let run = |cmd: &'static str| {
+        let args: Vec<std::ffi::OsString> = [
+            "jobhost",
+            "--config",
+            &dir.join("jobs.toml").display().to_string(),
+            "--database-url",
+            &url,
+            cmd,
+        ]
+        .iter()
+        .map(Into::into)
+        .collect();
+        jobhost::cli::run_cli(args)
+    };
+    for cmd in ["status", "locks", "reload"] {
+        let code = run(cmd).await.unwrap_or_else(|e| panic!("{cmd}: {e:#}"));
+        assert_eq!(code, std::process::ExitCode::SUCCESS, "{cmd}");
+    }
+    let e = run("check").await.unwrap_err();
+    assert!(
+        format!("{e:#}").contains("not-on-this-machine.wasm"),
+        "{e:#}"
+    );
+}
