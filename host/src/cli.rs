@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{JobsConfig, PluginFiles};
 use crate::runtime::Runtime;
-use crate::{HostOptions, db, inspect};
+use crate::{HostOptions, db, inspect, operate};
 
 /// Runs WebAssembly job plugins on schedules from jobs.toml, each inside a
 /// host-owned, advisory-locked Postgres transaction.
@@ -49,8 +49,21 @@ pub struct Cli {
         allow_hyphen_values = true
     )]
     clock_offset_ms: i64,
+    /// Log format: `text` for people, `json` (one object per event, with the
+    /// run's job, slot, run id, host and lock key) for log pipelines.
+    #[arg(long, env = "JOBHOST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+/// How the host writes its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per event.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -67,16 +80,49 @@ enum Command {
     Locks,
     /// Make every host on this database reload jobs.toml and its plugins.
     Reload,
+    /// Run one slot of JOB now, through the same lock path as a scheduled
+    /// run (recorded in the history). Exit code: 0 ok, 1 failed, 3 skipped
+    /// (another holder has the lock, or the job is paused).
+    RunNow {
+        /// The job's name in jobs.toml.
+        job: String,
+    },
+    /// The latest runs of JOB, newest first.
+    History {
+        /// The job's name.
+        job: String,
+        /// How many runs.
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+        /// Only runs that did not end `ok`.
+        #[arg(long)]
+        failed: bool,
+    },
+    /// Pause JOB on every host of the fleet: its slots are skipped (reason
+    /// `paused`) until `resume`. A run in flight finishes.
+    Pause {
+        /// The job's name.
+        job: String,
+    },
+    /// Resume a paused JOB on every host.
+    Resume {
+        /// The job's name.
+        job: String,
+    },
 }
 
-/// Entry point of the binary: tracing, a runtime, the CLI.
+/// Entry point of the binary: arguments, tracing, a runtime, the command.
 pub fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sqlx=warn".into()),
-        )
-        .init();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Usage errors, `--help` and `--version`: clap prints them (to stdout
+        // or stderr as fits) and says which exit code they deserve.
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+    };
+    init_logging(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -84,19 +130,31 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run_cli(std::env::args_os())) {
+    match runtime.block_on(run(cli)) {
         Ok(code) => code,
-        // Usage errors, `--help` and `--version`: clap prints them (to stdout
-        // or stderr as fits) and says which exit code they deserve.
-        Err(e) if e.downcast_ref::<clap::Error>().is_some() => {
-            let clap = e.downcast_ref::<clap::Error>().expect("checked above");
-            let _ = clap.print();
-            ExitCode::from(u8::try_from(clap.exit_code()).unwrap_or(2))
-        }
         Err(e) => {
             eprintln!("jobhost: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The process's tracing subscriber, in `format`. `RUST_LOG` filters (default
+/// `info,sqlx=warn`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,sqlx=warn".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        // The run's span carries job, slot, host, lock key and run id; the
+        // event's own fields are flattened beside them.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
     }
 }
 
@@ -105,13 +163,22 @@ pub fn main() -> ExitCode {
 /// caller prints it and exits (see [`main`]): library code never exits the
 /// process.
 pub async fn run_cli(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<ExitCode> {
-    let cli = Cli::try_parse_from(args)?;
+    run(Cli::try_parse_from(args)?).await
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let command = cli.command.as_ref().unwrap_or(&Command::Run);
     // Operators' commands read the database only: the plugin files may be
     // on other machines.
     let files = match command {
-        Command::Run | Command::Check => PluginFiles::Required,
-        Command::Status | Command::Locks | Command::Reload => PluginFiles::NotNeeded,
+        Command::Run | Command::Check | Command::RunNow { .. } => PluginFiles::Required,
+        Command::Status
+        | Command::Locks
+        | Command::Reload
+        | Command::History { .. }
+        | Command::Pause { .. }
+        | Command::Resume { .. } => PluginFiles::NotNeeded,
     };
     let config = JobsConfig::read(&cli.config, files)?;
     let database_url = || {
@@ -187,6 +254,43 @@ pub async fn run_cli(args: impl IntoIterator<Item = OsString>) -> anyhow::Result
             } else {
                 ExitCode::SUCCESS
             })
+        }
+        Command::RunNow { job } => {
+            let options = HostOptions {
+                database_url: database_url()?,
+                host_id,
+                demo: false,
+                clock_offset: chrono::TimeDelta::zero(),
+            };
+            let (result, report) = operate::run_now(&config, &job, &options).await?;
+            println!("{report}");
+            Ok(ExitCode::from(operate::exit_code(&result)))
+        }
+        Command::History { job, limit, failed } => {
+            let pool = inspect_pool(&database_url()?, &host_id).await?;
+            let rows = operate::history(&pool, &job, limit, failed)
+                .await
+                .with_context(|| format!("cannot read the history of job `{job}`"))?;
+            print!("{}", operate::render_history(&rows));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pause { job } => {
+            operate::known_job(&config, &job)?;
+            let pool = inspect_pool(&database_url()?, &host_id).await?;
+            let changed = db::pause(&pool, &job, &host_id)
+                .await
+                .with_context(|| format!("cannot pause job `{job}`"))?;
+            println!("{}", operate::paused_message(&job, true, changed));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Resume { job } => {
+            operate::known_job(&config, &job)?;
+            let pool = inspect_pool(&database_url()?, &host_id).await?;
+            let changed = db::resume(&pool, &job)
+                .await
+                .with_context(|| format!("cannot resume job `{job}`"))?;
+            println!("{}", operate::paused_message(&job, false, changed));
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

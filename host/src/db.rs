@@ -326,6 +326,8 @@ pub struct SlotState {
     pub failures: i32,
     /// When the latest such failure finished.
     pub last_failure: Option<DateTime<Utc>>,
+    /// The job is paused fleet-wide (`jobhost pause`).
+    pub paused: bool,
 }
 
 /// Inserts the `running` row of a run about to try the lock, committed on its
@@ -409,12 +411,13 @@ pub async fn slot_history(
     host_id: &str,
     lost_after: Duration,
 ) -> sqlx::Result<(u64, SlotState)> {
-    let (lost, succeeded, attempts, failures, last_failure): (
+    let (lost, succeeded, attempts, failures, last_failure, paused): (
         i64,
         bool,
         i32,
         i32,
         Option<DateTime<Utc>>,
+        bool,
     ) = sqlx::query_as(
         "with lost as (
             update jobhost.runs r
@@ -430,7 +433,8 @@ pub async fn slot_history(
                 coalesce(bool_or(outcome = 'ok'), false),
                 (count(*) + (select count(*) from lost where lost.slot = $2))::int4,
                 (count(*) filter (where outcome in ('error', 'trap', 'timeout', 'lock_lost')))::int4,
-                max(finished_at) filter (where outcome in ('error', 'trap', 'timeout', 'lock_lost'))
+                max(finished_at) filter (where outcome in ('error', 'trap', 'timeout', 'lock_lost')),
+                exists (select 1 from jobhost.paused p where p.job = $1)
            from jobhost.runs
           where job = $1 and slot = $2 and id <> $3 and outcome <> 'running'",
     )
@@ -446,6 +450,7 @@ pub async fn slot_history(
         attempts,
         failures,
         last_failure,
+        paused,
     };
     Ok((u64::try_from(lost).unwrap_or(0), state))
 }
@@ -465,6 +470,27 @@ pub async fn finish_run(conn: &mut PgConnection, id: i64, run: &RunRecord<'_>) -
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Pauses `job` fleet-wide; `false` if it already was.
+pub async fn pause(pool: &PgPool, job: &str, by: &str) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "insert into jobhost.paused (job, paused_by) values ($1, $2) on conflict (job) do nothing",
+    )
+    .bind(job)
+    .bind(by)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Resumes `job`; `false` if it was not paused.
+pub async fn resume(pool: &PgPool, job: &str) -> sqlx::Result<bool> {
+    let done = sqlx::query("delete from jobhost.paused where job = $1")
+        .bind(job)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected() == 1)
 }
 
 /// The earliest slot `job` has any record of (none for a new job).

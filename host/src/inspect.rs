@@ -23,6 +23,8 @@ pub struct JobStatus {
     pub last: Option<(String, i64, i32, String, DateTime<Utc>)>,
     /// Runs in flight: (host, started at).
     pub running: Vec<(String, DateTime<Utc>)>,
+    /// Paused fleet-wide (`jobhost pause`).
+    pub paused: bool,
 }
 
 /// The status of every configured job.
@@ -48,11 +50,17 @@ pub async fn status(pool: &PgPool, config: &JobsConfig) -> sqlx::Result<Vec<JobS
         .bind(&job.name)
         .fetch_all(pool)
         .await?;
+        let paused: bool =
+            sqlx::query_scalar("select exists (select 1 from jobhost.paused where job = $1)")
+                .bind(&job.name)
+                .fetch_one(pool)
+                .await?;
         out.push(JobStatus {
             job: job.name.clone(),
             next_slot: job.schedule.next_after(db_now),
             last,
             running,
+            paused,
         });
     }
     Ok(out)
@@ -101,6 +109,9 @@ pub fn render_status(rows: &[JobStatus]) -> String {
             None => ("never".into(), "-".into(), "-".into(), "-".into()),
         };
         let mut host = host;
+        if r.paused {
+            host.push_str("  [PAUSED: jobhost resume]");
+        }
         for (h, since) in &r.running {
             let _ = write!(
                 host,

@@ -33,7 +33,8 @@
 //!   for start, reload and `check`.
 //! - [`reload`]: hot reload of `jobs.toml` and plugins (files, SIGHUP, NOTIFY),
 //!   once per content change.
-//! - [`inspect`]: `status` and `locks` for operators.
+//! - [`inspect`]: `status` and `locks` for operators (what they look at).
+//! - [`operate`]: `run-now`, `history`, `pause`/`resume` (what they do).
 //! - [`cli`]: the command line (the binary is a one-line `main`).
 //! - [`demo`]: demo tables and rows for the reference jobs (never created by a
 //!   production start).
@@ -57,6 +58,7 @@ pub mod hygiene;
 pub mod inspect;
 pub mod jobset;
 pub mod lock;
+pub mod operate;
 pub mod reload;
 pub mod runner;
 pub mod runtime;

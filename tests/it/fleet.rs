@@ -25,10 +25,15 @@ fn host_process() {
     let args = std::env::var(HOST_ARGS_ENV)
         .expect("run only as a host child process, with JOBHOST_IT_HOST_ARGS set");
     let args: Vec<String> = serde_json::from_str(&args).unwrap();
-    tracing_subscriber::fmt()
-        .with_env_filter("info,sqlx=warn")
-        .with_ansi(false)
-        .init();
+    // The host's own logging, as its `--log-format` asks.
+    let json = args
+        .windows(2)
+        .any(|w| w[0] == "--log-format" && w[1] == "json");
+    jobhost::cli::init_logging(if json {
+        jobhost::cli::LogFormat::Json
+    } else {
+        jobhost::cli::LogFormat::Text
+    });
     let rt = tokio::runtime::Runtime::new().unwrap();
     let code = rt.block_on(jobhost::cli::run_cli(
         std::iter::once("jobhost".to_string())
@@ -846,4 +851,140 @@ async fn operator_commands_need_no_plugin_files(pool: PgPool) {
         format!("{e:#}").contains("not-on-this-machine.wasm"),
         "{e:#}"
     );
+}
+
+/// What operators do: `run-now` runs one slot through the lock path and
+/// records it (exit code from the outcome), `history` lists it, `pause`
+/// stops the job on every host (a run-now is skipped, exit 3), `resume`
+/// lifts it; `status` shows the pause.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn run_now_history_pause_and_resume(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let url = database_url(&pool).await;
+    let dir = config_dir(
+        "operate",
+        "name = \"manual\"\nevery = \"1h\"\n[job.config]\nmode = \"write\"\nnote = \"by hand\"\n\n[[job]]\nname = \"broken\"\nplugin = \"../../../../\"\n",
+    );
+    // A second job that fails, through the same plugin.
+    let toml = std::fs::read_to_string(dir.join("jobs.toml")).unwrap();
+    let toml = toml.replace(
+        "\n\n[[job]]\nname = \"broken\"\nplugin = \"../../../../\"\n",
+        &format!(
+            "\n\n[[job]]\nname = \"broken\"\nplugin = {:?}\nevery = \"1h\"\n[job.config]\nmode = \"error\"\n",
+            guests::TEST_CORE_PROBE
+        ),
+    );
+    std::fs::write(dir.join("jobs.toml"), toml).unwrap();
+    let cli = |args: &[&str]| {
+        let mut all: Vec<std::ffi::OsString> = [
+            "jobhost",
+            "--config",
+            &dir.join("jobs.toml").display().to_string(),
+            "--database-url",
+            &url,
+            "--host-id",
+            "operator",
+        ]
+        .iter()
+        .map(Into::into)
+        .collect();
+        all.extend(args.iter().map(Into::into));
+        jobhost::cli::run_cli(all)
+    };
+    let code = |c: std::process::ExitCode| c;
+    use std::process::ExitCode;
+
+    assert_eq!(
+        code(cli(&["run-now", "manual"]).await.unwrap()),
+        ExitCode::SUCCESS
+    );
+    assert_eq!(probe_rows(&pool).await, 1);
+    assert_eq!(runs(&pool, "manual").await[0].0, "ok");
+    assert_eq!(
+        cli(&["run-now", "broken"]).await.unwrap(),
+        ExitCode::from(1)
+    );
+    assert_eq!(runs(&pool, "broken").await[0].0, "error");
+    assert_eq!(
+        cli(&["history", "manual", "--limit", "5"]).await.unwrap(),
+        ExitCode::SUCCESS
+    );
+    let failed = jobhost::operate::history(&pool, "broken", 5, true)
+        .await
+        .unwrap();
+    assert_eq!(failed.len(), 1);
+    assert!(
+        failed[0].message.contains("deliberate failure"),
+        "{failed:?}"
+    );
+    assert!(
+        jobhost::operate::history(&pool, "manual", 5, true)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Pause: fleet-wide, visible in status, and the gate skips.
+    assert_eq!(cli(&["pause", "manual"]).await.unwrap(), ExitCode::SUCCESS);
+    let config = jobhost::config::JobsConfig::from_file(dir.join("jobs.toml")).unwrap();
+    let status = jobhost::inspect::status(&pool, &config).await.unwrap();
+    assert!(status.iter().any(|s| s.job == "manual" && s.paused));
+    assert!(jobhost::inspect::render_status(&status).contains("PAUSED"));
+    assert_eq!(
+        cli(&["run-now", "manual"]).await.unwrap(),
+        ExitCode::from(3)
+    );
+    assert_eq!(probe_rows(&pool).await, 1, "a paused job does not run");
+    assert_eq!(cli(&["resume", "manual"]).await.unwrap(), ExitCode::SUCCESS);
+    assert_eq!(
+        cli(&["run-now", "manual"]).await.unwrap(),
+        ExitCode::SUCCESS
+    );
+    assert_eq!(probe_rows(&pool).await, 2);
+    // Unknown names are refused with the names there are.
+    let e = cli(&["pause", "nope"]).await.unwrap_err();
+    assert!(format!("{e:#}").contains("manual, broken"), "{e:#}");
+}
+
+/// `--log-format json`: one JSON object per line, and a run's events carry
+/// its job, slot, host, lock key and run id.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn json_logs_carry_the_runs_identity(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let url = database_url(&pool).await;
+    let dir = config_dir(
+        "json",
+        "name = \"logged\"\nevery = \"200ms\"\n[job.config]\nmode = \"write\"",
+    );
+    let host = Host::spawn(&dir, &url, "json-host", &["--log-format", "json"]);
+    wait_for(Duration::from_secs(30), "a run", || async {
+        probe_rows(&pool).await >= 2
+    })
+    .await;
+    assert_eq!(host.terminate(Duration::from_secs(20)), 0);
+    let logs = std::fs::read_to_string(dir.join("json-host.log")).unwrap();
+    let events: Vec<serde_json::Value> = logs
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(!events.is_empty(), "{logs}");
+    let ok = events
+        .iter()
+        .find(|e| e["message"] == "run ok")
+        .unwrap_or_else(|| panic!("no `run ok` event: {logs}"));
+    let span = &ok["span"];
+    assert_eq!(span["job"], "logged", "{ok}");
+    assert_eq!(span["host"], "json-host", "{ok}");
+    assert!(
+        span["slot"].as_str().is_some_and(|s| s.starts_with("20")),
+        "{ok}"
+    );
+    assert!(
+        span["lock_key"]
+            .as_str()
+            .is_some_and(|k| k.starts_with("(1785684584, ")),
+        "{ok}"
+    );
+    assert!(span["run_id"].as_i64().is_some(), "{ok}");
 }

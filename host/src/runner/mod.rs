@@ -84,6 +84,8 @@ pub enum RunResult {
     },
     /// The slot failed `max-attempts` times; it is not tried again.
     Exhausted,
+    /// The job is paused fleet-wide (`jobhost pause`); nothing ran.
+    Paused,
     /// The slot failed and its retry backoff has not elapsed.
     BackingOff {
         /// When the next attempt may start (database clock).
@@ -167,7 +169,15 @@ impl Runner {
     /// releases the lock) when its connection is next used or closed; the
     /// run's row stays `running` until the next holder marks it `lost`.
     pub async fn run(&self, job: &Job, slot: DateTime<Utc>) -> anyhow::Result<RunResult> {
-        let span = info_span!("run", job = %job.config.name, slot = %slot.to_rfc3339());
+        // What every event of the run carries (and a JSON log shows).
+        let span = info_span!(
+            "run",
+            job = %job.config.name,
+            slot = %slot.to_rfc3339(),
+            host = %self.host_id,
+            lock_key = %job.config.lock_key,
+            run_id = tracing::field::Empty,
+        );
         match job.config.lock {
             LockMode::Xact => self.run_xact(job, slot).instrument(span).await,
             LockMode::Session => self.run_session(job, slot).instrument(span).await,
@@ -220,6 +230,7 @@ impl Runner {
             .await
             .with_context(|| format!("job `{name}`: cannot record the run's start"))?;
         let in_flight = self.in_flight.enter(run_id);
+        tracing::Span::current().record("run_id", run_id);
         // The deadline rides in BEGIN's own query: the lock, taken next, is
         // bounded by the server from the instant it is granted.
         let timeout_ms = job.config.timeout.as_millis().max(1);
@@ -339,6 +350,10 @@ impl Runner {
         .with_context(|| format!("job `{name}`: cannot read the slot's history"))?;
         if lost > 0 {
             warn!(job = %name, runs = lost, "marked runs of vanished hosts as lost");
+        }
+        if state.paused {
+            debug!(job = %name, event = "paused", "slot skipped: the job is paused");
+            return Ok(Err(RunResult::Paused));
         }
         if state.succeeded {
             return Ok(Err(RunResult::AlreadyDone));

@@ -58,6 +58,7 @@ impl Runner {
                 .with_context(|| format!("job `{name}`: cannot record the run's start"))?
         };
         let _in_flight = self.in_flight.enter(run_id);
+        tracing::Span::current().record("run_id", run_id);
 
         // A connection of this run's own: never a pooled one, whose return to
         // the pool would keep the lock (the production bug).
