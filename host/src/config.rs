@@ -100,6 +100,9 @@ pub struct HostToml {
     /// heartbeats).
     #[serde(default, with = "humantime_serde::option")]
     pub host_lost_after: Option<Duration>,
+    /// Serve `/metrics`, `/healthz` and the read-only dashboard on this
+    /// address (e.g. `"127.0.0.1:9464"`; off when absent).
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// One `[[job]]` table as written.
@@ -328,6 +331,8 @@ pub struct HostConfig {
     pub reload_debounce: Duration,
     /// Host heartbeat and when a silent host counts as dead.
     pub liveness: crate::hosts::Liveness,
+    /// Where `/metrics`, `/healthz` and the dashboard are served, if anywhere.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// What a job may reach over HTTP (`[job.http]`, validated). Configuration
@@ -619,6 +624,7 @@ impl JobsToml {
                     .reload_debounce
                     .unwrap_or(Duration::from_millis(300)),
                 liveness,
+                listen: self.host.listen,
             },
             jobs,
         })

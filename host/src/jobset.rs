@@ -16,16 +16,19 @@ use anyhow::Context as _;
 use sha2::{Digest, Sha256};
 
 use crate::config::JobsConfig;
+use crate::metrics::Metrics;
 use crate::runner::{self, Job};
 use crate::runtime::{Plugin, Runtime};
 
 /// Loads and checks every job of `config`. `previous` is the running set
 /// (empty at start): plugins it already has with the same content and memory
 /// limit are reused. The first problem stops it, naming the job and file.
+/// Counts each compilation in `metrics`, if given.
 pub async fn load(
     runtime: &Arc<Runtime>,
     config: &JobsConfig,
     previous: &[Job],
+    metrics: Option<&Metrics>,
 ) -> anyhow::Result<Vec<Job>> {
     // (content sha256, memory limit) → the plugin loaded for it.
     let mut loaded: HashMap<(String, usize), Plugin> = previous
@@ -55,8 +58,11 @@ pub async fn load(
                 // Compiling is CPU-bound; keep it off the async workers.
                 let plugin = tokio::task::spawn_blocking(move || rt.load_limited(&path, limit))
                     .await
-                    .context("plugin loader panicked")?
-                    .with_context(|| format!("job `{}`", job.name))?;
+                    .context("plugin loader panicked")?;
+                if let Some(m) = metrics {
+                    m.plugin_loaded(plugin.is_ok());
+                }
+                let plugin = plugin.with_context(|| format!("job `{}`", job.name))?;
                 if plugin.sha256 != key.0 {
                     // Written between our hash and the loader's read: the
                     // loader's bytes are what runs, and they will be seen as

@@ -34,6 +34,9 @@
 //! - [`reload`]: hot reload of `jobs.toml` and plugins (files, SIGHUP, NOTIFY),
 //!   once per content change.
 //! - [`inspect`]: `status` and `locks` for operators (what they look at).
+//! - [`metrics`]: the host's Prometheus metrics.
+//! - [`serve`]: `[host] listen`: `/metrics`, `/healthz`, the read-only
+//!   dashboard.
 //! - [`operate`]: `run-now`, `history`, `pause`/`resume` (what they do).
 //! - [`cli`]: the command line (the binary is a one-line `main`).
 //! - [`demo`]: demo tables and rows for the reference jobs (never created by a
@@ -58,12 +61,14 @@ pub mod hygiene;
 pub mod inspect;
 pub mod jobset;
 pub mod lock;
+pub mod metrics;
 pub mod operate;
 pub mod reload;
 pub mod runner;
 pub mod runtime;
 pub mod schedule;
 pub mod scheduler;
+pub mod serve;
 pub mod tx;
 
 use std::sync::Arc;
@@ -90,7 +95,7 @@ pub struct HostOptions {
 /// Loads every job's plugin, failing on the first one that cannot be used
 /// (see [`jobset::load`], the one validation for start, reload and check).
 pub async fn load_jobs(runtime: &Arc<Runtime>, config: &JobsConfig) -> anyhow::Result<Vec<Job>> {
-    jobset::load(runtime, config, &[]).await
+    jobset::load(runtime, config, &[], None).await
 }
 
 /// Runs the host until `shutdown` resolves: connects, migrates, loads the
@@ -153,9 +158,11 @@ pub async fn run(
                 options.host_id
             )
         })?;
+    let metrics = Arc::new(metrics::Metrics::new());
     let runner = Runner::new(pool.clone(), runtime.clone(), &options.host_id)
         .with_liveness(config.host.liveness)
-        .with_session_baseline(session_baseline);
+        .with_session_baseline(session_baseline)
+        .with_metrics(metrics.clone());
     let stop_heartbeat = tokio_util::sync::CancellationToken::new();
     let heartbeat = tokio::spawn(hosts::heartbeat(
         pool.clone(),
@@ -169,18 +176,47 @@ pub async fn run(
         shutdown_grace: config.host.shutdown_grace,
     };
     let (updates_tx, updates) = tokio::sync::mpsc::channel(4);
+    // The dashboard shows the jobs as loaded now: reloads pass through it.
+    let current = Arc::new(std::sync::RwLock::new(jobs.clone()));
+    let (reloaded_tx, mut reloaded) = tokio::sync::mpsc::channel::<Vec<Job>>(4);
+    let tap = {
+        let current = current.clone();
+        tokio::spawn(async move {
+            while let Some(jobs) = reloaded.recv().await {
+                *current.write().unwrap_or_else(|p| p.into_inner()) = jobs.clone();
+                if updates_tx.send(jobs).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let _served = match config.host.listen {
+        Some(addr) => {
+            let served = serve::Served {
+                pool: pool.clone(),
+                config: Arc::new(config.clone()),
+                jobs: current,
+                metrics: metrics.clone(),
+                in_flight: runner.in_flight(),
+                host_id: options.host_id.clone(),
+            };
+            Some(AbortOnDrop(serve::serve(addr, served).await?.1))
+        }
+        None => None,
+    };
     let stop_watching = tokio_util::sync::CancellationToken::new();
     let watcher = tokio::spawn(reload::watch(
-        reload::Reloader::new(&config, runtime, jobs.clone()),
+        reload::Reloader::new(&config, runtime, jobs.clone()).with_metrics(metrics),
         config.host.watch,
         config.host.reload_debounce,
         Some(options.database_url.clone()),
-        updates_tx,
+        reloaded_tx,
         stop_watching.clone(),
     ));
     scheduler::run_with_updates(runner, jobs, scheduler_options, updates, shutdown).await;
     stop_watching.cancel();
     let _ = watcher.await;
+    tap.abort();
     stop_heartbeat.cancel();
     let _ = heartbeat.await;
     if let Err(e) = hosts::stop(&pool, &options.host_id).await {

@@ -49,7 +49,7 @@ pub async fn run_now(
         )
         .context("cannot start the WebAssembly engine")?,
     );
-    let loaded = jobset::load(&runtime, &only, &[]).await?;
+    let loaded = jobset::load(&runtime, &only, &[], None).await?;
     let db::Connected {
         pool,
         session_baseline,

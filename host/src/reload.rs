@@ -47,6 +47,7 @@ pub struct Reloader {
     /// Content of every watched file at the last reload attempt: a trigger
     /// whose files all still have it is not a change.
     seen: Fingerprint,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// SHA-256 of `jobs.toml` and of every plugin file it names (through
@@ -98,6 +99,19 @@ impl Reloader {
             runtime,
             jobs,
             seen,
+            metrics: None,
+        }
+    }
+
+    /// Counts reloads and plugin loads in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn count(&self, applied: bool) {
+        if let Some(m) = &self.metrics {
+            m.reloaded(applied);
         }
     }
 
@@ -141,15 +155,19 @@ impl Reloader {
                     self.jobs.iter().map(|j| j.config.plugin.clone()).collect();
                 attempted(self, &plugins);
                 error!(file = %self.config_path.display(), error = %chain(&e), "reload rejected: invalid jobs.toml; keeping the running configuration");
+                self.count(false);
                 return None;
             }
         };
         let plugins: Vec<PathBuf> = config.jobs.iter().map(|j| j.plugin.clone()).collect();
         attempted(self, &plugins);
-        let next = match crate::jobset::load(&self.runtime, &config, &self.jobs).await {
+        let loaded =
+            crate::jobset::load(&self.runtime, &config, &self.jobs, self.metrics.as_deref()).await;
+        let next = match loaded {
             Ok(next) => next,
             Err(e) => {
                 error!(file = %self.config_path.display(), error = %format!("{e:#}"), "reload rejected: the new configuration would not start; keeping the running one");
+                self.count(false);
                 return None;
             }
         };
@@ -168,6 +186,7 @@ impl Reloader {
             }
         }
         info!(jobs = next.len(), "reload applied");
+        self.count(true);
         self.jobs = next.clone();
         Some(next)
     }

@@ -76,6 +76,22 @@ impl CronSchedule {
     }
 }
 
+impl std::fmt::Display for Schedule {
+    /// As `jobs.toml` would say it: `every 30s (offset 12.345s)`, `cron …`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Schedule::Every { period, offset } => {
+                write!(f, "every {}", humantime::format_duration(*period))?;
+                if !offset.is_zero() {
+                    write!(f, " (offset {})", humantime::format_duration(*offset))?;
+                }
+                Ok(())
+            }
+            Schedule::Cron(c) => write!(f, "cron `{}` ({})", c.text, c.tz),
+        }
+    }
+}
+
 impl Schedule {
     /// Every `period`, aligned to the Unix epoch (no offset).
     pub fn every(period: Duration) -> Self {

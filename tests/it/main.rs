@@ -8,6 +8,7 @@
 mod support;
 
 mod core_run;
+mod dashboard;
 mod fleet;
 mod hygiene;
 mod loading;

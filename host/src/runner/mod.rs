@@ -36,6 +36,7 @@ use crate::db::{self, Outcome, RunRecord};
 use crate::guard::SqlGuard;
 use crate::hosts::{InFlight, Liveness};
 use crate::hygiene;
+use crate::metrics::Metrics;
 use crate::runtime::bindings::types::Context;
 use crate::runtime::{Closed, Invocation, Lent, Plugin, Returned, RunLimits, Runtime, TxHandle};
 use crate::tx::OpenTx;
@@ -106,6 +107,7 @@ pub struct Runner {
     /// Session settings a fresh connection carries (`name=value`), which the
     /// post-run check takes as the connection's own.
     session_baseline: Arc<[String]>,
+    metrics: Arc<Metrics>,
 }
 
 impl Runner {
@@ -121,7 +123,14 @@ impl Runner {
             liveness: Liveness::default(),
             in_flight: InFlight::default(),
             session_baseline: Arc::from(Vec::new()),
+            metrics: Arc::default(),
         }
+    }
+
+    /// Records into `metrics` (the host's, served at `/metrics`).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Settings a fresh connection of the pool already carries at session
@@ -165,9 +174,10 @@ impl Runner {
     /// failed); plugin failures are a `Finished` result with their outcome.
     ///
     /// # Cancel safety
-    /// Dropping the future drops the sqlx transaction, which rolls back (and so
-    /// releases the lock) when its connection is next used or closed; the
-    /// run's row stays `running` until the next holder marks it `lost`.
+    /// Dropping the future drops the run's transaction, which closes its
+    /// connection (Postgres rolls back and releases the lock; see
+    /// [`OpenTx`]), and takes the run out of the host's in-flight set, so
+    /// the host's next heartbeat marks its `running` row `lost`.
     pub async fn run(&self, job: &Job, slot: DateTime<Utc>) -> anyhow::Result<RunResult> {
         // What every event of the run carries (and a JSON log shows).
         let span = info_span!(
@@ -178,10 +188,15 @@ impl Runner {
             lock_key = %job.config.lock_key,
             run_id = tracing::field::Empty,
         );
-        match job.config.lock {
+        let started = std::time::Instant::now();
+        let result = match job.config.lock {
             LockMode::Xact => self.run_xact(job, slot).instrument(span).await,
             LockMode::Session => self.run_session(job, slot).instrument(span).await,
+        };
+        if let Ok(r) = &result {
+            self.metrics.observe(&job.config.name, r, started.elapsed());
         }
+        result
     }
 
     /// An `xact` run: [open](Self::open) (lock, gate, scope), lend the
@@ -371,6 +386,8 @@ impl Runner {
                 return Ok(Err(RunResult::BackingOff { until }));
             }
         }
+        let lag = (db_now - slot).to_std().unwrap_or_default();
+        self.metrics.observe_start_lag(name, lag.as_secs_f64());
         Ok(Ok(Go {
             attempt: state.attempts + 1,
             failures,

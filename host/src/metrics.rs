@@ -1,0 +1,242 @@
+//! Prometheus metrics of a host, with `prometheus-client` (the Prometheus
+//! project's own Rust client: typed label sets, OpenMetrics text, no global
+//! registry, so every host and test owns its own).
+//!
+//! Names follow Prometheus conventions: counters end in `_total`, durations
+//! are in seconds (`_seconds`), labels are low-cardinality (`job` is bounded
+//! by `jobs.toml`).
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `jobhost_runs_total` | counter | `job`, `outcome` |
+//! | `jobhost_run_duration_seconds` | histogram | `job` |
+//! | `jobhost_start_lag_seconds` (slot → lock granted) | histogram | `job` |
+//! | `jobhost_skips_total` | counter | `job`, `reason` (`lock_busy`, `already_done`, `not_due`, `backing_off`, `exhausted`, `paused`) |
+//! | `jobhost_runs_in_flight` | gauge | |
+//! | `jobhost_plugin_loads_total` | counter | `result` (`ok`, `error`) |
+//! | `jobhost_reloads_total` | counter | `result` (`applied`, `rejected`) |
+//! | `jobhost_stuck_locks` | gauge (read at scrape) | |
+//! | `jobhost_pool_connections` | gauge (read at scrape) | `state` (`in_use`, `idle`) |
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::runner::RunResult;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobLabel {
+    job: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobOutcome {
+    job: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobReason {
+    job: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: String,
+}
+
+type Histograms = Family<JobLabel, Histogram, fn() -> Histogram>;
+
+/// One host's metrics and their registry.
+pub struct Metrics {
+    registry: Registry,
+    runs: Family<JobOutcome, Counter>,
+    run_duration: Histograms,
+    start_lag: Histograms,
+    skips: Family<JobReason, Counter>,
+    in_flight: Gauge,
+    plugin_loads: Family<ResultLabel, Counter>,
+    reloads: Family<ResultLabel, Counter>,
+    stuck_locks: Gauge,
+    pool_connections: Family<StateLabel, Gauge>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Run durations: 1 ms to ~33 s in doublings.
+fn duration_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+/// Start lags: 0.1 ms to ~6.5 s in doublings.
+fn lag_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 17))
+}
+
+impl Metrics {
+    /// Empty metrics, registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("jobhost");
+        let runs = Family::<JobOutcome, Counter>::default();
+        registry.register("runs", "Finished runs by job and outcome", runs.clone());
+        let run_duration: Histograms = Family::new_with_constructor(duration_buckets);
+        registry.register_with_unit(
+            "run_duration",
+            "Duration of finished runs, lock to commit",
+            Unit::Seconds,
+            run_duration.clone(),
+        );
+        let start_lag: Histograms = Family::new_with_constructor(lag_buckets);
+        registry.register_with_unit(
+            "start_lag",
+            "From a slot's instant to its job's lock granted (database clock)",
+            Unit::Seconds,
+            start_lag.clone(),
+        );
+        let skips = Family::<JobReason, Counter>::default();
+        registry.register("skips", "Slots not run, by job and reason", skips.clone());
+        let in_flight = Gauge::default();
+        registry.register(
+            "runs_in_flight",
+            "Runs in flight on this host",
+            in_flight.clone(),
+        );
+        let plugin_loads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "plugin_loads",
+            "Plugin compilations and checks, by result",
+            plugin_loads.clone(),
+        );
+        let reloads = Family::<ResultLabel, Counter>::default();
+        registry.register("reloads", "Hot reloads, by result", reloads.clone());
+        let stuck_locks = Gauge::default();
+        registry.register(
+            "stuck_locks",
+            "Advisory locks `jobhost locks` calls STUCK, read at scrape",
+            stuck_locks.clone(),
+        );
+        let pool_connections = Family::<StateLabel, Gauge>::default();
+        registry.register(
+            "pool_connections",
+            "The host pool's connections by state, read at scrape",
+            pool_connections.clone(),
+        );
+        Self {
+            registry,
+            runs,
+            run_duration,
+            start_lag,
+            skips,
+            in_flight,
+            plugin_loads,
+            reloads,
+            stuck_locks,
+            pool_connections,
+        }
+    }
+
+    /// Records what one slot came to, and how long a finished run took.
+    pub fn observe(&self, job: &str, result: &RunResult, took: Duration) {
+        let reason = match result {
+            RunResult::Finished { outcome, .. } => {
+                self.runs
+                    .get_or_create(&JobOutcome {
+                        job: job.to_owned(),
+                        outcome: outcome.as_str().to_owned(),
+                    })
+                    .inc();
+                self.run_duration
+                    .get_or_create(&JobLabel {
+                        job: job.to_owned(),
+                    })
+                    .observe(took.as_secs_f64());
+                return;
+            }
+            RunResult::LockBusy => "lock_busy",
+            RunResult::AlreadyDone => "already_done",
+            RunResult::NotDue { .. } => "not_due",
+            RunResult::BackingOff { .. } => "backing_off",
+            RunResult::Exhausted => "exhausted",
+            RunResult::Paused => "paused",
+        };
+        self.skips
+            .get_or_create(&JobReason {
+                job: job.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Records the lag from a slot to its lock, in seconds.
+    pub fn observe_start_lag(&self, job: &str, lag_secs: f64) {
+        self.start_lag
+            .get_or_create(&JobLabel {
+                job: job.to_owned(),
+            })
+            .observe(lag_secs.max(0.0));
+    }
+
+    /// Counts a plugin load by result.
+    pub fn plugin_loaded(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.plugin_loads
+            .get_or_create(&ResultLabel {
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a reload by result.
+    pub fn reloaded(&self, applied: bool) {
+        let result = if applied { "applied" } else { "rejected" };
+        self.reloads
+            .get_or_create(&ResultLabel {
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The values read at scrape time.
+    pub fn set_scraped(&self, in_flight: usize, stuck_locks: usize, in_use: u32, idle: usize) {
+        self.in_flight
+            .set(i64::try_from(in_flight).unwrap_or(i64::MAX));
+        self.stuck_locks
+            .set(i64::try_from(stuck_locks).unwrap_or(i64::MAX));
+        for (state, n) in [("in_use", i64::from(in_use)), ("idle", idle as i64)] {
+            self.pool_connections
+                .get_or_create(&StateLabel {
+                    state: state.to_owned(),
+                })
+                .set(n);
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

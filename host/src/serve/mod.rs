@@ -1,0 +1,151 @@
+//! The operating surface (`[host] listen = "127.0.0.1:9464"`, off by
+//! default): `/metrics` (Prometheus), `/healthz` (liveness and readiness),
+//! and `/`, a read-only dashboard for a person on call.
+//!
+//! Served with `axum` (tokio's own HTTP stack, already beneath wasmtime's
+//! HTTP support); the dashboard is rendered on the server with `maud`, whose
+//! templates escape every value (job names, error messages) by construction.
+//! Nothing here can change anything: every route is a `GET` that reads.
+
+mod dashboard;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use sqlx::PgPool;
+
+use crate::config::JobsConfig;
+use crate::hosts::InFlight;
+use crate::metrics::Metrics;
+use crate::runner::Job;
+
+/// What the routes read.
+#[derive(Clone)]
+pub struct Served {
+    /// The host's pool (reads only).
+    pub pool: PgPool,
+    /// The configuration the host started with (host settings).
+    pub config: Arc<JobsConfig>,
+    /// The jobs as currently loaded (updated by hot reload).
+    pub jobs: Arc<RwLock<Vec<Job>>>,
+    /// The host's metrics.
+    pub metrics: Arc<Metrics>,
+    /// The host's runs in flight.
+    pub in_flight: InFlight,
+    /// This host's id.
+    pub host_id: String,
+}
+
+impl Served {
+    /// The configuration with the jobs as currently loaded.
+    fn current_config(&self) -> JobsConfig {
+        let jobs = self.jobs.read().unwrap_or_else(|p| p.into_inner());
+        JobsConfig {
+            jobs: jobs.iter().map(|j| j.config.clone()).collect(),
+            ..(*self.config).clone()
+        }
+    }
+
+    fn current_jobs(&self) -> Vec<Job> {
+        self.jobs.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Binds `addr` and serves until the task is aborted. Returns the bound
+/// address (useful with port 0) and the server task.
+pub async fn serve(
+    addr: SocketAddr,
+    served: Served,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (`[host] listen`)"))?;
+    let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route("/", get(dashboard))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .with_state(served);
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the metrics and dashboard listener failed");
+        }
+    });
+    tracing::info!(addr = %bound, "serving /metrics, /healthz and the dashboard");
+    Ok((bound, task))
+}
+
+/// `/metrics`: counters as they stand, and the gauges read now.
+async fn metrics(State(s): State<Served>) -> Response {
+    let config = s.current_config();
+    let stuck = crate::inspect::locks(&s.pool, &config)
+        .await
+        .map(|rows| rows.iter().filter(|r| r.stuck).count())
+        .unwrap_or(0);
+    let size = s.pool.size();
+    let idle = s.pool.num_idle();
+    s.metrics.set_scraped(
+        s.in_flight.snapshot().len(),
+        stuck,
+        size.saturating_sub(u32::try_from(idle).unwrap_or(u32::MAX)),
+        idle,
+    );
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+        .into_response()
+}
+
+/// `/healthz`: 200 when the database answers within 2 s and the host has its
+/// jobs loaded (it only listens once they are), 503 with the reason
+/// otherwise.
+async fn healthz(State(s): State<Served>) -> Response {
+    let ping = tokio::time::timeout(
+        Duration::from_secs(2),
+        sqlx::query_scalar::<_, i32>("select 1").fetch_one(&s.pool),
+    )
+    .await;
+    let jobs = s.current_jobs().len();
+    match ping {
+        Ok(Ok(_)) => (
+            StatusCode::OK,
+            format!("ok: database reachable, {jobs} job(s) loaded\n"),
+        )
+            .into_response(),
+        Ok(Err(e)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: database error: {e}\n"),
+        )
+            .into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unhealthy: the database did not answer within 2 s\n".to_owned(),
+        )
+            .into_response(),
+    }
+}
+
+/// `/`: the dashboard.
+async fn dashboard(State(s): State<Served>) -> Response {
+    let config = s.current_config();
+    let jobs = s.current_jobs();
+    match dashboard::gather(&s.pool, &config, &jobs, &s.host_id).await {
+        Ok(view) => Html(dashboard::render(&view).into_string()).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot read the database: {e:#}\n"),
+        )
+            .into_response(),
+    }
+}
