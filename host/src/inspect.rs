@@ -327,3 +327,51 @@ pub fn render_locks(rows: &[LockRow]) -> String {
     }
     s
 }
+
+/// Watches for STUCK locks every `every` until `stop`: each one is logged
+/// once as a WARN (`event = "stuck_lock"`, with key, job, holder and why)
+/// while it lasts, and `metrics` counts them. Losing a slot to a live host
+/// is normal in a fleet and never logged at this level; a lock nothing alive
+/// will release is what a person must hear about. `config` gives the jobs as
+/// currently loaded.
+pub async fn watch_stuck(
+    pool: PgPool,
+    config: impl Fn() -> JobsConfig,
+    every: std::time::Duration,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut reported: std::collections::HashSet<(i32, String)> = Default::default();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let rows = match locks(&pool, &config()).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read pg_locks for the stuck-lock watch");
+                continue;
+            }
+        };
+        let stuck: Vec<&LockRow> = rows.iter().filter(|r| r.stuck).collect();
+        metrics.set_stuck_locks(stuck.len());
+        let now: std::collections::HashSet<(i32, String)> =
+            stuck.iter().map(|r| (r.pid, r.key.clone())).collect();
+        for r in &stuck {
+            if !reported.contains(&(r.pid, r.key.clone())) {
+                tracing::warn!(
+                    event = "stuck_lock",
+                    lock_key = %r.key,
+                    job = r.job.as_deref().unwrap_or("-"),
+                    pid = r.pid,
+                    application_name = %r.application_name,
+                    state = %r.state,
+                    verdict = %r.verdict,
+                    "stuck advisory lock: nothing alive will release it (`jobhost locks`)"
+                );
+            }
+        }
+        reported = now;
+    }
+}

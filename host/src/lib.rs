@@ -190,6 +190,25 @@ pub async fn run(
             }
         })
     };
+    let stop_stuck_watch = tokio_util::sync::CancellationToken::new();
+    let stuck_watch = {
+        let (base, current) = (config.clone(), current.clone());
+        tokio::spawn(inspect::watch_stuck(
+            pool.clone(),
+            move || JobsConfig {
+                jobs: current
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .map(|j| j.config.clone())
+                    .collect(),
+                ..base.clone()
+            },
+            config.host.liveness.heartbeat,
+            metrics.clone(),
+            stop_stuck_watch.clone(),
+        ))
+    };
     let _served = match config.host.listen {
         Some(addr) => {
             let served = serve::Served {
@@ -219,6 +238,8 @@ pub async fn run(
     tap.abort();
     stop_heartbeat.cancel();
     let _ = heartbeat.await;
+    stop_stuck_watch.cancel();
+    let _ = stuck_watch.await;
     if let Err(e) = hosts::stop(&pool, &options.host_id).await {
         tracing::warn!(host_id = %options.host_id, error = %e, "cannot mark this host stopped; others will see it silent after host-lost-after");
     }

@@ -232,6 +232,11 @@ impl Metrics {
         }
     }
 
+    /// Sets the number of STUCK locks last seen.
+    pub fn set_stuck_locks(&self, n: usize) {
+        self.stuck_locks.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();

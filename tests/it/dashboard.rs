@@ -77,7 +77,7 @@ async fn metrics_health_and_a_read_only_dashboard_in_a_real_browser(pool: PgPool
     std::fs::write(
         dir.join("jobs.toml"),
         format!(
-            "[host]\nlisten = \"127.0.0.1:{port}\"\nwatch = false\nshutdown-grace = \"5s\"\n\n{}{}",
+            "[host]\nlisten = \"127.0.0.1:{port}\"\nwatch = false\nshutdown-grace = \"5s\"\nheartbeat = \"200ms\"\nhost-lost-after = \"1s\"\n\n{}{}",
             job("tick", "300ms", "write"),
             job("failing", "300ms", "error")
         ),
@@ -91,6 +91,7 @@ async fn metrics_health_and_a_read_only_dashboard_in_a_real_browser(pool: PgPool
         demo: false,
         clock_offset: chrono::TimeDelta::zero(),
     };
+    let logs = LogCapture::start();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let host = tokio::spawn(jobhost::run(config, options, async {
         let _ = stopped.await;
@@ -113,6 +114,29 @@ async fn metrics_health_and_a_read_only_dashboard_in_a_real_browser(pool: PgPool
         .execute(&mut idle)
         .await
         .unwrap();
+
+    // The host itself warns about it, once while it lasts (a lost race for
+    // a slot is never a warning).
+    let stuck_warnings = |t: &str| {
+        t.lines()
+            .filter(|l| l.contains("WARN") && l.contains("event=\"stuck_lock\""))
+            .count()
+    };
+    wait_for(
+        Duration::from_secs(10),
+        "the stuck-lock warning",
+        || async { stuck_warnings(&logs.text()) >= 1 },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await; // four more watches
+    let text = logs.text();
+    assert_eq!(stuck_warnings(&text), 1, "{text}");
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("lock_busy")),
+        "{text}"
+    );
 
     // /healthz and /metrics.
     let (status, body) = get(port, "/healthz").await;
