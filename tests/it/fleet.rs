@@ -418,19 +418,7 @@ async fn a_terminated_backend_fails_the_run_and_the_host_keeps_serving(pool: PgP
 async fn locks_flags_a_lock_held_by_an_idle_backend(pool: PgPool) {
     let url = database_url(&pool).await;
     let dir = config_dir("locks", "name = \"held\"\nevery = \"1h\"\nlock-key = 77");
-    let args = |cmd: &str| -> Vec<std::ffi::OsString> {
-        [
-            "jobhost",
-            "--config",
-            &dir.join("jobs.toml").display().to_string(),
-            "--database-url",
-            &url,
-            cmd,
-        ]
-        .iter()
-        .map(Into::into)
-        .collect()
-    };
+    let args = |cmd: &str| cli_args(&dir.join("jobs.toml"), &url, &[cmd]);
     let clean = jobhost::cli::run_cli(args("locks")).await.unwrap();
     assert_eq!(clean, std::process::ExitCode::SUCCESS);
 
@@ -775,17 +763,7 @@ async fn locks_does_not_cry_wolf_during_a_session_job(pool: PgPool) {
     .unwrap();
     let config = jobhost::config::JobsConfig::from_file(dir.join("jobs.toml")).unwrap();
     let host = Host::spawn(&dir, &url, "steady", &[]);
-    let args: Vec<std::ffi::OsString> = [
-        "jobhost",
-        "--config",
-        &dir.join("jobs.toml").display().to_string(),
-        "--database-url",
-        &url,
-        "locks",
-    ]
-    .iter()
-    .map(Into::into)
-    .collect();
+    let args = cli_args(&dir.join("jobs.toml"), &url, &["locks"]);
     wait_for(Duration::from_secs(30), "the session lock held", || async {
         jobhost::inspect::locks(&pool, &config)
             .await
@@ -828,20 +806,8 @@ async fn operator_commands_need_no_plugin_files(pool: PgPool) {
         "[[job]]\nname = \"elsewhere\"\nplugin = \"not-on-this-machine.wasm\"\nevery = \"1m\"\n",
     )
     .unwrap();
-    let run = |cmd: &'static str| {
-        let args: Vec<std::ffi::OsString> = [
-            "jobhost",
-            "--config",
-            &dir.join("jobs.toml").display().to_string(),
-            "--database-url",
-            &url,
-            cmd,
-        ]
-        .iter()
-        .map(Into::into)
-        .collect();
-        jobhost::cli::run_cli(args)
-    };
+    let run =
+        |cmd: &'static str| jobhost::cli::run_cli(cli_args(&dir.join("jobs.toml"), &url, &[cmd]));
     for cmd in ["status", "locks", "reload"] {
         let code = run(cmd).await.unwrap_or_else(|e| panic!("{cmd}: {e:#}"));
         assert_eq!(code, std::process::ExitCode::SUCCESS, "{cmd}");
@@ -876,26 +842,14 @@ async fn run_now_history_pause_and_resume(pool: PgPool) {
     );
     std::fs::write(dir.join("jobs.toml"), toml).unwrap();
     let cli = |args: &[&str]| {
-        let mut all: Vec<std::ffi::OsString> = [
-            "jobhost",
-            "--config",
-            &dir.join("jobs.toml").display().to_string(),
-            "--database-url",
-            &url,
-            "--host-id",
-            "operator",
-        ]
-        .iter()
-        .map(Into::into)
-        .collect();
+        let mut all = cli_args(&dir.join("jobs.toml"), &url, &["--host-id", "operator"]);
         all.extend(args.iter().map(Into::into));
         jobhost::cli::run_cli(all)
     };
-    let code = |c: std::process::ExitCode| c;
     use std::process::ExitCode;
 
     assert_eq!(
-        code(cli(&["run-now", "manual"]).await.unwrap()),
+        cli(&["run-now", "manual"]).await.unwrap(),
         ExitCode::SUCCESS
     );
     assert_eq!(probe_rows(&pool).await, 1);

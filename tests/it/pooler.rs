@@ -115,14 +115,6 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn one_job_config(tag: &str) -> JobsConfig {
     let dir = std::env::temp_dir().join(format!("jobhost-pooler-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -249,16 +249,7 @@ async fn jobs_toml_edits_add_change_and_remove_jobs_live(pool: PgPool) {
     write_config(&dir, &job("a", "200ms", "a1"));
     let logs = LogCapture::start();
     let host = TestHost::start(&pool, dir.clone()).await;
-    let notes = |note: &'static str| {
-        let pool = pool.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>("select count(*) from probe where note = $1")
-                .bind(note)
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-        }
-    };
+    let notes = |note: &'static str| notes(&pool, note);
     wait_for(Duration::from_secs(20), "a running", || async {
         notes("a1").await >= 1
     })

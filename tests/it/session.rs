@@ -156,19 +156,8 @@ async fn a_terminated_lock_backend_interrupts_the_run_within_the_heartbeat(pool:
         || open_write(&pool),
     )
     .await;
-    let holder: i32 = sqlx::query_scalar(
-        "select pid from pg_locks where locktype = 'advisory'
-            and database = (select oid from pg_database where datname = current_database())",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
     let killed_at = Instant::now();
-    let _: bool = sqlx::query_scalar("select pg_terminate_backend($1)")
-        .bind(holder)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    terminate_lock_holder(&pool).await;
     let result = task.await.unwrap().unwrap();
     let took = killed_at.elapsed();
     let msg = finished(result, Outcome::LockLost);
@@ -182,6 +171,23 @@ async fn a_terminated_lock_backend_interrupts_the_run_within_the_heartbeat(pool:
         "the open transaction was rolled back"
     );
     assert_eq!(advisory_locks(&pool).await, 0);
+}
+
+/// Terminates the backend holding this database's (one) advisory lock: a
+/// session job's lock connection dying.
+async fn terminate_lock_holder(pool: &PgPool) {
+    let holder: i32 = sqlx::query_scalar(
+        "select pid from pg_locks where locktype = 'advisory'
+            and database = (select oid from pg_database where datname = current_database())",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let _: bool = sqlx::query_scalar("select pg_terminate_backend($1)")
+        .bind(holder)
+        .fetch_one(pool)
+        .await
+        .unwrap();
 }
 
 /// Whether some backend of this database sits in a transaction that wrote
@@ -223,18 +229,7 @@ async fn a_session_job_never_commits_after_its_lock_is_gone(pool: PgPool) {
     )
     .await;
     // The lock connection dies and someone else takes the lock at once.
-    let holder: i32 = sqlx::query_scalar(
-        "select pid from pg_locks where locktype = 'advisory'
-            and database = (select oid from pg_database where datname = current_database())",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    let _: bool = sqlx::query_scalar("select pg_terminate_backend($1)")
-        .bind(holder)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    terminate_lock_holder(&pool).await;
     let mut thief = pool.acquire().await.unwrap();
     wait_for(Duration::from_secs(5), "the lock to be free", || async {
         advisory_locks(&pool).await == 0

@@ -225,3 +225,22 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+/// A loopback port free at the time of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `jobhost --config CONFIG --database-url URL ARGS...`, for `run_cli`.
+pub fn cli_args(config: &Path, url: &str, args: &[&str]) -> Vec<std::ffi::OsString> {
+    let config = config.display().to_string();
+    ["jobhost", "--config", &config, "--database-url", url]
+        .iter()
+        .chain(args)
+        .map(Into::into)
+        .collect()
+}
