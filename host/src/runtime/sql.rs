@@ -109,9 +109,13 @@ impl TxHandle {
     }
 
     /// The transaction's connection, for native work on the same path
-    /// (benchmarks); `None` once the scope is closed.
+    /// (benchmarks); `None` once the scope is closed. Whoever gets it may
+    /// send anything, so the run counts as having used the connection (the
+    /// post-run check applies), as a plugin's statements do.
     pub fn connection(&mut self) -> Option<&mut PgConnection> {
-        self.tx.as_mut().and_then(OpenTx::conn)
+        let conn = self.tx.as_mut().and_then(OpenTx::conn)?;
+        self.touched = true;
+        Some(conn)
     }
 
     /// Whether the transaction is still open (not committed or rolled back).
