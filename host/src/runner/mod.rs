@@ -1,23 +1,31 @@
-//! The run path: one slot of one job, from BEGIN to COMMIT. Read top-down:
+//! The run path: one slot of one job, from BEGIN to COMMIT. Read top-down
+//! (`Runner::run` → `open` → the plugin → `close`):
 //!
 //! 1. take a pooled connection and insert the run's `running` row (committed on
 //!    its own, asynchronously, so every host's `status` shows runs in flight;
-//!    see [`db::begin_run`] for why that is safe), then `BEGIN`;
-//! 2. first statement: `pg_try_advisory_xact_lock(namespace, key)` with the
-//!    database clock. Busy: warn `lock_busy`, skip;
-//! 3. `Runner::gate`, under the lock: skip a slot the database clock has not
-//!    reached (this host's clock is ahead), a slot that already succeeded on any
-//!    host (the fleet-wide once-per-slot rule), a slot out of attempts or in
-//!    its retry backoff; mark `running` rows of hosts that died as `lost` (one
-//!    statement: [`db::slot_history`]);
-//! 4. backstops (`SET LOCAL statement_timeout`, `idle_in_transaction_session_
-//!    timeout`, `application_name` naming the job), `SAVEPOINT`, the job's role,
-//!    in one simple query;
-//! 5. lend the transaction to a fresh plugin instance and call `run`;
-//! 6. success: write `ok` over the run's row in the same transaction and COMMIT,
-//!    so the history can never say `ok` for work that is not there. Anything
-//!    else: roll back to the savepoint, write the failure, COMMIT. Either way
-//!    COMMIT (or ROLLBACK) releases the lock; there is no unlock call anywhere.
+//!    see [`db::begin_run`] for why that is safe); the run enters this host's
+//!    in-flight set ([`crate::hosts`]);
+//! 2. `BEGIN` with the run's deadline (`statement_timeout`,
+//!    `idle_in_transaction_session_timeout`) in the same simple query
+//!    ([`crate::tx::OpenTx`]), so the lock is bounded from the instant it is
+//!    granted;
+//! 3. first statement: `pg_try_advisory_xact_lock(namespace, key)` with the
+//!    database clock. Busy: a DEBUG `lock_busy` event, skip;
+//! 4. `Runner::gate`, under the lock: skip a slot the database clock has not
+//!    reached (this host's clock is ahead), a paused job, a slot that already
+//!    succeeded on any host (the fleet-wide once-per-slot rule), a slot out of
+//!    attempts or in its retry backoff; mark `running` rows of dead hosts as
+//!    `lost` (one statement: [`db::slot_history`]);
+//! 5. `application_name` naming the run, `SAVEPOINT`, the job's role, in one
+//!    simple query;
+//! 6. lend the transaction to a fresh plugin instance and call `run`;
+//! 7. one closing query ([`crate::hygiene`]): success → the session check
+//!    (raises if the plugin left anything on the connection), `ok` over the
+//!    run's row, COMMIT, the post-commit check; anything else → roll back to
+//!    the savepoint, the failure, COMMIT. The history can never say `ok` for
+//!    work that is not there, and COMMIT releases the lock; there is no unlock
+//!    call anywhere. A run cut off mid-flight (timeout, shutdown) has its
+//!    connection closed instead and is recorded on a fresh one.
 //!
 //! `session` jobs (long ones) take a different lock path, in `runner/session.rs`; the
 //! history checks under the lock (`Runner::check_slot`) are shared.
@@ -207,7 +215,7 @@ impl Runner {
             Ok(opened) => opened,
             Err(skip) => return Ok(skip),
         };
-        let (ctx, limits) = run_context(job, slot, opened.go.attempt);
+        let (ctx, limits) = run_context(job, slot, opened.run.go.attempt);
         let abort = self.abort.clone();
         let invocation = self
             .runtime
@@ -289,7 +297,6 @@ impl Runner {
                 go,
                 _in_flight: in_flight,
             },
-            go,
             handle: TxHandle::new(tx, name.into(), job.config.max_rows, self.guard.clone()),
         }))
     }
@@ -635,7 +642,6 @@ fn log_leak(job: &str, what: &str, when: &str) {
 /// the transaction to lend.
 pub(crate) struct Opened {
     pub(crate) run: OpenRun,
-    pub(crate) go: Go,
     pub(crate) handle: TxHandle,
 }
 
