@@ -172,6 +172,12 @@ pub struct HttpToml {
     /// Allow loopback/private/link-local targets (default false).
     #[serde(default)]
     pub allow_private: bool,
+    /// Allow HTTPS (default false): its TLS client resolves the host again
+    /// before connecting, so unlike plain HTTP it cannot be pinned to the
+    /// address that was checked, and a DNS answer that changes in between
+    /// (rebinding) is not caught.
+    #[serde(default)]
+    pub allow_unpinned_https: bool,
     /// Per-request timeout (default 10s).
     #[serde(default, with = "humantime_serde::option")]
     pub timeout: Option<Duration>,
@@ -343,6 +349,8 @@ pub struct HttpGrant {
     pub allow: Vec<String>,
     /// Allow loopback, private, link-local and other internal addresses.
     pub allow_private: bool,
+    /// Allow HTTPS, which cannot be pinned to the checked address.
+    pub allow_unpinned_https: bool,
     /// Per-request timeout (connect, first byte, between bytes).
     pub timeout: Duration,
     /// Largest response body accepted, bytes.
@@ -600,6 +608,7 @@ impl JobsToml {
                 http: job.http.map(|h| HttpGrant {
                     allow: h.allow,
                     allow_private: h.allow_private,
+                    allow_unpinned_https: h.allow_unpinned_https,
                     timeout: h.timeout.unwrap_or(Duration::from_secs(10)),
                     max_response_bytes: h.max_response_bytes.unwrap_or(1 << 20),
                 }),

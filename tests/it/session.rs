@@ -361,6 +361,7 @@ async fn http_is_granted_per_job_and_internal_addresses_are_refused_before_conne
     let grant = |allow: &[&str], allow_private: bool| HttpGrant {
         allow: allow.iter().map(|s| s.to_string()).collect(),
         allow_private,
+        allow_unpinned_https: false,
         timeout: Duration::from_secs(5),
         max_response_bytes: 1024,
     };
@@ -461,6 +462,7 @@ async fn test_scheduler_probes_capabilities_and_records_each_result(pool: PgPool
     job.config.http = Some(HttpGrant {
         allow: vec![addr.clone()],
         allow_private: true,
+        allow_unpinned_https: false,
         timeout: Duration::from_secs(5),
         max_response_bytes: 65536,
     });

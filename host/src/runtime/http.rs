@@ -34,6 +34,9 @@ pub enum Refusal {
     Unresolvable(String),
     /// The URL has no host.
     NoHost,
+    /// HTTPS, which cannot be pinned to the checked address (the TLS client
+    /// resolves the host again), and the grant does not accept that.
+    UnpinnedHttps,
 }
 
 impl fmt::Display for Refusal {
@@ -47,6 +50,10 @@ impl fmt::Display for Refusal {
             ),
             Refusal::Unresolvable(h) => write!(f, "`{h}` does not resolve"),
             Refusal::NoHost => write!(f, "the URL has no host"),
+            Refusal::UnpinnedHttps => write!(
+                f,
+                "HTTPS cannot be pinned to the address that was checked (the TLS client resolves the host again, so a DNS answer that changes in between is not caught); set allow-unpinned-https in [job.http] to accept that"
+            ),
         }
     }
 }
@@ -98,6 +105,7 @@ pub async fn decide<R, F>(
     grant: Option<&HttpGrant>,
     host: Option<&str>,
     port: u16,
+    https: bool,
     resolve: R,
 ) -> Result<Vec<SocketAddr>, Refusal>
 where
@@ -108,6 +116,10 @@ where
     let host = host.ok_or(Refusal::NoHost)?;
     if !allowed(grant, host, port) {
         return Err(Refusal::NotAllowed(format!("{host}:{port}")));
+    }
+    // Fail closed: plain HTTP goes to the checked address; HTTPS would not.
+    if https && !grant.allow_unpinned_https {
+        return Err(Refusal::UnpinnedHttps);
     }
     let bare = host
         .trim_start_matches('[')
@@ -167,7 +179,7 @@ impl WasiHttpHooks for HttpPolicy {
             let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
             let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
             let authority = uri.authority().map(|a| a.to_string()).unwrap_or_default();
-            let decided = decide(grant.as_ref(), uri.host(), port, |h, p| async move {
+            let decided = decide(grant.as_ref(), uri.host(), port, https, |h, p| async move {
                 tokio::net::lookup_host((h.as_str(), p))
                     .await
                     .map(Iterator::collect)
@@ -182,7 +194,7 @@ impl WasiHttpHooks for HttpPolicy {
                         Refusal::Unresolvable(_) | Refusal::NoHost => {
                             HttpError::DestinationNotFound
                         }
-                        Refusal::NotGranted | Refusal::NotAllowed(_) => {
+                        Refusal::NotGranted | Refusal::NotAllowed(_) | Refusal::UnpinnedHttps => {
                             HttpError::HttpRequestDenied
                         }
                     });
@@ -252,9 +264,62 @@ mod tests {
         HttpGrant {
             allow: allow.iter().map(|s| s.to_string()).collect(),
             allow_private,
+            allow_unpinned_https: false,
             timeout: Duration::from_secs(5),
             max_response_bytes: 1 << 20,
         }
+    }
+
+    #[tokio::test]
+    async fn https_is_refused_unless_the_grant_accepts_unpinned_tls() {
+        let mut g = grant(&["status.example.com"], false);
+        let refused = decide(
+            Some(&g),
+            Some("status.example.com"),
+            443,
+            true,
+            stub("93.184.216.34"),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(refused, Refusal::UnpinnedHttps);
+        assert!(refused.to_string().contains("allow-unpinned-https"));
+        // Plain HTTP to the same host is checked and pinned.
+        assert!(
+            decide(
+                Some(&g),
+                Some("status.example.com"),
+                80,
+                false,
+                stub("93.184.216.34")
+            )
+            .await
+            .is_ok()
+        );
+        g.allow_unpinned_https = true;
+        assert!(
+            decide(
+                Some(&g),
+                Some("status.example.com"),
+                443,
+                true,
+                stub("93.184.216.34")
+            )
+            .await
+            .is_ok()
+        );
+        // Internal addresses stay refused over HTTPS too.
+        assert_eq!(
+            decide(
+                Some(&g),
+                Some("status.example.com"),
+                443,
+                true,
+                stub("10.0.0.1")
+            )
+            .await,
+            Err(Refusal::Internal("10.0.0.1".parse().unwrap()))
+        );
     }
 
     /// A resolver that answers from a table and never touches the network.
@@ -286,7 +351,7 @@ mod tests {
             ("internal.example", "::ffff:127.0.0.1"),
             ("[::1]", "::1"),
         ] {
-            let verdict = decide(Some(&g), Some(host), 80, stub(ip)).await;
+            let verdict = decide(Some(&g), Some(host), 80, false, stub(ip)).await;
             assert_eq!(
                 verdict,
                 Err(Refusal::Internal(ip.parse().unwrap())),
@@ -297,15 +362,29 @@ mod tests {
 
     #[tokio::test]
     async fn the_grant_and_allow_list_come_first() {
-        let refused = decide(None, Some("example.com"), 80, stub("93.184.216.34")).await;
+        let refused = decide(None, Some("example.com"), 80, false, stub("93.184.216.34")).await;
         assert_eq!(refused, Err(Refusal::NotGranted));
         let g = grant(&["api.example.com:443", "example.com"], false);
         assert_eq!(
-            decide(Some(&g), Some("other.com"), 80, stub("93.184.216.34")).await,
+            decide(
+                Some(&g),
+                Some("other.com"),
+                80,
+                false,
+                stub("93.184.216.34")
+            )
+            .await,
             Err(Refusal::NotAllowed("other.com:80".into()))
         );
         assert_eq!(
-            decide(Some(&g), Some("api.example.com"), 80, stub("93.184.216.34")).await,
+            decide(
+                Some(&g),
+                Some("api.example.com"),
+                80,
+                false,
+                stub("93.184.216.34")
+            )
+            .await,
             Err(Refusal::NotAllowed("api.example.com:80".into()))
         );
         assert!(
@@ -313,15 +392,22 @@ mod tests {
                 Some(&g),
                 Some("API.example.com"),
                 443,
+                false,
                 stub("93.184.216.34")
             )
             .await
             .is_ok()
         );
         assert!(
-            decide(Some(&g), Some("example.com"), 8080, stub("93.184.216.34"))
-                .await
-                .is_ok()
+            decide(
+                Some(&g),
+                Some("example.com"),
+                8080,
+                false,
+                stub("93.184.216.34")
+            )
+            .await
+            .is_ok()
         );
     }
 
@@ -329,7 +415,7 @@ mod tests {
     async fn allow_private_opens_internal_addresses() {
         let g = grant(&["127.0.0.1"], true);
         assert!(
-            decide(Some(&g), Some("127.0.0.1"), 8080, stub("127.0.0.1"))
+            decide(Some(&g), Some("127.0.0.1"), 8080, false, stub("127.0.0.1"))
                 .await
                 .is_ok()
         );
