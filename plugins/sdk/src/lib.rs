@@ -145,6 +145,8 @@ impl fmt::Display for JobError {
     }
 }
 
+impl std::error::Error for JobError {}
+
 impl From<SqlError> for JobError {
     fn from(e: SqlError) -> Self {
         let message = match &e {
@@ -175,7 +177,9 @@ impl From<&str> for JobError {
 }
 
 /// A transaction: the one the host lends an `xact` run, or one a session
-/// job began (see [`Session::begin`]).
+/// job began (see [`Session::begin`], which hands it out as a
+/// [`SessionTx`], the only kind that can be committed: calling `commit` on
+/// the lent one does not compile).
 pub struct Tx<'a> {
     inner: TxRef<'a>,
 }
@@ -226,12 +230,26 @@ impl Tx<'_> {
     pub fn execute(&self, sql: &str, params: &[Value]) -> Result<u64, SqlError> {
         self.inner.get().execute(sql, params)
     }
+}
 
-    /// Commits a transaction begun from a [`Session`]. (An `xact` run's
-    /// transaction is the host's to commit: this returns `refused` there.)
-    /// Dropping a transaction without committing rolls it back.
+/// A transaction a session job began: everything a [`Tx`] does, and
+/// `commit`. Dropping it without committing rolls it back.
+pub struct SessionTx {
+    tx: Tx<'static>,
+}
+
+impl std::ops::Deref for SessionTx {
+    type Target = Tx<'static>;
+    fn deref(&self) -> &Tx<'static> {
+        &self.tx
+    }
+}
+
+impl SessionTx {
+    /// Commits it (refused, and rolled back, if the job's lock was lost or
+    /// the session check found something left on the connection).
     pub fn commit(self) -> Result<(), SqlError> {
-        self.inner.get().commit()
+        self.tx.inner.get().commit()
     }
 }
 
@@ -243,9 +261,11 @@ pub struct Session<'a> {
 
 impl Session<'_> {
     /// Begins a transaction; `commit` it, or drop it to roll back.
-    pub fn begin(&self) -> Result<Tx<'static>, SqlError> {
-        Ok(Tx {
-            inner: TxRef::Owned(self.inner.begin()?),
+    pub fn begin(&self) -> Result<SessionTx, SqlError> {
+        Ok(SessionTx {
+            tx: Tx {
+                inner: TxRef::Owned(self.inner.begin()?),
+            },
         })
     }
 
