@@ -186,3 +186,40 @@ async fn bad_parameters_fail_the_run_with_the_reason(pool: PgPool) {
     assert!(msg.contains("2 parameter(s) but 1 value(s)"), "{msg}");
     assert_eq!(advisory_locks(&pool).await, 0);
 }
+
+/// The SDK's single-row calls: `query_one` wants exactly one row and names
+/// the statement otherwise; `query_opt` takes zero or one.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn query_one_and_query_opt_count_rows(pool: PgPool) {
+    let run = |mode: &'static str, sql: &'static str, n: i64| {
+        let pool = pool.clone();
+        async move {
+            let mut job = probe(&format!("{mode}-{n}"), mode);
+            job.config.config.push(("sql".into(), sql.into()));
+            runner(&pool).run(&job, slot(n)).await.unwrap()
+        }
+    };
+    let one = finished(
+        run("query-one", "select 7::int8 as n, 'x' as s", 1).await,
+        Outcome::Ok,
+    );
+    assert_eq!(one, r#"{"n":7,"s":"x"}"#);
+    let none = finished(
+        run("query-one", "select 1 as n where false", 2).await,
+        Outcome::Error,
+    );
+    assert!(
+        none.contains("returned 0 rows where exactly one was expected"),
+        "{none}"
+    );
+    let two = finished(
+        run("query-opt", "select g as n from generate_series(1, 2) g", 3).await,
+        Outcome::Error,
+    );
+    assert!(two.contains("returned 2 rows where at most one"), "{two}");
+    let empty = finished(
+        run("query-opt", "select 1 as n where false", 4).await,
+        Outcome::Ok,
+    );
+    assert_eq!(empty, "null");
+}

@@ -55,7 +55,7 @@ impl Job for IntegrityHashRetry {
             log::event(
                 log::LogLevel::Info,
                 "hashed audit rows",
-                &[("rows", pending.len().to_string())],
+                &[("rows", &pending.len())],
             );
         }
         Ok(format!("hashed {} rows", pending.len()))

@@ -221,6 +221,37 @@ impl Tx<'_> {
             .collect()
     }
 
+    /// Runs a query that must return exactly one row, decoded into `T`.
+    pub fn query_one<T: DeserializeOwned>(
+        &self,
+        sql: &str,
+        params: &[Value],
+    ) -> Result<T, JobError> {
+        let mut rows = self.query::<T>(sql, params)?;
+        match rows.len() {
+            1 => Ok(rows.remove(0)),
+            n => Err(JobError::new(format!(
+                "`{sql}` returned {n} rows where exactly one was expected"
+            ))),
+        }
+    }
+
+    /// Runs a query that returns at most one row, decoded into `T`.
+    pub fn query_opt<T: DeserializeOwned>(
+        &self,
+        sql: &str,
+        params: &[Value],
+    ) -> Result<Option<T>, JobError> {
+        let mut rows = self.query::<T>(sql, params)?;
+        match rows.len() {
+            0 => Ok(None),
+            1 => Ok(Some(rows.remove(0))),
+            n => Err(JobError::new(format!(
+                "`{sql}` returned {n} rows where at most one was expected"
+            ))),
+        }
+    }
+
     /// Runs a query and returns the positional row set.
     pub fn query_raw(&self, sql: &str, params: &[Value]) -> Result<RowSet, SqlError> {
         self.inner.get().query(sql, params)
@@ -318,8 +349,26 @@ macro_rules! value_from {
         })*
     };
 }
-value_from!(bool => Boolean, i16 => Int2, i32 => Int4, i64 => Int8, f32 => Float4, f64 => Float8,
-            String => Text, &str => Text, &String => Text, Vec<u8> => Bytea);
+value_from!(bool => Boolean, i8 => Int2, u8 => Int2, i16 => Int2, u16 => Int4, i32 => Int4,
+            u32 => Int8, i64 => Int8, f32 => Float4, f64 => Float8,
+            String => Text, &str => Text, &String => Text, Vec<u8> => Bytea, &[u8] => Bytea);
+
+/// `u64` past `i64::MAX` does not fit `int8`: it travels as `numeric`.
+impl From<u64> for Value {
+    fn from(v: u64) -> Self {
+        match i64::try_from(v) {
+            Ok(i) => Value::Int8(i),
+            Err(_) => Value::Numeric(v.to_string()),
+        }
+    }
+}
+
+/// `usize` as `u64`.
+impl From<usize> for Value {
+    fn from(v: usize) -> Self {
+        Value::from(v as u64)
+    }
+}
 
 impl<T: Into<Value>> From<Option<T>> for Value {
     fn from(v: Option<T>) -> Self {
@@ -354,10 +403,10 @@ pub mod log {
     use crate::bindings::jobhost::plugin::log::{Level, log};
 
     /// Logs at `level` with key/value fields.
-    pub fn event(level: Level, message: &str, fields: &[(&str, String)]) {
+    pub fn event(level: Level, message: &str, fields: &[(&str, &dyn std::fmt::Display)]) {
         let fields: Vec<(String, String)> = fields
             .iter()
-            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .map(|(k, v)| ((*k).to_owned(), v.to_string()))
             .collect();
         log(level, message, &fields);
     }

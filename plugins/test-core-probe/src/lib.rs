@@ -5,7 +5,8 @@
 //! `trap` (write, then panic), `swallow` (write, hit `select 1/0`, ignore it,
 //! return success), `query` (run config `sql` with JSON `params`, report the
 //! result as JSON), `sleep` (write, sleep `sleep-ms`, touch the connection),
-//! `spin` (loop forever), `chatty` (print `bytes` to stdout and stderr), `after-scope` (keep nothing: the
+//! `spin` (loop forever), `chatty` (print `bytes` to stdout and stderr), `query-one` /
+//! `query-opt` (config `sql` through the SDK's typed single-row calls), `after-scope` (keep nothing: the
 //! borrow ends with the call; proves the handle cannot be smuggled).
 
 use jobhost_plugin_sdk::{Context, Job, JobError, Tx, Value, export_job, params};
@@ -146,6 +147,16 @@ impl Job for Probe {
                     .map(|r| J::Array(r.into_iter().map(tagged).collect()))
                     .collect();
                 Ok(json!({ "columns": columns, "rows": rows }).to_string())
+            }
+            "query-one" => {
+                let sql: String = ctx.config("sql")?;
+                let row: J = tx.query_one(&sql, &[])?;
+                Ok(row.to_string())
+            }
+            "query-opt" => {
+                let sql: String = ctx.config("sql")?;
+                let row: Option<J> = tx.query_opt(&sql, &[])?;
+                Ok(serde_json::to_string(&row).unwrap_or_default())
             }
             "sleep" => {
                 write(ctx, tx)?;
