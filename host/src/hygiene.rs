@@ -112,6 +112,13 @@ fn host_scope_checked(role: Option<&str>, check: &str) -> String {
 /// The `search_path` of the host's statements after a plugin's.
 const HOST_SEARCH_PATH: &str = "set local search_path = pg_catalog, pg_temp";
 
+/// What the check before COMMIT accepts at session level: what a fresh
+/// connection of the pool carries (`baseline`, `name=value`) and the
+/// plugin's own `SET LOCAL`s.
+pub fn allowed(baseline: &[String], plugin_local: &[String]) -> Vec<String> {
+    baseline.iter().chain(plugin_local).cloned().collect()
+}
+
 /// The in-transaction check of a run (raises `JH002`). `own` is the job's
 /// lock key (`None` for a session job's short transaction, which holds no
 /// advisory lock of its own); `plugin_local` the settings the plugin changed

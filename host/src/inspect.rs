@@ -332,11 +332,10 @@ pub fn render_locks(rows: &[LockRow]) -> String {
 /// once as a WARN (`event = "stuck_lock"`, with key, job, holder and why)
 /// while it lasts, and `metrics` counts them. Losing a slot to a live host
 /// is normal in a fleet and never logged at this level; a lock nothing alive
-/// will release is what a person must hear about. `config` gives the jobs as
-/// currently loaded.
+/// will release is what a person must hear about.
 pub async fn watch_stuck(
     pool: PgPool,
-    config: impl Fn() -> JobsConfig,
+    current: crate::jobset::Current,
     every: std::time::Duration,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     stop: tokio_util::sync::CancellationToken,
@@ -347,7 +346,7 @@ pub async fn watch_stuck(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let rows = match locks(&pool, &config()).await {
+        let rows = match locks(&pool, &current.config()).await {
             Ok(rows) => rows,
             Err(e) => {
                 tracing::debug!(error = %e, "cannot read pg_locks for the stuck-lock watch");

@@ -83,6 +83,43 @@ pub async fn load(
     Ok(jobs)
 }
 
+/// The job set a host runs now: the configuration it started with (host
+/// settings) and the jobs as last loaded (hot reload replaces them). Shared
+/// by the reload path, the stuck-lock watch and the dashboard.
+#[derive(Clone)]
+pub struct Current {
+    base: Arc<JobsConfig>,
+    jobs: Arc<std::sync::RwLock<Vec<Job>>>,
+}
+
+impl Current {
+    /// `jobs`, loaded from `base`.
+    pub fn new(base: JobsConfig, jobs: Vec<Job>) -> Self {
+        Self {
+            base: Arc::new(base),
+            jobs: Arc::new(std::sync::RwLock::new(jobs)),
+        }
+    }
+
+    /// Replaces the jobs (a reload was applied).
+    pub fn set(&self, jobs: Vec<Job>) {
+        *self.jobs.write().unwrap_or_else(|p| p.into_inner()) = jobs;
+    }
+
+    /// The jobs as loaded now.
+    pub fn jobs(&self) -> Vec<Job> {
+        self.jobs.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The configuration with the jobs as loaded now.
+    pub fn config(&self) -> JobsConfig {
+        JobsConfig {
+            jobs: self.jobs().into_iter().map(|j| j.config).collect(),
+            ..(*self.base).clone()
+        }
+    }
+}
+
 /// SHA-256 of a file's content, hex (what `plugin_sha256` records).
 pub fn file_sha256(path: &std::path::Path) -> std::io::Result<String> {
     Ok(hex::encode(Sha256::digest(std::fs::read(path)?)))

@@ -176,14 +176,15 @@ pub async fn run(
         shutdown_grace: config.host.shutdown_grace,
     };
     let (updates_tx, updates) = tokio::sync::mpsc::channel(4);
-    // The dashboard shows the jobs as loaded now: reloads pass through it.
-    let current = Arc::new(std::sync::RwLock::new(jobs.clone()));
+    // The jobs as loaded now, for the stuck-lock watch and the dashboard:
+    // applied reloads pass through on their way to the scheduler.
+    let current = jobset::Current::new(config.clone(), jobs.clone());
     let (reloaded_tx, mut reloaded) = tokio::sync::mpsc::channel::<Vec<Job>>(4);
     let tap = {
         let current = current.clone();
         tokio::spawn(async move {
             while let Some(jobs) = reloaded.recv().await {
-                *current.write().unwrap_or_else(|p| p.into_inner()) = jobs.clone();
+                current.set(jobs.clone());
                 if updates_tx.send(jobs).await.is_err() {
                     break;
                 }
@@ -191,30 +192,18 @@ pub async fn run(
         })
     };
     let stop_stuck_watch = tokio_util::sync::CancellationToken::new();
-    let stuck_watch = {
-        let (base, current) = (config.clone(), current.clone());
-        tokio::spawn(inspect::watch_stuck(
-            pool.clone(),
-            move || JobsConfig {
-                jobs: current
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .iter()
-                    .map(|j| j.config.clone())
-                    .collect(),
-                ..base.clone()
-            },
-            config.host.liveness.heartbeat,
-            metrics.clone(),
-            stop_stuck_watch.clone(),
-        ))
-    };
+    let stuck_watch = tokio::spawn(inspect::watch_stuck(
+        pool.clone(),
+        current.clone(),
+        config.host.liveness.heartbeat,
+        metrics.clone(),
+        stop_stuck_watch.clone(),
+    ));
     let _served = match config.host.listen {
         Some(addr) => {
             let served = serve::Served {
                 pool: pool.clone(),
-                config: Arc::new(config.clone()),
-                jobs: current,
+                current,
                 metrics: metrics.clone(),
                 in_flight: runner.in_flight(),
                 host_id: options.host_id.clone(),

@@ -15,7 +15,7 @@
 //! | `jobhost_runs_in_flight` | gauge | |
 //! | `jobhost_plugin_loads_total` | counter | `result` (`ok`, `error`) |
 //! | `jobhost_reloads_total` | counter | `result` (`applied`, `rejected`) |
-//! | `jobhost_stuck_locks` | gauge (read at scrape) | |
+//! | `jobhost_stuck_locks` | gauge (counted by the stuck-lock watch each heartbeat) | |
 //! | `jobhost_pool_connections` | gauge (read at scrape) | `state` (`in_use`, `idle`) |
 
 use std::time::Duration;
@@ -133,7 +133,7 @@ impl Metrics {
         let stuck_locks = Gauge::default();
         registry.register(
             "stuck_locks",
-            "Advisory locks `jobhost locks` calls STUCK, read at scrape",
+            "Advisory locks `jobhost locks` calls STUCK, as of the host's last heartbeat",
             stuck_locks.clone(),
         );
         let pool_connections = Family::<StateLabel, Gauge>::default();
@@ -218,11 +218,9 @@ impl Metrics {
     }
 
     /// The values read at scrape time.
-    pub fn set_scraped(&self, in_flight: usize, stuck_locks: usize, in_use: u32, idle: usize) {
+    pub fn set_scraped(&self, in_flight: usize, in_use: u32, idle: usize) {
         self.in_flight
             .set(i64::try_from(in_flight).unwrap_or(i64::MAX));
-        self.stuck_locks
-            .set(i64::try_from(stuck_locks).unwrap_or(i64::MAX));
         for (state, n) in [("in_use", i64::from(in_use)), ("idle", idle as i64)] {
             self.pool_connections
                 .get_or_create(&StateLabel {

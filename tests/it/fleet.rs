@@ -827,20 +827,15 @@ async fn operator_commands_need_no_plugin_files(pool: PgPool) {
 async fn run_now_history_pause_and_resume(pool: PgPool) {
     create_probe_table(&pool).await;
     let url = database_url(&pool).await;
+    // Two jobs over the probe: one that writes, one that fails.
     let dir = config_dir(
         "operate",
-        "name = \"manual\"\nevery = \"1h\"\n[job.config]\nmode = \"write\"\nnote = \"by hand\"\n\n[[job]]\nname = \"broken\"\nplugin = \"../../../../\"\n",
-    );
-    // A second job that fails, through the same plugin.
-    let toml = std::fs::read_to_string(dir.join("jobs.toml")).unwrap();
-    let toml = toml.replace(
-        "\n\n[[job]]\nname = \"broken\"\nplugin = \"../../../../\"\n",
         &format!(
-            "\n\n[[job]]\nname = \"broken\"\nplugin = {:?}\nevery = \"1h\"\n[job.config]\nmode = \"error\"\n",
+            "name = \"manual\"\nevery = \"1h\"\n[job.config]\nmode = \"write\"\nnote = \"by hand\"\n\n\
+             [[job]]\nname = \"broken\"\nplugin = {:?}\nevery = \"1h\"\n[job.config]\nmode = \"error\"\n",
             guests::TEST_CORE_PROBE
         ),
     );
-    std::fs::write(dir.join("jobs.toml"), toml).unwrap();
     let cli = |args: &[&str]| {
         let mut all = cli_args(&dir.join("jobs.toml"), &url, &["--host-id", "operator"]);
         all.extend(args.iter().map(Into::into));

@@ -148,16 +148,6 @@ impl Runner {
         self
     }
 
-    /// What the post-run check accepts at session level: the pool's baseline
-    /// and the plugin's own `SET LOCAL`s.
-    fn allowed_settings(&self, plugin_local: &[String]) -> Vec<String> {
-        self.session_baseline
-            .iter()
-            .chain(plugin_local)
-            .cloned()
-            .collect()
-    }
-
     /// Judges other hosts dead after `liveness.lost_after` without a heartbeat.
     pub fn with_liveness(mut self, liveness: Liveness) -> Self {
         self.liveness = liveness;
@@ -519,7 +509,7 @@ impl Runner {
             hygiene::commit_ok_sql(
                 &job.config,
                 touched,
-                &self.allowed_settings(&local_settings),
+                &hygiene::allowed(&self.session_baseline, &local_settings),
                 run_id,
                 attempt,
                 record.message,

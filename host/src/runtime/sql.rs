@@ -185,12 +185,7 @@ impl TxHandle {
             h.pid,
             crate::db::quote_literal(&h.backend_start.to_rfc3339()),
         );
-        let allowed: Vec<String> = rights
-            .session_baseline
-            .iter()
-            .chain(&self.local_settings)
-            .cloned()
-            .collect();
+        let allowed = hygiene::allowed(&rights.session_baseline, &self.local_settings);
         let closing = hygiene::commit_session_sql(
             rights.role.as_deref(),
             self.touched,

@@ -10,7 +10,7 @@
 mod dashboard;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -21,41 +21,23 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use sqlx::PgPool;
 
-use crate::config::JobsConfig;
 use crate::hosts::InFlight;
+use crate::jobset::Current;
 use crate::metrics::Metrics;
-use crate::runner::Job;
 
 /// What the routes read.
 #[derive(Clone)]
 pub struct Served {
     /// The host's pool (reads only).
     pub pool: PgPool,
-    /// The configuration the host started with (host settings).
-    pub config: Arc<JobsConfig>,
-    /// The jobs as currently loaded (updated by hot reload).
-    pub jobs: Arc<RwLock<Vec<Job>>>,
+    /// The jobs as loaded now, and the host's settings.
+    pub current: Current,
     /// The host's metrics.
     pub metrics: Arc<Metrics>,
     /// The host's runs in flight.
     pub in_flight: InFlight,
     /// This host's id.
     pub host_id: String,
-}
-
-impl Served {
-    /// The configuration with the jobs as currently loaded.
-    fn current_config(&self) -> JobsConfig {
-        let jobs = self.jobs.read().unwrap_or_else(|p| p.into_inner());
-        JobsConfig {
-            jobs: jobs.iter().map(|j| j.config.clone()).collect(),
-            ..(*self.config).clone()
-        }
-    }
-
-    fn current_jobs(&self) -> Vec<Job> {
-        self.jobs.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
 }
 
 /// Binds `addr` and serves until the task is aborted. Returns the bound
@@ -82,18 +64,13 @@ pub async fn serve(
     Ok((bound, task))
 }
 
-/// `/metrics`: counters as they stand, and the gauges read now.
+/// `/metrics`: counters as they stand, and the gauges read now (stuck locks
+/// are counted by the host's stuck-lock watch each heartbeat, not here).
 async fn metrics(State(s): State<Served>) -> Response {
-    let config = s.current_config();
-    let stuck = crate::inspect::locks(&s.pool, &config)
-        .await
-        .map(|rows| rows.iter().filter(|r| r.stuck).count())
-        .unwrap_or(0);
     let size = s.pool.size();
     let idle = s.pool.num_idle();
     s.metrics.set_scraped(
         s.in_flight.snapshot().len(),
-        stuck,
         size.saturating_sub(u32::try_from(idle).unwrap_or(u32::MAX)),
         idle,
     );
@@ -116,7 +93,7 @@ async fn healthz(State(s): State<Served>) -> Response {
         sqlx::query_scalar::<_, i32>("select 1").fetch_one(&s.pool),
     )
     .await;
-    let jobs = s.current_jobs().len();
+    let jobs = s.current.jobs().len();
     match ping {
         Ok(Ok(_)) => (
             StatusCode::OK,
@@ -138,8 +115,8 @@ async fn healthz(State(s): State<Served>) -> Response {
 
 /// `/`: the dashboard.
 async fn dashboard(State(s): State<Served>) -> Response {
-    let config = s.current_config();
-    let jobs = s.current_jobs();
+    let config = s.current.config();
+    let jobs = s.current.jobs();
     match dashboard::gather(&s.pool, &config, &jobs, &s.host_id).await {
         Ok(view) => Html(dashboard::render(&view).into_string()).into_response(),
         Err(e) => (
