@@ -367,3 +367,48 @@ async fn running_rows_are_judged_by_host_liveness(pool: PgPool) {
     assert_eq!(marked, 1);
     assert_eq!(outcome(live_row).await, "lost");
 }
+
+/// The same check guards a session (long) job's short transactions: a
+/// commit that would leave a session lock on a pooled connection is refused,
+/// rolled back, and the run is an error naming the leak; nothing stays held.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_session_jobs_commit_that_would_leak_is_refused(pool: PgPool) {
+    create_probe_table(&pool).await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "create schema jobspace;
+         create function jobspace.g() returns void language sql
+             as 'select pg_advisory_lock({}, {})'",
+        VICTIM_KEY.0, VICTIM_KEY.1
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let logs = LogCapture::start();
+    let (runner, one) = one_connection_runner(&pool).await;
+    let mut long = job(
+        "long-leak",
+        guests::TEST_SESSION_PROBE,
+        &[("mode", "sql"), ("sql", "select jobspace.g()")],
+    );
+    long.config.lock = jobhost::config::LockMode::Session;
+    long.config.heartbeat = Duration::from_millis(200);
+    let msg = finished(runner.run(&long, slot(1)).await.unwrap(), Outcome::Error);
+    assert!(
+        msg.contains("session_state_leaked")
+            && msg.contains(&format!("({}, {})", VICTIM_KEY.0, VICTIM_KEY.1)),
+        "{msg}"
+    );
+    assert!(
+        logs.text()
+            .lines()
+            .any(|l| l.contains("session_state_leaked") && l.contains("job=long-leak")),
+        "{}",
+        logs.text()
+    );
+    assert_eq!(
+        advisory_locks(&pool).await,
+        0,
+        "the leaked lock's connection was closed"
+    );
+    one.close().await;
+}

@@ -4,6 +4,7 @@
 //! `fail-at` hits a SQL error and is dropped), `hold` (insert in an open
 //! transaction, sleep `sleep-ms`, then try to commit), `http` (GET each of the
 //! comma-separated `urls`, record each outcome in its own transaction),
+//! `sql` (run config `sql` in a short transaction and commit it),
 //! `after-scope` (call a committed transaction again).
 
 use jobhost_plugin_sdk::{Context, JobError, LongJob, Session, export_long_job, http, params};
@@ -57,6 +58,14 @@ impl LongJob for SessionProbe {
                     report.push(format!("{url} -> {outcome}"));
                 }
                 Ok(report.join("\n"))
+            }
+            "sql" => {
+                // Config `sql` in one short transaction, committed.
+                let sql: String = ctx.config("sql")?;
+                let tx = session.begin()?;
+                tx.execute(&sql, &[])?;
+                tx.commit()?;
+                Ok(format!("committed `{sql}`"))
             }
             "after-scope" => {
                 // A transaction whose scope ended (committed) must refuse every
