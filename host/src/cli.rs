@@ -33,6 +33,16 @@ pub struct Cli {
     /// Postgres URL; the host owns every connection made with it.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
     database_url: Option<String>,
+    /// Postgres itself, when DATABASE_URL leads to a transaction pooler
+    /// (`[host] pooler = "transaction"`): migrations, `session` locks and
+    /// LISTEN need a real session and go here.
+    #[arg(
+        long,
+        env = "JOBHOST_DIRECT_URL",
+        hide_env_values = true,
+        global = true
+    )]
+    direct_url: Option<String>,
     /// Id of this host in the run history and `application_name`
     /// (default `<hostname>:<pid>`).
     #[arg(long, env = "JOBHOST_HOST_ID", global = true)]
@@ -180,7 +190,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         | Command::Pause { .. }
         | Command::Resume { .. } => PluginFiles::NotNeeded,
     };
-    let config = JobsConfig::read(&cli.config, files)?;
+    let config = JobsConfig::read(&cli.config, files)?.with_direct_url(cli.direct_url.is_some());
     let database_url = || {
         cli.database_url
             .clone()
@@ -191,6 +201,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run => {
             let options = HostOptions {
                 database_url: database_url()?,
+                direct_url: cli.direct_url.clone(),
                 host_id,
                 demo: cli.demo,
                 clock_offset: chrono::TimeDelta::milliseconds(cli.clock_offset_ms),
@@ -213,7 +224,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status => {
-            let pool = inspect_pool(&database_url()?, &host_id).await?;
+            let pool = inspect_pool(&database_url()?, &config, &host_id).await?;
             let rows = inspect::status(&pool, &config).await.map_err(|e| {
                 // 42P01 undefined_table: no host has ever started on this database.
                 let missing = e
@@ -234,17 +245,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Reload => {
-            let pool = inspect_pool(&database_url()?, &host_id).await?;
-            sqlx::query("select pg_notify($1, '')")
-                .bind(crate::reload::RELOAD_CHANNEL)
-                .execute(&pool)
+            let pool = inspect_pool(&database_url()?, &config, &host_id).await?;
+            let request = crate::reload::request(&pool, &host_id)
                 .await
-                .context("cannot send the reload notification")?;
-            println!("reload requested from every host on this database");
+                .context("cannot request a reload")?;
+            let fleet = crate::hosts::fleet(&pool, config.host.liveness.lost_after)
+                .await
+                .context("cannot read the fleet (jobhost.hosts)")?;
+            print!(
+                "{}",
+                crate::reload::render_request(request, &fleet, config.host.liveness.heartbeat)
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Locks => {
-            let pool = inspect_pool(&database_url()?, &host_id).await?;
+            let pool = inspect_pool(&database_url()?, &config, &host_id).await?;
             let rows = inspect::locks(&pool, &config)
                 .await
                 .context("cannot read pg_locks")?;
@@ -258,6 +273,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::RunNow { job } => {
             let options = HostOptions {
                 database_url: database_url()?,
+                direct_url: cli.direct_url.clone(),
                 host_id,
                 demo: false,
                 clock_offset: chrono::TimeDelta::zero(),
@@ -267,7 +283,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(operate::exit_code(&result)))
         }
         Command::History { job, limit, failed } => {
-            let pool = inspect_pool(&database_url()?, &host_id).await?;
+            let pool = inspect_pool(&database_url()?, &config, &host_id).await?;
             let rows = operate::history(&pool, &job, limit, failed)
                 .await
                 .with_context(|| format!("cannot read the history of job `{job}`"))?;
@@ -276,7 +292,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Pause { job } => {
             operate::known_job(&config, &job)?;
-            let pool = inspect_pool(&database_url()?, &host_id).await?;
+            let pool = inspect_pool(&database_url()?, &config, &host_id).await?;
             let changed = db::pause(&pool, &job, &host_id)
                 .await
                 .with_context(|| format!("cannot pause job `{job}`"))?;
@@ -285,7 +301,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Resume { job } => {
             operate::known_job(&config, &job)?;
-            let pool = inspect_pool(&database_url()?, &host_id).await?;
+            let pool = inspect_pool(&database_url()?, &config, &host_id).await?;
             let changed = db::resume(&pool, &job)
                 .await
                 .with_context(|| format!("cannot resume job `{job}`"))?;
@@ -295,13 +311,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// A one-connection pool for the read-only commands (no migrations).
-async fn inspect_pool(url: &str, host_id: &str) -> anyhow::Result<sqlx::PgPool> {
-    let options: sqlx::postgres::PgConnectOptions = url.parse().context("invalid DATABASE_URL")?;
+/// A one-connection pool for the operator commands (no migrations), made
+/// as the host makes its own (`[host] pooler`).
+async fn inspect_pool(
+    url: &str,
+    config: &JobsConfig,
+    host_id: &str,
+) -> anyhow::Result<sqlx::PgPool> {
+    let app = format!("{}/cli", db::application_name(host_id));
+    let options = db::connect_options(url, "DATABASE_URL", config.host.pooler, &app)?;
     sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(Duration::from_secs(10))
-        .connect_with(options.application_name(&format!("{}/cli", db::application_name(host_id))))
+        .connect_with(options)
         .await
         .context("cannot connect to Postgres (DATABASE_URL)")
 }

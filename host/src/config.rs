@@ -103,6 +103,29 @@ pub struct HostToml {
     /// Serve `/metrics`, `/healthz` and the read-only dashboard on this
     /// address (e.g. `"127.0.0.1:9464"`; off when absent).
     pub listen: Option<std::net::SocketAddr>,
+    /// What `DATABASE_URL` leads to: `"none"` (Postgres itself, or a pooler
+    /// in session mode; the default) or `"transaction"` (a transaction
+    /// pooler such as PgBouncer `pool_mode = transaction`). See
+    /// [`Pooler`].
+    pub pooler: Option<Pooler>,
+}
+
+/// What stands between the host's pool (`DATABASE_URL`) and Postgres.
+///
+/// `Transaction`: each transaction (and each protocol sync outside one) may
+/// reach another server session. The host then sends nothing whose meaning
+/// outlives a transaction through `DATABASE_URL` (no named prepared
+/// statements, no session settings, no session locks, no LISTEN), and takes
+/// what needs a real session — `session`-mode locks and their heartbeats,
+/// LISTEN for reload, migrations — from `JOBHOST_DIRECT_URL`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Pooler {
+    /// One server session per client connection.
+    #[default]
+    None,
+    /// A transaction pooler.
+    Transaction,
 }
 
 /// One `[[job]]` table as written.
@@ -339,6 +362,11 @@ pub struct HostConfig {
     pub liveness: crate::hosts::Liveness,
     /// Where `/metrics`, `/healthz` and the dashboard are served, if anywhere.
     pub listen: Option<std::net::SocketAddr>,
+    /// What `DATABASE_URL` leads to.
+    pub pooler: Pooler,
+    /// Whether `JOBHOST_DIRECT_URL` is set (the environment's, not
+    /// jobs.toml's: see [`JobsConfig::with_direct_url`]).
+    pub direct_url: bool,
 }
 
 /// What a job may reach over HTTP (`[job.http]`, validated). Configuration
@@ -422,6 +450,31 @@ pub enum PluginFiles {
 }
 
 impl JobsConfig {
+    /// Records whether the host has a direct URL (`JOBHOST_DIRECT_URL`),
+    /// which decides whether `session` jobs may run behind a transaction
+    /// pooler ([`JobsConfig::refuse_behind_pooler`]).
+    pub fn with_direct_url(mut self, set: bool) -> Self {
+        self.host.direct_url = set;
+        self
+    }
+
+    /// Behind a transaction pooler without a direct URL, a `session` job
+    /// cannot run: its lock must live on one server session for the whole
+    /// run, which a transaction pooler does not give. Names the first such
+    /// job and what to set.
+    pub fn refuse_behind_pooler(&self) -> Result<(), String> {
+        if self.host.pooler != Pooler::Transaction || self.host.direct_url {
+            return Ok(());
+        }
+        match self.jobs.iter().find(|j| j.lock == LockMode::Session) {
+            Some(job) => Err(format!(
+                "job `{}`: lock = \"session\" holds its lock on one server session for the whole run, which a transaction pooler (`[host] pooler = \"transaction\"`) does not give; set JOBHOST_DIRECT_URL to Postgres itself (session locks and their heartbeats go there), or make the job `lock = \"xact\"`",
+                job.name
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Reads and validates `path`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         Self::read(path.as_ref(), PluginFiles::Required)
@@ -634,6 +687,8 @@ impl JobsToml {
                     .unwrap_or(Duration::from_millis(300)),
                 liveness,
                 listen: self.host.listen,
+                pooler: self.host.pooler.unwrap_or_default(),
+                direct_url: false,
             },
             jobs,
         })

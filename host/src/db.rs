@@ -10,7 +10,9 @@ use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgConnection, PgPool};
+use sqlx::{Connection as _, PgConnection, PgPool};
+
+use crate::config::Pooler;
 
 /// The host's migrations (schema `jobhost`). Applied by [`connect`].
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
@@ -69,75 +71,223 @@ pub struct RunRecord<'a> {
 
 /// The host's pool, and what a fresh connection of it carries.
 pub struct Connected {
-    /// The pool every run's connection comes from.
+    /// The pool every run's connection comes from (`DATABASE_URL`).
     pub pool: PgPool,
+    /// How to open a connection that is one real server session, for what
+    /// needs one: `session`-mode locks and their heartbeats, LISTEN. The
+    /// pool's own options on a direct connection; `JOBHOST_DIRECT_URL`'s
+    /// behind a transaction pooler; `None` behind one without it.
+    pub direct: Option<PgConnectOptions>,
     /// Settings a fresh connection already has at session level, as
     /// `name=value` (set by a session-mode pooler such as PgBouncer, which
     /// replays the client's `TimeZone`, `DateStyle`... on the server
-    /// session): the post-run check takes them as the connection's own, not
-    /// as a plugin's leak. Empty on a direct connection.
+    /// session), or as a bare `name` for those a transaction pooler sets on
+    /// whichever server session it hands over: the post-run check takes them
+    /// as the connection's own, not as a plugin's leak. Empty on a direct
+    /// connection.
     pub session_baseline: Vec<String>,
 }
 
-/// Opens the host pool and applies the host's migrations.
-///
-/// Every connection carries `application_name = jobhost:<host_id>` so that
-/// `pg_stat_activity` (and `pg_locks` joined to it) shows which host holds what.
-pub async fn connect(
-    database_url: &str,
-    pool_size: u32,
-    host_id: &str,
-) -> anyhow::Result<Connected> {
-    let options: PgConnectOptions = database_url
+/// Where the host's connections go (from the environment and `[host]`).
+#[derive(Debug, Clone, Copy)]
+pub struct Endpoints<'a> {
+    /// `DATABASE_URL`: the pool.
+    pub database_url: &'a str,
+    /// `JOBHOST_DIRECT_URL`: Postgres itself, for what needs a real session.
+    pub direct_url: Option<&'a str>,
+    /// What `DATABASE_URL` leads to.
+    pub pooler: Pooler,
+}
+
+/// The parameters a transaction pooler sets on a server session for each
+/// client it hands it to (PgBouncer's tracked parameters): seen at session
+/// level on any connection behind one, whoever set them.
+const POOLER_TRACKED: [&str; 6] = [
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "standard_conforming_strings",
+    "TimeZone",
+];
+
+/// Connect options for `url` as the host uses them. Directly: server-side
+/// keepalives and `client_connection_check_interval` ride in the startup
+/// packet. Behind a transaction pooler: no startup parameters a pooler
+/// refuses (`options`, `extra_float_digits`).
+pub fn connect_options(
+    url: &str,
+    what: &str,
+    pooler: Pooler,
+    application_name: &str,
+) -> anyhow::Result<PgConnectOptions> {
+    let options: PgConnectOptions = url
         .parse()
-        .context("invalid DATABASE_URL (expected postgres://user@host:port/db)")?;
-    // Server-side keepalives: if this host vanishes without closing its
-    // sockets, Postgres notices within ~1 min, ends the session and so
-    // releases whatever lock the session's transaction held.
-    //
-    // `client_connection_check_interval`: a backend busy with a statement
-    // checks every second that its client is still there, so a connection the
-    // host closed mid-statement (a run cut off by its timeout) is rolled back,
-    // and its lock released, within a second instead of when the statement
-    // ends.
-    let options = options
-        .application_name(&application_name(host_id))
-        .options([
+        .with_context(|| format!("invalid {what} (expected postgres://user@host:port/db)"))?;
+    let options = options.application_name(application_name);
+    Ok(match pooler {
+        // Server-side keepalives: if this host vanishes without closing its
+        // sockets, Postgres notices within ~1 min, ends the session and so
+        // releases whatever lock the session's transaction held.
+        //
+        // `client_connection_check_interval`: a backend busy with a statement
+        // checks every second that its client is still there, so a connection
+        // the host closed mid-statement (a run cut off by its timeout) is
+        // rolled back, and its lock released, within a second instead of when
+        // the statement ends.
+        Pooler::None => options.options([
             ("tcp_keepalives_idle", "30"),
             ("tcp_keepalives_interval", "10"),
             ("tcp_keepalives_count", "3"),
             ("client_connection_check_interval", "1000"),
-        ]);
-    let session_baseline = refuse_transaction_pooler(&options).await?;
+        ]),
+        // Statements a run's plugin prepares stay cached for the
+        // transaction only ([`crate::tx::OpenTx`] closes them before it
+        // ends); the host's own statements outside runs are unnamed
+        // (`in_tx!`).
+        Pooler::Transaction => options.extra_float_digits(None),
+    })
+}
+
+/// Opens the host pool, applies (or, behind a transaction pooler without a
+/// direct URL, checks) the host's migrations, and finds the connection for
+/// what needs a real session.
+///
+/// Every connection carries `application_name = jobhost:<host_id>` so that
+/// `pg_stat_activity` (and `pg_locks` joined to it) shows which host holds what.
+pub async fn connect(
+    endpoints: Endpoints<'_>,
+    pool_size: u32,
+    host_id: &str,
+) -> anyhow::Result<Connected> {
+    let app = application_name(host_id);
+    let options = connect_options(
+        endpoints.database_url,
+        "DATABASE_URL",
+        endpoints.pooler,
+        &app,
+    )?;
+    let direct = match endpoints.direct_url {
+        Some(url) => {
+            let direct = connect_options(url, "JOBHOST_DIRECT_URL", Pooler::None, &app)?;
+            // Session locks go there: it must be one session per connection.
+            refuse_transaction_pooler(&direct, "JOBHOST_DIRECT_URL").await?;
+            Some(direct)
+        }
+        None if endpoints.pooler == Pooler::None => Some(options.clone()),
+        None => None,
+    };
+    let session_baseline = match endpoints.pooler {
+        Pooler::None => refuse_transaction_pooler(&options, "DATABASE_URL").await?,
+        Pooler::Transaction => {
+            let mut conn = PgConnection::connect_with(&options)
+                .await
+                .context("cannot connect to Postgres (DATABASE_URL, through the pooler)")?;
+            let mut baseline = session_settings(&mut conn)
+                .await
+                .context("cannot read a fresh connection's session settings")?;
+            // Whatever value the pooler set them to last.
+            for setting in &mut baseline {
+                if let Some((name, _)) = setting.split_once('=')
+                    && POOLER_TRACKED.iter().any(|t| t.eq_ignore_ascii_case(name))
+                {
+                    *setting = name.to_owned();
+                }
+            }
+            baseline
+        }
+    };
     let pool = PgPoolOptions::new()
         .max_connections(pool_size)
         .acquire_timeout(Duration::from_secs(10))
         .connect_with(options)
         .await
         .context("cannot connect to Postgres (DATABASE_URL)")?;
-    MIGRATOR
-        .run(&pool)
-        .await
-        .context("cannot apply the host's migrations (schema `jobhost`)")?;
+    match &direct {
+        // The migrator takes a session-level advisory lock and prepares
+        // statements: it needs a real session.
+        Some(direct) => {
+            let migrating = PgPoolOptions::new()
+                .max_connections(1)
+                .connect_with(direct.clone())
+                .await
+                .context("cannot connect to Postgres to apply the host's migrations")?;
+            MIGRATOR
+                .run(&migrating)
+                .await
+                .context("cannot apply the host's migrations (schema `jobhost`)")?;
+            migrating.close().await;
+        }
+        None => refuse_pending_migrations(&pool).await?,
+    }
     Ok(Connected {
         pool,
+        direct,
         session_baseline,
     })
 }
 
-/// What jobhost says when it finds a transaction pooler between it and
-/// Postgres.
-const POOLER_ADVICE: &str = "jobhost needs one server session per connection (its locks, \
-     prepared statements and run transactions rely on it) and does not run through a \
-     transaction pooler yet: point DATABASE_URL at Postgres directly, or at a pooler in \
-     session mode (PgBouncer `pool_mode = session`)";
+/// Behind a transaction pooler without a direct URL the host cannot migrate;
+/// it runs only if the schema is current (another host, or a deployment
+/// step, migrated it through a direct connection).
+async fn refuse_pending_migrations(pool: &PgPool) -> anyhow::Result<()> {
+    use sqlx::Row as _;
+    let rows = sqlx::raw_sql("select version from _sqlx_migrations where success")
+        .fetch_all(pool)
+        .await;
+    let applied: Vec<i64> = match rows {
+        Ok(rows) => rows
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<sqlx::Result<_>>()?,
+        // 42P01: no migration was ever applied on this database.
+        Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("42P01") => {
+            Vec::new()
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("cannot read the applied migrations")),
+    };
+    let pending: Vec<String> = MIGRATOR
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration() && !applied.contains(&m.version))
+        .map(|m| format!("{} {}", m.version, m.description))
+        .collect();
+    if pending.is_empty() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "the host's schema (`jobhost`) needs migrations ({}), which need a real Postgres session, \
+         not a transaction pooler: set JOBHOST_DIRECT_URL to Postgres itself (it is used for \
+         migrations, session locks and LISTEN), or start one host with DATABASE_URL pointing at \
+         Postgres directly once",
+        pending.join(", ")
+    )
+}
 
-/// Refuses to start behind a transaction pooler (PgBouncer `pool_mode =
-/// transaction`, RDS Proxy, Supavisor...), which hands a client's
-/// consecutive transactions to different server sessions: named prepared
-/// statements then point at other statements, session locks stay behind on
-/// server connections other clients get (the bug this project exists to
-/// prevent), NOTIFY is dropped. Never run into that silently.
+/// Settings at session level on `conn`, as `name=value`.
+async fn session_settings(conn: &mut PgConnection) -> sqlx::Result<Vec<String>> {
+    use sqlx::Row as _;
+    let rows = sqlx::raw_sql(
+        "select name || '=' || setting from pg_settings where source = 'session' order by name",
+    )
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(|r| r.try_get::<String, _>(0)).collect()
+}
+
+/// What jobhost says when it finds a transaction pooler where it needs one
+/// server session per connection.
+const POOLER_ADVICE: &str = "point it at Postgres directly or at a pooler in session mode \
+     (PgBouncer `pool_mode = session`); or, to run through the transaction pooler, set \
+     `pooler = \"transaction\"` in jobs.toml `[host]` and JOBHOST_DIRECT_URL to Postgres itself \
+     (for migrations, `session` locks and LISTEN)";
+
+/// Refuses a transaction pooler (PgBouncer `pool_mode = transaction`, RDS
+/// Proxy, Supavisor...) where the host expects one server session per
+/// connection (`what` names the URL): a transaction pooler hands a
+/// client's consecutive transactions to different server sessions, so named
+/// prepared statements then point at other statements, session locks stay
+/// behind on server connections other clients get (the bug this project
+/// exists to prevent), NOTIFY is dropped. Never run into that silently.
 ///
 /// The probe (simple queries only, which any pooler passes): two client
 /// connections A and B; A and B each open a transaction (so the pooler must
@@ -153,7 +303,10 @@ const POOLER_ADVICE: &str = "jobhost needs one server session per connection (it
 /// carries the keepalives) is named as such, and one that drops them
 /// silently is warned about. Returns the settings a fresh connection carries
 /// at session level (see [`Connected::session_baseline`]).
-pub async fn refuse_transaction_pooler(options: &PgConnectOptions) -> anyhow::Result<Vec<String>> {
+pub async fn refuse_transaction_pooler(
+    options: &PgConnectOptions,
+    what: &str,
+) -> anyhow::Result<Vec<String>> {
     use sqlx::{Connection as _, Row as _};
     let connect = || async {
         PgConnection::connect_with(options).await.map_err(|e| {
@@ -161,10 +314,10 @@ pub async fn refuse_transaction_pooler(options: &PgConnectOptions) -> anyhow::Re
             let e = anyhow::Error::new(e);
             if text.contains("unsupported startup parameter") {
                 e.context(format!(
-                    "cannot connect to Postgres (DATABASE_URL): the server refused a startup parameter, which PgBouncer and other poolers do; {POOLER_ADVICE}"
+                    "cannot connect to Postgres ({what}): the server refused a startup parameter, which PgBouncer and other poolers do; {POOLER_ADVICE}"
                 ))
             } else {
-                e.context("cannot connect to Postgres (DATABASE_URL)")
+                e.context(format!("cannot connect to Postgres ({what})"))
             }
         })
     };
@@ -223,18 +376,8 @@ pub async fn refuse_transaction_pooler(options: &PgConnectOptions) -> anyhow::Re
     };
     let found = probe
         .await
-        .context("cannot probe the connection to Postgres")?;
-    let baseline = async {
-        let rows = sqlx::raw_sql(
-            "select name || '=' || setting from pg_settings where source = 'session' order by name",
-        )
-        .fetch_all(&mut a)
-        .await?;
-        rows.iter()
-            .map(|r| r.try_get::<String, _>(0))
-            .collect::<sqlx::Result<Vec<String>>>()
-    };
-    let baseline = baseline
+        .with_context(|| format!("cannot probe the connection to Postgres ({what})"))?;
+    let baseline = session_settings(&mut a)
         .await
         .context("cannot read a fresh connection's session settings")?;
     drop(a);
@@ -242,11 +385,11 @@ pub async fn refuse_transaction_pooler(options: &PgConnectOptions) -> anyhow::Re
     match found {
         Path::Direct => Ok(baseline),
         Path::OptionsDropped => {
-            tracing::warn!(session_settings = ?baseline, "the connection's startup options (TCP keepalives, client_connection_check_interval) did not reach Postgres: a pooler may be dropping them; a vanished host is then noticed later");
+            tracing::warn!(url = what, session_settings = ?baseline, "the connection's startup options (TCP keepalives, client_connection_check_interval) did not reach Postgres: a pooler may be dropping them; a vanished host is then noticed later");
             Ok(baseline)
         }
-        Path::Pooler(what) => anyhow::bail!(
-            "DATABASE_URL leads to a transaction pooler, not to one Postgres session per connection: {what}. {POOLER_ADVICE}"
+        Path::Pooler(what_found) => anyhow::bail!(
+            "{what} leads to a transaction pooler, not to one Postgres session per connection: {what_found}. jobhost needs a real session there (locks, prepared statements and run transactions rely on it): {POOLER_ADVICE}"
         ),
     }
 }
@@ -349,27 +492,76 @@ pub async fn begin_run(
     host_id: &str,
     plugin_sha256: &str,
 ) -> sqlx::Result<i64> {
-    sqlx::query_scalar(
+    // A simple query (literals, no parameters): one round trip, and nothing
+    // a transaction pooler could hand to another server session half-way.
+    let sql = format!(
         "with async_commit as (select set_config('synchronous_commit', 'off', true))
          insert into jobhost.runs (job, slot, attempt, host_id, plugin_sha256, started_at, outcome, backend_pid)
-         select $1, $2, 0, $3, $4, clock_timestamp(), 'running', pg_backend_pid() from async_commit
+         select {}, {}, 0, {}, {}, clock_timestamp(), 'running', pg_backend_pid() from async_commit
          returning id",
-    )
-    .bind(job)
-    .bind(slot)
-    .bind(host_id)
-    .bind(plugin_sha256)
-    .fetch_one(conn)
-    .await
+        quote_literal(job),
+        timestamp_literal(slot),
+        quote_literal(host_id),
+        quote_literal(plugin_sha256),
+    );
+    simple_one(conn, sql).await
 }
+
+/// Runs a simple query and decodes the first column of its last row.
+pub async fn simple_one<T>(conn: &mut PgConnection, sql: String) -> sqlx::Result<T>
+where
+    T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    use sqlx::Row as _;
+    let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .fetch_all(conn)
+        .await?;
+    rows.last().ok_or(sqlx::Error::RowNotFound)?.try_get(0)
+}
+
+/// `'…'::timestamptz` for an instant (RFC 3339, UTC; no quote can occur).
+pub fn timestamp_literal(t: DateTime<Utc>) -> String {
+    format!(
+        "'{}'::timestamptz",
+        t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+    )
+}
+
+/// `in_tx!(pool, |c| body)`: evaluates `body` (which uses `c: &mut
+/// PgConnection` and may use `?` on `sqlx::Error`) in a transaction of its
+/// own, and commits; a future of `sqlx::Result<_>`. The form every host
+/// statement outside a run takes. Through a transaction pooler, an
+/// extended-protocol statement outside a transaction is two syncs (parse,
+/// then bind and execute) that the pooler may send to two different server
+/// sessions, the second binding whatever another client parsed there; inside
+/// `BEGIN` the pooler keeps one session until `COMMIT`. Statements in `body`
+/// must be unnamed (`.persistent(false)`): a named one would outlive the
+/// transaction on a server session this client may never see again. (A
+/// macro, not a function taking an async closure: such a closure's future
+/// is not `Send` for every lifetime, which `tokio::spawn` needs.)
+macro_rules! in_tx {
+    ($pool:expr, |$c:ident| $body:expr) => {
+        async {
+            let mut tx = $pool.begin().await?;
+            let out = {
+                let $c: &mut sqlx::PgConnection = &mut tx;
+                $body
+            };
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(out)
+        }
+    };
+}
+pub(crate) use in_tx;
 
 /// Points a `running` row at the backend that holds the run's session lock,
 /// so that [`slot_history`] judges the run by the lock connection's life.
 pub async fn set_run_backend(conn: &mut PgConnection, id: i64) -> sqlx::Result<()> {
-    sqlx::query("update jobhost.runs set backend_pid = pg_backend_pid() where id = $1")
-        .bind(id)
-        .execute(conn)
-        .await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "update jobhost.runs set backend_pid = pg_backend_pid() where id = {id}"
+    )))
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -381,8 +573,7 @@ pub fn discard_run_sql(id: i64) -> String {
 
 /// Removes the `running` row of a run that did not happen (lock busy, slot done).
 pub async fn discard_run(conn: &mut PgConnection, id: i64) -> sqlx::Result<()> {
-    sqlx::query("delete from jobhost.runs where id = $1 and outcome = 'running'")
-        .bind(id)
+    sqlx::raw_sql(sqlx::AssertSqlSafe(discard_run_sql(id)))
         .execute(conn)
         .await?;
     Ok(())
@@ -418,33 +609,47 @@ pub async fn slot_history(
         i32,
         Option<DateTime<Utc>>,
         bool,
-    ) = sqlx::query_as(
-        "with lost as (
+    ) = {
+        use sqlx::Row as _;
+        // A simple query with literals: one round trip, the same directly and
+        // through a transaction pooler.
+        let sql = format!(
+            "with lost as (
             update jobhost.runs r
                set outcome = 'lost', finished_at = clock_timestamp(),
                    message = 'the host running it died or lost its connection before finishing; its work was rolled back'
-             where r.job = $1 and r.outcome = 'running' and r.id <> $3 and r.host_id <> $4
+             where r.job = {job} and r.outcome = 'running' and r.id <> {me} and r.host_id <> {host}
                and not exists (select 1 from jobhost.hosts h
                                 where h.id = r.host_id and h.stopped_at is null
-                                  and h.last_seen > clock_timestamp() - make_interval(secs => $5))
+                                  and h.last_seen > clock_timestamp() - make_interval(secs => {lost_after}))
             returning r.slot
          )
          select (select count(*) from lost),
                 coalesce(bool_or(outcome = 'ok'), false),
-                (count(*) + (select count(*) from lost where lost.slot = $2))::int4,
+                (count(*) + (select count(*) from lost where lost.slot = {slot}))::int4,
                 (count(*) filter (where outcome in ('error', 'trap', 'timeout', 'lock_lost')))::int4,
                 max(finished_at) filter (where outcome in ('error', 'trap', 'timeout', 'lock_lost')),
-                exists (select 1 from jobhost.paused p where p.job = $1)
+                exists (select 1 from jobhost.paused p where p.job = {job})
            from jobhost.runs
-          where job = $1 and slot = $2 and id <> $3 and outcome <> 'running'",
-    )
-    .bind(job)
-    .bind(slot)
-    .bind(me)
-    .bind(host_id)
-    .bind(lost_after.as_secs_f64())
-    .fetch_one(conn)
-    .await?;
+          where job = {job} and slot = {slot} and id <> {me} and outcome <> 'running'",
+            job = quote_literal(job),
+            slot = timestamp_literal(slot),
+            host = quote_literal(host_id),
+            lost_after = lost_after.as_secs_f64(),
+        );
+        let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .fetch_all(conn)
+            .await?;
+        let row = rows.last().ok_or(sqlx::Error::RowNotFound)?;
+        (
+            row.try_get(0)?,
+            row.try_get(1)?,
+            row.try_get(2)?,
+            row.try_get(3)?,
+            row.try_get(4)?,
+            row.try_get(5)?,
+        )
+    };
     let state = SlotState {
         succeeded,
         attempts,
@@ -458,47 +663,61 @@ pub async fn slot_history(
 /// Writes a run's final outcome. Inside the job's transaction, an `ok` commits
 /// atomically with the work it describes.
 pub async fn finish_run(conn: &mut PgConnection, id: i64, run: &RunRecord<'_>) -> sqlx::Result<()> {
-    sqlx::query(
-        "update jobhost.runs
-            set attempt = $2, outcome = $3, message = $4, finished_at = clock_timestamp()
-          where id = $1",
-    )
-    .bind(id)
-    .bind(run.attempt)
-    .bind(run.outcome.as_str())
-    .bind(run.message)
-    .execute(conn)
-    .await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(finish_run_sql(id, run)))
+        .execute(conn)
+        .await?;
     Ok(())
+}
+
+/// The statement that writes a run's final outcome, for a simple query.
+pub fn finish_run_sql(id: i64, run: &RunRecord<'_>) -> String {
+    format!(
+        "update jobhost.runs set attempt = {}, outcome = '{}', message = {}, finished_at = clock_timestamp() where id = {id}",
+        run.attempt,
+        run.outcome.as_str(),
+        quote_literal(run.message),
+    )
 }
 
 /// Pauses `job` fleet-wide; `false` if it already was.
 pub async fn pause(pool: &PgPool, job: &str, by: &str) -> sqlx::Result<bool> {
-    let done = sqlx::query(
-        "insert into jobhost.paused (job, paused_by) values ($1, $2) on conflict (job) do nothing",
-    )
-    .bind(job)
-    .bind(by)
-    .execute(pool)
+    let done = crate::db::in_tx!(pool, |c| {
+        sqlx::query(
+            "insert into jobhost.paused (job, paused_by) values ($1, $2) on conflict (job) do nothing",
+        )
+        .bind(job)
+        .bind(by)
+        .persistent(false)
+        .execute(c)
+        .await
+    }?)
     .await?;
     Ok(done.rows_affected() == 1)
 }
 
 /// Resumes `job`; `false` if it was not paused.
 pub async fn resume(pool: &PgPool, job: &str) -> sqlx::Result<bool> {
-    let done = sqlx::query("delete from jobhost.paused where job = $1")
-        .bind(job)
-        .execute(pool)
-        .await?;
+    let done = crate::db::in_tx!(pool, |c| {
+        sqlx::query("delete from jobhost.paused where job = $1")
+            .bind(job)
+            .persistent(false)
+            .execute(c)
+            .await
+    }?)
+    .await?;
     Ok(done.rows_affected() == 1)
 }
 
 /// The earliest slot `job` has any record of (none for a new job).
 pub async fn first_slot(pool: &PgPool, job: &str) -> sqlx::Result<Option<DateTime<Utc>>> {
-    sqlx::query_scalar("select min(slot) from jobhost.runs where job = $1")
-        .bind(job)
-        .fetch_one(pool)
-        .await
+    crate::db::in_tx!(pool, |c| {
+        sqlx::query_scalar("select min(slot) from jobhost.runs where job = $1")
+            .bind(job)
+            .persistent(false)
+            .fetch_one(c)
+            .await
+    }?)
+    .await
 }
 
 /// Slots of `job` at or after `since` that have a successful run.
@@ -507,11 +726,64 @@ pub async fn succeeded_slots(
     job: &str,
     since: DateTime<Utc>,
 ) -> sqlx::Result<Vec<DateTime<Utc>>> {
-    sqlx::query_scalar(
-        "select slot from jobhost.runs where job = $1 and slot >= $2 and outcome = 'ok' order by slot",
-    )
-    .bind(job)
-    .bind(since)
-    .fetch_all(pool)
+    crate::db::in_tx!(pool, |c| {
+        sqlx::query_scalar(
+            "select slot from jobhost.runs where job = $1 and slot >= $2 and outcome = 'ok' order by slot",
+        )
+        .bind(job)
+        .bind(since)
+        .persistent(false)
+        .fetch_all(c)
+        .await
+    }?)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every extended-protocol statement the host sends outside a run's
+    /// transaction must pass a transaction pooler: unnamed, inside its own
+    /// transaction (`db::in_tx!`). A named or bare one works directly and
+    /// corrupts silently behind PgBouncer (issue: another client's statement
+    /// executed), so this reads the source rather than trusting review.
+    /// Exempt: the plugin's statements (`runtime/values.rs`, inside the run's
+    /// transaction, closed before it ends) and the `session` lock connection
+    /// (`runner/session.rs`, a direct connection by construction).
+    #[test]
+    fn host_statements_outside_runs_pass_a_transaction_pooler() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut offenders = Vec::new();
+        let mut stack = vec![src.clone()];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                let rel = path
+                    .strip_prefix(&src)
+                    .unwrap()
+                    .to_string_lossy()
+                    .replace('\\', "/");
+                if ["runtime/values.rs", "runner/session.rs"].contains(&rel.as_str()) {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).unwrap();
+                // Spelled in two halves so that this test does not find itself.
+                for (at, _) in text.match_indices(concat!("sqlx::", "query")) {
+                    let line = text[..at].lines().count();
+                    let statement = &text[at..];
+                    let end = statement.find(".await").unwrap_or(statement.len());
+                    if !statement[..end].contains(".persistent(false)") {
+                        offenders.push(format!("{rel}:{line}"));
+                    }
+                }
+            }
+        }
+        assert!(
+            offenders.is_empty(),
+            "statements without .persistent(false) (and db::in_tx): {offenders:?}"
+        );
+    }
 }

@@ -19,6 +19,8 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use crate::db;
+
 /// How liveness is judged (`[host] heartbeat`, `host-lost-after`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Liveness {
@@ -76,74 +78,118 @@ impl Drop for InFlightGuard {
     }
 }
 
-/// Registers (or re-registers) this host as alive.
-pub async fn register(pool: &PgPool, host_id: &str) -> sqlx::Result<()> {
+/// Registers (or re-registers) this host as alive; `listens` says whether it
+/// hears `NOTIFY jobhost_reload` (it has a direct connection) or only polls
+/// reload requests at each heartbeat. Returns the latest reload request,
+/// which this start already covers.
+pub async fn register(pool: &PgPool, host_id: &str, listens: bool) -> sqlx::Result<i64> {
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "localhost".to_owned());
-    sqlx::query(
-        "insert into jobhost.hosts (id, hostname, pid, version, started_at, last_seen)
-         values ($1, $2, $3, $4, clock_timestamp(), clock_timestamp())
-         on conflict (id) do update
-            set hostname = excluded.hostname, pid = excluded.pid, version = excluded.version,
-                started_at = excluded.started_at, last_seen = excluded.last_seen, stopped_at = null",
-    )
-    .bind(host_id)
-    .bind(hostname)
-    .bind(i32::try_from(std::process::id()).unwrap_or(i32::MAX))
-    .bind(env!("CARGO_PKG_VERSION"))
-    .execute(pool)
-    .await?;
-    Ok(())
+    crate::db::in_tx!(pool, |c| {
+        sqlx::query_scalar(
+            "insert into jobhost.hosts (id, hostname, pid, version, started_at, last_seen, listens, reload_seen)
+             values ($1, $2, $3, $4, clock_timestamp(), clock_timestamp(), $5,
+                     (select coalesce(max(id), 0) from jobhost.reload_requests))
+             on conflict (id) do update
+                set hostname = excluded.hostname, pid = excluded.pid, version = excluded.version,
+                    started_at = excluded.started_at, last_seen = excluded.last_seen, stopped_at = null,
+                    listens = excluded.listens, reload_seen = excluded.reload_seen
+             returning reload_seen",
+        )
+        .bind(host_id)
+        .bind(hostname)
+        .bind(i32::try_from(std::process::id()).unwrap_or(i32::MAX))
+        .bind(env!("CARGO_PKG_VERSION"))
+        .bind(listens)
+        .persistent(false)
+        .fetch_one(c)
+        .await
+    }?)
+    .await
+}
+
+/// What one heartbeat found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Beat {
+    /// This host's `running` rows no task runs any more, now marked `lost`.
+    pub marked_lost: u64,
+    /// The latest reload request (`jobhost reload`), 0 if none.
+    pub latest_reload: i64,
 }
 
 /// One heartbeat: `last_seen` now, and this host's `running` rows that no
 /// task runs any more marked `lost` (rows younger than `settle` are left
 /// alone: their run may have inserted its row after `in_flight` was read).
-/// Returns how many rows it marked.
+/// Also reads the latest reload request, and records `reload_seen`, the one
+/// this host acted on. One simple query: one round trip, through any pooler.
 pub async fn beat(
     pool: &PgPool,
     host_id: &str,
     in_flight: &[i64],
     settle: Duration,
-) -> sqlx::Result<u64> {
-    let marked: i64 = sqlx::query_scalar(
+    reload_seen: i64,
+) -> sqlx::Result<Beat> {
+    use sqlx::Row as _;
+    let in_flight = in_flight
+        .iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let host = db::quote_literal(host_id);
+    let sql = format!(
         "with seen as (
-            update jobhost.hosts set last_seen = clock_timestamp(), stopped_at = null where id = $1
+            update jobhost.hosts set last_seen = clock_timestamp(), stopped_at = null,
+                                     reload_seen = {reload_seen}
+             where id = {host}
          ), orphans as (
             update jobhost.runs
                set outcome = 'lost', finished_at = clock_timestamp(),
                    message = 'the host''s task running it ended without recording an outcome; its transaction was rolled back'
-             where host_id = $1 and outcome = 'running' and id <> all($2)
-               and started_at < clock_timestamp() - make_interval(secs => $3)
+             where host_id = {host} and outcome = 'running' and id <> all('{{{in_flight}}}'::int8[])
+               and started_at < clock_timestamp() - make_interval(secs => {settle})
             returning 1
          )
-         select count(*) from orphans",
-    )
-    .bind(host_id)
-    .bind(in_flight)
-    .bind(settle.as_secs_f64())
-    .fetch_one(pool)
-    .await?;
-    Ok(u64::try_from(marked).unwrap_or(0))
+         select count(*), (select coalesce(max(id), 0) from jobhost.reload_requests) from orphans",
+        settle = settle.as_secs_f64(),
+    );
+    let mut conn = pool.acquire().await?;
+    let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .fetch_all(&mut *conn)
+        .await?;
+    let row = rows.last().ok_or(sqlx::Error::RowNotFound)?;
+    let marked: i64 = row.try_get(0)?;
+    Ok(Beat {
+        marked_lost: u64::try_from(marked).unwrap_or(0),
+        latest_reload: row.try_get(1)?,
+    })
 }
 
 /// Marks this host stopped (graceful shutdown).
 pub async fn stop(pool: &PgPool, host_id: &str) -> sqlx::Result<()> {
-    sqlx::query("update jobhost.hosts set stopped_at = clock_timestamp() where id = $1")
-        .bind(host_id)
-        .execute(pool)
-        .await?;
+    crate::db::in_tx!(pool, |c| {
+        sqlx::query("update jobhost.hosts set stopped_at = clock_timestamp() where id = $1")
+            .bind(host_id)
+            .persistent(false)
+            .execute(c)
+            .await
+    }?)
+    .await?;
     Ok(())
 }
 
 /// Heartbeats until `stop` is cancelled. A failed beat is logged and retried
 /// at the next one: the database being away is what liveness measures.
+/// A reload request newer than `reload_seen` is passed to `reloads` (the
+/// reload watch), which is how `jobhost reload` reaches a host that cannot
+/// LISTEN, and any host whose listener missed it.
 pub async fn heartbeat(
     pool: PgPool,
     host_id: String,
     liveness: Liveness,
     in_flight: InFlight,
+    mut reload_seen: i64,
+    reloads: tokio::sync::mpsc::Sender<&'static str>,
     stop: CancellationToken,
 ) {
     let mut failing = false;
@@ -152,14 +198,26 @@ pub async fn heartbeat(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(liveness.heartbeat) => {}
         }
-        match beat(&pool, &host_id, &in_flight.snapshot(), liveness.heartbeat).await {
-            Ok(marked) => {
+        match beat(
+            &pool,
+            &host_id,
+            &in_flight.snapshot(),
+            liveness.heartbeat,
+            reload_seen,
+        )
+        .await
+        {
+            Ok(beat) => {
                 if failing {
                     tracing::info!(host_id = %host_id, "host heartbeat recovered");
                     failing = false;
                 }
-                if marked > 0 {
-                    tracing::warn!(host_id = %host_id, runs = marked, "marked runs whose task ended without an outcome as lost");
+                if beat.marked_lost > 0 {
+                    tracing::warn!(host_id = %host_id, runs = beat.marked_lost, "marked runs whose task ended without an outcome as lost");
+                }
+                if beat.latest_reload > reload_seen {
+                    reload_seen = beat.latest_reload;
+                    let _ = reloads.try_send(crate::reload::REQUESTED);
                 }
             }
             Err(e) => {
@@ -189,6 +247,8 @@ pub struct HostRow {
     pub last_seen: DateTime<Utc>,
     /// Alive: seen within `lost_after` and not stopped.
     pub live: bool,
+    /// Hears `NOTIFY jobhost_reload` at once (else: at its next heartbeat).
+    pub listens: bool,
 }
 
 /// A `jobhost.hosts` row as read, with its liveness.
@@ -200,23 +260,29 @@ type FleetRow = (
     DateTime<Utc>,
     DateTime<Utc>,
     bool,
+    bool,
 );
 
 /// Every host that ever registered, live ones first.
 pub async fn fleet(pool: &PgPool, lost_after: Duration) -> sqlx::Result<Vec<HostRow>> {
-    let rows: Vec<FleetRow> = sqlx::query_as(
-        "select id, hostname, pid, version, started_at, last_seen,
-                    stopped_at is null and last_seen > clock_timestamp() - make_interval(secs => $1)
+    let rows: Vec<FleetRow> = crate::db::in_tx!(pool, |c| {
+        sqlx::query_as(
+            "select id, hostname, pid, version, started_at, last_seen,
+                    stopped_at is null and last_seen > clock_timestamp() - make_interval(secs => $1),
+                    listens
                from jobhost.hosts
               order by 7 desc, last_seen desc",
-    )
-    .bind(lost_after.as_secs_f64())
-    .fetch_all(pool)
+        )
+        .bind(lost_after.as_secs_f64())
+        .persistent(false)
+        .fetch_all(c)
+        .await
+    }?)
     .await?;
     Ok(rows
         .into_iter()
         .map(
-            |(id, hostname, pid, version, started_at, last_seen, live)| HostRow {
+            |(id, hostname, pid, version, started_at, last_seen, live, listens)| HostRow {
                 id,
                 hostname,
                 pid,
@@ -224,6 +290,7 @@ pub async fn fleet(pool: &PgPool, lost_after: Duration) -> sqlx::Result<Vec<Host
                 started_at,
                 last_seen,
                 live,
+                listens,
             },
         )
         .collect())

@@ -29,32 +29,41 @@ pub struct JobStatus {
 
 /// The status of every configured job.
 pub async fn status(pool: &PgPool, config: &JobsConfig) -> sqlx::Result<Vec<JobStatus>> {
-    let db_now: DateTime<Utc> = sqlx::query_scalar("select clock_timestamp()")
-        .fetch_one(pool)
-        .await?;
+    let db_now: DateTime<Utc> = crate::db::in_tx!(pool, |c| {
+        sqlx::query_scalar("select clock_timestamp()")
+            .persistent(false)
+            .fetch_one(c)
+            .await
+    }?)
+    .await?;
     let mut out = Vec::new();
     for job in &config.jobs {
-        let last = sqlx::query_as(
+        let last = crate::db::in_tx!(pool, |c| sqlx::query_as(
             "select outcome, (extract(epoch from finished_at - started_at) * 1000)::int8, attempt, host_id, finished_at
                from jobhost.runs
               where job = $1 and outcome <> 'running'
               order by finished_at desc limit 1",
         )
-        .bind(&job.name)
-        .fetch_optional(pool)
-        .await?;
-        let running = sqlx::query_as(
-            "select host_id, started_at from jobhost.runs
+        .bind(&job.name).persistent(false).fetch_optional(c).await?).await?;
+        let running = crate::db::in_tx!(pool, |c| {
+            sqlx::query_as(
+                "select host_id, started_at from jobhost.runs
               where job = $1 and outcome = 'running' order by started_at",
-        )
-        .bind(&job.name)
-        .fetch_all(pool)
+            )
+            .bind(&job.name)
+            .persistent(false)
+            .fetch_all(c)
+            .await
+        }?)
         .await?;
-        let paused: bool =
+        let paused: bool = crate::db::in_tx!(pool, |c| {
             sqlx::query_scalar("select exists (select 1 from jobhost.paused where job = $1)")
                 .bind(&job.name)
-                .fetch_one(pool)
-                .await?;
+                .persistent(false)
+                .fetch_one(c)
+                .await
+        }?)
+        .await?;
         out.push(JobStatus {
             job: job.name.clone(),
             next_slot: job.schedule.next_after(db_now),
@@ -260,7 +269,7 @@ pub async fn locks(pool: &PgPool, config: &JobsConfig) -> sqlx::Result<Vec<LockR
         .iter()
         .map(|j| j.timeout.as_secs_f64())
         .fold(0.0, f64::max);
-    let rows: Vec<(i64, i64, i16, i32, String, String, f64)> = sqlx::query_as(
+    let rows: Vec<(i64, i64, i16, i32, String, String, f64)> = crate::db::in_tx!(pool, |c| sqlx::query_as(
         "select l.classid::int8, l.objid::int8, l.objsubid, l.pid,
                 coalesce(a.application_name, ''), coalesce(a.state, 'unknown'),
                 coalesce(extract(epoch from clock_timestamp() - coalesce(a.xact_start, a.state_change)), 0)::float8
@@ -269,9 +278,7 @@ pub async fn locks(pool: &PgPool, config: &JobsConfig) -> sqlx::Result<Vec<LockR
           where l.locktype = 'advisory' and l.granted
             and l.database = (select oid from pg_database where datname = current_database())
           order by l.pid",
-    )
-    .fetch_all(pool)
-    .await?;
+    ).persistent(false).fetch_all(c).await?).await?;
     Ok(rows
         .into_iter()
         .map(|(classid, objid, objsubid, pid, app, state, held)| {

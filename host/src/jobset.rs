@@ -30,6 +30,9 @@ pub async fn load(
     previous: &[Job],
     metrics: Option<&Metrics>,
 ) -> anyhow::Result<Vec<Job>> {
+    config
+        .refuse_behind_pooler()
+        .map_err(|e| anyhow::anyhow!(e))?;
     // (content sha256, memory limit) → the plugin loaded for it.
     let mut loaded: HashMap<(String, usize), Plugin> = previous
         .iter()

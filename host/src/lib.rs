@@ -82,14 +82,30 @@ use crate::runtime::Runtime;
 /// Process-level options (from the CLI and environment).
 #[derive(Debug, Clone)]
 pub struct HostOptions {
-    /// Postgres URL (`DATABASE_URL`).
+    /// Postgres URL (`DATABASE_URL`): the pool every run's transaction
+    /// comes from; Postgres itself or a pooler (`[host] pooler`).
     pub database_url: String,
+    /// Postgres itself (`JOBHOST_DIRECT_URL`), for what needs a real
+    /// session behind a transaction pooler: migrations, `session` locks,
+    /// LISTEN. Unused without a pooler.
+    pub direct_url: Option<String>,
     /// This host's id in the run history and `application_name`.
     pub host_id: String,
     /// Create and seed the demo tables before starting.
     pub demo: bool,
     /// Added to this host's clock (tests fake clock skew with it).
     pub clock_offset: chrono::TimeDelta,
+}
+
+impl HostOptions {
+    /// Where this host's connections go, with `config`'s `[host] pooler`.
+    pub fn endpoints<'a>(&'a self, config: &JobsConfig) -> db::Endpoints<'a> {
+        db::Endpoints {
+            database_url: &self.database_url,
+            direct_url: self.direct_url.as_deref(),
+            pooler: config.host.pooler,
+        }
+    }
 }
 
 /// Loads every job's plugin, failing on the first one that cannot be used
@@ -114,6 +130,7 @@ pub async fn run(
         .context("cannot start the WebAssembly engine")?,
     );
     let started = std::time::Instant::now();
+    let config = config.with_direct_url(options.direct_url.is_some());
     let jobs = load_jobs(&runtime, &config).await?;
     tracing::info!(
         plugins = jobs.len(),
@@ -123,9 +140,10 @@ pub async fn run(
     );
     let db::Connected {
         pool,
+        direct,
         session_baseline,
     } = db::connect(
-        &options.database_url,
+        options.endpoints(&config),
         config.host.pool_size,
         &options.host_id,
     )
@@ -150,7 +168,7 @@ pub async fn run(
         config = %config.path.display(),
         "jobhost started"
     );
-    hosts::register(&pool, &options.host_id)
+    let reload_seen = hosts::register(&pool, &options.host_id, direct.is_some())
         .await
         .with_context(|| {
             format!(
@@ -160,15 +178,19 @@ pub async fn run(
         })?;
     let metrics = Arc::new(metrics::Metrics::new());
     let runner = Runner::new(pool.clone(), runtime.clone(), &options.host_id)
+        .with_connections(direct.clone(), config.host.pooler)
         .with_liveness(config.host.liveness)
         .with_session_baseline(session_baseline)
         .with_metrics(metrics.clone());
     let stop_heartbeat = tokio_util::sync::CancellationToken::new();
+    let (reload_requests, polled_reloads) = tokio::sync::mpsc::channel(1);
     let heartbeat = tokio::spawn(hosts::heartbeat(
         pool.clone(),
         options.host_id.clone(),
         config.host.liveness,
         runner.in_flight(),
+        reload_seen,
+        reload_requests,
         stop_heartbeat.clone(),
     ));
     let scheduler_options = scheduler::SchedulerOptions {
@@ -217,7 +239,10 @@ pub async fn run(
         reload::Reloader::new(&config, runtime, jobs.clone()).with_metrics(metrics),
         config.host.watch,
         config.host.reload_debounce,
-        Some(options.database_url.clone()),
+        reload::Requests {
+            listen: direct,
+            polled: polled_reloads,
+        },
         reloaded_tx,
         stop_watching.clone(),
     ));

@@ -49,22 +49,28 @@ pub async fn run_now(
         )
         .context("cannot start the WebAssembly engine")?,
     );
+    let only = only.with_direct_url(options.direct_url.is_some());
     let loaded = jobset::load(&runtime, &only, &[], None).await?;
     let db::Connected {
         pool,
+        direct,
         session_baseline,
-    } = db::connect(&options.database_url, 2, &options.host_id).await?;
-    hosts::register(&pool, &options.host_id)
+    } = db::connect(options.endpoints(config), 2, &options.host_id).await?;
+    hosts::register(&pool, &options.host_id, false)
         .await
         .with_context(|| format!("cannot register host `{}`", options.host_id))?;
     let runner = Runner::new(pool.clone(), runtime, &options.host_id)
+        .with_connections(direct, config.host.pooler)
         .with_liveness(config.host.liveness)
         .with_session_baseline(session_baseline);
-    let slot: DateTime<Utc> =
+    let slot: DateTime<Utc> = crate::db::in_tx!(&pool, |c| {
         sqlx::query_scalar("select date_trunc('milliseconds', clock_timestamp())")
-            .fetch_one(&pool)
+            .persistent(false)
+            .fetch_one(c)
             .await
-            .context("cannot read the database clock")?;
+    }?)
+    .await
+    .context("cannot read the database clock")?;
     let result = runner.run(&loaded[0], slot).await;
     if let Err(e) = hosts::stop(&pool, &options.host_id).await {
         tracing::warn!(error = %e, "cannot mark the one-run host stopped");
@@ -149,19 +155,23 @@ pub async fn history(
     limit: i64,
     failed: bool,
 ) -> sqlx::Result<Vec<HistoryRow>> {
-    let rows: Vec<HistoryTuple> = sqlx::query_as(
-        "select slot, started_at,
+    let rows: Vec<HistoryTuple> = crate::db::in_tx!(pool, |c| {
+        sqlx::query_as(
+            "select slot, started_at,
                     (extract(epoch from finished_at - started_at) * 1000)::int8,
                     attempt, outcome, host_id, left(plugin_sha256, 12), coalesce(message, '')
                from jobhost.runs
               where job = $1 and (not $3 or outcome not in ('ok', 'running'))
               order by id desc
               limit $2",
-    )
-    .bind(job)
-    .bind(limit.max(0))
-    .bind(failed)
-    .fetch_all(pool)
+        )
+        .bind(job)
+        .bind(limit.max(0))
+        .bind(failed)
+        .persistent(false)
+        .fetch_all(c)
+        .await
+    }?)
     .await?;
     Ok(rows
         .into_iter()

@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use notify_debouncer_full::notify::{EventKind, RecursiveMode};
 use notify_debouncer_full::{DebounceEventResult, new_debouncer};
+use sqlx::postgres::PgConnectOptions;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -48,6 +49,9 @@ pub struct Reloader {
     /// whose files all still have it is not a change.
     seen: Fingerprint,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// The host has `JOBHOST_DIRECT_URL` (the environment's; a reload of
+    /// jobs.toml keeps it).
+    direct_url: bool,
 }
 
 /// SHA-256 of `jobs.toml` and of every plugin file it names (through
@@ -100,6 +104,7 @@ impl Reloader {
             jobs,
             seen,
             metrics: None,
+            direct_url: config.host.direct_url,
         }
     }
 
@@ -139,7 +144,9 @@ impl Reloader {
     /// ([`crate::jobset::load`]); returns the new job set if anything
     /// changed. Anything that fails keeps the running set whole.
     pub async fn reload(&mut self) -> Option<Vec<Job>> {
-        let config = JobsConfig::from_file(&self.config_path);
+        let direct_url = self.direct_url;
+        let config =
+            JobsConfig::from_file(&self.config_path).map(|c| c.with_direct_url(direct_url));
         // Whatever happens, this content has been tried: only a new change
         // is tried again (a broken file does not make every event an error).
         let attempted = |this: &mut Self, plugins: &[PathBuf]| {
@@ -225,16 +232,30 @@ fn canonical(path: &Path) -> PathBuf {
     }
 }
 
+/// The trigger of a `jobhost reload` request seen at a heartbeat.
+pub const REQUESTED: &str = "jobhost reload (seen at heartbeat)";
+
+/// Where `jobhost reload` requests reach this host from.
+pub struct Requests {
+    /// A real session to `LISTEN jobhost_reload` on (a direct connection;
+    /// none behind a transaction pooler without `JOBHOST_DIRECT_URL`).
+    pub listen: Option<PgConnectOptions>,
+    /// Requests the host heartbeat saw in `jobhost.reload_requests`.
+    pub polled: mpsc::Receiver<&'static str>,
+}
+
 /// Reloads on every trigger until `token` is cancelled, sending each changed
-/// job set to `updates`. `database_url` enables `NOTIFY jobhost_reload`.
+/// job set to `updates`. Triggers: file changes (if `watch_files`),
+/// SIGHUP, and `jobhost reload` requests (`requests`).
 pub async fn watch(
     mut reloader: Reloader,
     watch_files: bool,
     debounce: Duration,
-    database_url: Option<String>,
+    requests: Requests,
     updates: mpsc::Sender<Vec<Job>>,
     token: CancellationToken,
 ) {
+    let Requests { listen, mut polled } = requests;
     // Triggers coalesce: one pending reload covers any number of events.
     let (trigger, mut triggered) = mpsc::channel::<&'static str>(1);
     let files: Arc<Mutex<HashSet<PathBuf>>> = Arc::default();
@@ -298,12 +319,21 @@ pub async fn watch(
     // A change between the start's load and the watch is a change too.
     let _ = trigger.try_send("file change");
     let signals = tokio::spawn(hangups(trigger.clone()));
-    let notifications = database_url.map(|url| tokio::spawn(notifications(url, trigger.clone())));
+    let notifications = match listen {
+        Some(options) => Some(tokio::spawn(notifications(options, trigger.clone()))),
+        None => {
+            info!(
+                "no LISTEN for reload (a transaction pooler without JOBHOST_DIRECT_URL): `jobhost reload` reaches this host at its next heartbeat; files and SIGHUP work as always"
+            );
+            None
+        }
+    };
 
     loop {
         let why = tokio::select! {
             _ = token.cancelled() => break,
             Some(why) = triggered.recv() => why,
+            Some(why) = polled.recv() => why,
         };
         // File events ask whether content changed; SIGHUP and NOTIFY are an
         // operator's explicit request and always re-read.
@@ -327,6 +357,56 @@ pub async fn watch(
     }
 }
 
+/// Records a reload request (`jobhost reload`) and notifies the hosts that
+/// listen, in one transaction; returns the request's id. Hosts that do not
+/// listen (behind a transaction pooler without a direct URL), and any whose
+/// listener was away, see the request at their next heartbeat.
+pub async fn request(pool: &sqlx::PgPool, by: &str) -> sqlx::Result<i64> {
+    crate::db::in_tx!(pool, |c| {
+        sqlx::query_scalar(
+            "with r as (insert into jobhost.reload_requests (requested_by) values ($1) returning id)
+             select r.id from r, pg_notify($2, r.id::text)",
+        )
+        .bind(by)
+        .bind(RELOAD_CHANNEL)
+        .persistent(false)
+        .fetch_one(c)
+        .await
+    }?)
+    .await
+}
+
+/// What `jobhost reload` tells the operator: which live hosts hear it at
+/// once, which at their next heartbeat, and that there are none if so.
+pub fn render_request(id: i64, fleet: &[crate::hosts::HostRow], heartbeat: Duration) -> String {
+    let live: Vec<&crate::hosts::HostRow> = fleet.iter().filter(|h| h.live).collect();
+    if live.is_empty() {
+        return format!(
+            "reload request {id} recorded, but no host is live on this database; hosts that start later load the current files\n"
+        );
+    }
+    let names = |listening: bool| {
+        live.iter()
+            .filter(|h| h.listens == listening)
+            .map(|h| h.id.as_str())
+            .collect::<Vec<_>>()
+    };
+    let mut out = format!("reload request {id} sent to {} live host(s)\n", live.len());
+    let now = names(true);
+    if !now.is_empty() {
+        out.push_str(&format!("  at once (LISTEN): {}\n", now.join(", ")));
+    }
+    let later = names(false);
+    if !later.is_empty() {
+        out.push_str(&format!(
+            "  at their next heartbeat (within {}; no LISTEN behind a transaction pooler without JOBHOST_DIRECT_URL): {}\n",
+            humantime::format_duration(heartbeat),
+            later.join(", ")
+        ));
+    }
+    out
+}
+
 async fn hangups(trigger: mpsc::Sender<&'static str>) {
     let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => s,
@@ -340,10 +420,13 @@ async fn hangups(trigger: mpsc::Sender<&'static str>) {
     }
 }
 
-async fn notifications(url: String, trigger: mpsc::Sender<&'static str>) {
+async fn notifications(options: PgConnectOptions, trigger: mpsc::Sender<&'static str>) {
     loop {
         let result: sqlx::Result<()> = async {
-            let mut listener = sqlx::postgres::PgListener::connect(&url).await?;
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .connect_lazy_with(options.clone());
+            let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
             listener.listen(RELOAD_CHANNEL).await?;
             loop {
                 // `recv` reconnects on its own after a lost connection.

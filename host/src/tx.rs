@@ -18,12 +18,18 @@
 
 use sqlx::pool::PoolConnection;
 
+use crate::config::Pooler;
 use crate::hygiene::AfterCommit;
 use sqlx::{PgConnection, Postgres, Row as _};
 
 /// A transaction open on a pooled connection (see the module docs).
 pub struct OpenTx {
     conn: Option<PoolConnection<Postgres>>,
+    /// Behind a transaction pooler: the named statements prepared in this
+    /// transaction (sqlx's statement cache) are closed before it ends, so
+    /// none outlives it on a server session that the pooler hands to other
+    /// clients next (where the next transaction of ours may not be).
+    close_statements: bool,
 }
 
 /// What the post-commit check found on the connection: `None` when clean,
@@ -34,7 +40,12 @@ pub type Leftovers = Option<String>;
 impl OpenTx {
     /// Sends `BEGIN` and `setup` (statements that must be in force before
     /// anything else runs, e.g. the run's deadline) as one simple query.
-    pub async fn begin(mut conn: PoolConnection<Postgres>, setup: &str) -> sqlx::Result<Self> {
+    /// `pooler` is what the connection's pool leads to.
+    pub async fn begin(
+        mut conn: PoolConnection<Postgres>,
+        setup: &str,
+        pooler: Pooler,
+    ) -> sqlx::Result<Self> {
         let sql = if setup.is_empty() {
             "begin".to_owned()
         } else {
@@ -48,7 +59,20 @@ impl OpenTx {
             conn.close_on_drop();
             return Err(e);
         }
-        Ok(Self { conn: Some(conn) })
+        Ok(Self {
+            conn: Some(conn),
+            close_statements: pooler == Pooler::Transaction,
+        })
+    }
+
+    /// Behind a transaction pooler, closes the statements prepared in this
+    /// transaction, still inside it (one round trip, none if there are none).
+    async fn close_statements(&mut self) -> sqlx::Result<()> {
+        use sqlx::Connection as _;
+        match self.conn.as_mut() {
+            Some(conn) if self.close_statements => conn.clear_cached_statements().await,
+            _ => Ok(()),
+        }
     }
 
     /// The connection, while the transaction is open.
@@ -70,6 +94,7 @@ impl OpenTx {
     /// ([`AfterCommit`]; with `Skip` the connection is returned unchecked,
     /// for transactions no plugin statement reached).
     pub async fn finish(&mut self, closing: &str, check: AfterCommit) -> sqlx::Result<Leftovers> {
+        self.close_statements().await?;
         let Some(leftovers) = crate::hygiene::leftovers_sql(check) else {
             let Some(conn) = self.conn.as_mut() else {
                 return Err(sqlx::Error::PoolClosed);
@@ -109,6 +134,7 @@ impl OpenTx {
     /// to the pool without the session check: only the host's own
     /// statements ran. A plugin's transaction must be [finished](Self::finish).
     pub async fn end(mut self, closing: &str) -> sqlx::Result<()> {
+        self.close_statements().await?;
         let Some(mut conn) = self.conn.take() else {
             return Ok(());
         };

@@ -78,6 +78,7 @@ async fn metrics_health_and_a_read_only_dashboard_in_a_real_browser(pool: PgPool
     let config = JobsConfig::from_file(dir.join("jobs.toml")).unwrap();
     let tick_key = config.jobs[0].lock_key;
     let options = HostOptions {
+        direct_url: None,
         database_url: database_url(&pool).await,
         host_id: "dash-host".into(),
         demo: false,

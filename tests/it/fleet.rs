@@ -53,13 +53,13 @@ fn host_process() {
 }
 
 /// A host child process; killed when dropped.
-struct Host {
+pub(crate) struct Host {
     child: Child,
     log: PathBuf,
 }
 
 impl Host {
-    fn spawn(dir: &Path, url: &str, host_id: &str, extra: &[&str]) -> Host {
+    pub(crate) fn spawn(dir: &Path, url: &str, host_id: &str, extra: &[&str]) -> Host {
         let mut args = vec![
             "--config".to_string(),
             dir.join("jobs.toml").display().to_string(),
@@ -98,7 +98,7 @@ impl Host {
     }
 
     /// SIGTERM and wait (bounded); returns the exit code.
-    fn terminate(mut self, within: Duration) -> i32 {
+    pub(crate) fn terminate(mut self, within: Duration) -> i32 {
         self.signal("TERM");
         let deadline = Instant::now() + within;
         loop {
@@ -119,7 +119,7 @@ impl Host {
         self.child.wait().unwrap();
     }
 
-    fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }

@@ -313,7 +313,9 @@ async fn a_timed_out_run_never_returns_its_connection_to_the_pool(pool: PgPool) 
 #[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
 async fn running_rows_are_judged_by_host_liveness(pool: PgPool) {
     create_probe_table(&pool).await;
-    jobhost::hosts::register(&pool, "alive").await.unwrap();
+    jobhost::hosts::register(&pool, "alive", true)
+        .await
+        .unwrap();
     sqlx::query(
         "insert into jobhost.hosts (id, hostname, pid, version, started_at, last_seen)
          values ('silent', 'x', 1, '0', now() - interval '1 hour', now() - interval '1 hour')",
@@ -361,10 +363,11 @@ async fn running_rows_are_judged_by_host_liveness(pool: PgPool) {
         "alive",
         &in_flight.snapshot(),
         Duration::from_secs(5),
+        0,
     )
     .await
     .unwrap();
-    assert_eq!(marked, 1);
+    assert_eq!(marked.marked_lost, 1);
     assert_eq!(outcome(live_row).await, "lost");
 }
 

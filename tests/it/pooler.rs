@@ -133,6 +133,7 @@ fn one_job_config(tag: &str) -> JobsConfig {
 /// `run_for` if it started.
 async fn host_start(url: String, run_for: Duration, tag: &str) -> anyhow::Result<()> {
     let options = HostOptions {
+        direct_url: None,
         database_url: url,
         host_id: format!("pooled-{tag}"),
         demo: false,
@@ -210,4 +211,296 @@ async fn a_session_pooler_is_accepted(pool: PgPool) {
         "the dropped startup options are reported: {}",
         logs.text()
     );
+}
+
+/// The fleet behind PgBouncer in transaction mode, the way it fails without
+/// pooler mode (issue: another job's SQL executed and recorded `ok`): three
+/// host processes with `[host] pooler = "transaction"` share a pooler of
+/// four server connections; six jobs write to two tables, a `session` job
+/// holds its lock through `JOBHOST_DIRECT_URL`. Every row lands in its own
+/// job's table, every slot runs once, nothing fails, no advisory lock is
+/// ever seen on an idle server backend, the operator commands work through
+/// the pooler, and `jobhost reload` reaches every host.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_fleet_runs_through_a_transaction_pooler_in_pooler_mode(pool: PgPool) {
+    create_probe_table(&pool).await;
+    for t in ["probe_a", "probe_b", "probe_c"] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "create table {t} (note text primary key)"
+        )))
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let url = database_url(&pool).await;
+    let bouncer = PgBouncer::start("fleet", "transaction", 4, "");
+    let pooled = bouncer.url(&url);
+    let dir = std::env::temp_dir().join(format!("jobhost-pooler-fleet-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let job = |name: &str, table: &str| {
+        format!(
+            "[[job]]\nname = \"{name}\"\nplugin = {:?}\nevery = \"1s\"\ntimeout = \"5s\"\n[job.config]\nmode = \"write\"\ntable = \"{table}\"\n",
+            guests::TEST_CORE_PROBE
+        )
+    };
+    let mut toml = String::from(
+        "[host]\npooler = \"transaction\"\npool-size = 2\nwatch = false\nshutdown-grace = \"10s\"\nheartbeat = \"200ms\"\nhost-lost-after = \"2s\"\n\n",
+    );
+    for i in 1..=3 {
+        toml.push_str(&job(&format!("a{i}"), "probe_a"));
+        toml.push_str(&job(&format!("b{i}"), "probe_b"));
+    }
+    toml.push_str(&format!(
+        "[[job]]\nname = \"long\"\nplugin = {:?}\nevery = \"1s\"\nlock = \"session\"\ntimeout = \"5s\"\nheartbeat = \"200ms\"\n[job.config]\nmode = \"commit-each\"\ncount = 2\n",
+        guests::TEST_SESSION_PROBE
+    ));
+    std::fs::write(dir.join("jobs.toml"), &toml).unwrap();
+    let hosts: Vec<crate::fleet::Host> = ["p1", "p2", "p3"]
+        .iter()
+        .map(|id| crate::fleet::Host::spawn(&dir, &pooled, id, &["--direct-url", &url]))
+        .collect();
+
+    // Sample, while the fleet runs, for an advisory lock on a server backend
+    // that is idle: a lock left behind on a pooled server connection. (A
+    // `session` job's own lock connection, direct and named `…/lock`, holds
+    // its lock between heartbeats by design.)
+    let sampler = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let mut worst = Vec::new();
+            for _ in 0..200 {
+                let idle: Vec<(i32, String)> = sqlx::query_as(
+                    "select l.pid, coalesce(a.application_name, '') from pg_locks l
+                       join pg_stat_activity a on a.pid = l.pid
+                      where l.locktype = 'advisory' and a.state = 'idle'
+                        and l.database = (select oid from pg_database where datname = current_database())
+                        and a.application_name not like '%/lock'",
+                )
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+                worst.extend(idle);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            worst
+        })
+    };
+    wait_for(Duration::from_secs(60), "every job ran 3 slots", || async {
+        let done: i64 = sqlx::query_scalar(
+            "select count(*) from (select job from jobhost.runs where outcome = 'ok'
+                                    group by job having count(*) >= 3) j",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        done == 7
+    })
+    .await;
+
+    // Operator commands through the pooler, while it is busy.
+    let config = dir.join("jobs.toml");
+    for command in ["status", "locks", "history"] {
+        let mut args = vec![command];
+        if command == "history" {
+            args.push("a1");
+        }
+        let code = jobhost::cli::run_cli(cli_args(&config, &pooled, &args))
+            .await
+            .unwrap_or_else(|e| panic!("`jobhost {command}` through the pooler: {e:#}"));
+        assert_eq!(code, std::process::ExitCode::SUCCESS, "jobhost {command}");
+    }
+
+    // A reload through the pooler: a new job appears on every host.
+    toml.push_str(&job("c1", "probe_c"));
+    std::fs::write(&config, &toml).unwrap();
+    let code = jobhost::cli::run_cli(cli_args(&config, &pooled, &["reload"]))
+        .await
+        .unwrap();
+    assert_eq!(code, std::process::ExitCode::SUCCESS);
+    wait_for(
+        Duration::from_secs(30),
+        "every host applied the reload",
+        || async { hosts.iter().all(|h| h.logs().contains("reload applied")) },
+    )
+    .await;
+    wait_for(Duration::from_secs(30), "the reloaded job ran", || async {
+        sqlx::query_scalar::<_, i64>("select count(*) from probe_c")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+            >= 2
+    })
+    .await;
+
+    let idle_locks = sampler.await.unwrap();
+    let logs: Vec<String> = hosts.iter().map(|h| h.logs()).collect();
+    for h in hosts {
+        assert_eq!(h.terminate(Duration::from_secs(20)), 0);
+    }
+    let logs = logs.join("\n");
+    assert!(
+        idle_locks.is_empty(),
+        "advisory locks held by idle server backends: {idle_locks:?}"
+    );
+    // Zero cross-writes: every row is in its own job's table.
+    for (table, prefix) in [("probe_a", "a"), ("probe_b", "b"), ("probe_c", "c")] {
+        let foreign: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "select note from {table} where note not like '{prefix}%'"
+        )))
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert!(
+            foreign.is_empty(),
+            "{table} holds rows of other jobs: {foreign:?}"
+        );
+    }
+    // Every run ended ok; none failed, none is left running.
+    let not_ok: Vec<(String, String, Option<String>)> =
+        sqlx::query_as("select job, outcome, message from jobhost.runs where outcome <> 'ok'")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(not_ok.is_empty(), "{not_ok:?}\n{logs}");
+    assert!(
+        !logs.contains("prepared statement"),
+        "prepared-statement errors in the logs:\n{logs}"
+    );
+    // Each slot once, and the work is there exactly for the `ok` runs.
+    let per_slot: i64 = sqlx::query_scalar(
+        "select count(*) from (select job, slot from jobhost.runs where outcome = 'ok'
+                                group by 1, 2 having count(*) > 1) d",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(per_slot, 0);
+    let ok_xact: i64 = sqlx::query_scalar(
+        "select count(*) from jobhost.runs where outcome = 'ok' and job <> 'long'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let rows: i64 = sqlx::query_scalar(
+        "select (select count(*) from probe_a) + (select count(*) from probe_b) + (select count(*) from probe_c)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(rows, ok_xact);
+    let ok_long: i64 = sqlx::query_scalar(
+        "select count(*) from jobhost.runs where outcome = 'ok' and job = 'long'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        probe_rows(&pool).await,
+        ok_long * 2,
+        "the session job's two commits per run"
+    );
+    assert_eq!(advisory_locks(&pool).await, 0);
+}
+
+fn pooler_config(tag: &str, jobs: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("jobhost-pooler-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("jobs.toml"),
+        format!(
+            "[host]\npooler = \"transaction\"\nwatch = false\nshutdown-grace = \"5s\"\nheartbeat = \"200ms\"\nhost-lost-after = \"1s\"\n\n{jobs}"
+        ),
+    )
+    .unwrap();
+    dir.join("jobs.toml")
+}
+
+/// Pooler mode without `JOBHOST_DIRECT_URL`: a `session` job is refused at
+/// start (it would leave its lock on a pooled server session), naming the
+/// job and what to set; without one, the host runs, says that reload comes
+/// at its heartbeat, and a `jobhost reload` reaches it that way.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn pooler_mode_without_a_direct_url(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let url = database_url(&pool).await;
+    let bouncer = PgBouncer::start("nodirect", "transaction", 2, "");
+    let pooled = bouncer.url(&url);
+    let options = |id: &str| HostOptions {
+        database_url: pooled.clone(),
+        direct_url: None,
+        host_id: id.to_owned(),
+        demo: false,
+        clock_offset: chrono::TimeDelta::zero(),
+    };
+
+    let session = pooler_config(
+        "nodirect-session",
+        &format!(
+            "[[job]]\nname = \"long\"\nplugin = {:?}\nevery = \"1s\"\nlock = \"session\"\n",
+            guests::TEST_SESSION_PROBE
+        ),
+    );
+    let err = jobhost::run(
+        JobsConfig::from_file(&session).unwrap(),
+        options("refused"),
+        tokio::time::sleep(Duration::from_secs(2)),
+    )
+    .await
+    .expect_err("a session job behind a transaction pooler without a direct URL");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("job `long`") && text.contains("JOBHOST_DIRECT_URL"),
+        "{text}"
+    );
+
+    let xact = pooler_config(
+        "nodirect-xact",
+        &format!(
+            "[[job]]\nname = \"through\"\nplugin = {:?}\nevery = \"200ms\"\n[job.config]\nmode = \"write\"\n",
+            guests::TEST_CORE_PROBE
+        ),
+    );
+    let logs = LogCapture::start();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let host = tokio::spawn(jobhost::run(
+        JobsConfig::from_file(&xact).unwrap(),
+        options("nodirect"),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    wait_for(
+        Duration::from_secs(20),
+        "runs through the pooler",
+        || async { probe_rows(&pool).await >= 2 },
+    )
+    .await;
+    assert!(
+        logs.text().contains("no LISTEN for reload"),
+        "the host says how reload reaches it: {}",
+        logs.text()
+    );
+    // What `jobhost reload` does, and what it tells the operator.
+    let request = jobhost::reload::request(&pool, "operator").await.unwrap();
+    let fleet = jobhost::hosts::fleet(&pool, Duration::from_secs(1))
+        .await
+        .unwrap();
+    let said = jobhost::reload::render_request(request, &fleet, Duration::from_millis(200));
+    assert!(
+        said.contains("at their next heartbeat") && said.contains("nodirect"),
+        "{said}"
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "the host reloads at a heartbeat",
+        || async { logs.text().contains("jobhost reload (seen at heartbeat)") },
+    )
+    .await;
+    stop.send(()).unwrap();
+    host.await.unwrap().unwrap();
+    let failed: i64 = sqlx::query_scalar("select count(*) from jobhost.runs where outcome <> 'ok'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(failed, 0, "{:?}", runs(&pool, "through").await);
 }

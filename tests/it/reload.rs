@@ -51,6 +51,7 @@ impl TestHost {
     async fn start(pool: &PgPool, dir: PathBuf) -> TestHost {
         let config = JobsConfig::from_file(dir.join("jobs.toml")).unwrap();
         let options = HostOptions {
+            direct_url: None,
             database_url: database_url(pool).await,
             host_id: "reloader".into(),
             demo: false,
@@ -467,6 +468,7 @@ async fn deployment_style_updates_each_reload_once(pool: PgPool) {
     let logs = LogCapture::start();
     let config = JobsConfig::from_file(cm.join("jobs.toml")).unwrap();
     let options = HostOptions {
+        direct_url: None,
         database_url: database_url(&pool).await,
         host_id: "deployer".into(),
         demo: false,

@@ -35,11 +35,11 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
+use sqlx::postgres::PgConnectOptions;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
-use crate::config::JobConfig;
-use crate::config::LockMode;
+use crate::config::{JobConfig, LockMode, Pooler};
 use crate::db::{self, Outcome, RunRecord};
 use crate::guard::SqlGuard;
 use crate::hosts::{InFlight, Liveness};
@@ -116,6 +116,12 @@ pub struct Runner {
     /// post-run check takes as the connection's own.
     session_baseline: Arc<[String]>,
     metrics: Arc<Metrics>,
+    /// How to open a connection that is one real server session (for
+    /// `session` locks); `None` behind a transaction pooler without a direct
+    /// URL.
+    direct: Option<PgConnectOptions>,
+    /// What the pool leads to.
+    pooler: Pooler,
 }
 
 impl Runner {
@@ -123,7 +129,6 @@ impl Runner {
     /// liveness with the default [`Liveness`].
     pub fn new(pool: PgPool, runtime: Arc<Runtime>, host_id: &str) -> Self {
         Self {
-            pool,
             runtime,
             host_id: host_id.into(),
             guard: Arc::new(SqlGuard::new()),
@@ -132,7 +137,18 @@ impl Runner {
             in_flight: InFlight::default(),
             session_baseline: Arc::from(Vec::new()),
             metrics: Arc::default(),
+            direct: Some((*pool.connect_options()).clone()),
+            pool,
+            pooler: Pooler::None,
         }
+    }
+
+    /// Where `session` locks are taken (`direct`, see
+    /// [`db::Connected::direct`]) and what the pool leads to.
+    pub fn with_connections(mut self, direct: Option<PgConnectOptions>, pooler: Pooler) -> Self {
+        self.direct = direct;
+        self.pooler = pooler;
+        self
     }
 
     /// Records into `metrics` (the host's, served at `/metrics`).
@@ -247,7 +263,7 @@ impl Runner {
         // The deadline rides in BEGIN's own query: the lock, taken next, is
         // bounded by the server from the instant it is granted.
         let timeout_ms = job.config.timeout.as_millis().max(1);
-        let mut tx = match OpenTx::begin(conn, &db::backstops_sql(timeout_ms)).await {
+        let mut tx = match OpenTx::begin(conn, &db::backstops_sql(timeout_ms), self.pooler).await {
             Ok(tx) => tx,
             Err(e) => {
                 let e = anyhow::Error::new(e)
@@ -319,13 +335,20 @@ impl Runner {
         // plugin will use, so it is pinned to this connection and released by
         // COMMIT/ROLLBACK. The clock comes along to judge the slot by the
         // database's time, never this host's.
-        let (locked, db_now): (bool, DateTime<Utc>) =
-            sqlx::query_as("select pg_try_advisory_xact_lock($1, $2), clock_timestamp()")
-                .bind(key.namespace)
-                .bind(key.key)
-                .fetch_one(&mut *conn)
-                .await
-                .with_context(|| format!("job `{name}`: cannot try lock {key}"))?;
+        let (locked, db_now): (bool, DateTime<Utc>) = async {
+            use sqlx::Row as _;
+            let sql = format!(
+                "select pg_try_advisory_xact_lock({}, {}), clock_timestamp()",
+                key.namespace, key.key
+            );
+            let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .fetch_all(&mut *conn)
+                .await?;
+            let row = rows.first().ok_or(sqlx::Error::RowNotFound)?;
+            Ok::<_, sqlx::Error>((row.try_get(0)?, row.try_get(1)?))
+        }
+        .await
+        .with_context(|| format!("job `{name}`: cannot try lock {key}"))?;
         if !locked {
             // Losing the race for a slot is the normal case in a fleet.
             debug!(job = %name, lock_key = %key, event = "lock_busy", "lock_busy: job lock held elsewhere, slot skipped");

@@ -70,7 +70,15 @@ impl Runner {
         // connection every `heartbeat`; if it stops (host frozen, hung,
         // partitioned) Postgres ends the session, and so the lock, on its own.
         let idle_ms = (job.config.heartbeat * 2 + db::DEADLINE_MARGIN).as_millis();
-        let options = (*self.pool.connect_options())
+        let Some(direct) = &self.direct else {
+            // `jobset::load` refuses such a job; never take a session lock
+            // through a transaction pooler.
+            let e = anyhow::anyhow!(
+                "job `{name}`: a `session` lock needs a real Postgres session (JOBHOST_DIRECT_URL behind a transaction pooler)"
+            );
+            return Err(self.fail_before_plugin(name, run_id, e).await);
+        };
+        let options = direct
             .clone()
             .application_name(&app)
             .options([("idle_session_timeout", idle_ms.to_string())]);
@@ -160,6 +168,7 @@ impl Runner {
                 role: job.config.role.clone(),
                 timeout: job.config.timeout,
                 session_baseline: self.session_baseline.clone(),
+                pooler: self.pooler,
             },
         );
         let (abort, lost_too) = (self.abort.clone(), lost.clone());

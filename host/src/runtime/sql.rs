@@ -78,6 +78,8 @@ pub struct TxScope {
     pub timeout: std::time::Duration,
     /// Session settings a fresh pooled connection carries (`name=value`).
     pub session_baseline: Arc<[String]>,
+    /// What the pool leads to (see [`crate::config::Pooler`]).
+    pub pooler: crate::config::Pooler,
 }
 
 /// What a closed [`TxHandle`] hands back to the runner.
@@ -354,6 +356,8 @@ pub struct SessionHandle {
     /// Every transaction this session began (table reps), so the host can roll
     /// back what the plugin left open when `run` returns.
     began: Vec<u32>,
+    /// What the pool leads to.
+    pooler: crate::config::Pooler,
 }
 
 impl SessionHandle {
@@ -375,6 +379,7 @@ impl SessionHandle {
             role,
             timeout: statement_timeout,
             session_baseline,
+            pooler,
         } = scope;
         Self {
             pool,
@@ -390,6 +395,7 @@ impl SessionHandle {
             },
             statement_timeout_ms: statement_timeout.as_millis().max(1),
             began: Vec::new(),
+            pooler,
         }
     }
 
@@ -435,6 +441,7 @@ impl sql::HostSession for RunState {
             s.rights.clone(),
             s.statement_timeout_ms,
         );
+        let pooler = s.pooler;
         // Each short transaction gets the run's backstops (from BEGIN on) and
         // the job's role, in the BEGIN's own simple query.
         let mut scope = crate::db::backstops_sql(timeout_ms);
@@ -444,7 +451,7 @@ impl sql::HostSession for RunState {
         }
         let begun = async {
             let conn = pool.acquire().await?;
-            OpenTx::begin(conn, &scope).await
+            OpenTx::begin(conn, &scope, pooler).await
         };
         let tx = match begun.await {
             Ok(tx) => tx,

@@ -85,9 +85,13 @@ async fn runs(pool: &PgPool, filter: &str, order: &str, limit: i64) -> sqlx::Res
     let sql = format!(
         "select {RUN_COLUMNS} from jobhost.runs where {filter} order by {order} limit {limit}"
     );
-    let rows: Vec<RunTuple> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .fetch_all(pool)
-        .await?;
+    let rows: Vec<RunTuple> = crate::db::in_tx!(pool, |c| {
+        sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .persistent(false)
+            .fetch_all(c)
+            .await
+    }?)
+    .await?;
     Ok(rows
         .into_iter()
         .map(
@@ -112,10 +116,14 @@ pub async fn gather(
     jobs: &[Job],
     host_id: &str,
 ) -> anyhow::Result<View> {
-    let now: DateTime<Utc> = sqlx::query_scalar("select clock_timestamp()")
-        .fetch_one(pool)
-        .await?;
-    let stats: Vec<JobStats> = sqlx::query_as(
+    let now: DateTime<Utc> = crate::db::in_tx!(pool, |c| {
+        sqlx::query_scalar("select clock_timestamp()")
+            .persistent(false)
+            .fetch_one(c)
+            .await
+    }?)
+    .await?;
+    let stats: Vec<JobStats> = crate::db::in_tx!(pool, |c| sqlx::query_as(
         "select job,
                 count(*) filter (where outcome = 'ok'),
                 count(*),
@@ -126,18 +134,24 @@ pub async fn gather(
            from jobhost.runs
           where outcome <> 'running' and finished_at > clock_timestamp() - interval '24 hours'
           group by job",
-    )
-    .fetch_all(pool)
-    .await?;
-    let last: Vec<(String, String, DateTime<Utc>)> = sqlx::query_as(
-        "select distinct on (job) job, outcome, finished_at from jobhost.runs
+    ).persistent(false).fetch_all(c).await?).await?;
+    let last: Vec<(String, String, DateTime<Utc>)> = crate::db::in_tx!(pool, |c| {
+        sqlx::query_as(
+            "select distinct on (job) job, outcome, finished_at from jobhost.runs
           where outcome <> 'running' order by job, id desc",
-    )
-    .fetch_all(pool)
+        )
+        .persistent(false)
+        .fetch_all(c)
+        .await
+    }?)
     .await?;
-    let paused: Vec<String> = sqlx::query_scalar("select job from jobhost.paused")
-        .fetch_all(pool)
-        .await?;
+    let paused: Vec<String> = crate::db::in_tx!(pool, |c| {
+        sqlx::query_scalar("select job from jobhost.paused")
+            .persistent(false)
+            .fetch_all(c)
+            .await
+    }?)
+    .await?;
     let job_views = jobs
         .iter()
         .map(|j| {
@@ -164,14 +178,18 @@ pub async fn gather(
             }
         })
         .collect();
-    let plugins: Vec<(String, String, i64, DateTime<Utc>, String)> = sqlx::query_as(
-        "select job, left(plugin_sha256, 12), count(*), max(started_at),
+    let plugins: Vec<(String, String, i64, DateTime<Utc>, String)> = crate::db::in_tx!(pool, |c| {
+        sqlx::query_as(
+            "select job, left(plugin_sha256, 12), count(*), max(started_at),
                 string_agg(distinct host_id, ', ')
            from jobhost.runs
           where started_at > clock_timestamp() - interval '24 hours'
           group by 1, 2 order by 1, 4 desc",
-    )
-    .fetch_all(pool)
+        )
+        .persistent(false)
+        .fetch_all(c)
+        .await
+    }?)
     .await?;
     Ok(View {
         now,

@@ -77,8 +77,19 @@ fn tagged(v: Value) -> J {
 
 fn write(ctx: &Context, tx: &Tx<'_>) -> Result<(), JobError> {
     // By default the note is the slot, so tests can count runs per slot.
-    let note = ctx.config_str("note").unwrap_or(&ctx.slot);
-    tx.execute("insert into probe (note) values ($1)", params![note])?;
+    // With `table`, the row goes there and names the job too (`job@slot`),
+    // so a test can tell whose statement wrote it.
+    match ctx.config_str("table") {
+        Some(table) => {
+            let note = format!("{}@{}", ctx.job, ctx.slot);
+            let sql = format!("insert into {table} (note) values ($1)");
+            tx.execute(&sql, params![note])?;
+        }
+        None => {
+            let note = ctx.config_str("note").unwrap_or(&ctx.slot);
+            tx.execute("insert into probe (note) values ($1)", params![note])?;
+        }
+    }
     Ok(())
 }
 

@@ -569,6 +569,7 @@ async fn reload_latency(url: &str, n: usize) -> anyhow::Result<Vec<Duration>> {
     )?;
     let config = jobhost::config::JobsConfig::from_file(dir.join("jobs.toml"))?;
     let options = jobhost::HostOptions {
+        direct_url: None,
         database_url: url.to_owned(),
         host_id: "bench-reload".into(),
         demo: false,
