@@ -11,7 +11,9 @@
 //! - [`config`]: `jobs.toml`, parsed (`*Toml`) and validated (`*Config`).
 //! - [`schedule`]: which instants are a job's slots (`every`, `cron`).
 //! - [`lock`]: advisory lock keys in the two-int keyspace.
-//! - [`db`]: the pool, the host's migrations and run history.
+//! - [`db`]: the pool (directly or through a transaction pooler, with the
+//!   direct connection for what needs a real session), the host's migrations
+//!   and run history.
 //! - [`guard`]: the SQL scope guard (pg_query) every plugin statement passes.
 //! - [`tx`]: the transaction a run opens by hand: deadline in its `BEGIN`,
 //!   verified end, never reused after an interruption.
@@ -31,8 +33,9 @@
 //!   in new job versions between runs.
 //! - [`jobset`]: the one validation of a job set (config + loaded plugins)
 //!   for start, reload and `check`.
-//! - [`reload`]: hot reload of `jobs.toml` and plugins (files, SIGHUP, NOTIFY),
-//!   once per content change.
+//! - [`reload`]: hot reload of `jobs.toml` and plugins (files, SIGHUP,
+//!   `jobhost reload` requests seen at the heartbeat or by LISTEN), once per
+//!   content change.
 //! - [`inspect`]: `status` and `locks` for operators (what they look at).
 //! - [`metrics`]: the host's Prometheus metrics.
 //! - [`serve`]: `[host] listen`: `/metrics`, `/healthz`, the read-only

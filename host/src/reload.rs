@@ -2,8 +2,10 @@
 //!
 //! Triggers: debounced file-system events on `jobs.toml` and every plugin file
 //! (their directories are watched, so editors' and deploy tools' write-then-
-//! rename is seen), SIGHUP, and `NOTIFY jobhost_reload` (what `jobhost reload`
-//! sends: every host of the fleet reloads).
+//! rename is seen), SIGHUP, and `jobhost reload` ([`request`]): a row in
+//! `jobhost.reload_requests` that every host's heartbeat sees (which works
+//! through a transaction pooler), with a `NOTIFY jobhost_reload` that hosts
+//! with a direct connection hear at once.
 //!
 //! File events only ask a question: did the *content* of `jobs.toml` or of a
 //! plugin change (SHA-256, read through symlinks)? Reads (a reload's own

@@ -5,115 +5,15 @@
 //! session-mode pooler is fine.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use jobhost::HostOptions;
 use jobhost::config::JobsConfig;
 use jobhost_tests::guests;
+use jobhost_tests::pgbouncer::PgBouncer;
 use sqlx::PgPool;
 
 use crate::support::*;
-
-/// A PgBouncer process of the test's own.
-struct PgBouncer {
-    child: Child,
-    dir: PathBuf,
-    port: u16,
-}
-
-impl PgBouncer {
-    /// Starts PgBouncer in `pool_mode` in front of the server `DATABASE_URL`
-    /// names, with `default_pool_size` server connections per database.
-    /// `ignore` lists the startup parameters it lets through unanswered.
-    fn start(tag: &str, pool_mode: &str, pool_size: u32, ignore: &str) -> PgBouncer {
-        let url: sqlx::postgres::PgConnectOptions =
-            std::env::var("DATABASE_URL").unwrap().parse().unwrap();
-        let port = free_port();
-        let dir =
-            std::env::temp_dir().join(format!("jobhost-pgbouncer-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("users.txt"), "\"postgres\" \"\"\n").unwrap();
-        std::fs::write(
-            dir.join("pgbouncer.ini"),
-            format!(
-                "[databases]\n* = host={} port={}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\nauth_type = trust\nauth_file = {}\npool_mode = {pool_mode}\ndefault_pool_size = {pool_size}\nmax_client_conn = 100\nignore_startup_parameters = {ignore}\nlogfile = {}\npidfile = {}\n",
-                url.get_host(),
-                url.get_port(),
-                dir.join("users.txt").display(),
-                dir.join("pgbouncer.log").display(),
-                dir.join("pgbouncer.pid").display(),
-            ),
-        )
-        .unwrap();
-        // PgBouncer refuses to run as root: run it as the `postgres` user,
-        // which the Debian package creates.
-        let mut cmd = if is_root() {
-            Command::new("runuser")
-        } else {
-            Command::new("pgbouncer")
-        };
-        if is_root() {
-            Command::new("chown")
-                .args(["-R", "postgres", &dir.display().to_string()])
-                .status()
-                .unwrap();
-            cmd.args(["-u", "postgres", "--", "pgbouncer"]);
-        }
-        let child = cmd
-            .arg(dir.join("pgbouncer.ini"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("pgbouncer (Debian package `pgbouncer`, installed by .ci/run)");
-        let bouncer = PgBouncer { child, dir, port };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "pgbouncer did not listen: {}",
-                std::fs::read_to_string(bouncer.dir.join("pgbouncer.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bouncer
-    }
-
-    /// `url` with PgBouncer's address in place of the server's.
-    fn url(&self, database_url: &str) -> String {
-        let mut options: sqlx::postgres::PgConnectOptions = database_url.parse().unwrap();
-        options = options.host("127.0.0.1").port(self.port);
-        format!(
-            "postgres://{}@127.0.0.1:{}/{}",
-            options.get_username(),
-            self.port,
-            options.get_database().unwrap_or("postgres")
-        )
-    }
-}
-
-impl Drop for PgBouncer {
-    fn drop(&mut self) {
-        // runuser forwards the signal to pgbouncer; kill both to be sure.
-        if let Ok(pid) = std::fs::read_to_string(self.dir.join("pgbouncer.pid")) {
-            let _ = Command::new("kill").arg(pid.trim()).status();
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn is_root() -> bool {
-    // SAFETY-free: `id -u` is enough for a test harness.
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
 
 fn one_job_config(tag: &str) -> JobsConfig {
     let dir = std::env::temp_dir().join(format!("jobhost-pooler-{tag}-{}", std::process::id()));

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use chrono::{DateTime, TimeDelta, Utc};
+use jobhost::config::Pooler;
 use jobhost::lock::LockKey;
 use jobhost::runner::{Job, NativeWork, RunResult, Runner};
 use jobhost::runtime::Runtime;
@@ -157,6 +158,22 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     let runtime = Arc::new(Runtime::new()?);
     let pooled_runtime = Arc::new(Runtime::with_options(None, true)?);
     let runner = Runner::new(pool.clone(), pooled_runtime.clone(), "bench");
+    // The same host behind PgBouncer in transaction mode (pooler mode), when
+    // `pgbouncer` is installed: measured side by side with direct.
+    let bouncer = jobhost_tests::pgbouncer::installed()
+        .then(|| jobhost_tests::pgbouncer::PgBouncer::start("bench", "transaction", 10, ""));
+    let pooled_url = bouncer.as_ref().map(|b| b.url(url));
+    let via_pooler = match &pooled_url {
+        Some(u) => Some(
+            Runner::new(
+                pooler_pool(u, 10).await?,
+                pooled_runtime.clone(),
+                "bench-pooler",
+            )
+            .with_connections(None, Pooler::Transaction),
+        ),
+        None => None,
+    };
     let mut slots = Slots(0);
     let mut md = String::new();
 
@@ -167,12 +184,19 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         &pooled_runtime,
         &[("mode", "noop")],
     )?;
-    let (mut plugin_t, mut native_t) = (Vec::new(), Vec::new());
+    let (mut plugin_t, mut native_t, mut pooler_t) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..s.rounds {
         for _ in 0..s.per_round {
             let t = Instant::now();
             ok(runner.run(&noop, slots.next()).await?)?;
             plugin_t.push(t.elapsed());
+        }
+        if let Some(r) = &via_pooler {
+            for _ in 0..s.per_round {
+                let t = Instant::now();
+                ok(r.run(&noop, slots.next()).await?)?;
+                pooler_t.push(t.elapsed());
+            }
         }
         for _ in 0..s.per_round {
             let t = Instant::now();
@@ -182,6 +206,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
             native_t.push(t.elapsed());
         }
     }
+    let pooled_noop = (!pooler_t.is_empty()).then(|| stats(pooler_t));
     let (p_mean, p_p50, p_p99) = stats(plugin_t);
     let (n_mean, n_p50, n_p99) = stats(native_t);
     let noop_ratio = p_mean.as_secs_f64() / n_mean.as_secs_f64();
@@ -293,8 +318,23 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     // 5. Scheduler scale: K no-op jobs at a 1 s cadence on one host, first
     // all on the epoch-aligned grid (offset 0s), then with the default
     // name-derived offsets: the same run shows what spreading buys.
-    let aligned = scale(url, &pool, &pooled_runtime, &noop, s, false).await?;
-    let spread = scale(url, &pool, &pooled_runtime, &noop, s, true).await?;
+    let aligned = scale(url, None, &pool, &pooled_runtime, &noop, s, false).await?;
+    let spread = scale(url, None, &pool, &pooled_runtime, &noop, s, true).await?;
+    let spread_pooled = match &pooled_url {
+        Some(u) => Some(
+            scale(
+                u,
+                Some(Pooler::Transaction),
+                &pool,
+                &pooled_runtime,
+                &noop,
+                s,
+                true,
+            )
+            .await?,
+        ),
+        None => None,
+    };
 
     // The report.
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
@@ -382,10 +422,39 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         check_with.as_secs_f64() / check_without.as_secs_f64(),
         100.0 * check_with.saturating_sub(check_without).as_secs_f64() / n_p50.as_secs_f64()
     );
-    for (label, r) in [("5a", &aligned), ("5b", &spread)] {
+    match &pooled_noop {
+        Some((mean, p50, p99)) => {
+            let _ = writeln!(
+                md,
+                "| 1p | no-op run through PgBouncer 1.18 (transaction mode; `pooler = \"transaction\"`) vs direct, plugin, same rounds: p50 / p99 (mean) | {:.0} / {:.0} µs ({:.0}) | {:.0} / {:.0} µs ({:.0}) | {:.2}× | (not a target: the pooler's hop) | |",
+                us(*p50),
+                us(*p99),
+                us(*mean),
+                us(p_p50),
+                us(p_p99),
+                us(p_mean),
+                mean.as_secs_f64() / p_mean.as_secs_f64(),
+            );
+        }
+        None => {
+            let _ = writeln!(
+                md,
+                "| 1p | no-op run through PgBouncer | not measured (`pgbouncer` not installed) | | | | |"
+            );
+        }
+    }
+    let mut scales = vec![("5a", &aligned, ""), ("5b", &spread, "")];
+    if let Some(r) = &spread_pooled {
+        scales.push((
+            "5b′",
+            r,
+            " through PgBouncer (transaction mode, 10 server connections)",
+        ));
+    }
+    for (label, r, via) in scales {
         let _ = writeln!(
             md,
-            "| {label} | {} jobs at 1 s cadence for {} s, {}: start lag p50 / p99 | {:.1} / {:.1} ms; {} of {:.0} slots ran; ≤ {} connections; host CPU {:.2} cores | | | p99 ≤ 20 ms, ≤ 10 connections | {} |",
+            "| {label} | {} jobs at 1 s cadence for {} s, {}{via}: start lag p50 / p99 | {:.1} / {:.1} ms; {} of {:.0} slots ran; ≤ {} connections; host CPU {:.2} cores | | | p99 ≤ 20 ms, ≤ 10 connections | {} |",
             s.scale_jobs,
             s.scale_secs,
             if r.spread {
@@ -453,6 +522,8 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         spread.elapsed,
     );
     pool.close().await;
+    drop(via_pooler);
+    drop(bouncer);
     Ok(md)
 }
 
@@ -643,20 +714,46 @@ impl Scale {
 /// Runs `s.scale_jobs` no-op jobs at a 1 s cadence on one scheduler with a
 /// pool of 10 for `s.scale_secs`; `spread` gives them their default
 /// name-derived offsets, otherwise all share the epoch-aligned instant.
+/// A pool through a transaction pooler, made as a host in pooler mode makes
+/// its own.
+async fn pooler_pool(url: &str, size: u32) -> anyhow::Result<sqlx::PgPool> {
+    let options = jobhost::db::connect_options(
+        url,
+        "pooler URL",
+        Pooler::Transaction,
+        "jobhost:bench-pooler",
+    )?;
+    Ok(PgPoolOptions::new()
+        .max_connections(size)
+        .connect_with(options)
+        .await?)
+}
+
 async fn scale(
     url: &str,
+    pooler: Option<Pooler>,
     pool: &sqlx::PgPool,
     runtime: &Arc<Runtime>,
     noop: &Job,
     s: &Sizes,
     spread: bool,
 ) -> anyhow::Result<Scale> {
-    let tag = if spread { "spread" } else { "aligned" };
+    let tag = match (spread, pooler) {
+        (true, None) => "spread",
+        (false, None) => "aligned",
+        (true, Some(_)) => "spread-pooler",
+        (false, Some(_)) => "aligned-pooler",
+    };
     let host_id = format!("bench-scale-{tag}");
-    let scale_pool = PgPoolOptions::new()
-        .max_connections(10)
-        .connect(url)
-        .await?;
+    let scale_pool = match pooler {
+        Some(_) => pooler_pool(url, 10).await?,
+        None => {
+            PgPoolOptions::new()
+                .max_connections(10)
+                .connect(url)
+                .await?
+        }
+    };
     let second = Duration::from_secs(1);
     let jobs: Vec<Job> = (0..s.scale_jobs)
         .map(|i| {
@@ -675,7 +772,8 @@ async fn scale(
             j
         })
         .collect();
-    let runner = Runner::new(scale_pool.clone(), runtime.clone(), &host_id);
+    let runner = Runner::new(scale_pool.clone(), runtime.clone(), &host_id)
+        .with_connections(None, pooler.unwrap_or_default());
     let cpu_before = cpu_seconds();
     let wall = Instant::now();
     let sampler_pool = pool.clone();
