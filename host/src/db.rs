@@ -507,6 +507,13 @@ pub async fn begin_run(
     simple_one(conn, sql).await
 }
 
+/// The database's clock, for judging slots and ages by one clock across the
+/// fleet (a simple query: through any pooler).
+pub async fn now(pool: &PgPool) -> sqlx::Result<DateTime<Utc>> {
+    let mut conn = pool.acquire().await?;
+    simple_one(&mut conn, "select clock_timestamp()".to_owned()).await
+}
+
 /// Runs a simple query and decodes the first column of its last row.
 pub async fn simple_one<T>(conn: &mut PgConnection, sql: String) -> sqlx::Result<T>
 where
@@ -527,9 +534,9 @@ pub fn timestamp_literal(t: DateTime<Utc>) -> String {
     )
 }
 
-/// `in_tx!(pool, |c| body)`: evaluates `body` (which uses `c: &mut
-/// PgConnection` and may use `?` on `sqlx::Error`) in a transaction of its
-/// own, and commits; a future of `sqlx::Result<_>`. The form every host
+/// `in_tx!(pool, |c| body)`: evaluates `body` (a `sqlx::Result`, using
+/// `c: &mut PgConnection`) in a transaction of its own, and commits; a
+/// future of `sqlx::Result<_>`. The form every host
 /// statement outside a run takes. Through a transaction pooler, an
 /// extended-protocol statement outside a transaction is two syncs (parse,
 /// then bind and execute) that the pooler may send to two different server
@@ -546,7 +553,7 @@ macro_rules! in_tx {
             let out = {
                 let $c: &mut sqlx::PgConnection = &mut tx;
                 $body
-            };
+            }?;
             tx.commit().await?;
             Ok::<_, sqlx::Error>(out)
         }
@@ -690,7 +697,7 @@ pub async fn pause(pool: &PgPool, job: &str, by: &str) -> sqlx::Result<bool> {
         .persistent(false)
         .execute(c)
         .await
-    }?)
+    })
     .await?;
     Ok(done.rows_affected() == 1)
 }
@@ -703,7 +710,7 @@ pub async fn resume(pool: &PgPool, job: &str) -> sqlx::Result<bool> {
             .persistent(false)
             .execute(c)
             .await
-    }?)
+    })
     .await?;
     Ok(done.rows_affected() == 1)
 }
@@ -716,7 +723,7 @@ pub async fn first_slot(pool: &PgPool, job: &str) -> sqlx::Result<Option<DateTim
             .persistent(false)
             .fetch_one(c)
             .await
-    }?)
+    })
     .await
 }
 
@@ -735,7 +742,7 @@ pub async fn succeeded_slots(
         .persistent(false)
         .fetch_all(c)
         .await
-    }?)
+    })
     .await
 }
 

@@ -105,7 +105,7 @@ pub async fn register(pool: &PgPool, host_id: &str, listens: bool) -> sqlx::Resu
         .persistent(false)
         .fetch_one(c)
         .await
-    }?)
+    })
     .await
 }
 
@@ -173,7 +173,7 @@ pub async fn stop(pool: &PgPool, host_id: &str) -> sqlx::Result<()> {
             .persistent(false)
             .execute(c)
             .await
-    }?)
+    })
     .await?;
     Ok(())
 }
@@ -277,7 +277,7 @@ pub async fn fleet(pool: &PgPool, lost_after: Duration) -> sqlx::Result<Vec<Host
         .persistent(false)
         .fetch_all(c)
         .await
-    }?)
+    })
     .await?;
     Ok(rows
         .into_iter()

@@ -29,13 +29,7 @@ pub struct JobStatus {
 
 /// The status of every configured job.
 pub async fn status(pool: &PgPool, config: &JobsConfig) -> sqlx::Result<Vec<JobStatus>> {
-    let db_now: DateTime<Utc> = crate::db::in_tx!(pool, |c| {
-        sqlx::query_scalar("select clock_timestamp()")
-            .persistent(false)
-            .fetch_one(c)
-            .await
-    }?)
-    .await?;
+    let db_now: DateTime<Utc> = crate::db::now(pool).await?;
     let mut out = Vec::new();
     for job in &config.jobs {
         let last = crate::db::in_tx!(pool, |c| sqlx::query_as(
@@ -44,7 +38,7 @@ pub async fn status(pool: &PgPool, config: &JobsConfig) -> sqlx::Result<Vec<JobS
               where job = $1 and outcome <> 'running'
               order by finished_at desc limit 1",
         )
-        .bind(&job.name).persistent(false).fetch_optional(c).await?).await?;
+        .bind(&job.name).persistent(false).fetch_optional(c).await).await?;
         let running = crate::db::in_tx!(pool, |c| {
             sqlx::query_as(
                 "select host_id, started_at from jobhost.runs
@@ -54,7 +48,7 @@ pub async fn status(pool: &PgPool, config: &JobsConfig) -> sqlx::Result<Vec<JobS
             .persistent(false)
             .fetch_all(c)
             .await
-        }?)
+        })
         .await?;
         let paused: bool = crate::db::in_tx!(pool, |c| {
             sqlx::query_scalar("select exists (select 1 from jobhost.paused where job = $1)")
@@ -62,7 +56,7 @@ pub async fn status(pool: &PgPool, config: &JobsConfig) -> sqlx::Result<Vec<JobS
                 .persistent(false)
                 .fetch_one(c)
                 .await
-        }?)
+        })
         .await?;
         out.push(JobStatus {
             job: job.name.clone(),
@@ -278,7 +272,7 @@ pub async fn locks(pool: &PgPool, config: &JobsConfig) -> sqlx::Result<Vec<LockR
           where l.locktype = 'advisory' and l.granted
             and l.database = (select oid from pg_database where datname = current_database())
           order by l.pid",
-    ).persistent(false).fetch_all(c).await?).await?;
+    ).persistent(false).fetch_all(c).await).await?;
     Ok(rows
         .into_iter()
         .map(|(classid, objid, objsubid, pid, app, state, held)| {

@@ -68,7 +68,7 @@ pub async fn run_now(
             .persistent(false)
             .fetch_one(c)
             .await
-    }?)
+    })
     .await
     .context("cannot read the database clock")?;
     let result = runner.run(&loaded[0], slot).await;
@@ -171,7 +171,7 @@ pub async fn history(
         .persistent(false)
         .fetch_all(c)
         .await
-    }?)
+    })
     .await?;
     Ok(rows
         .into_iter()

@@ -374,7 +374,7 @@ pub async fn request(pool: &sqlx::PgPool, by: &str) -> sqlx::Result<i64> {
         .persistent(false)
         .fetch_one(c)
         .await
-    }?)
+    })
     .await
 }
 

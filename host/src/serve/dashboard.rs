@@ -90,7 +90,7 @@ async fn runs(pool: &PgPool, filter: &str, order: &str, limit: i64) -> sqlx::Res
             .persistent(false)
             .fetch_all(c)
             .await
-    }?)
+    })
     .await?;
     Ok(rows
         .into_iter()
@@ -116,13 +116,7 @@ pub async fn gather(
     jobs: &[Job],
     host_id: &str,
 ) -> anyhow::Result<View> {
-    let now: DateTime<Utc> = crate::db::in_tx!(pool, |c| {
-        sqlx::query_scalar("select clock_timestamp()")
-            .persistent(false)
-            .fetch_one(c)
-            .await
-    }?)
-    .await?;
+    let now: DateTime<Utc> = crate::db::now(pool).await?;
     let stats: Vec<JobStats> = crate::db::in_tx!(pool, |c| sqlx::query_as(
         "select job,
                 count(*) filter (where outcome = 'ok'),
@@ -134,7 +128,7 @@ pub async fn gather(
            from jobhost.runs
           where outcome <> 'running' and finished_at > clock_timestamp() - interval '24 hours'
           group by job",
-    ).persistent(false).fetch_all(c).await?).await?;
+    ).persistent(false).fetch_all(c).await).await?;
     let last: Vec<(String, String, DateTime<Utc>)> = crate::db::in_tx!(pool, |c| {
         sqlx::query_as(
             "select distinct on (job) job, outcome, finished_at from jobhost.runs
@@ -143,14 +137,14 @@ pub async fn gather(
         .persistent(false)
         .fetch_all(c)
         .await
-    }?)
+    })
     .await?;
     let paused: Vec<String> = crate::db::in_tx!(pool, |c| {
         sqlx::query_scalar("select job from jobhost.paused")
             .persistent(false)
             .fetch_all(c)
             .await
-    }?)
+    })
     .await?;
     let job_views = jobs
         .iter()
@@ -189,7 +183,7 @@ pub async fn gather(
         .persistent(false)
         .fetch_all(c)
         .await
-    }?)
+    })
     .await?;
     Ok(View {
         now,
