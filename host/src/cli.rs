@@ -119,6 +119,25 @@ enum Command {
         /// The job's name.
         job: String,
     },
+    /// Validate FILE as a plugin and make it NAME's current version in the
+    /// database: every host running a `plugin = "published:NAME"` job swaps
+    /// to it between runs. Publishing the current bytes again changes
+    /// nothing.
+    Publish {
+        /// The published plugin's name.
+        name: String,
+        /// The component (`.wasm`).
+        file: PathBuf,
+    },
+    /// Make the version of NAME before the current one current again (again:
+    /// further back).
+    Rollback {
+        /// The published plugin's name.
+        name: String,
+    },
+    /// Published plugins: versions (hash, size, published at and by), which
+    /// is current, and which live hosts run which.
+    Plugins,
 }
 
 /// Entry point of the binary: arguments, tracing, a runtime, the command.
@@ -188,7 +207,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         | Command::Reload
         | Command::History { .. }
         | Command::Pause { .. }
-        | Command::Resume { .. } => PluginFiles::NotNeeded,
+        | Command::Resume { .. }
+        | Command::Publish { .. }
+        | Command::Rollback { .. }
+        | Command::Plugins => PluginFiles::NotNeeded,
     };
     let config = JobsConfig::read(&cli.config, files)?.with_direct_url(cli.direct_url.is_some());
     let database_url = || {
@@ -219,6 +241,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 )
                 .context("cannot start the WebAssembly engine")?,
             );
+            let mut config = config;
+            if config.jobs.iter().any(|j| j.published.is_some()) {
+                let pool = inspect_pool(&database_url()?, &config, &host_id).await?;
+                let dir = config.host.published_dir();
+                crate::published::resolve(&pool, &mut config, &dir).await?;
+            }
             let jobs = crate::load_jobs(&runtime, &config).await?;
             println!("{}: {} job(s) valid", cli.config.display(), jobs.len());
             Ok(ExitCode::SUCCESS)
@@ -299,6 +327,56 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", operate::paused_message(&job, true, changed));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Publish { name, file } => {
+            let bytes = std::fs::read(&file)
+                .with_context(|| format!("cannot read `{}`", file.display()))?;
+            let runtime = Arc::new(
+                Runtime::with_options(Some(&config.host.compile_cache), false)
+                    .context("cannot start the WebAssembly engine")?,
+            );
+            let pool = inspect_pool(&database_url()?, &config, &host_id).await?;
+            let by = publisher(&host_id);
+            let done = crate::published::publish(&pool, &runtime, &name, bytes, &by)
+                .await
+                .with_context(|| format!("cannot publish `{}` as `{name}`", file.display()))?;
+            match done {
+                crate::published::Published::New { version, sha256 } => println!(
+                    "published `{name}` version {version} ({sha256}); every host running it swaps between runs"
+                ),
+                crate::published::Published::AlreadyCurrent { sha256 } => {
+                    println!("`{name}` already is {sha256}: nothing changed")
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Rollback { name } => {
+            let pool = inspect_pool(&database_url()?, &config, &host_id).await?;
+            let done = crate::published::rollback(&pool, &name, &publisher(&host_id)).await?;
+            println!(
+                "`{name}` rolled back from {} to {}; every host running it swaps between runs",
+                &done.from[..12],
+                &done.to[..12]
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plugins => {
+            let pool = inspect_pool(&database_url()?, &config, &host_id).await?;
+            let rows = crate::published::list(&pool, config.host.liveness.lost_after)
+                .await
+                .map_err(|e| {
+                    let missing = e
+                        .as_database_error()
+                        .is_some_and(|d| d.code().as_deref() == Some("42P01"));
+                    let e = anyhow::Error::new(e);
+                    if missing {
+                        e.context("no published plugins in this database (schema `jobhost` is missing or old): start a host on it once, which applies the migrations")
+                    } else {
+                        e.context("cannot read the published plugins")
+                    }
+                })?;
+            print!("{}", crate::published::render_list(&rows));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Resume { job } => {
             operate::known_job(&config, &job)?;
             let pool = inspect_pool(&database_url()?, &config, &host_id).await?;
@@ -309,6 +387,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Who publishes: the OS user and the host id the command runs as.
+fn publisher(host_id: &str) -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".to_owned());
+    format!("{user}@{host_id}")
 }
 
 /// A one-connection pool for the operator commands (no migrations), made

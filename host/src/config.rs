@@ -404,13 +404,22 @@ impl RetryPolicy {
     }
 }
 
+/// The `plugin` prefix of a plugin published in Postgres.
+pub const PUBLISHED: &str = "published:";
+
 /// One validated job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobConfig {
     /// Unique name.
     pub name: String,
-    /// Absolute (or config-relative resolved) path of the component.
+    /// Absolute (or config-relative resolved) path of the component. For a
+    /// published plugin, the local copy of its current version once
+    /// [`crate::published::resolve`] has fetched it (until then the text
+    /// `published:NAME`).
     pub plugin: PathBuf,
+    /// `plugin = "published:NAME"`: the plugin is the current version of
+    /// NAME as published in Postgres (`jobhost publish`), not a file.
+    pub published: Option<String>,
     /// When it runs.
     pub schedule: Schedule,
     /// How its lock is held.
@@ -447,6 +456,17 @@ pub enum PluginFiles {
     /// Operators' commands (`status`, `locks`, `reload`), which only read
     /// the database: the plugin files may live on other machines.
     NotNeeded,
+}
+
+impl HostConfig {
+    /// Where the host keeps its copies of published plugins (by hash):
+    /// beside the compile cache, not in it (wasmtime's cache worker prunes
+    /// files of its directory that it does not know).
+    pub fn published_dir(&self) -> PathBuf {
+        let mut dir = self.compile_cache.clone().into_os_string();
+        dir.push("-published");
+        PathBuf::from(dir)
+    }
 }
 
 impl JobsConfig {
@@ -584,8 +604,23 @@ impl JobsToml {
                     ));
                 }
             };
-            let plugin = base.join(&job.plugin);
-            if files == PluginFiles::Required && !plugin.is_file() {
+            let published = match job.plugin.to_str().and_then(|p| p.strip_prefix(PUBLISHED)) {
+                Some(n) if crate::published::valid_name(n) => Some(n.to_owned()),
+                Some(n) => {
+                    return Err(invalid(
+                        &name,
+                        format!(
+                            "`plugin = \"{PUBLISHED}{n}\"`: a published plugin's name is letters, digits, `.`, `_` and `-`"
+                        ),
+                    ));
+                }
+                None => None,
+            };
+            let plugin = match published {
+                Some(_) => job.plugin.clone(),
+                None => base.join(&job.plugin),
+            };
+            if files == PluginFiles::Required && published.is_none() && !plugin.is_file() {
                 return Err(invalid(
                     &name,
                     format!("`plugin` file `{}` does not exist", plugin.display()),
@@ -645,6 +680,7 @@ impl JobsToml {
             jobs.push(JobConfig {
                 name,
                 plugin,
+                published,
                 schedule,
                 lock: job.lock,
                 lock_key,

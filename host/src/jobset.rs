@@ -45,6 +45,18 @@ pub async fn load(
         .collect();
     let mut jobs = Vec::with_capacity(config.jobs.len());
     for job in &config.jobs {
+        if let Some(name) = &job.published
+            && job
+                .plugin
+                .to_str()
+                .is_some_and(|p| p.starts_with(crate::config::PUBLISHED))
+        {
+            anyhow::bail!(
+                "job `{}`: plugin `{}{name}` was not fetched from the database",
+                job.name,
+                crate::config::PUBLISHED
+            );
+        }
         let sha = file_sha256(&job.plugin).with_context(|| {
             format!(
                 "job `{}`: cannot read plugin `{}`",

@@ -66,6 +66,7 @@ pub mod jobset;
 pub mod lock;
 pub mod metrics;
 pub mod operate;
+pub mod published;
 pub mod reload;
 pub mod runner;
 pub mod runtime;
@@ -132,15 +133,7 @@ pub async fn run(
         )
         .context("cannot start the WebAssembly engine")?,
     );
-    let started = std::time::Instant::now();
-    let config = config.with_direct_url(options.direct_url.is_some());
-    let jobs = load_jobs(&runtime, &config).await?;
-    tracing::info!(
-        plugins = jobs.len(),
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        cache_hits = runtime.cache_hits(),
-        "plugins loaded"
-    );
+    let mut config = config.with_direct_url(options.direct_url.is_some());
     let db::Connected {
         pool,
         direct,
@@ -151,6 +144,17 @@ pub async fn run(
         &options.host_id,
     )
     .await?;
+    // Published plugins come from the database: resolved once connected.
+    let started = std::time::Instant::now();
+    let published_dir = config.host.published_dir();
+    published::resolve(&pool, &mut config, &published_dir).await?;
+    let jobs = load_jobs(&runtime, &config).await?;
+    tracing::info!(
+        plugins = jobs.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        cache_hits = runtime.cache_hits(),
+        "plugins loaded"
+    );
     let _demo_http = if options.demo {
         demo::setup(&pool)
             .await
@@ -171,6 +175,9 @@ pub async fn run(
         config = %config.path.display(),
         "jobhost started"
     );
+    if let Err(e) = published::report(&pool, &options.host_id, &config, &jobs, None).await {
+        tracing::warn!(error = %e, "cannot record the published plugin versions this host runs");
+    }
     let reload_seen = hosts::register(&pool, &options.host_id, direct.is_some())
         .await
         .with_context(|| {
@@ -239,7 +246,9 @@ pub async fn run(
     };
     let stop_watching = tokio_util::sync::CancellationToken::new();
     let watcher = tokio::spawn(reload::watch(
-        reload::Reloader::new(&config, runtime, jobs.clone()).with_metrics(metrics),
+        reload::Reloader::new(&config, runtime, jobs.clone())
+            .with_metrics(metrics)
+            .with_published(pool.clone(), &options.host_id),
         config.host.watch,
         config.host.reload_debounce,
         reload::Requests {

@@ -49,13 +49,15 @@ pub async fn run_now(
         )
         .context("cannot start the WebAssembly engine")?,
     );
-    let only = only.with_direct_url(options.direct_url.is_some());
-    let loaded = jobset::load(&runtime, &only, &[], None).await?;
+    let mut only = only.with_direct_url(options.direct_url.is_some());
     let db::Connected {
         pool,
         direct,
         session_baseline,
     } = db::connect(options.endpoints(config), 2, &options.host_id).await?;
+    let dir = only.host.published_dir();
+    crate::published::resolve(&pool, &mut only, &dir).await?;
+    let loaded = jobset::load(&runtime, &only, &[], None).await?;
     hosts::register(&pool, &options.host_id, false)
         .await
         .with_context(|| format!("cannot register host `{}`", options.host_id))?;

@@ -54,6 +54,9 @@ pub struct Reloader {
     /// The host has `JOBHOST_DIRECT_URL` (the environment's; a reload of
     /// jobs.toml keeps it).
     direct_url: bool,
+    /// Where `published:NAME` plugins come from, and this host's id to
+    /// report what it runs ([`crate::published`]).
+    published: Option<(sqlx::PgPool, String)>,
 }
 
 /// SHA-256 of `jobs.toml` and of every plugin file it names (through
@@ -107,7 +110,15 @@ impl Reloader {
             seen,
             metrics: None,
             direct_url: config.host.direct_url,
+            published: None,
         }
+    }
+
+    /// Resolves `published:NAME` plugins through `pool` at each reload, and
+    /// reports what `host_id` runs (or why it cannot load a version).
+    pub fn with_published(mut self, pool: sqlx::PgPool, host_id: &str) -> Self {
+        self.published = Some((pool, host_id.to_owned()));
+        self
     }
 
     /// Counts reloads and plugin loads in `metrics`.
@@ -168,15 +179,30 @@ impl Reloader {
                 return None;
             }
         };
+        let mut config = config;
+        let resolved = match &self.published {
+            Some((pool, _)) => {
+                let dir = config.host.published_dir();
+                crate::published::resolve(pool, &mut config, &dir).await
+            }
+            None => Ok(()),
+        };
         let plugins: Vec<PathBuf> = config.jobs.iter().map(|j| j.plugin.clone()).collect();
         attempted(self, &plugins);
-        let loaded =
-            crate::jobset::load(&self.runtime, &config, &self.jobs, self.metrics.as_deref()).await;
+        let loaded = match resolved {
+            Ok(()) => {
+                crate::jobset::load(&self.runtime, &config, &self.jobs, self.metrics.as_deref())
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         let next = match loaded {
             Ok(next) => next,
             Err(e) => {
-                error!(file = %self.config_path.display(), error = %format!("{e:#}"), "reload rejected: the new configuration would not start; keeping the running one");
+                let why = format!("{e:#}");
+                error!(file = %self.config_path.display(), error = %why, "reload rejected: the new configuration would not start; keeping the running one");
                 self.count(false);
+                self.report(&config, Some(&why)).await;
                 return None;
             }
         };
@@ -186,6 +212,7 @@ impl Reloader {
                 .zip(&self.jobs)
                 .all(|(a, b)| a.config == b.config && a.plugin.sha256 == b.plugin.sha256);
         if same {
+            self.report(&config, None).await;
             return None;
         }
         for job in &next {
@@ -197,7 +224,17 @@ impl Reloader {
         info!(jobs = next.len(), "reload applied");
         self.count(true);
         self.jobs = next.clone();
+        self.report(&config, None).await;
         Some(next)
+    }
+
+    /// Records in the database which published versions this host runs now.
+    async fn report(&self, config: &JobsConfig, error: Option<&str>) {
+        if let Some((pool, host_id)) = &self.published
+            && let Err(e) = crate::published::report(pool, host_id, config, &self.jobs, error).await
+        {
+            warn!(error = %e, "cannot record the published plugin versions this host runs");
+        }
     }
 }
 

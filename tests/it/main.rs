@@ -15,6 +15,7 @@ mod loading;
 mod pooler;
 mod reference_jobs;
 mod reload;
+mod rollout;
 mod sandbox;
 mod scheduling;
 mod session;

@@ -163,7 +163,8 @@ async fn a_fleet_runs_through_a_transaction_pooler_in_pooler_mode(pool: PgPool) 
     // Sample, while the fleet runs, for an advisory lock on a server backend
     // that is idle: a lock left behind on a pooled server connection. (A
     // `session` job's own lock connection, direct and named `…/lock`, holds
-    // its lock between heartbeats by design.)
+    // its lock between heartbeats by design, and so does the migrator's,
+    // `…/migrate`, between migrations.)
     let sampler = {
         let pool = pool.clone();
         tokio::spawn(async move {
@@ -174,7 +175,8 @@ async fn a_fleet_runs_through_a_transaction_pooler_in_pooler_mode(pool: PgPool) 
                        join pg_stat_activity a on a.pid = l.pid
                       where l.locktype = 'advisory' and a.state = 'idle'
                         and l.database = (select oid from pg_database where datname = current_database())
-                        and a.application_name not like '%/lock'",
+                        and a.application_name not like '%/lock'
+                        and a.application_name not like '%/migrate'",
                 )
                 .fetch_all(&pool)
                 .await

@@ -29,6 +29,7 @@ pub fn job_config(name: &str, plugin: &str, config: &[(&str, &str)]) -> jobhost:
     jobhost::config::JobConfig {
         name: name.into(),
         plugin: plugin.into(),
+        published: None,
         schedule: jobhost::schedule::Schedule::every(Duration::from_secs(1)),
         lock: jobhost::config::LockMode::Xact,
         lock_key: jobhost::lock::LockKey::derive(name),

@@ -255,9 +255,16 @@ impl Runner {
             .acquire()
             .await
             .with_context(|| format!("job `{name}`: cannot get a connection"))?;
-        let run_id = db::begin_run(&mut conn, name, slot, &self.host_id, &job.plugin.sha256)
-            .await
-            .with_context(|| format!("job `{name}`: cannot record the run's start"))?;
+        let run_id = db::begin_run(
+            &mut conn,
+            self.pooler,
+            name,
+            slot,
+            &self.host_id,
+            &job.plugin.sha256,
+        )
+        .await
+        .with_context(|| format!("job `{name}`: cannot record the run's start"))?;
         let in_flight = self.in_flight.enter(run_id);
         tracing::Span::current().record("run_id", run_id);
         // The deadline rides in BEGIN's own query: the lock, taken next, is
@@ -335,20 +342,14 @@ impl Runner {
         // plugin will use, so it is pinned to this connection and released by
         // COMMIT/ROLLBACK. The clock comes along to judge the slot by the
         // database's time, never this host's.
-        let (locked, db_now): (bool, DateTime<Utc>) = async {
-            use sqlx::Row as _;
-            let sql = format!(
-                "select pg_try_advisory_xact_lock({}, {}), clock_timestamp()",
-                key.namespace, key.key
-            );
-            let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                .fetch_all(&mut *conn)
-                .await?;
-            let row = rows.first().ok_or(sqlx::Error::RowNotFound)?;
-            Ok::<_, sqlx::Error>((row.try_get(0)?, row.try_get(1)?))
-        }
-        .await
-        .with_context(|| format!("job `{name}`: cannot try lock {key}"))?;
+        // pooler: in the run's transaction (closed before it ends)
+        let (locked, db_now): (bool, DateTime<Utc>) =
+            sqlx::query_as("select pg_try_advisory_xact_lock($1, $2), clock_timestamp()")
+                .bind(key.namespace)
+                .bind(key.key)
+                .fetch_one(&mut *conn)
+                .await
+                .with_context(|| format!("job `{name}`: cannot try lock {key}"))?;
         if !locked {
             // Losing the race for a slot is the normal case in a fleet.
             debug!(job = %name, lock_key = %key, event = "lock_busy", "lock_busy: job lock held elsewhere, slot skipped");

@@ -53,9 +53,16 @@ impl Runner {
                 .acquire()
                 .await
                 .with_context(|| format!("job `{name}`: cannot get a connection"))?;
-            db::begin_run(&mut conn, name, slot, &self.host_id, &job.plugin.sha256)
-                .await
-                .with_context(|| format!("job `{name}`: cannot record the run's start"))?
+            db::begin_run(
+                &mut conn,
+                self.pooler,
+                name,
+                slot,
+                &self.host_id,
+                &job.plugin.sha256,
+            )
+            .await
+            .with_context(|| format!("job `{name}`: cannot record the run's start"))?
         };
         let _in_flight = self.in_flight.enter(run_id);
         tracing::Span::current().record("run_id", run_id);

@@ -149,9 +149,21 @@ impl Runtime {
             path: path.to_owned(),
             source,
         })?;
-        let sha256 = hex::encode(Sha256::digest(&bytes));
+        self.load_bytes(path, &bytes, max_memory_bytes)
+    }
+
+    /// [`Runtime::load_limited`] of bytes in hand (`path` names them in
+    /// errors and in the plugin): what `jobhost publish` validates before it
+    /// stores anything.
+    pub fn load_bytes(
+        &self,
+        path: &Path,
+        bytes: &[u8],
+        max_memory_bytes: usize,
+    ) -> Result<Plugin, PluginError> {
+        let sha256 = hex::encode(Sha256::digest(bytes));
         let component =
-            Component::new(&self.engine, &bytes).map_err(|source| PluginError::NotComponent {
+            Component::new(&self.engine, bytes).map_err(|source| PluginError::NotComponent {
                 path: path.to_owned(),
                 source,
             })?;
