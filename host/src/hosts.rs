@@ -80,32 +80,49 @@ impl Drop for InFlightGuard {
 
 /// Registers (or re-registers) this host as alive; `listens` says whether it
 /// hears `NOTIFY jobhost_reload` (it has a direct connection) or only polls
-/// reload requests at each heartbeat. Returns the latest reload request,
-/// which this start already covers.
-pub async fn register(pool: &PgPool, host_id: &str, listens: bool) -> sqlx::Result<i64> {
+/// reload requests at each heartbeat; `reload_seen` is the latest reload
+/// request its job set already covers (read before it was loaded).
+pub async fn register(
+    pool: &PgPool,
+    host_id: &str,
+    listens: bool,
+    reload_seen: i64,
+) -> sqlx::Result<()> {
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "localhost".to_owned());
     crate::db::in_tx!(pool, |c| {
-        sqlx::query_scalar(
+        sqlx::query(
             "insert into jobhost.hosts (id, hostname, pid, version, started_at, last_seen, listens, reload_seen)
-             values ($1, $2, $3, $4, clock_timestamp(), clock_timestamp(), $5,
-                     (select coalesce(max(id), 0) from jobhost.reload_requests))
+             values ($1, $2, $3, $4, clock_timestamp(), clock_timestamp(), $5, $6)
              on conflict (id) do update
                 set hostname = excluded.hostname, pid = excluded.pid, version = excluded.version,
                     started_at = excluded.started_at, last_seen = excluded.last_seen, stopped_at = null,
-                    listens = excluded.listens, reload_seen = excluded.reload_seen
-             returning reload_seen",
+                    listens = excluded.listens, reload_seen = excluded.reload_seen",
         )
         .bind(host_id)
         .bind(hostname)
         .bind(i32::try_from(std::process::id()).unwrap_or(i32::MAX))
         .bind(env!("CARGO_PKG_VERSION"))
         .bind(listens)
+        .bind(reload_seen)
         .persistent(false)
-        .fetch_one(c)
+        .execute(c)
         .await
     })
+    .await?;
+    Ok(())
+}
+
+/// The latest reload request (`jobhost reload`, a publish), 0 if none. Read
+/// before a host resolves and loads its jobs: any later request may carry
+/// a change that load did not see.
+pub async fn latest_reload_request(pool: &PgPool) -> sqlx::Result<i64> {
+    let mut conn = pool.acquire().await?;
+    db::simple_one(
+        &mut conn,
+        "select coalesce(max(id), 0)::int8 from jobhost.reload_requests".to_owned(),
+    )
     .await
 }
 

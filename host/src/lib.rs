@@ -36,6 +36,9 @@
 //! - [`reload`]: hot reload of `jobs.toml` and plugins (files, SIGHUP,
 //!   `jobhost reload` requests seen at the heartbeat or by LISTEN), once per
 //!   content change.
+//! - [`published`]: plugins shipped through Postgres (`publish`,
+//!   `rollback`, `plugins`, `plugin = "published:NAME"`), resolved to local
+//!   files at start and at each reload.
 //! - [`inspect`]: `status` and `locks` for operators (what they look at).
 //! - [`metrics`]: the host's Prometheus metrics.
 //! - [`serve`]: `[host] listen`: `/metrics`, `/healthz`, the read-only
@@ -145,6 +148,11 @@ pub async fn run(
     )
     .await?;
     // Published plugins come from the database: resolved once connected.
+    // Reload requests from here on are heard (one racing this load then
+    // reloads it, rather than being missed).
+    let reload_seen = hosts::latest_reload_request(&pool)
+        .await
+        .context("cannot read jobhost.reload_requests")?;
     let started = std::time::Instant::now();
     let published_dir = config.host.published_dir();
     published::resolve(&pool, &mut config, &published_dir).await?;
@@ -178,7 +186,7 @@ pub async fn run(
     if let Err(e) = published::report(&pool, &options.host_id, &config, &jobs, None).await {
         tracing::warn!(error = %e, "cannot record the published plugin versions this host runs");
     }
-    let reload_seen = hosts::register(&pool, &options.host_id, direct.is_some())
+    hosts::register(&pool, &options.host_id, direct.is_some(), reload_seen)
         .await
         .with_context(|| {
             format!(

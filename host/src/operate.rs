@@ -58,7 +58,7 @@ pub async fn run_now(
     let dir = only.host.published_dir();
     crate::published::resolve(&pool, &mut only, &dir).await?;
     let loaded = jobset::load(&runtime, &only, &[], None).await?;
-    hosts::register(&pool, &options.host_id, false)
+    hosts::register(&pool, &options.host_id, false, 0)
         .await
         .with_context(|| format!("cannot register host `{}`", options.host_id))?;
     let runner = Runner::new(pool.clone(), runtime, &options.host_id)

@@ -305,7 +305,11 @@ async fn fetch(pool: &PgPool, sha: &str, path: &Path) -> anyhow::Result<()> {
         got == sha,
         "the stored bytes hash to {got}, not to {sha}: refused"
     );
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // A name of this fetch's own: hosts sharing the directory (or one
+    // process running several) may fetch the same version at once.
+    static FETCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = FETCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp-{}-{n}", std::process::id()));
     std::fs::write(&tmp, &bytes).with_context(|| format!("cannot write `{}`", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write `{}`", path.display()))?;
     Ok(())

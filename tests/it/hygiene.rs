@@ -313,7 +313,7 @@ async fn a_timed_out_run_never_returns_its_connection_to_the_pool(pool: PgPool) 
 #[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
 async fn running_rows_are_judged_by_host_liveness(pool: PgPool) {
     create_probe_table(&pool).await;
-    jobhost::hosts::register(&pool, "alive", true)
+    jobhost::hosts::register(&pool, "alive", true, 0)
         .await
         .unwrap();
     sqlx::query(

@@ -144,12 +144,20 @@ async fn publish_reaches_every_host_and_rollback_returns(pool: PgPool) {
         },
     )
     .await;
-    let published = published::publish(&pool, &runtime, "probe", v2.clone(), "tester")
+    // Through the command line, as an operator would.
+    let config = dir.join("jobs.toml");
+    std::fs::write(dir.join("v2.wasm"), &v2).unwrap();
+    let v2_path = dir.join("v2.wasm").display().to_string();
+    let cli = |args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        jobhost::cli::run_cli(cli_args(&config, &url, &args))
+    };
+    let code = cli(vec!["publish".into(), "probe".into(), v2_path])
         .await
         .unwrap();
     let returned = Instant::now();
     let t_publish = db_now(&pool).await;
-    assert!(matches!(published, Published::New { .. }));
+    assert_eq!(code, std::process::ExitCode::SUCCESS);
     // A host started after the publish runs the current version from its start.
     let c = Host::spawn(&dir, &url, "c", &[]);
     let firsts = wait_for_some(Duration::from_secs(60), "every host runs v2", || async {
@@ -211,6 +219,10 @@ async fn publish_reaches_every_host_and_rollback_returns(pool: PgPool) {
     );
 
     // Rollback: every host back on v1.
+    assert_eq!(
+        cli(vec!["plugins".into()]).await.unwrap(),
+        std::process::ExitCode::SUCCESS
+    );
     let rolled = published::rollback(&pool, "probe", "tester").await.unwrap();
     assert_eq!(
         (rolled.from.as_str(), rolled.to.as_str()),

@@ -314,6 +314,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         }
     };
     let reload = reload_latency(url, if quick { 1 } else { 5 }).await?;
+    let publish = publish_latency(url, if quick { 1 } else { 5 }).await?;
 
     // 5. Scheduler scale: K no-op jobs at a 1 s cadence on one host, first
     // all on the epoch-aligned grid (offset 0s), then with the default
@@ -510,6 +511,14 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     );
     let _ = writeln!(
         md,
+        "| 6‴ | rollout: `jobhost publish` returns → the last of 3 hosts' first run on the new version (hosts compile it themselves; LISTEN; 200 ms cadence), median of {} (range) | {:.0} ms ({:.0}–{:.0}) | | | (not a target) | |",
+        publish.len(),
+        publish[publish.len() / 2].as_secs_f64() * 1e3,
+        publish[0].as_secs_f64() * 1e3,
+        publish[publish.len() - 1].as_secs_f64() * 1e3,
+    );
+    let _ = writeln!(
+        md,
         "\nRaw: no-op plugin {:?}, native {:?} per run (means); hash {plugin_h:?} vs {native_h:?} for {rows} rows; {} SQL calls: wit {wit:?} (no-op runs {wit_noop:?}), direct {direct:?} (no-op runs {direct_noop:?}); instantiate on-demand {od_mean:?}, pooling {po_mean:?}; scale: aligned {} lag samples, CPU {:.2} s over {:.1} s; spread {} lag samples, CPU {:.2} s over {:.1} s.",
         p_mean,
         n_mean,
@@ -619,6 +628,105 @@ fn plugin_startup(path: &Path, n: usize) -> anyhow::Result<(Duration, Duration, 
 /// Reload latency, `n` times: an in-process host with one 200 ms job; a new
 /// version of its plugin is renamed into place and the time until the first
 /// run on it is recorded (sorted).
+/// `jobhost publish` of a new version → the last of three in-process hosts'
+/// first `ok` run on it, `n` times. The hosts share nothing but the
+/// database; the publisher compiles without their cache (as from another
+/// machine), so each host compiles the new version itself.
+async fn publish_latency(url: &str, n: usize) -> anyhow::Result<Vec<Duration>> {
+    let dir = std::env::temp_dir().join(format!("jobhost-bench-publish-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let base = std::fs::read(guests::TEST_CORE_PROBE)?;
+    let version = |v: usize| {
+        let mut b = base.clone();
+        let tag = format!("\x15jobhost-bench-publish{v}");
+        b.push(0);
+        b.push(tag.len() as u8);
+        b.extend_from_slice(tag.as_bytes());
+        b
+    };
+    let pool = PgPoolOptions::new().max_connections(2).connect(url).await?;
+    let publisher = Arc::new(Runtime::new()?);
+    jobhost::published::publish(&pool, &publisher, "bench-probe", version(0), "bench").await?;
+    let mut toml = String::from(
+        "[host]\npool-size = 2\nwatch = false\nshutdown-grace = \"5s\"\nheartbeat = \"1s\"\n\n",
+    );
+    for i in 0..6 {
+        toml.push_str(&format!(
+            "[[job]]\nname = \"published-{i}\"\nplugin = \"published:bench-probe\"\nevery = \"200ms\"\n[job.config]\nmode = \"noop\"\n\n"
+        ));
+    }
+    std::fs::write(dir.join("jobs.toml"), toml)?;
+    let hosts = ["bench-pub-a", "bench-pub-b", "bench-pub-c"];
+    let mut running = Vec::new();
+    for id in hosts {
+        let config = jobhost::config::JobsConfig::from_file(dir.join("jobs.toml"))?;
+        let options = jobhost::HostOptions {
+            direct_url: None,
+            database_url: url.to_owned(),
+            host_id: id.into(),
+            demo: false,
+            clock_offset: TimeDelta::zero(),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let host = tokio::spawn(jobhost::run(config, options, async {
+            let _ = stopped.await;
+        }));
+        running.push((stop, host));
+    }
+    let mut latencies = Vec::with_capacity(n);
+    for v in 1..=n {
+        let bytes = version(v);
+        let sha = hex::encode(Sha256::digest(&bytes));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        jobhost::published::publish(&pool, &publisher, "bench-probe", bytes, "bench").await?;
+        let t = Instant::now();
+        loop {
+            let hosts_on_it: i64 = sqlx::query_scalar(
+                "select count(distinct host_id) from jobhost.runs
+                  where plugin_sha256 = $1 and outcome = 'ok' and host_id like 'bench-pub-%'",
+            )
+            .bind(&sha)
+            .fetch_one(&pool)
+            .await?;
+            if hosts_on_it == 3 {
+                break;
+            }
+            for (_, host) in &mut running {
+                if host.is_finished() {
+                    let ended = host.await?;
+                    anyhow::bail!("a publish benchmark host stopped: {ended:?}");
+                }
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                let seen: Vec<(String, String, String, i64)> = sqlx::query_as(
+                    "select host_id, left(plugin_sha256, 12), outcome, count(*) from jobhost.runs
+                      where host_id like 'bench-pub-%' group by 1, 2, 3 order by 1, 2",
+                )
+                .fetch_all(&pool)
+                .await?;
+                let errors: Vec<(String, Option<String>)> =
+                    sqlx::query_as("select host_id, error from jobhost.host_plugins")
+                        .fetch_all(&pool)
+                        .await?;
+                anyhow::bail!(
+                    "not every host ran published v{v} within 30 s: {seen:?}; {errors:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        latencies.push(t.elapsed());
+    }
+    for (stop, host) in running {
+        let _ = stop.send(());
+        host.await??;
+    }
+    pool.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    latencies.sort();
+    Ok(latencies)
+}
+
 async fn reload_latency(url: &str, n: usize) -> anyhow::Result<Vec<Duration>> {
     let dir = std::env::temp_dir().join(format!("jobhost-bench-reload-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
