@@ -475,8 +475,25 @@ pub struct SlotState {
     pub paused: bool,
 }
 
+/// What [`begin_run`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// The `running` row was inserted (its id): go on to the lock.
+    Run(i64),
+    /// Another session holds the job's lock now: nothing was written.
+    LockHeld,
+    /// The slot already succeeded: nothing was written.
+    SlotDone,
+}
+
 /// Inserts the `running` row of a run about to try the lock, committed on its
-/// own so that every host's `status` sees runs in progress. Returns its id.
+/// own so that every host's `status` sees runs in progress — unless the
+/// job's lock is held by another session right now, or the slot already
+/// succeeded, in which case it writes nothing and says which. In a fleet,
+/// the hosts that lose a slot mostly find one or the other, and then cost
+/// the database one read instead of an insert, a transaction and a delete
+/// (issue: fleets multiplied the database's work). The check is advisory:
+/// the lock, taken under the transaction that follows, still decides.
 ///
 /// Runs on the connection that will carry the run, *before* BEGIN, so the
 /// lock stays the first statement of the run's transaction.
@@ -494,26 +511,49 @@ pub async fn begin_run(
     slot: DateTime<Utc>,
     host_id: &str,
     plugin_sha256: &str,
-) -> sqlx::Result<i64> {
-    const SQL: &str = "with async_commit as (select set_config('synchronous_commit', 'off', true))
-         insert into jobhost.runs (job, slot, attempt, host_id, plugin_sha256, started_at, outcome, backend_pid)
-         select $1, $2, 0, $3, $4, clock_timestamp(), 'running', pg_backend_pid() from async_commit
-         returning id";
-    match pooler {
+    lock: crate::lock::LockKey,
+) -> sqlx::Result<Claim> {
+    // Two-int advisory locks show in pg_locks as classid = first int and
+    // objid = second, as unsigned oids, objsubid = 2.
+    const SQL: &str = "with async_commit as (select set_config('synchronous_commit', 'off', true)),
+         held as (
+            select exists (
+                select 1 from pg_locks l
+                 where l.locktype = 'advisory' and l.granted and l.objsubid = 2
+                   and l.database = (select oid from pg_database where datname = current_database())
+                   and l.classid::int8 = ($5::int8 & 4294967295)
+                   and l.objid::int8 = ($6::int8 & 4294967295)) as held
+         ),
+         done as (
+            select exists (
+                select 1 from jobhost.runs where job = $1 and slot = $2 and outcome = 'ok') as done
+         ),
+         claimed as (
+            insert into jobhost.runs (job, slot, attempt, host_id, plugin_sha256, started_at, outcome, backend_pid)
+            select $1, $2, 0, $3, $4, clock_timestamp(), 'running', pg_backend_pid()
+              from async_commit, held, done
+             where not held.held and not done.done
+            returning id
+         )
+         select (select id from claimed), (select held from held), (select done from done)";
+    let (id, held, done): (Option<i64>, bool, bool) = match pooler {
         // Prepared once per connection: the cheapest for Postgres.
         // pooler: not behind one (the other arm)
         Pooler::None => {
-            sqlx::query_scalar(SQL)
+            sqlx::query_as(SQL)
                 .bind(job)
                 .bind(slot)
                 .bind(host_id)
                 .bind(plugin_sha256)
+                .bind(lock.namespace)
+                .bind(lock.key)
                 .fetch_one(conn)
-                .await
+                .await?
         }
         // Outside a transaction a pooler may split a prepared statement's
         // parse and execute across server sessions: a simple query instead.
         Pooler::Transaction => {
+            use sqlx::Row as _;
             let sql = with_literals(
                 SQL,
                 &[
@@ -521,11 +561,25 @@ pub async fn begin_run(
                     timestamp_literal(slot),
                     quote_literal(host_id),
                     quote_literal(plugin_sha256),
+                    lock.namespace.to_string(),
+                    lock.key.to_string(),
                 ],
             );
-            simple_one(conn, sql).await
+            let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .fetch_all(conn)
+                .await?;
+            let row = rows.last().ok_or(sqlx::Error::RowNotFound)?;
+            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)
         }
-    }
+    };
+    Ok(match id {
+        Some(id) => Claim::Run(id),
+        None if done => Claim::SlotDone,
+        None => {
+            debug_assert!(held);
+            Claim::LockHeld
+        }
+    })
 }
 
 /// `sql` with its parameters `$1`, `$2`... replaced by `literals` (already

@@ -353,3 +353,53 @@ async fn the_lock_is_the_first_statement_of_the_plugins_transaction(pool: PgPool
     );
     assert_eq!(advisory_locks(&pool).await, 0, "COMMIT released it");
 }
+
+/// A host that loses a slot writes nothing (fleet efficiency): with the
+/// job's lock held elsewhere, or the slot already done, the run's claim reads
+/// and skips; no `running` row is inserted and deleted (the id sequence,
+/// which even a deleted row advances, does not move), and no transaction is
+/// opened for it.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_lost_slot_writes_nothing(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let runner = runner(&pool);
+    let job = probe("loser", "write");
+    finished(runner.run(&job, slot(1)).await.unwrap(), Outcome::Ok);
+    let ids = || async {
+        sqlx::query_scalar::<_, i64>("select last_value from jobhost.runs_id_seq")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    let before = ids().await;
+
+    // The slot already succeeded (on any host).
+    assert_eq!(
+        runner.run(&job, slot(1)).await.unwrap(),
+        RunResult::AlreadyDone
+    );
+    // Another session holds the job's lock.
+    let key = job.config.lock_key;
+    let mut other = pool.acquire().await.unwrap();
+    sqlx::query("select pg_advisory_lock($1, $2)")
+        .bind(key.namespace)
+        .bind(key.key)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    assert_eq!(
+        runner.run(&job, slot(2)).await.unwrap(),
+        RunResult::LockBusy
+    );
+    assert_eq!(
+        ids().await,
+        before,
+        "a lost slot inserted (and deleted) a row"
+    );
+    sqlx::query("select pg_advisory_unlock_all()")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    // And the slot still runs once the lock is free.
+    finished(runner.run(&job, slot(2)).await.unwrap(), Outcome::Ok);
+}

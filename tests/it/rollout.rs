@@ -86,7 +86,7 @@ async fn publish_reaches_every_host_and_rollback_returns(pool: PgPool) {
     );
 
     // Six jobs on the published plugin (so that each host wins some slots),
-    // and one whose runs last 1.5 s (so that one is in flight at the publish).
+    // and one whose runs last 3 s (so that one is in flight at the publish).
     let dir = std::env::temp_dir().join(format!("jobhost-rollout-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -99,7 +99,7 @@ async fn publish_reaches_every_host_and_rollback_returns(pool: PgPool) {
         ));
     }
     toml.push_str(
-        "[[job]]\nname = \"slow\"\nplugin = \"published:probe\"\nevery = \"1s\"\ntimeout = \"5s\"\n[job.config]\nmode = \"sleep\"\nsleep-ms = 1500\n",
+        "[[job]]\nname = \"slow\"\nplugin = \"published:probe\"\nevery = \"1s\"\ntimeout = \"5s\"\n[job.config]\nmode = \"sleep\"\nsleep-ms = 3000\n",
     );
     std::fs::write(dir.join("jobs.toml"), &toml).unwrap();
     let a = Host::spawn(&dir, &url, "a", &[]);
@@ -181,17 +181,32 @@ async fn publish_reaches_every_host_and_rollback_returns(pool: PgPool) {
         0,
         "the late host never ran the old version"
     );
-    // The run in flight at the publish finished, on v1, and says so.
-    let straddling: Vec<(String, String)> = sqlx::query_as(
-        "select plugin_sha256, outcome from jobhost.runs
-          where job = 'slow' and started_at < $1 and finished_at > $1",
+    // The run in flight when v2 became current finished, on v1, and says so.
+    let became_current: DateTime<Utc> =
+        sqlx::query_scalar("select published_at from jobhost.plugin_versions where sha256 = $1")
+            .bind(&sha2)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let straddling: Vec<(String, String)> = wait_for_some(
+        Duration::from_secs(10),
+        "the run in flight at the publish ends",
+        || async {
+            let rows: Vec<(String, String)> = sqlx::query_as(
+                "select plugin_sha256, outcome from jobhost.runs
+                  where job = 'slow' and started_at < $1
+                    and (finished_at > $1 or outcome = 'running')",
+            )
+            .bind(became_current)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            (!rows.is_empty() && rows.iter().all(|(_, o)| o != "running")).then_some(rows)
+        },
     )
-    .bind(t_publish)
-    .fetch_all(&pool)
-    .await
-    .unwrap();
+    .await;
     assert!(
-        !straddling.is_empty() && straddling.iter().all(|(s, o)| *s == sha1 && o == "ok"),
+        straddling.iter().all(|(s, o)| *s == sha1 && o == "ok"),
         "{straddling:?}"
     );
 

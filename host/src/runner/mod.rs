@@ -34,8 +34,9 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgConnectOptions;
+use sqlx::{PgPool, Postgres};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
@@ -250,21 +251,10 @@ impl Runner {
         slot: DateTime<Utc>,
     ) -> anyhow::Result<Result<Opened, RunResult>> {
         let name = job.config.name.as_str();
-        let mut conn = self
-            .pool
-            .acquire()
-            .await
-            .with_context(|| format!("job `{name}`: cannot get a connection"))?;
-        let run_id = db::begin_run(
-            &mut conn,
-            self.pooler,
-            name,
-            slot,
-            &self.host_id,
-            &job.plugin.sha256,
-        )
-        .await
-        .with_context(|| format!("job `{name}`: cannot record the run's start"))?;
+        let (conn, run_id) = match self.claim(job, slot).await? {
+            Ok(claimed) => claimed,
+            Err(skip) => return Ok(Err(skip)),
+        };
         let in_flight = self.in_flight.enter(run_id);
         tracing::Span::current().record("run_id", run_id);
         // The deadline rides in BEGIN's own query: the lock, taken next, is
@@ -312,6 +302,43 @@ impl Runner {
             },
             handle: TxHandle::new(tx, name.into(), job.config.max_rows, self.guard.clone()),
         }))
+    }
+
+    /// Step 1, for both lock modes: a pooled connection and the run's
+    /// `running` row, unless the job's lock is held elsewhere right now or
+    /// the slot already succeeded (then nothing is written: [`db::Claim`]).
+    async fn claim(
+        &self,
+        job: &Job,
+        slot: DateTime<Utc>,
+    ) -> anyhow::Result<Result<(PoolConnection<Postgres>, i64), RunResult>> {
+        let name = job.config.name.as_str();
+        let key = job.config.lock_key;
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .with_context(|| format!("job `{name}`: cannot get a connection"))?;
+        let claim = db::begin_run(
+            &mut conn,
+            self.pooler,
+            name,
+            slot,
+            &self.host_id,
+            &job.plugin.sha256,
+            key,
+        )
+        .await
+        .with_context(|| format!("job `{name}`: cannot record the run's start"))?;
+        Ok(match claim {
+            db::Claim::Run(id) => Ok((conn, id)),
+            db::Claim::LockHeld => {
+                // Losing the race for a slot is the normal case in a fleet.
+                debug!(job = %name, lock_key = %key, event = "lock_busy", "lock_busy: job lock held elsewhere, slot skipped");
+                Err(RunResult::LockBusy)
+            }
+            db::Claim::SlotDone => Err(RunResult::AlreadyDone),
+        })
     }
 
     /// Steps 6–7 of an `xact` run: judge what the body did, verify the

@@ -4,7 +4,9 @@
 //! it would pin a pooled connection and roll back every result on one failure.
 //! So:
 //!
-//! 1. the run's `running` row is inserted on a pooled connection, released at once;
+//! 1. the run's `running` row is inserted on a pooled connection, released at
+//!    once (nothing is written if the lock is held elsewhere or the slot is
+//!    done: `Runner::claim`);
 //! 2. a connection **not from the pool** is opened for this run, with
 //!    `idle_session_timeout` a little over two heartbeats from its startup
 //!    packet on (a host frozen at any point loses the lock within that, by
@@ -29,7 +31,6 @@
 
 use std::time::Duration;
 
-use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use sqlx::{Connection as _, PgConnection};
 use tokio_util::sync::CancellationToken;
@@ -47,22 +48,10 @@ impl Runner {
     ) -> anyhow::Result<RunResult> {
         let name = job.config.name.as_str();
         let key = job.config.lock_key;
-        let run_id = {
-            let mut conn = self
-                .pool
-                .acquire()
-                .await
-                .with_context(|| format!("job `{name}`: cannot get a connection"))?;
-            db::begin_run(
-                &mut conn,
-                self.pooler,
-                name,
-                slot,
-                &self.host_id,
-                &job.plugin.sha256,
-            )
-            .await
-            .with_context(|| format!("job `{name}`: cannot record the run's start"))?
+        // The pooled connection goes back at once: the lock gets its own.
+        let run_id = match self.claim(job, slot).await? {
+            Ok((_, run_id)) => run_id,
+            Err(skip) => return Ok(skip),
         };
         let _in_flight = self.in_flight.enter(run_id);
         tracing::Span::current().record("run_id", run_id);
