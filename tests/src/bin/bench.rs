@@ -315,6 +315,34 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     };
     let reload = reload_latency(url, if quick { 1 } else { 5 }).await?;
     let publish = publish_latency(url, if quick { 1 } else { 5 }).await?;
+    // Fleet efficiency: the same jobs on one host, then on three.
+    let writer = job(
+        "fleet-writer",
+        guests::TEST_CORE_PROBE,
+        &pooled_runtime,
+        &[("mode", "noop")],
+    )?;
+    let (fleet_jobs, fleet_secs) = if quick { (20, 3) } else { (300, 15) };
+    let one = fleet_work(
+        url,
+        &pool,
+        &pooled_runtime,
+        &writer,
+        1,
+        fleet_jobs,
+        fleet_secs,
+    )
+    .await?;
+    let three = fleet_work(
+        url,
+        &pool,
+        &pooled_runtime,
+        &writer,
+        3,
+        fleet_jobs,
+        fleet_secs,
+    )
+    .await?;
 
     // 5. Scheduler scale: K no-op jobs at a 1 s cadence on one host, first
     // all on the epoch-aligned grid (offset 0s), then with the default
@@ -516,6 +544,19 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         publish[publish.len() / 2].as_secs_f64() * 1e3,
         publish[0].as_secs_f64() * 1e3,
         publish[publish.len() - 1].as_secs_f64() * 1e3,
+    );
+    let _ = writeln!(
+        md,
+        "| 7 | fleet efficiency: database work per completed slot, {fleet_jobs} jobs at 1 s for {fleet_secs} s (server counters: transactions / row writes), 3 hosts vs 1 | {:.2} / {:.2} ({} slots) | {:.2} / {:.2} ({} slots) | {:.2}× / {:.2}× | ≤ 1.5× | {} |",
+        three.0,
+        three.1,
+        three.2,
+        one.0,
+        one.1,
+        one.2,
+        three.0 / one.0,
+        three.1 / one.1,
+        met(three.0 / one.0 <= 1.5 && three.1 / one.1 <= 1.5),
     );
     let _ = writeln!(
         md,
@@ -725,6 +766,78 @@ async fn publish_latency(url: &str, n: usize) -> anyhow::Result<Vec<Duration>> {
     let _ = std::fs::remove_dir_all(&dir);
     latencies.sort();
     Ok(latencies)
+}
+
+/// Database work per completed slot (server-side counters of this database:
+/// transactions committed and rolled back, rows inserted, updated and
+/// deleted) when `hosts` runners run the same `jobs` noop-writing jobs at
+/// 1 s for `secs`. Returns (transactions, row writes, completed slots).
+async fn fleet_work(
+    url: &str,
+    pool: &sqlx::PgPool,
+    runtime: &Arc<Runtime>,
+    writer: &Job,
+    hosts: usize,
+    jobs: usize,
+    secs: u64,
+) -> anyhow::Result<(f64, f64, i64)> {
+    let tag = format!("fleet{hosts}");
+    let second = Duration::from_secs(1);
+    let set: Vec<Job> = (0..jobs)
+        .map(|i| {
+            let mut j = writer.clone();
+            j.config.name = format!("{tag}-{i}");
+            j.config.lock_key = LockKey::derive(&j.config.name);
+            j.config.schedule = Schedule::Every {
+                period: second,
+                offset: Schedule::spread_offset(&j.config.name, second),
+            };
+            j
+        })
+        .collect();
+    // Counters a backend reports within a second of going idle.
+    let counters = || async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        sqlx::query_as::<_, (i64, i64)>(
+            "select xact_commit + xact_rollback, tup_inserted + tup_updated + tup_deleted
+               from pg_stat_database where datname = current_database()",
+        )
+        .fetch_one(pool)
+        .await
+    };
+    let mut pools = Vec::new();
+    for h in 0..hosts {
+        let p = PgPoolOptions::new().max_connections(4).connect(url).await?;
+        // Connected (and counted) before the window opens.
+        sqlx::query("select 1").execute(&p).await?;
+        pools.push((p, format!("bench-{tag}-{h}")));
+    }
+    let (tx0, w0) = counters().await?;
+    let mut scheds = Vec::new();
+    for (p, id) in &pools {
+        let runner = Runner::new(p.clone(), runtime.clone(), id);
+        scheds.push(tokio::spawn(jobhost::scheduler::run(
+            runner,
+            set.clone(),
+            Default::default(),
+            tokio::time::sleep(Duration::from_secs(secs)),
+        )));
+    }
+    for s in scheds {
+        s.await?;
+    }
+    for (p, _) in &pools {
+        p.close().await;
+    }
+    let (tx1, w1) = counters().await?;
+    let slots: i64 = sqlx::query_scalar(
+        "select count(*) from jobhost.runs where job like $1 and outcome = 'ok'",
+    )
+    .bind(format!("{tag}-%"))
+    .fetch_one(pool)
+    .await?;
+    let per = |d: i64| d as f64 / slots.max(1) as f64;
+    Ok((per(tx1 - tx0), per(w1 - w0), slots))
 }
 
 async fn reload_latency(url: &str, n: usize) -> anyhow::Result<Vec<Duration>> {
