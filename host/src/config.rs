@@ -108,6 +108,12 @@ pub struct HostToml {
     /// pooler such as PgBouncer `pool_mode = transaction`). See
     /// [`Pooler`].
     pub pooler: Option<Pooler>,
+    /// How long a host that is not a job's preferred host (rendezvous
+    /// hashing over the live fleet) waits before trying a slot, so that the
+    /// preferred one has it and the others write nothing (default 50ms;
+    /// "0s" turns the preference off).
+    #[serde(default, with = "humantime_serde::option")]
+    pub fleet_defer: Option<Duration>,
 }
 
 /// What stands between the host's pool (`DATABASE_URL`) and Postgres.
@@ -364,6 +370,9 @@ pub struct HostConfig {
     pub listen: Option<std::net::SocketAddr>,
     /// What `DATABASE_URL` leads to.
     pub pooler: Pooler,
+    /// How long a host that is not a job's preferred one waits before a
+    /// slot ([`crate::hosts::LiveHosts`]).
+    pub fleet_defer: Duration,
     /// Whether `JOBHOST_DIRECT_URL` is set (the environment's, not
     /// jobs.toml's: see [`JobsConfig::with_direct_url`]).
     pub direct_url: bool,
@@ -725,6 +734,7 @@ impl JobsToml {
                 listen: self.host.listen,
                 pooler: self.host.pooler.unwrap_or_default(),
                 direct_url: false,
+                fleet_defer: self.host.fleet_defer.unwrap_or(Duration::from_millis(50)),
             },
             jobs,
         })

@@ -39,6 +39,70 @@ impl Default for Liveness {
     }
 }
 
+/// The live hosts of the fleet as this host's last heartbeat saw them, and
+/// which of them is each job's *preferred* host: the one that tries a slot
+/// at its instant while the others wait [`LiveHosts::defer`] first. By then
+/// the preferred host holds the job's lock or has finished the slot, so the
+/// others' claim ([`crate::db::begin_run`]) finds that and writes nothing:
+/// a fleet costs the database about one host's writes. If the preferred
+/// host is dead, slow or lost the race, the slot runs `defer` late on
+/// another; the lock still decides, so correctness does not depend on this.
+///
+/// The preference is rendezvous hashing of (job, host id): every host
+/// computes the same answer from the same live set, and a host joining or
+/// leaving moves only its own share of the jobs.
+#[derive(Debug, Clone)]
+pub struct LiveHosts {
+    ids: Arc<std::sync::RwLock<Vec<String>>>,
+    /// How long a host that is not a job's preferred one waits.
+    pub defer: Duration,
+}
+
+impl LiveHosts {
+    /// An empty view (no preference: every host tries at the slot).
+    pub fn new(defer: Duration) -> Self {
+        Self {
+            ids: Arc::default(),
+            defer,
+        }
+    }
+
+    /// Replaces the live set (at each heartbeat).
+    pub fn set(&self, mut ids: Vec<String>) {
+        ids.sort();
+        *self.ids.write().unwrap_or_else(|p| p.into_inner()) = ids;
+    }
+
+    /// The host that tries `job`'s slots first, if the fleet has more than
+    /// one live host.
+    pub fn preferred(&self, job: &str) -> Option<String> {
+        let ids = self.ids.read().unwrap_or_else(|p| p.into_inner());
+        if ids.len() < 2 {
+            return None;
+        }
+        ids.iter().max_by_key(|id| rendezvous(job, id)).cloned()
+    }
+
+    /// How long `host_id` waits before trying a slot of `job`.
+    pub fn wait_before(&self, job: &str, host_id: &str) -> Duration {
+        match self.preferred(job) {
+            Some(p) if p != host_id => self.defer,
+            _ => Duration::ZERO,
+        }
+    }
+}
+
+/// A stable score of (job, host): the same on every host and version.
+fn rendezvous(job: &str, host: &str) -> u64 {
+    use sha2::{Digest as _, Sha256};
+    let digest = Sha256::new()
+        .chain_update(job.as_bytes())
+        .chain_update([0])
+        .chain_update(host.as_bytes())
+        .finalize();
+    u64::from_be_bytes(digest[..8].try_into().unwrap_or([0; 8]))
+}
+
 /// The ids of this host's runs in flight (their `running` rows).
 #[derive(Debug, Clone, Default)]
 pub struct InFlight(Arc<Mutex<HashSet<i64>>>);
@@ -127,12 +191,15 @@ pub async fn latest_reload_request(pool: &PgPool) -> sqlx::Result<i64> {
 }
 
 /// What one heartbeat found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Beat {
     /// This host's `running` rows no task runs any more, now marked `lost`.
     pub marked_lost: u64,
     /// The latest reload request (`jobhost reload`), 0 if none.
     pub latest_reload: i64,
+    /// The live hosts (seen within `lost_after`, not stopped), this one
+    /// included.
+    pub live: Vec<String>,
 }
 
 /// One heartbeat: `last_seen` now, and this host's `running` rows that no
@@ -146,6 +213,7 @@ pub async fn beat(
     in_flight: &[i64],
     settle: Duration,
     reload_seen: i64,
+    lost_after: Duration,
 ) -> sqlx::Result<Beat> {
     use sqlx::Row as _;
     let in_flight = in_flight
@@ -167,8 +235,13 @@ pub async fn beat(
                and started_at < clock_timestamp() - make_interval(secs => {settle})
             returning 1
          )
-         select count(*), (select coalesce(max(id), 0) from jobhost.reload_requests) from orphans",
+         select count(*), (select coalesce(max(id), 0) from jobhost.reload_requests),
+                (select coalesce(string_agg(id, chr(31)), '') from jobhost.hosts
+                  where stopped_at is null
+                    and (id = {host} or last_seen > clock_timestamp() - make_interval(secs => {lost_after})))
+           from orphans",
         settle = settle.as_secs_f64(),
+        lost_after = lost_after.as_secs_f64(),
     );
     let mut conn = pool.acquire().await?;
     let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
@@ -176,9 +249,15 @@ pub async fn beat(
         .await?;
     let row = rows.last().ok_or(sqlx::Error::RowNotFound)?;
     let marked: i64 = row.try_get(0)?;
+    let live: String = row.try_get(2)?;
     Ok(Beat {
         marked_lost: u64::try_from(marked).unwrap_or(0),
         latest_reload: row.try_get(1)?,
+        live: live
+            .split('\u{1f}')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
     })
 }
 
@@ -195,20 +274,39 @@ pub async fn stop(pool: &PgPool, host_id: &str) -> sqlx::Result<()> {
     Ok(())
 }
 
+/// What the heartbeat task works with.
+pub struct Heartbeat {
+    /// The host's pool.
+    pub pool: PgPool,
+    /// This host.
+    pub host_id: String,
+    /// Its cadence, and when others count as dead.
+    pub liveness: Liveness,
+    /// This host's runs in flight.
+    pub in_flight: InFlight,
+    /// The latest reload request the running job set covers.
+    pub reload_seen: i64,
+    /// Where newer reload requests go (the reload watch).
+    pub reloads: tokio::sync::mpsc::Sender<&'static str>,
+    /// The live-host view this heartbeat keeps current.
+    pub live: LiveHosts,
+}
+
 /// Heartbeats until `stop` is cancelled. A failed beat is logged and retried
 /// at the next one: the database being away is what liveness measures.
 /// A reload request newer than `reload_seen` is passed to `reloads` (the
 /// reload watch), which is how `jobhost reload` reaches a host that cannot
 /// LISTEN, and any host whose listener missed it.
-pub async fn heartbeat(
-    pool: PgPool,
-    host_id: String,
-    liveness: Liveness,
-    in_flight: InFlight,
-    mut reload_seen: i64,
-    reloads: tokio::sync::mpsc::Sender<&'static str>,
-    stop: CancellationToken,
-) {
+pub async fn heartbeat(h: Heartbeat, stop: CancellationToken) {
+    let Heartbeat {
+        pool,
+        host_id,
+        liveness,
+        in_flight,
+        mut reload_seen,
+        reloads,
+        live,
+    } = h;
     let mut failing = false;
     loop {
         tokio::select! {
@@ -221,10 +319,12 @@ pub async fn heartbeat(
             &in_flight.snapshot(),
             liveness.heartbeat,
             reload_seen,
+            liveness.lost_after,
         )
         .await
         {
             Ok(beat) => {
+                live.set(beat.live.clone());
                 if failing {
                     tracing::info!(host_id = %host_id, "host heartbeat recovered");
                     failing = false;
@@ -311,4 +411,46 @@ pub async fn fleet(pool: &PgPool, lost_after: Duration) -> sqlx::Result<Vec<Host
             },
         )
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every host computes the same preferred host from the same live set;
+    /// jobs spread over the hosts; a host leaving moves only its own jobs.
+    #[test]
+    fn rendezvous_preference_is_shared_spread_and_stable() {
+        let view = LiveHosts::new(Duration::from_millis(50));
+        view.set(vec!["c".into(), "a".into(), "b".into()]);
+        let other = LiveHosts::new(Duration::from_millis(50));
+        other.set(vec!["b".into(), "c".into(), "a".into()]);
+        let jobs: Vec<String> = (0..300).map(|i| format!("job-{i}")).collect();
+        let mut per_host = std::collections::HashMap::new();
+        for j in &jobs {
+            let p = view.preferred(j).unwrap();
+            assert_eq!(other.preferred(j).as_ref(), Some(&p), "{j}");
+            *per_host.entry(p).or_insert(0) += 1;
+        }
+        assert_eq!(per_host.len(), 3);
+        assert!(per_host.values().all(|n| *n > 60), "{per_host:?}");
+        let before: Vec<String> = jobs.iter().map(|j| view.preferred(j).unwrap()).collect();
+        view.set(vec!["a".into(), "b".into()]);
+        for (j, was) in jobs.iter().zip(&before) {
+            if was != "c" {
+                assert_eq!(&view.preferred(j).unwrap(), was, "{j} moved");
+            }
+        }
+        assert_eq!(
+            view.wait_before("job-1", &view.preferred("job-1").unwrap()),
+            Duration::ZERO
+        );
+        let alone = LiveHosts::new(Duration::from_millis(50));
+        alone.set(vec!["a".into()]);
+        assert_eq!(
+            alone.wait_before("job-1", "z"),
+            Duration::ZERO,
+            "no preference alone"
+        );
+    }
 }

@@ -195,20 +195,25 @@ pub async fn run(
             )
         })?;
     let metrics = Arc::new(metrics::Metrics::new());
+    let live = hosts::LiveHosts::new(config.host.fleet_defer);
     let runner = Runner::new(pool.clone(), runtime.clone(), &options.host_id)
         .with_connections(direct.clone(), config.host.pooler)
+        .with_live_hosts(live.clone())
         .with_liveness(config.host.liveness)
         .with_session_baseline(session_baseline)
         .with_metrics(metrics.clone());
     let stop_heartbeat = tokio_util::sync::CancellationToken::new();
     let (reload_requests, polled_reloads) = tokio::sync::mpsc::channel(1);
     let heartbeat = tokio::spawn(hosts::heartbeat(
-        pool.clone(),
-        options.host_id.clone(),
-        config.host.liveness,
-        runner.in_flight(),
-        reload_seen,
-        reload_requests,
+        hosts::Heartbeat {
+            pool: pool.clone(),
+            host_id: options.host_id.clone(),
+            liveness: config.host.liveness,
+            in_flight: runner.in_flight(),
+            reload_seen,
+            reloads: reload_requests,
+            live,
+        },
         stop_heartbeat.clone(),
     ));
     let scheduler_options = scheduler::SchedulerOptions {

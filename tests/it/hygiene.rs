@@ -364,6 +364,7 @@ async fn running_rows_are_judged_by_host_liveness(pool: PgPool) {
         &in_flight.snapshot(),
         Duration::from_secs(5),
         0,
+        Duration::from_secs(30),
     )
     .await
     .unwrap();

@@ -123,6 +123,8 @@ pub struct Runner {
     direct: Option<PgConnectOptions>,
     /// What the pool leads to.
     pooler: Pooler,
+    /// The fleet's live hosts, for the preferred-host deferral.
+    live: crate::hosts::LiveHosts,
 }
 
 impl Runner {
@@ -141,7 +143,15 @@ impl Runner {
             direct: Some((*pool.connect_options()).clone()),
             pool,
             pooler: Pooler::None,
+            live: crate::hosts::LiveHosts::new(std::time::Duration::ZERO),
         }
+    }
+
+    /// Lets a job's preferred host try each slot first (see
+    /// [`crate::hosts::LiveHosts`]); the view is the heartbeat's.
+    pub fn with_live_hosts(mut self, live: crate::hosts::LiveHosts) -> Self {
+        self.live = live;
+        self
     }
 
     /// Where `session` locks are taken (`direct`, see
@@ -194,6 +204,11 @@ impl Runner {
     /// [`OpenTx`]), and takes the run out of the host's in-flight set, so
     /// the host's next heartbeat marks its `running` row `lost`.
     pub async fn run(&self, job: &Job, slot: DateTime<Utc>) -> anyhow::Result<RunResult> {
+        // Not this job's preferred host: let that one go first.
+        let wait = self.live.wait_before(&job.config.name, &self.host_id);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
         // What every event of the run carries (and a JSON log shows).
         let span = info_span!(
             "run",

@@ -812,10 +812,14 @@ async fn fleet_work(
         sqlx::query("select 1").execute(&p).await?;
         pools.push((p, format!("bench-{tag}-{h}")));
     }
+    // The live-host view each host's heartbeat would keep: all of them.
+    let ids: Vec<String> = pools.iter().map(|(_, id)| id.clone()).collect();
     let (tx0, w0) = counters().await?;
     let mut scheds = Vec::new();
     for (p, id) in &pools {
-        let runner = Runner::new(p.clone(), runtime.clone(), id);
+        let live = jobhost::hosts::LiveHosts::new(Duration::from_millis(50));
+        live.set(ids.clone());
+        let runner = Runner::new(p.clone(), runtime.clone(), id).with_live_hosts(live);
         scheds.push(tokio::spawn(jobhost::scheduler::run(
             runner,
             set.clone(),
