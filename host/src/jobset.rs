@@ -44,6 +44,7 @@ pub async fn load(
         })
         .collect();
     let mut jobs = Vec::with_capacity(config.jobs.len());
+    let mut hashed: HashMap<std::path::PathBuf, String> = HashMap::new();
     for job in &config.jobs {
         if let Some(name) = &job.published
             && job
@@ -57,13 +58,22 @@ pub async fn load(
                 crate::config::PUBLISHED
             );
         }
-        let sha = file_sha256(&job.plugin).with_context(|| {
-            format!(
-                "job `{}`: cannot read plugin `{}`",
-                job.name,
-                job.plugin.display()
-            )
-        })?;
+        // Each distinct file is read and hashed once per load (a thousand
+        // jobs on one plugin hash it once).
+        let sha = match hashed.get(&job.plugin) {
+            Some(sha) => sha.clone(),
+            None => {
+                let sha = file_sha256(&job.plugin).with_context(|| {
+                    format!(
+                        "job `{}`: cannot read plugin `{}`",
+                        job.name,
+                        job.plugin.display()
+                    )
+                })?;
+                hashed.insert(job.plugin.clone(), sha.clone());
+                sha
+            }
+        };
         let key = (sha, job.max_memory_bytes);
         let plugin = match loaded.get(&key) {
             Some(p) => p.at(&job.plugin),

@@ -69,23 +69,24 @@ impl Fingerprint {
     /// (not as the files are now: a change between the load and the first
     /// look must still be seen as one).
     fn running(config_path: &Path, config_sha256: &str, jobs: &[Job]) -> Self {
-        Self(
-            std::iter::once((config_path.to_owned(), Some(config_sha256.to_owned())))
-                .chain(
-                    jobs.iter()
-                        .map(|j| (j.config.plugin.clone(), Some(j.plugin.sha256.clone()))),
-                )
-                .collect(),
-        )
+        let mut seen = vec![(config_path.to_owned(), Some(config_sha256.to_owned()))];
+        for j in jobs {
+            if !seen.iter().any(|(p, _)| *p == j.config.plugin) {
+                seen.push((j.config.plugin.clone(), Some(j.plugin.sha256.clone())));
+            }
+        }
+        Self(seen)
     }
 
+    /// Each distinct file of `files` hashed once.
     fn of(files: &[PathBuf]) -> Self {
-        Self(
-            files
-                .iter()
-                .map(|f| (f.clone(), crate::jobset::file_sha256(f).ok()))
-                .collect(),
-        )
+        let mut seen: Vec<(PathBuf, Option<String>)> = Vec::new();
+        for f in files {
+            if !seen.iter().any(|(p, _)| p == f) {
+                seen.push((f.clone(), crate::jobset::file_sha256(f).ok()));
+            }
+        }
+        Self(seen)
     }
 
     /// The files whose content differs from `before` (or that are new).
@@ -135,9 +136,14 @@ impl Reloader {
 
     /// `jobs.toml` and every current plugin file.
     pub fn files(&self) -> Vec<PathBuf> {
-        std::iter::once(self.config_path.clone())
-            .chain(self.jobs.iter().map(|j| j.config.plugin.clone()))
-            .collect()
+        let mut files = vec![self.config_path.clone()];
+        // Once each: a thousand jobs on one plugin watch (and hash) one file.
+        for job in &self.jobs {
+            if !files.contains(&job.config.plugin) {
+                files.push(job.config.plugin.clone());
+            }
+        }
+        files
     }
 
     /// Reloads if the content of `jobs.toml` or of a plugin changed since the

@@ -59,6 +59,16 @@ const QUICK: Sizes = Sizes {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    // A child of the memory row (8): load N jobs sharing one plugin, report.
+    if let Some(i) = args.iter().position(|a| a == "--footprint") {
+        let n: usize = args
+            .get(i + 1)
+            .context("--footprint N PLUGIN CACHE")?
+            .parse()?;
+        let plugin = args.get(i + 2).context("--footprint N PLUGIN CACHE")?;
+        let cache = args.get(i + 3).context("--footprint N PLUGIN CACHE")?;
+        return footprint_child(n, Path::new(plugin), Path::new(cache)).await;
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let out = args
         .iter()
@@ -313,6 +323,20 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
             }
         }
     };
+    // Memory grows with plugins, not with jobs: N jobs sharing one plugin,
+    // each count in a fresh process (warm compile cache).
+    let mut footprints = Vec::new();
+    let counts: &[usize] = if quick { &[1, 100] } else { &[1, 100, 1000] };
+    for &n in counts {
+        footprints.push((
+            "Rust probe (233 KB)",
+            n,
+            footprint(n, Path::new(guests::TEST_CORE_PROBE))?,
+        ));
+    }
+    if let Some(path) = large.as_ref().and_then(|_| build_python_noop().ok()) {
+        footprints.push(("Python noop (18 MB)", 10, footprint(10, &path)?));
+    }
     let reload = reload_latency(url, if quick { 1 } else { 5 }).await?;
     let publish = publish_latency(url, if quick { 1 } else { 5 }).await?;
     // Fleet efficiency: the same jobs on one host, then on three.
@@ -349,21 +373,23 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     // name-derived offsets: the same run shows what spreading buys.
     let aligned = scale(url, None, &pool, &pooled_runtime, &noop, s, false).await?;
     let spread = scale(url, None, &pool, &pooled_runtime, &noop, s, true).await?;
-    let spread_pooled = match &pooled_url {
-        Some(u) => Some(
-            scale(
+    // The same two through PgBouncer (pooler mode), when it is installed.
+    let mut pooled_scales = Vec::new();
+    if let Some(u) = &pooled_url {
+        for spread in [false, true] {
+            let r = scale(
                 u,
                 Some(Pooler::Transaction),
                 &pool,
                 &pooled_runtime,
                 &noop,
                 s,
-                true,
+                spread,
             )
-            .await?,
-        ),
-        None => None,
-    };
+            .await?;
+            pooled_scales.push(r);
+        }
+    }
 
     // The report.
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
@@ -473,9 +499,9 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         }
     }
     let mut scales = vec![("5a", &aligned, ""), ("5b", &spread, "")];
-    if let Some(r) = &spread_pooled {
+    for (label, r) in ["5a′", "5b′"].into_iter().zip(&pooled_scales) {
         scales.push((
-            "5b′",
+            label,
             r,
             " through PgBouncer (transaction mode, 10 server connections)",
         ));
@@ -558,6 +584,20 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         three.1 / one.1,
         met(three.0 / one.0 <= 1.5 && three.1 / one.1 <= 1.5),
     );
+    for (what, n, (start, after, before)) in &footprints {
+        let _ = writeln!(
+            md,
+            "| 8 | host start with {n} job(s) sharing one plugin, {what}, warm compile cache: load time; process RSS after (before) the load | {:.0} ms; {:.0} MB ({:.0} MB) | | | 1,000 jobs ≤ 0.5 s, ≤ 100 MB | {} |",
+            start.as_secs_f64() * 1e3,
+            *after as f64 / 1024.0,
+            *before as f64 / 1024.0,
+            if *n == 1000 {
+                met(start.as_secs_f64() <= 0.5 && *after as f64 / 1024.0 <= 100.0)
+            } else {
+                ""
+            },
+        );
+    }
     let _ = writeln!(
         md,
         "\nRaw: no-op plugin {:?}, native {:?} per run (means); hash {plugin_h:?} vs {native_h:?} for {rows} rows; {} SQL calls: wit {wit:?} (no-op runs {wit_noop:?}), direct {direct:?} (no-op runs {direct_noop:?}); instantiate on-demand {od_mean:?}, pooling {po_mean:?}; scale: aligned {} lag samples, CPU {:.2} s over {:.1} s; spread {} lag samples, CPU {:.2} s over {:.1} s.",
@@ -842,6 +882,72 @@ async fn fleet_work(
     .await?;
     let per = |d: i64| d as f64 / slots.max(1) as f64;
     Ok((per(tx1 - tx0), per(w1 - w0), slots))
+}
+
+/// Runs this binary as `--footprint n plugin cache` (after one warm-up that
+/// fills the compile cache) and returns (start-up, RSS after load, RSS
+/// before load) of the child.
+fn footprint(n: usize, plugin: &Path) -> anyhow::Result<(Duration, u64, u64)> {
+    let cache =
+        std::env::temp_dir().join(format!("jobhost-bench-footprint-{}", std::process::id()));
+    let run = |n: usize| -> anyhow::Result<(Duration, u64, u64)> {
+        let out = std::process::Command::new(std::env::current_exe()?)
+            .args(["--footprint", &n.to_string()])
+            .arg(plugin)
+            .arg(&cache)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "footprint child failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v: Vec<u64> = text
+            .split_whitespace()
+            .map(|x| x.parse())
+            .collect::<Result<_, _>>()?;
+        anyhow::ensure!(v.len() == 3, "footprint child said `{text}`");
+        Ok((Duration::from_micros(v[0]), v[1], v[2]))
+    };
+    run(1)?; // warm the compile cache
+    run(n)
+}
+
+/// The child side of [`footprint`]: a host's start for `n` jobs on one
+/// plugin (the engine, then the job set's load), printing microseconds, RSS
+/// after and RSS before the load, in KiB.
+async fn footprint_child(n: usize, plugin: &Path, cache: &Path) -> anyhow::Result<()> {
+    let rss_kib = || -> u64 {
+        std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|s| {
+                s.split_whitespace()
+                    .nth(1)
+                    .and_then(|p| p.parse::<u64>().ok())
+            })
+            .map_or(0, |pages| pages * 4)
+    };
+    let dir = cache.join(format!("jobs-{n}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut toml = String::from("[host]\nwatch = false\n\n");
+    for i in 0..n {
+        toml.push_str(&format!(
+            "[[job]]\nname = \"job-{i}\"\nplugin = {:?}\nevery = \"1s\"\n\n",
+            plugin.display().to_string()
+        ));
+    }
+    std::fs::write(dir.join("jobs.toml"), toml)?;
+    let config = jobhost::config::JobsConfig::from_file(dir.join("jobs.toml"))?;
+    let runtime = Arc::new(Runtime::with_options(Some(&cache.join("compiled")), false)?);
+    let before = rss_kib();
+    let t = Instant::now();
+    let jobs = jobhost::load_jobs(&runtime, &config).await?;
+    let elapsed = t.elapsed();
+    let after = rss_kib();
+    anyhow::ensure!(jobs.len() == n);
+    println!("{} {after} {before}", elapsed.as_micros());
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }
 
 async fn reload_latency(url: &str, n: usize) -> anyhow::Result<Vec<Duration>> {
