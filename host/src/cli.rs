@@ -253,18 +253,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status => {
             let pool = inspect_pool(&database_url()?, &config, &host_id).await?;
-            let rows = inspect::status(&pool, &config).await.map_err(|e| {
-                // 42P01 undefined_table: no host has ever started on this database.
-                let missing = e
-                    .as_database_error()
-                    .is_some_and(|d| d.code().as_deref() == Some("42P01"));
-                let e = anyhow::Error::new(e);
-                if missing {
-                    e.context("no run history in this database (schema `jobhost` is missing): start a host on it once, which applies the migrations")
-                } else {
-                    e.context("cannot read the run history")
-                }
-            })?;
+            let rows = inspect::status(&pool, &config)
+                .await
+                .map_err(|e| schema_error(e, "no run history", "cannot read the run history"))?;
             print!("{}", inspect::render_status(&rows));
             let fleet = inspect::fleet(&pool, &config)
                 .await
@@ -364,15 +355,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let rows = crate::published::list(&pool, config.host.liveness.lost_after)
                 .await
                 .map_err(|e| {
-                    let missing = e
-                        .as_database_error()
-                        .is_some_and(|d| d.code().as_deref() == Some("42P01"));
-                    let e = anyhow::Error::new(e);
-                    if missing {
-                        e.context("no published plugins in this database (schema `jobhost` is missing or old): start a host on it once, which applies the migrations")
-                    } else {
-                        e.context("cannot read the published plugins")
-                    }
+                    schema_error(
+                        e,
+                        "no published plugins",
+                        "cannot read the published plugins",
+                    )
                 })?;
             print!("{}", crate::published::render_list(&rows));
             Ok(ExitCode::SUCCESS)
@@ -386,6 +373,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", operate::paused_message(&job, false, changed));
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// An operator command's database error; a missing table (42P01
+/// undefined_table: no host of this version has started on this database)
+/// says what to do instead.
+fn schema_error(e: sqlx::Error, missing: &str, otherwise: &str) -> anyhow::Error {
+    let undefined = e
+        .as_database_error()
+        .is_some_and(|d| d.code().as_deref() == Some("42P01"));
+    let e = anyhow::Error::new(e);
+    if undefined {
+        e.context(format!(
+            "{missing} in this database (schema `jobhost` is missing or older than this jobhost): start a host on it once, which applies the migrations"
+        ))
+    } else {
+        e.context(otherwise.to_owned())
     }
 }
 

@@ -555,21 +555,17 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
             );
         }
     }
-    let _ = writeln!(
-        md,
-        "| 6′ | reload latency: new plugin renamed into place → first run on it (debounce 100 ms, 200 ms cadence), median of {} (range) | {:.0} ms ({:.0}–{:.0}) | | | (not a target) | |",
-        reload.len(),
-        reload[reload.len() / 2].as_secs_f64() * 1e3,
-        reload[0].as_secs_f64() * 1e3,
-        reload[reload.len() - 1].as_secs_f64() * 1e3,
+    latency_row(
+        &mut md,
+        "6′",
+        "reload latency: new plugin renamed into place → first run on it (debounce 100 ms, 200 ms cadence)",
+        &reload,
     );
-    let _ = writeln!(
-        md,
-        "| 6‴ | rollout: `jobhost publish` returns → the last of 3 hosts' first run on the new version (hosts compile it themselves; LISTEN; 200 ms cadence), median of {} (range) | {:.0} ms ({:.0}–{:.0}) | | | (not a target) | |",
-        publish.len(),
-        publish[publish.len() / 2].as_secs_f64() * 1e3,
-        publish[0].as_secs_f64() * 1e3,
-        publish[publish.len() - 1].as_secs_f64() * 1e3,
+    latency_row(
+        &mut md,
+        "6‴",
+        "rollout: `jobhost publish` returns → the last of 3 hosts' first run on the new version (hosts compile it themselves; LISTEN; 200 ms cadence)",
+        &publish,
     );
     let _ = writeln!(
         md,
@@ -709,6 +705,19 @@ fn plugin_startup(path: &Path, n: usize) -> anyhow::Result<(Duration, Duration, 
 /// Reload latency, `n` times: an in-process host with one 200 ms job; a new
 /// version of its plugin is renamed into place and the time until the first
 /// run on it is recorded (sorted).
+/// A row of sorted latencies: median and range.
+fn latency_row(md: &mut String, label: &str, what: &str, sorted: &[Duration]) {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let _ = writeln!(
+        md,
+        "| {label} | {what}, median of {} (range) | {:.0} ms ({:.0}–{:.0}) | | | (not a target) | |",
+        sorted.len(),
+        ms(sorted[sorted.len() / 2]),
+        ms(sorted[0]),
+        ms(sorted[sorted.len() - 1]),
+    );
+}
+
 /// `jobhost publish` of a new version → the last of three in-process hosts'
 /// first `ok` run on it, `n` times. The hosts share nothing but the
 /// database; the publisher compiles without their cache (as from another
