@@ -13,20 +13,6 @@ use sqlx::PgPool;
 use crate::fleet::Host;
 use crate::support::*;
 
-/// The probe component with a custom section appended: a valid component
-/// that behaves the same, with other bytes (another version).
-fn variant(of: &[u8], tag: &str) -> Vec<u8> {
-    let name = b"jobhost-test-version";
-    let mut payload = vec![name.len() as u8];
-    payload.extend_from_slice(name);
-    payload.extend_from_slice(tag.as_bytes());
-    let mut out = of.to_vec();
-    out.push(0); // custom section
-    out.push(u8::try_from(payload.len()).unwrap()); // LEB128, < 128
-    out.extend_from_slice(&payload);
-    out
-}
-
 fn sha(bytes: &[u8]) -> String {
     use sha2::Digest as _;
     hex::encode(sha2::Sha256::digest(bytes))
@@ -67,7 +53,7 @@ async fn publish_reaches_every_host_and_rollback_returns(pool: PgPool) {
     create_probe_table(&pool).await;
     let url = database_url(&pool).await;
     let v1 = std::fs::read(guests::TEST_CORE_PROBE).unwrap();
-    let v2 = variant(&v1, "v2");
+    let v2 = jobhost_tests::probe_variant("v2");
     let (sha1, sha2) = (sha(&v1), sha(&v2));
     let runtime = runtime();
 

@@ -22,6 +22,22 @@ pub fn with_database(url: &str, db: &str) -> String {
     }
 }
 
+/// The test probe component with a custom section (`jobhost-test-version`,
+/// `tag`) appended: a valid component that behaves the same, with other
+/// bytes and so another SHA-256 (another version of "the same" plugin).
+pub fn probe_variant(tag: &str) -> Vec<u8> {
+    let name = b"jobhost-test-version";
+    let mut payload = vec![name.len() as u8];
+    payload.extend_from_slice(name);
+    payload.extend_from_slice(tag.as_bytes());
+    assert!(payload.len() < 128, "one LEB128 byte of section size");
+    let mut out = std::fs::read(guests::TEST_CORE_PROBE).expect("the probe component");
+    out.push(0); // custom section
+    out.push(payload.len() as u8);
+    out.extend_from_slice(&payload);
+    out
+}
+
 /// A job configuration for tests and benchmarks: `xact`, every 1 s, 20 s
 /// timeout, 64 MiB, no role, no HTTP, no retries; `config` as given.
 pub fn job_config(name: &str, plugin: &str, config: &[(&str, &str)]) -> jobhost::config::JobConfig {

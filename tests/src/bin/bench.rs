@@ -726,15 +726,7 @@ async fn publish_latency(url: &str, n: usize) -> anyhow::Result<Vec<Duration>> {
     let dir = std::env::temp_dir().join(format!("jobhost-bench-publish-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let base = std::fs::read(guests::TEST_CORE_PROBE)?;
-    let version = |v: usize| {
-        let mut b = base.clone();
-        let tag = format!("\x15jobhost-bench-publish{v}");
-        b.push(0);
-        b.push(tag.len() as u8);
-        b.extend_from_slice(tag.as_bytes());
-        b
-    };
+    let version = |v: usize| jobhost_tests::probe_variant(&format!("bench-publish-{v}"));
     let pool = PgPoolOptions::new().max_connections(2).connect(url).await?;
     let publisher = Arc::new(Runtime::new()?);
     jobhost::published::publish(&pool, &publisher, "bench-probe", version(0), "bench").await?;
@@ -963,16 +955,8 @@ async fn reload_latency(url: &str, n: usize) -> anyhow::Result<Vec<Duration>> {
     let dir = std::env::temp_dir().join(format!("jobhost-bench-reload-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let base = std::fs::read(guests::TEST_CORE_PROBE)?;
     // A custom section makes a new file (and sha256) that behaves the same.
-    let version = |v: usize| {
-        let mut b = base.clone();
-        let tag = format!("\x15jobhost-bench-version{v}");
-        b.push(0);
-        b.push(tag.len() as u8);
-        b.extend_from_slice(tag.as_bytes());
-        b
-    };
+    let version = |v: usize| jobhost_tests::probe_variant(&format!("bench-reload-{v}"));
     std::fs::write(dir.join("probe.wasm"), version(0))?;
     std::fs::write(
         dir.join("jobs.toml"),
