@@ -45,8 +45,9 @@ impl Default for Liveness {
 /// the preferred host holds the job's lock or has finished the slot, so the
 /// others' claim ([`crate::db::begin_run`]) finds that and writes nothing:
 /// a fleet costs the database about one host's writes. If the preferred
-/// host is dead, slow or lost the race, the slot runs `defer` late on
-/// another; the lock still decides, so correctness does not depend on this.
+/// host is dead, slow, lost the race or does not run the job at all (hosts
+/// with different `jobs.toml`s), the slot runs `defer` late on another; the
+/// lock still decides, so correctness does not depend on this.
 ///
 /// The preference is rendezvous hashing of (job, host id): every host
 /// computes the same answer from the same live set, and a host joining or
