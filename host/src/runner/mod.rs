@@ -1,10 +1,14 @@
 //! The run path: one slot of one job, from BEGIN to COMMIT. Read top-down
 //! (`Runner::run` → `open` → the plugin → `close`):
 //!
+//! 0. if another live host is the job's preferred one, wait `fleet-defer`
+//!    first ([`crate::hosts::LiveHosts`]);
 //! 1. take a pooled connection and insert the run's `running` row (committed on
 //!    its own, asynchronously, so every host's `status` shows runs in flight;
-//!    see [`db::begin_run`] for why that is safe); the run enters this host's
-//!    in-flight set ([`crate::hosts`]);
+//!    see [`db::begin_run`] for why that is safe) — or, if the job's lock is
+//!    held elsewhere or the slot already succeeded, write nothing and skip
+//!    (`Runner::claim`); the run enters this host's in-flight set
+//!    ([`crate::hosts`]);
 //! 2. `BEGIN` with the run's deadline (`statement_timeout`,
 //!    `idle_in_transaction_session_timeout`) in the same simple query
 //!    ([`crate::tx::OpenTx`]), so the lock is bounded from the instant it is
