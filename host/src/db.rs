@@ -747,19 +747,23 @@ pub async fn slot_history(
 /// Writes a run's final outcome. Inside the job's transaction, an `ok` commits
 /// atomically with the work it describes.
 pub async fn finish_run(conn: &mut PgConnection, id: i64, run: &RunRecord<'_>) -> sqlx::Result<()> {
-    sqlx::raw_sql(sqlx::AssertSqlSafe(finish_run_sql(id, run)))
+    let sql = record_sql(id, run.attempt, run.outcome, run.message);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
         .execute(conn)
         .await?;
     Ok(())
 }
 
-/// The statement that writes a run's final outcome, for a simple query.
-pub fn finish_run_sql(id: i64, run: &RunRecord<'_>) -> String {
+/// `UPDATE` of a run's row to its outcome, with literals (it rides in a
+/// multi-statement simple query, which cannot take parameters).
+pub fn record_sql(run_id: i64, attempt: i32, outcome: Outcome, message: &str) -> String {
+    // Postgres text cannot hold NUL; a plugin's message can.
+    let message = message.replace('\0', "\u{fffd}");
     format!(
-        "update jobhost.runs set attempt = {}, outcome = '{}', message = {}, finished_at = clock_timestamp() where id = {id}",
-        run.attempt,
-        run.outcome.as_str(),
-        quote_literal(run.message),
+        "update jobhost.runs set attempt = {attempt}, outcome = {}, message = {}, \
+         finished_at = pg_catalog.clock_timestamp() where id = {run_id}",
+        quote_literal(outcome.as_str()),
+        quote_literal(&message)
     )
 }
 

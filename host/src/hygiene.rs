@@ -160,19 +160,6 @@ pub fn commit_session_sql(
     )
 }
 
-/// `UPDATE` of a run's row to its outcome, with literals (it rides in a
-/// multi-statement simple query, which cannot take parameters).
-pub fn record_sql(run_id: i64, attempt: i32, outcome: Outcome, message: &str) -> String {
-    // Postgres text cannot hold NUL; a plugin's message can.
-    let message = message.replace('\0', "\u{fffd}");
-    format!(
-        "update jobhost.runs set attempt = {attempt}, outcome = {}, message = {}, \
-         finished_at = pg_catalog.clock_timestamp() where id = {run_id}",
-        quote_literal(outcome.as_str()),
-        quote_literal(&message)
-    )
-}
-
 /// The closing statements of an `xact` run whose plugin succeeded: host scope,
 /// the check (only if a statement of the plugin's reached the connection:
 /// `touched`), the `ok` record, COMMIT.
@@ -193,7 +180,7 @@ pub fn commit_ok_sql(
     format!(
         "{};\n{};\ncommit",
         host_scope_checked(job.role.as_deref(), &check),
-        record_sql(run_id, attempt, Outcome::Ok, message)
+        crate::db::record_sql(run_id, attempt, Outcome::Ok, message)
     )
 }
 
@@ -203,7 +190,7 @@ pub fn commit_ok_sql(
 pub fn commit_failure_sql(run_id: i64, attempt: i32, outcome: Outcome, message: &str) -> String {
     format!(
         "rollback to savepoint jobhost_work;\n{HOST_SEARCH_PATH};\n{};\ncommit",
-        record_sql(run_id, attempt, outcome, message)
+        crate::db::record_sql(run_id, attempt, outcome, message)
     )
 }
 

@@ -641,7 +641,7 @@ async fn hygiene_cost(
     );
     let without = format!(
         "set local search_path = pg_catalog, pg_temp;\n{};\ncommit",
-        hygiene::record_sql(run_id, 1, jobhost::db::Outcome::Ok, "bench")
+        jobhost::db::record_sql(run_id, 1, jobhost::db::Outcome::Ok, "bench")
     );
     let (mut a, mut b) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for _ in 0..n {
