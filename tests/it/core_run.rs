@@ -79,8 +79,14 @@ async fn error_result_and_trap_roll_back_and_are_recorded(pool: PgPool) {
         Outcome::Trap,
     );
     assert!(
-        msg.contains("deliberate panic"),
-        "the panic message reaches the history: {msg}"
+        msg.starts_with("panicked at ")
+            && msg.contains("src/lib.rs:")
+            && msg.contains(": deliberate panic (plugin trapped: "),
+        "the panic message comes first in the history: {msg}"
+    );
+    assert!(
+        !msg.contains("wasm backtrace"),
+        "the backtrace goes to the log: {msg}"
     );
 
     assert_eq!(

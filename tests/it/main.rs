@@ -12,6 +12,7 @@ mod dashboard;
 mod fleet;
 mod hygiene;
 mod loading;
+mod polyglot;
 mod pooler;
 mod reference_jobs;
 mod reload;

@@ -223,3 +223,71 @@ async fn query_one_and_query_opt_count_rows(pool: PgPool) {
     );
     assert_eq!(empty, "null");
 }
+
+/// Types without a `value` case of their own arrive as `other` with the text
+/// Postgres's output function gives them (what psql shows), never as binary
+/// wire bytes: an `int4[]` or an `interval` used to arrive as its binary form,
+/// NULs and all, because those bytes happened to be valid UTF-8.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn other_types_arrive_in_their_text_form(pool: PgPool) {
+    sqlx::raw_sql(
+        "create type mood as enum ('happy', 'sad');
+         create type pair as (n int4, label text);",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let report = query(
+        &pool,
+        "select '1 day 2 hours 3.5 seconds'::interval as iv,
+                array[1, 2, null]::int4[] as ints,
+                array['a b', 'c']::text[] as texts,
+                int4range(1, 5) as r,
+                tstzrange('2024-01-01 00:00+00', null) as tr,
+                'sad'::mood as m,
+                '192.168.0.1/24'::inet as ip,
+                '12.34'::money as cash,
+                row(7, 'x y')::pair as p,
+                'infinity'::date as forever,
+                '08:00:2b:01:02:03'::macaddr as mac
+           from generate_series(1, 2)",
+        json!([]),
+    )
+    .await;
+    let row = json!([
+        ["other", ["interval", "1 day 02:00:03.5"]],
+        ["other", ["int4[]", "{1,2,NULL}"]],
+        ["other", ["text[]", "{\"a b\",c}"]],
+        ["other", ["int4range", "[1,5)"]],
+        ["other", ["tstzrange", "[\"2024-01-01 00:00:00+00\",)"]],
+        ["other", ["mood", "sad"]],
+        ["other", ["inet", "192.168.0.1/24"]],
+        ["other", ["money", "$12.34"]],
+        ["other", ["pair", "(7,\"x y\")"]],
+        ["other", ["date", "infinity"]],
+        ["other", ["macaddr", "08:00:2b:01:02:03"]]
+    ]);
+    assert_eq!(report["rows"], json!([row, row]), "{report}");
+
+    // More cells than one rendering batch holds, and an `other` value sent
+    // back as a parameter: the text goes through the type's input function.
+    let report = query(
+        &pool,
+        "select (i || ' minutes')::interval as iv from generate_series(1, 150) i",
+        json!([]),
+    )
+    .await;
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 150);
+    assert_eq!(rows[149], json!([["other", ["interval", "02:30:00"]]]));
+    let report = query(
+        &pool,
+        "select $1::interval * 2 as twice",
+        json!([["other", ["interval", "1 day 02:00:03.5"]]]),
+    )
+    .await;
+    assert_eq!(
+        report["rows"],
+        json!([[["other", ["interval", "2 days 04:00:07"]]]])
+    );
+}

@@ -195,3 +195,177 @@ pub mod pgbouncer {
             .unwrap_or(false)
     }
 }
+
+/// Builds the Python and JavaScript plugins under `plugins/python` and
+/// `plugins/js` with their toolchains (componentize-py, componentize-js),
+/// pinned by `./dev test` and `.ci/run`.
+///
+/// A build takes 10–20 s, so components are cached by content: the key is the
+/// SHA-256 of the plugin's sources, of `wit/` and of the tool's version, in
+/// `$HOME/.cache/jobhost-polyglot` (outside the clone, so a fresh clone reuses
+/// it and an edited source rebuilds).
+pub mod polyglot {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+    use std::sync::Mutex;
+
+    use anyhow::Context as _;
+    use sha2::{Digest as _, Sha256};
+
+    /// A guest language with a component toolchain.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Lang {
+        /// componentize-py; the module is `app.py`.
+        Python,
+        /// componentize-js; the module is `app.js`.
+        Js,
+    }
+
+    impl Lang {
+        fn dir(self) -> &'static str {
+            match self {
+                Lang::Python => "python",
+                Lang::Js => "js",
+            }
+        }
+    }
+
+    /// The pinned toolchain versions (`.ci/run` and `./dev test` install these).
+    pub const COMPONENTIZE_PY: &str = "0.25.1";
+    /// See [`COMPONENTIZE_PY`].
+    pub const COMPONENTIZE_JS: &str = "0.23.0";
+
+    fn root() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    }
+
+    fn cache_dir() -> PathBuf {
+        std::env::var_os("JOBHOST_POLYGLOT_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                let home = std::env::var_os("HOME").map_or_else(std::env::temp_dir, PathBuf::from);
+                home.join(".cache/jobhost-polyglot")
+            })
+    }
+
+    /// The componentize-js launcher: `$JOBHOST_COMPONENTIZE_JS`, else the
+    /// copy `./dev test` installs under `$HOME/.cache/jobhost-tools`, else PATH.
+    pub fn componentize_js() -> PathBuf {
+        if let Some(p) = std::env::var_os("JOBHOST_COMPONENTIZE_JS") {
+            return p.into();
+        }
+        let home = std::env::var_os("HOME").map(PathBuf::from);
+        let local = home.map(|h| h.join(".cache/jobhost-tools/node_modules/.bin/componentize-js"));
+        match local {
+            Some(p) if p.exists() => p,
+            _ => "componentize-js".into(),
+        }
+    }
+
+    fn tool(lang: Lang) -> (PathBuf, &'static str) {
+        match lang {
+            Lang::Python => ("componentize-py".into(), COMPONENTIZE_PY),
+            Lang::Js => (componentize_js(), COMPONENTIZE_JS),
+        }
+    }
+
+    fn tool_version(lang: Lang) -> anyhow::Result<String> {
+        let (exe, pinned) = tool(lang);
+        let out = Command::new(&exe)
+            .arg("--version")
+            .output()
+            .with_context(|| {
+                format!(
+                    "{} is not installed; `./dev test` installs version {pinned}",
+                    exe.display()
+                )
+            })?;
+        let version = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        anyhow::ensure!(
+            version.contains(pinned),
+            "{} is version `{version}`, the tests pin {pinned}; `./dev test` installs it",
+            exe.display()
+        );
+        Ok(version)
+    }
+
+    fn hash_tree(h: &mut Sha256, dir: &Path) -> anyhow::Result<()> {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .collect::<Result<_, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let path = e.path();
+            let name = e.file_name();
+            if name == "__pycache__" || name == "node_modules" {
+                continue;
+            }
+            if path.is_dir() {
+                hash_tree(h, &path)?;
+            } else {
+                h.update(name.as_encoded_bytes());
+                h.update(std::fs::read(&path)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds (or takes from the cache) `plugins/<lang>/<name>` for `world`
+    /// (`xact-plugin` or `session-plugin`); returns the component's path.
+    pub fn build(lang: Lang, name: &str, world: &str) -> anyhow::Result<PathBuf> {
+        // One build at a time in this process: the tests ask concurrently.
+        static BUILDING: Mutex<()> = Mutex::new(());
+        let _one = BUILDING.lock().unwrap_or_else(|p| p.into_inner());
+        let src = root().join("plugins").join(lang.dir()).join(name);
+        let wit = root().join("wit");
+        let version = tool_version(lang)?;
+        let mut h = Sha256::new();
+        h.update(version.as_bytes());
+        h.update(world.as_bytes());
+        hash_tree(&mut h, &src)?;
+        hash_tree(&mut h, &wit)?;
+        let key = hex::encode(&h.finalize()[..12]);
+        let dir = cache_dir();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let out = dir.join(format!("{}-{name}-{key}.wasm", lang.dir()));
+        if out.exists() {
+            return Ok(out);
+        }
+        let tmp = dir.join(format!(
+            "{}-{name}-{key}.{}.tmp",
+            lang.dir(),
+            std::process::id()
+        ));
+        let (exe, _) = tool(lang);
+        let mut cmd = Command::new(&exe);
+        cmd.current_dir(&src);
+        match lang {
+            Lang::Python => cmd
+                .arg("-d")
+                .arg(&wit)
+                .args(["-w", world, "componentize", "app", "-o"])
+                .arg(&tmp),
+            Lang::Js => cmd
+                .arg("app.js")
+                .arg("--wit")
+                .arg(&wit)
+                .args(["-n", world, "-o"])
+                .arg(&tmp),
+        };
+        let output = cmd
+            .output()
+            .with_context(|| format!("running {}", exe.display()))?;
+        anyhow::ensure!(
+            output.status.success(),
+            "building {} failed ({}):\n{}{}",
+            src.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        std::fs::rename(&tmp, &out)?;
+        // componentize-py leaves bytecode beside the sources.
+        let _ = std::fs::remove_dir_all(src.join("__pycache__"));
+        Ok(out)
+    }
+}

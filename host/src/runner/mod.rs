@@ -51,7 +51,9 @@ use crate::hosts::{InFlight, Liveness};
 use crate::hygiene;
 use crate::metrics::Metrics;
 use crate::runtime::bindings::types::Context;
-use crate::runtime::{Closed, Invocation, Lent, Plugin, Returned, RunLimits, Runtime, TxHandle};
+use crate::runtime::{
+    Closed, Invocation, Lent, Plugin, Returned, RunLimits, Runtime, TrapReport, TxHandle,
+};
 use crate::tx::OpenTx;
 
 #[cfg(feature = "bench")]
@@ -504,7 +506,11 @@ impl Runner {
                 (Outcome::Error, m)
             }
             (Returned::Trap(trap), _) => {
-                let mut m = format!("plugin trapped: {trap:#}");
+                let report = TrapReport::new(&trap, &invocation.output);
+                if let Some(backtrace) = &report.backtrace {
+                    debug!(target: "jobhost::plugin", job = %name, %backtrace, "plugin trapped");
+                }
+                let mut m = report.message();
                 if m.contains(crate::runtime::MEMORY_LIMIT_TRAP) {
                     m = format!(
                         "plugin exceeded its memory limit of {} MiB ({m})",
@@ -512,7 +518,7 @@ impl Runner {
                     );
                 }
                 let tail = last_lines(&invocation.output, 5);
-                if !tail.is_empty() {
+                if report.guest.is_none() && !tail.is_empty() {
                     m.push_str("; output: ");
                     m.push_str(&tail);
                 }

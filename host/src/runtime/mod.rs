@@ -31,6 +31,7 @@ mod output;
 mod plugin;
 pub mod sql;
 mod store;
+mod trap;
 mod values;
 
 use std::path::Path;
@@ -47,6 +48,7 @@ pub use invoke::{Invocation, Lent, Returned, RunLimits};
 pub use plugin::{Plugin, PluginError, PluginKind};
 pub use sql::{Closed, LockHolder, SessionHandle, TxHandle, TxScope};
 pub use store::{MEMORY_LIMIT_TRAP, RunState};
+pub use trap::TrapReport;
 
 /// How often the epoch advances: the granularity at which a busy guest yields.
 const EPOCH_TICK: Duration = Duration::from_millis(5);

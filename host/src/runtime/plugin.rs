@@ -120,6 +120,31 @@ pub enum PluginKind {
     Session,
 }
 
+impl PluginKind {
+    /// The function a plugin of this kind exports, and its WIT signature.
+    fn export(self) -> (&'static str, &'static str) {
+        match self {
+            PluginKind::Xact => (
+                "xact-job.run",
+                "run: func(ctx: context, tx: borrow<transaction>) -> result<report, failure>",
+            ),
+            PluginKind::Session => (
+                "session-job.run-long",
+                "run-long: func(ctx: context, session: borrow<session>) -> result<report, failure>",
+            ),
+        }
+    }
+}
+
+/// Whether starting a plugin failed because an export it names has another
+/// signature (wasmtime checks the types of the exports the host calls when
+/// it instantiates, without naming the function): not a trap of the guest.
+fn is_signature_mismatch(e: &wasmtime::Error) -> bool {
+    e.downcast_ref::<wasmtime::Trap>().is_none()
+        && e.chain()
+            .any(|c| c.to_string().starts_with("type mismatch"))
+}
+
 impl std::fmt::Debug for Plugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Plugin")
@@ -169,7 +194,7 @@ impl Runtime {
             })?;
         let wrong_world = |reason: String| PluginError::WrongWorld {
             path: path.to_owned(),
-            reason,
+            reason: format!("{reason}; {}", built_against(&self.engine, &component)),
         };
         let instance_pre = self
             .linker
@@ -194,6 +219,12 @@ impl Runtime {
                     needed_mib: needed as f64 / (1 << 20) as f64,
                     limit_mib: max_memory_bytes >> 20,
                 },
+                None if is_signature_mismatch(&source) => {
+                    let (function, expected) = kind.export();
+                    wrong_world(format!(
+                        "its function `{function}` does not have the type this host calls, `{expected}`: {source:#}"
+                    ))
+                }
                 None => PluginError::Init {
                     path: path.to_owned(),
                     source,
@@ -224,5 +255,34 @@ impl Runtime {
         // this thread suffices (loading may run outside any tokio runtime).
         futures_executor::block_on(pre.instantiate(&mut store))
             .map_err(|e| (e, store.data().limits.refused))
+    }
+}
+
+/// Which versions of the `jobhost:plugin` package a component was built
+/// against, read from the names of its imports and exports
+/// (`jobhost:plugin/xact-job@0.2.0`), for load errors: a plugin built against
+/// another contract says so, next to the version this host speaks.
+fn built_against(engine: &wasmtime::Engine, component: &Component) -> String {
+    let ty = component.component_type();
+    let names = ty
+        .imports(engine)
+        .map(|(name, _)| name)
+        .chain(ty.exports(engine).map(|(name, _)| name));
+    let mut versions: Vec<String> = names
+        .filter_map(|name| {
+            let rest = name.strip_prefix("jobhost:plugin/")?;
+            let version = rest.split_once('@').map_or("(unversioned)", |(_, v)| v);
+            Some(format!("jobhost:plugin@{version}"))
+        })
+        .collect();
+    versions.sort();
+    versions.dedup();
+    if versions.is_empty() {
+        format!("the plugin uses no interface of jobhost:plugin; this host speaks {WIT_PACKAGE}")
+    } else {
+        format!(
+            "the plugin was built against {}; this host speaks {WIT_PACKAGE}",
+            versions.join(" and ")
+        )
     }
 }

@@ -18,7 +18,14 @@
 //!    types' own input functions (so `'2024-05-01 10:00+02'` means what it means
 //!    in psql). That query runs only when a statement needs it.
 //!
-//! Results are decoded by column type into the matching `value` case.
+//! Results are decoded by column type into the matching `value` case. A type
+//! without a case of its own (interval, arrays, ranges, enums, inet, money,
+//! composites...) arrives in the binary format too, which is no text a plugin
+//! can read even when its bytes happen to be valid UTF-8 (an `int4[]` is
+//! mostly NULs). Those cells are rendered by Postgres's own output functions:
+//! one `select $1::text, $2::text, ...` per batch of such cells, with each
+//! value sent back in the binary form it came in, declared with its own type.
+//! That query runs only when a result holds such a cell.
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -351,17 +358,76 @@ pub async fn query(
     max_rows: usize,
 ) -> Result<RowSet, StatementError> {
     let (args, columns) = bind(conn, sql, params).await?;
-    let mut stream = conn.fetch(sqlx::query_with(sqlx::AssertSqlSafe(sql.to_owned()), args));
     let mut rows = Vec::new();
-    while let Some(row) = stream.try_next().await? {
-        if rows.len() == max_rows {
-            return Err(StatementError::TooManyRows(max_rows));
+    let mut unrendered = Vec::new();
+    {
+        let mut stream = conn.fetch(sqlx::query_with(sqlx::AssertSqlSafe(sql.to_owned()), args));
+        while let Some(row) = stream.try_next().await? {
+            if rows.len() == max_rows {
+                return Err(StatementError::TooManyRows(max_rows));
+            }
+            rows.push(decode_row(&row, rows.len(), &mut unrendered)?);
         }
-        rows.push(decode_row(&row)?);
     }
+    render_others(conn, &mut rows, unrendered).await?;
     Ok(RowSet { columns, rows })
 }
 
+/// A result cell of a type without a `value` case of its own, still in the
+/// binary form the server sent; `render_others` asks the server for its text.
+struct Unrendered {
+    row: usize,
+    column: usize,
+    oid: u32,
+    bytes: Vec<u8>,
+}
+
+/// Parameters per rendering query: bounds its size, and keeps the number of
+/// distinct statements (cached per connection) small.
+const RENDER_BATCH: usize = 64;
+
+/// Fills in the text of every `other` cell by Postgres's output functions
+/// (see the module docs).
+async fn render_others(
+    conn: &mut PgConnection,
+    rows: &mut [Vec<Value>],
+    cells: Vec<Unrendered>,
+) -> Result<(), StatementError> {
+    for batch in cells.chunks(RENDER_BATCH) {
+        // sqlx caches a prepared statement by its text, with the parameter
+        // types of its first use: the types go into the text (as a comment)
+        // so that another mix of types is another statement.
+        let mut select = String::from("select ");
+        for n in 1..=batch.len() {
+            if n > 1 {
+                select.push_str(", ");
+            }
+            let _ = write!(select, "${n}::text");
+        }
+        let oids: Vec<String> = batch.iter().map(|c| c.oid.to_string()).collect();
+        let _ = write!(select, " /* {} */", oids.join(" "));
+        let mut args = PgArguments::default();
+        for cell in batch {
+            args.add(RawParam {
+                oid: cell.oid,
+                bytes: Some(cell.bytes.clone()),
+            })
+            .map_err(sqlx::Error::Encode)?;
+        }
+        let row = sqlx::query_with(sqlx::AssertSqlSafe(select), args)
+            .fetch_one(&mut *conn)
+            .await?;
+        for (n, cell) in batch.iter().enumerate() {
+            let text: String = row.try_get(n)?;
+            if let Some(Value::Other((_, slot))) =
+                rows.get_mut(cell.row).and_then(|r| r.get_mut(cell.column))
+            {
+                *slot = text;
+            }
+        }
+    }
+    Ok(())
+}
 /// Runs a statement and returns the rows it affected.
 pub async fn execute(
     conn: &mut PgConnection,
@@ -375,23 +441,47 @@ pub async fn execute(
     Ok(done.rows_affected())
 }
 
-fn decode_row(row: &PgRow) -> Result<Vec<Value>, sqlx::Error> {
+fn decode_row(
+    row: &PgRow,
+    index: usize,
+    unrendered: &mut Vec<Unrendered>,
+) -> Result<Vec<Value>, sqlx::Error> {
     (0..row.len())
-        .map(|i| decode_cell(row.try_get_raw(i)?).map_err(sqlx::Error::Decode))
+        .map(|column| {
+            let value = row.try_get_raw(column)?;
+            match decode_cell(value.clone()).map_err(sqlx::Error::Decode)? {
+                Some(v) => Ok(v),
+                None => {
+                    let ty = value.type_info().into_owned();
+                    unrendered.push(Unrendered {
+                        row: index,
+                        column,
+                        oid: ty.oid().map_or(oid::UNSPECIFIED, |o| o.0),
+                        bytes: value.as_bytes().map_err(sqlx::Error::Decode)?.to_vec(),
+                    });
+                    // The text is filled in by `render_others`.
+                    Ok(Value::Other((
+                        ty.name().to_ascii_lowercase(),
+                        String::new(),
+                    )))
+                }
+            }
+        })
         .collect()
 }
 
-fn decode_cell(v: PgValueRef<'_>) -> Result<Value, sqlx::error::BoxDynError> {
+/// Decodes a cell into its `value` case; `None` for a type without one, whose
+/// text the server renders afterwards.
+fn decode_cell(v: PgValueRef<'_>) -> Result<Option<Value>, sqlx::error::BoxDynError> {
     use sqlx::Decode as _;
     if v.is_null() {
-        return Ok(Value::Null);
+        return Ok(Some(Value::Null));
     }
     let ty: Cow<'_, PgTypeInfo> = v.type_info();
-    let ty = ty.into_owned();
     let oid = ty.oid().map_or(oid::UNSPECIFIED, |o| o.0);
     let bytes = v.as_bytes()?;
     let utf8 = || String::from_utf8(bytes.to_vec());
-    Ok(match oid {
+    Ok(Some(match oid {
         oid::BOOL => Value::Boolean(bool::decode(v)?),
         oid::INT2 => Value::Int2(i16::decode(v)?),
         oid::INT4 => Value::Int4(i32::decode(v)?),
@@ -406,35 +496,47 @@ fn decode_cell(v: PgValueRef<'_>) -> Result<Value, sqlx::error::BoxDynError> {
             bytes.get(1..).unwrap_or_default().to_vec(),
         )?),
         oid::UUID => Value::Uuid(uuid::Uuid::decode(v)?.to_string()),
-        // Dates and times outside chrono's range (or ±infinity) fall through to
-        // `other` below rather than failing the statement.
-        oid::DATE => match chrono::NaiveDate::decode(v.clone()) {
-            Ok(d) => Value::Date(d.format("%Y-%m-%d").to_string()),
-            Err(_) => other(&ty, bytes),
+        // Dates and times outside chrono's range (and ±infinity) are rendered
+        // by the server as `other`. Decoded here, not by sqlx: its chrono
+        // decoders panic on `infinity` (they add days to an epoch unchecked).
+        oid::DATE => match date(bytes) {
+            Some(d) => Value::Date(d.format("%Y-%m-%d").to_string()),
+            None => return Ok(None),
         },
         oid::TIME => Value::Time(
             chrono::NaiveTime::decode(v)?
                 .format("%H:%M:%S%.f")
                 .to_string(),
         ),
-        oid::TIMESTAMP => match chrono::NaiveDateTime::decode(v.clone()) {
-            Ok(d) => Value::Timestamp(d.format("%Y-%m-%dT%H:%M:%S%.f").to_string()),
-            Err(_) => other(&ty, bytes),
+        oid::TIMESTAMP => match timestamp(bytes) {
+            Some(d) => Value::Timestamp(d.format("%Y-%m-%dT%H:%M:%S%.f").to_string()),
+            None => return Ok(None),
         },
-        oid::TIMESTAMPTZ => match chrono::DateTime::<chrono::Utc>::decode(v.clone()) {
-            Ok(d) => Value::Timestamptz(d.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
-            Err(_) => other(&ty, bytes),
+        oid::TIMESTAMPTZ => match timestamp(bytes) {
+            Some(d) => Value::Timestamptz(
+                d.and_utc()
+                    .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+            ),
+            None => return Ok(None),
         },
-        _ => other(&ty, bytes),
-    })
+        _ => return Ok(None),
+    }))
 }
 
-fn other(ty: &PgTypeInfo, bytes: &[u8]) -> Value {
-    let text = match std::str::from_utf8(bytes) {
-        Ok(s) => s.to_owned(),
-        Err(_) => format!("\\x{}", hex::encode(bytes)),
-    };
-    Value::Other((ty.name().to_ascii_lowercase(), text))
+/// The days since 2000-01-01 of a binary `date`, if chrono can hold it.
+fn date(bytes: &[u8]) -> Option<chrono::NaiveDate> {
+    let days = i32::from_be_bytes(bytes.try_into().ok()?);
+    chrono::NaiveDate::from_ymd_opt(2000, 1, 1)?
+        .checked_add_signed(chrono::TimeDelta::try_days(days.into())?)
+}
+
+/// The microseconds since 2000-01-01 of a binary `timestamp` or
+/// `timestamptz` (UTC), if chrono can hold it.
+fn timestamp(bytes: &[u8]) -> Option<chrono::NaiveDateTime> {
+    let micros = i64::from_be_bytes(bytes.try_into().ok()?);
+    chrono::NaiveDate::from_ymd_opt(2000, 1, 1)?
+        .and_hms_opt(0, 0, 0)?
+        .checked_add_signed(chrono::TimeDelta::microseconds(micros))
 }
 
 /// Renders Postgres's binary `numeric` as its exact decimal text.
