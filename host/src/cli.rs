@@ -1,4 +1,5 @@
-//! The command line: `jobhost [run]`, `check`, `status`, `locks`, `reload`.
+//! The command line: `jobhost [run]`, `check`, `status`, `locks`, `reload`,
+//! `run-now`, `history`, `pause`/`resume`, `publish`/`rollback`/`plugins`, `new`.
 //!
 //! Lives in the library so the binary stays a one-liner and tests can run the
 //! exact CLI in a child process.
@@ -138,6 +139,22 @@ enum Command {
     /// Published plugins: versions (hash, size, published at and by), which
     /// is current, and which live hosts run which.
     Plugins,
+    /// Write a working plugin skeleton NAME (in DIR/NAME) and add its job to
+    /// the configuration (`--config`, created if missing).
+    New {
+        /// The plugin's and the job's name.
+        name: String,
+        /// The plugin's language.
+        #[arg(long, value_enum)]
+        lang: crate::scaffold::Lang,
+        /// The directory the plugin's directory is created in.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The Rust SDK (`plugins/sdk` of a jobhost checkout); found above
+        /// DIR when not given.
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
 }
 
 /// Entry point of the binary: arguments, tracing, a runtime, the command.
@@ -197,6 +214,25 @@ pub async fn run_cli(args: impl IntoIterator<Item = OsString>) -> anyhow::Result
 
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // `new` writes files and needs no configuration (it may create it).
+    if let Some(Command::New {
+        name,
+        lang,
+        dir,
+        sdk,
+    }) = &cli.command
+    {
+        let req = crate::scaffold::NewPlugin {
+            name: name.clone(),
+            lang: *lang,
+            dir: dir.clone(),
+            config: cli.config.clone(),
+            sdk: sdk.clone(),
+        };
+        let written = crate::scaffold::new_plugin(&req)?;
+        print!("{}", crate::scaffold::render(&written, &req));
+        return Ok(ExitCode::SUCCESS);
+    }
     let command = cli.command.as_ref().unwrap_or(&Command::Run);
     // Operators' commands read the database only: the plugin files may be
     // on other machines.
@@ -210,7 +246,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         | Command::Resume { .. }
         | Command::Publish { .. }
         | Command::Rollback { .. }
-        | Command::Plugins => PluginFiles::NotNeeded,
+        | Command::Plugins
+        | Command::New { .. } => PluginFiles::NotNeeded,
     };
     let config = JobsConfig::read(&cli.config, files)?.with_direct_url(cli.direct_url.is_some());
     let database_url = || {
@@ -350,6 +387,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::New { .. } => unreachable!("`new` returns before the configuration is read"),
         Command::Plugins => {
             let pool = inspect_pool(&database_url()?, &config, &host_id).await?;
             let rows = crate::published::list(&pool, config.host.liveness.lost_after)

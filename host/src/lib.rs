@@ -23,7 +23,8 @@
 //!   which `running` rows are lost and which lock holders are alive.
 //! - [`runtime`]: a narrow layer over wasmtime: the engine (`mod.rs`),
 //!   loading a plugin (`plugin.rs`), one run's store (`store.rs`), one call
-//!   (`invoke.rs`), and the capabilities a plugin is granted (`sql`, `log`,
+//!   (`invoke.rs`), what a trap means for the history (`trap.rs`), the
+//!   values between WIT and Postgres (`values.rs`), and the capabilities a plugin is granted (`sql`, `log`,
 //!   an empty WASI, `http`). It does not know about locks or history.
 //! - [`runner`]: one slot of one job, from BEGIN through lock, plugin call,
 //!   COMMIT/ROLLBACK — the path every invariant hangs on (`open` → invoke →
@@ -44,6 +45,8 @@
 //! - [`serve`]: `[host] listen`: `/metrics`, `/healthz`, the read-only
 //!   dashboard.
 //! - [`operate`]: `run-now`, `history`, `pause`/`resume` (what they do).
+//! - [`scaffold`]: `jobhost new NAME --lang rust|python|js`, a plugin
+//!   skeleton and its `jobs.toml` entry (templates in `host/templates/new`).
 //! - [`cli`]: the command line (the binary is a one-line `main`).
 //! - [`demo`]: demo tables and rows for the reference jobs (never created by a
 //!   production start).
@@ -73,6 +76,7 @@ pub mod published;
 pub mod reload;
 pub mod runner;
 pub mod runtime;
+pub mod scaffold;
 pub mod schedule;
 pub mod scheduler;
 pub mod serve;

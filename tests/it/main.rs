@@ -18,6 +18,7 @@ mod reference_jobs;
 mod reload;
 mod rollout;
 mod sandbox;
+mod scaffold;
 mod scheduling;
 mod session;
 mod values;

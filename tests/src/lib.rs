@@ -311,19 +311,29 @@ pub mod polyglot {
     }
 
     /// Builds (or takes from the cache) `plugins/<lang>/<name>` for `world`
-    /// (`xact-plugin` or `session-plugin`); returns the component's path.
+    /// (`xact-plugin` or `session-plugin`) against the repository's `wit/`;
+    /// returns the component's path.
     pub fn build(lang: Lang, name: &str, world: &str) -> anyhow::Result<PathBuf> {
+        let src = root().join("plugins").join(lang.dir()).join(name);
+        build_dir(lang, &src, &root().join("wit"), world)
+    }
+
+    /// [`build`] of the module in `src` (`app.py` or `app.js`) against the
+    /// WIT package in `wit`.
+    pub fn build_dir(lang: Lang, src: &Path, wit: &Path, world: &str) -> anyhow::Result<PathBuf> {
         // One build at a time in this process: the tests ask concurrently.
         static BUILDING: Mutex<()> = Mutex::new(());
         let _one = BUILDING.lock().unwrap_or_else(|p| p.into_inner());
-        let src = root().join("plugins").join(lang.dir()).join(name);
-        let wit = root().join("wit");
+        let name = src
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("a plugin directory with a name")?;
         let version = tool_version(lang)?;
         let mut h = Sha256::new();
         h.update(version.as_bytes());
         h.update(world.as_bytes());
-        hash_tree(&mut h, &src)?;
-        hash_tree(&mut h, &wit)?;
+        hash_tree(&mut h, src)?;
+        hash_tree(&mut h, wit)?;
         let key = hex::encode(&h.finalize()[..12]);
         let dir = cache_dir();
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -338,17 +348,17 @@ pub mod polyglot {
         ));
         let (exe, _) = tool(lang);
         let mut cmd = Command::new(&exe);
-        cmd.current_dir(&src);
+        cmd.current_dir(src);
         match lang {
             Lang::Python => cmd
                 .arg("-d")
-                .arg(&wit)
+                .arg(wit)
                 .args(["-w", world, "componentize", "app", "-o"])
                 .arg(&tmp),
             Lang::Js => cmd
                 .arg("app.js")
                 .arg("--wit")
-                .arg(&wit)
+                .arg(wit)
                 .args(["-n", world, "-o"])
                 .arg(&tmp),
         };
@@ -367,5 +377,40 @@ pub mod polyglot {
         // componentize-py leaves bytecode beside the sources.
         let _ = std::fs::remove_dir_all(src.join("__pycache__"));
         Ok(out)
+    }
+
+    /// Builds the Rust plugin crate in `src` (a skeleton of `jobhost new`)
+    /// with the guest plugins' lock file and target directory, so the SDK and
+    /// its dependencies are the ones already built; returns the component.
+    pub fn build_rust(src: &Path) -> anyhow::Result<PathBuf> {
+        // <target>/wasm32-wasip2/release/<guest>.wasm
+        let target = Path::new(super::guests::TEST_CORE_PROBE)
+            .ancestors()
+            .nth(3)
+            .context("the guests' target directory")?;
+        std::fs::copy(root().join("plugins/Cargo.lock"), src.join("Cargo.lock"))?;
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let output = Command::new(cargo)
+            .current_dir(src)
+            .args(["build", "--release", "--offline"])
+            .env("CARGO_TARGET_DIR", target)
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env_remove("CARGO_BUILD_RUSTFLAGS")
+            .output()
+            .context("running cargo")?;
+        anyhow::ensure!(
+            output.status.success(),
+            "building {} failed ({}):\n{}",
+            src.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let name = src
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("a crate directory with a name")?
+            .replace('-', "_");
+        Ok(target.join(format!("wasm32-wasip2/release/{name}.wasm")))
     }
 }

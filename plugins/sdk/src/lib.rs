@@ -71,6 +71,7 @@ use bindings::jobhost::plugin::sql::{Session as WitSession, Transaction};
 use bindings::jobhost::plugin::types as wit_types;
 
 pub mod http;
+pub mod row;
 pub use bindings::jobhost::plugin::sql::{Column, DbError, Error as SqlError, RowSet, Value};
 
 /// What the host tells the plugin about this run.
@@ -122,7 +123,9 @@ impl Context {
     }
 }
 
-/// Why a run failed. `?` converts SQL errors and strings into it.
+/// The SDK's one error type: why a statement, a decode or a run failed.
+/// `?` converts SQL errors and strings into it; [`JobError::sql`] keeps the
+/// SQL error typed, and returning it from `run` records it with the failure.
 #[derive(Debug, Clone)]
 pub struct JobError {
     message: String,
@@ -135,6 +138,22 @@ impl JobError {
         Self {
             message: message.into(),
             sql: None,
+        }
+    }
+}
+
+impl JobError {
+    /// The SQL error that caused this failure, typed, if one did.
+    pub fn sql(&self) -> Option<&SqlError> {
+        self.sql.as_ref()
+    }
+
+    /// The SQLSTATE of the Postgres error that caused this failure
+    /// (`"23505"` for a unique violation), if one did.
+    pub fn code(&self) -> Option<&str> {
+        match &self.sql {
+            Some(SqlError::Database(db)) => Some(&db.code),
+            _ => None,
         }
     }
 }
@@ -199,7 +218,9 @@ impl TxRef<'_> {
 }
 
 impl Tx<'_> {
-    /// Runs a query and decodes each row into `T` with serde (columns by name).
+    /// Runs a query and decodes each row into `T` with serde: a struct by
+    /// column name, a tuple by position, a single value from one column (see
+    /// [`row`] for the mapping). Errors name the statement and the column.
     pub fn query<T: DeserializeOwned>(
         &self,
         sql: &str,
@@ -208,14 +229,8 @@ impl Tx<'_> {
         let set = self.query_raw(sql, params)?;
         set.rows
             .into_iter()
-            .map(|row| {
-                let object: serde_json::Map<String, serde_json::Value> = set
-                    .columns
-                    .iter()
-                    .zip(row)
-                    .map(|(c, v)| (c.name.clone(), to_json(v)))
-                    .collect();
-                serde_json::from_value(serde_json::Value::Object(object))
+            .map(|cells| {
+                row::decode(&set.columns, cells)
                     .map_err(|e| JobError::new(format!("cannot decode a row of `{sql}`: {e}")))
             })
             .collect()
@@ -253,13 +268,13 @@ impl Tx<'_> {
     }
 
     /// Runs a query and returns the positional row set.
-    pub fn query_raw(&self, sql: &str, params: &[Value]) -> Result<RowSet, SqlError> {
-        self.inner.get().query(sql, params)
+    pub fn query_raw(&self, sql: &str, params: &[Value]) -> Result<RowSet, JobError> {
+        Ok(self.inner.get().query(sql, params)?)
     }
 
     /// Runs a statement; returns the rows it affected.
-    pub fn execute(&self, sql: &str, params: &[Value]) -> Result<u64, SqlError> {
-        self.inner.get().execute(sql, params)
+    pub fn execute(&self, sql: &str, params: &[Value]) -> Result<u64, JobError> {
+        Ok(self.inner.get().execute(sql, params)?)
     }
 }
 
@@ -279,8 +294,8 @@ impl std::ops::Deref for SessionTx {
 impl SessionTx {
     /// Commits it (refused, and rolled back, if the job's lock was lost or
     /// the session check found something left on the connection).
-    pub fn commit(self) -> Result<(), SqlError> {
-        self.tx.inner.get().commit()
+    pub fn commit(self) -> Result<(), JobError> {
+        Ok(self.tx.inner.get().commit()?)
     }
 }
 
@@ -292,7 +307,7 @@ pub struct Session<'a> {
 
 impl Session<'_> {
     /// Begins a transaction; `commit` it, or drop it to roll back.
-    pub fn begin(&self) -> Result<SessionTx, SqlError> {
+    pub fn begin(&self) -> Result<SessionTx, JobError> {
         Ok(SessionTx {
             tx: Tx {
                 inner: TxRef::Owned(self.inner.begin()?),
@@ -317,8 +332,9 @@ impl Session<'_> {
     }
 }
 
-/// A cell as JSON, for serde decoding: numbers stay numbers, `json` is parsed,
-/// everything string-carried (numeric, uuid, dates) stays a string.
+/// A cell as JSON (for logging or inspection; [`Tx::query`] decodes rows
+/// without it): numbers stay numbers, `json` is parsed, everything
+/// string-carried (numeric, uuid, dates) stays a string.
 pub fn to_json(v: Value) -> serde_json::Value {
     use serde_json::Value as J;
     match v {
@@ -373,6 +389,43 @@ impl From<usize> for Value {
 impl<T: Into<Value>> From<Option<T>> for Value {
     fn from(v: Option<T>) -> Self {
         v.map_or(Value::Null, Into::into)
+    }
+}
+
+/// `uuid::Uuid`, bound as `uuid`.
+#[cfg(feature = "uuid")]
+impl From<uuid::Uuid> for Value {
+    fn from(v: uuid::Uuid) -> Self {
+        Value::Uuid(v.hyphenated().to_string())
+    }
+}
+
+/// `chrono`'s types, bound as `timestamptz`, `timestamp`, `date` and `time`
+/// (text in ISO 8601, parsed by Postgres's own input functions).
+#[cfg(feature = "chrono")]
+mod chrono_values {
+    use super::Value;
+    use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, SecondsFormat, TimeZone};
+
+    impl<Tz: TimeZone> From<DateTime<Tz>> for Value {
+        fn from(v: DateTime<Tz>) -> Self {
+            Value::Timestamptz(v.to_utc().to_rfc3339_opts(SecondsFormat::AutoSi, true))
+        }
+    }
+    impl From<NaiveDateTime> for Value {
+        fn from(v: NaiveDateTime) -> Self {
+            Value::Timestamp(v.format("%Y-%m-%dT%H:%M:%S%.f").to_string())
+        }
+    }
+    impl From<NaiveDate> for Value {
+        fn from(v: NaiveDate) -> Self {
+            Value::Date(v.format("%Y-%m-%d").to_string())
+        }
+    }
+    impl From<NaiveTime> for Value {
+        fn from(v: NaiveTime) -> Self {
+            Value::Time(v.format("%H:%M:%S%.f").to_string())
+        }
     }
 }
 
