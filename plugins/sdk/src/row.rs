@@ -365,6 +365,14 @@ impl<'de> Deserializer<'de> for CellDeserializer<'_> {
         }
     }
 
+    fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DecodeError> {
+        match self.value {
+            // `Vec<u8>` asks for a sequence, not bytes: give it the bytes one by one.
+            Value::Bytea(b) => visitor.visit_seq(de::value::SeqDeserializer::new(b.into_iter())),
+            _ => self.deserialize_any(visitor),
+        }
+    }
+
     fn deserialize_newtype_struct<V: Visitor<'de>>(
         self,
         _name: &'static str,
@@ -410,7 +418,7 @@ impl<'de> Deserializer<'de> for CellDeserializer<'_> {
     );
 
     serde::forward_to_deserialize_any! {
-        bool char bytes byte_buf unit_struct seq tuple tuple_struct map struct identifier ignored_any
+        bool char bytes byte_buf unit_struct tuple tuple_struct map struct identifier ignored_any
     }
 }
 
@@ -491,6 +499,9 @@ mod tests {
             decode(&columns, vec![Value::Int4(7), Value::Text("x".into())]).unwrap();
         assert_eq!((id, name.as_str()), (7, "x"));
         let count: i64 = decode(&cols(&[("count", "int8")]), vec![Value::Int8(3)]).unwrap();
+        let (bytes,): (Vec<u8>,) =
+            decode(&cols(&[("b", "bytea")]), vec![Value::Bytea(vec![0, 255])]).unwrap();
+        assert_eq!(bytes, [0, 255]);
         assert_eq!(count, 3);
         let big: u64 = decode(
             &cols(&[("n", "numeric")]),
