@@ -271,13 +271,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check => {
             // The same engine and compile cache as a host: a check of an
             // unchanged plugin costs a cache hit, not a compile.
-            let runtime = Arc::new(
-                Runtime::with_options(
-                    Some(&config.host.compile_cache),
-                    config.host.pooling_allocator,
-                )
-                .context("cannot start the WebAssembly engine")?,
-            );
+            let runtime = Arc::new(crate::jobset::runtime(&config)?);
             let mut config = config;
             if config.jobs.iter().any(|j| j.published.is_some()) {
                 let pool = inspect_pool(&database_url()?, &config, &host_id).await?;

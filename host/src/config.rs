@@ -85,8 +85,9 @@ pub struct HostToml {
     pub compile_cache: Option<PathBuf>,
     /// Watch jobs.toml and plugin files and reload on change (default true).
     pub watch: Option<bool>,
-    /// Use wasmtime's pooling instance allocator (default false): cheaper
-    /// instantiation, memory reserved up front.
+    /// Use wasmtime's pooling instance allocator (default true): cheaper
+    /// instantiation, address space reserved up front, sized from this file
+    /// (`pool-size`, session jobs, the largest `max-memory-mib`).
     pub pooling_allocator: Option<bool>,
     /// Quiet period after a file event before reloading (default 300ms).
     #[serde(default, with = "humantime_serde::option")]
@@ -524,7 +525,7 @@ impl JobsConfig {
         Self::parse(text, path, PluginFiles::Required)
     }
 
-    fn parse(text: &str, path: &Path, files: PluginFiles) -> Result<Self, ConfigError> {
+    pub(crate) fn parse(text: &str, path: &Path, files: PluginFiles) -> Result<Self, ConfigError> {
         let raw: JobsToml = toml::from_str(text).map_err(|source| ConfigError::Parse {
             path: path.to_owned(),
             source: Box::new(source),
@@ -725,7 +726,7 @@ impl JobsToml {
                         .unwrap_or_else(|| PathBuf::from(".jobhost/compile-cache")),
                 ),
                 watch: self.host.watch.unwrap_or(true),
-                pooling_allocator: self.host.pooling_allocator.unwrap_or(false),
+                pooling_allocator: self.host.pooling_allocator.unwrap_or(true),
                 reload_debounce: self
                     .host
                     .reload_debounce

@@ -133,13 +133,7 @@ pub async fn run(
     options: HostOptions,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let runtime = Arc::new(
-        Runtime::with_options(
-            Some(&config.host.compile_cache),
-            config.host.pooling_allocator,
-        )
-        .context("cannot start the WebAssembly engine")?,
-    );
+    let runtime = Arc::new(jobset::runtime(&config)?);
     let mut config = config.with_direct_url(options.direct_url.is_some());
     let db::Connected {
         pool,

@@ -13,7 +13,6 @@ use sqlx::PgPool;
 use crate::config::JobsConfig;
 use crate::db::{self, Outcome};
 use crate::runner::{RunResult, Runner};
-use crate::runtime::Runtime;
 use crate::{HostOptions, hosts, jobset};
 
 /// Refuses a job name `jobs.toml` does not have, naming the ones it has.
@@ -42,13 +41,7 @@ pub async fn run_now(
     known_job(config, job)?;
     let mut only = config.clone();
     only.jobs.retain(|j| j.name == job);
-    let runtime = Arc::new(
-        Runtime::with_options(
-            Some(&config.host.compile_cache),
-            config.host.pooling_allocator,
-        )
-        .context("cannot start the WebAssembly engine")?,
-    );
+    let runtime = Arc::new(crate::jobset::runtime(&only)?);
     let mut only = only.with_direct_url(options.direct_url.is_some());
     let db::Connected {
         pool,

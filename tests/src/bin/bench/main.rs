@@ -10,6 +10,8 @@
 //! database of its own and drops it at the end. Plugin and native runs are
 //! interleaved in rounds so drift (cache warm-up, autovacuum) hits both alike.
 
+mod polyglot;
+
 use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
@@ -85,7 +87,12 @@ async fn main() -> anyhow::Result<()> {
         .execute(&mut admin)
         .await?;
     let bench_url = jobhost_tests::with_database(&url, &db);
-    let result = run(&bench_url, &sizes, quick).await;
+    // `--polyglot`: row 9 alone (while working on guest start-up costs).
+    let result = if args.iter().any(|a| a == "--polyglot") {
+        polyglot_only(&bench_url, &sizes).await
+    } else {
+        run(&bench_url, &sizes, quick).await
+    };
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "drop database if exists {db} with (force)"
     )))
@@ -98,6 +105,19 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("wrote {path}");
     }
     Ok(())
+}
+
+/// Row 9 alone, in a database of its own.
+async fn polyglot_only(url: &str, s: &Sizes) -> anyhow::Result<String> {
+    let pool = PgPoolOptions::new()
+        .max_connections(10)
+        .connect(url)
+        .await?;
+    jobhost::db::MIGRATOR.run(&pool).await?;
+    jobhost::demo::create_tables(&pool).await?;
+    let runtime = Arc::new(Runtime::with_options(None, true)?);
+    let runner = Runner::new(pool.clone(), runtime.clone(), "bench");
+    polyglot::rows(&pool, &runner, &runtime, &mut Slots(0), 5, s.per_round / 2).await
 }
 
 fn job(
@@ -315,7 +335,11 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     let large = if quick {
         None
     } else {
-        match build_python_noop() {
+        match jobhost_tests::polyglot::build(
+            jobhost_tests::polyglot::Lang::Python,
+            "noop",
+            "xact-plugin",
+        ) {
             Ok(path) => Some((std::fs::metadata(&path)?.len(), plugin_startup(&path, 3)?)),
             Err(e) => {
                 eprintln!("large-plugin start-up skipped: {e:#}");
@@ -334,9 +358,35 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
             footprint(n, Path::new(guests::TEST_CORE_PROBE))?,
         ));
     }
-    if let Some(path) = large.as_ref().and_then(|_| build_python_noop().ok()) {
+    let python_noop = large.as_ref().and_then(|_| {
+        jobhost_tests::polyglot::build(jobhost_tests::polyglot::Lang::Python, "noop", "xact-plugin")
+            .ok()
+    });
+    if let Some(path) = python_noop {
         footprints.push(("Python noop (18 MB)", 10, footprint(10, &path)?));
     }
+    // 9. Python and JavaScript runs against the same jobs in Rust (full
+    // mode: the toolchains build 12–18 MB components).
+    let polyglot_rows = if quick {
+        None
+    } else {
+        match polyglot::rows(
+            &pool,
+            &runner,
+            &pooled_runtime,
+            &mut slots,
+            5,
+            s.per_round / 2,
+        )
+        .await
+        {
+            Ok(rows) => Some(rows),
+            Err(e) => {
+                eprintln!("row 9 (Python/JavaScript) skipped: {e:#}");
+                None
+            }
+        }
+    };
     let reload = reload_latency(url, if quick { 1 } else { 5 }).await?;
     let publish = publish_latency(url, if quick { 1 } else { 5 }).await?;
     // Fleet efficiency: the same jobs on one host, then on three.
@@ -594,6 +644,15 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
             },
         );
     }
+    match &polyglot_rows {
+        Some(rows) => md.push_str(rows),
+        None => {
+            let _ = writeln!(
+                md,
+                "| 9 | Python / JavaScript runs vs Rust | not measured (quick mode, or a toolchain missing) | | | ≤ 2× (issue 16) | |"
+            );
+        }
+    }
     let _ = writeln!(
         md,
         "\nRaw: no-op plugin {:?}, native {:?} per run (means); hash {plugin_h:?} vs {native_h:?} for {rows} rows; {} SQL calls: wit {wit:?} (no-op runs {wit_noop:?}), direct {direct:?} (no-op runs {direct_noop:?}); instantiate on-demand {od_mean:?}, pooling {po_mean:?}; scale: aligned {} lag samples, CPU {:.2} s over {:.1} s; spread {} lag samples, CPU {:.2} s over {:.1} s.",
@@ -657,30 +716,6 @@ async fn hygiene_cost(
         }
     }
     Ok((stats(a).1, stats(b).1))
-}
-
-/// Builds `plugins/python/noop` with componentize-py into a temp dir.
-fn build_python_noop() -> anyhow::Result<std::path::PathBuf> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/python/noop");
-    let wit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../wit");
-    let out = std::env::temp_dir().join(format!("jobhost-bench-py-{}.wasm", std::process::id()));
-    let status = std::process::Command::new("componentize-py")
-        .current_dir(&src)
-        .args([
-            "-d",
-            &wit.display().to_string(),
-            "-w",
-            "xact-plugin",
-            "componentize",
-            "app",
-            "-o",
-        ])
-        .arg(&out)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .context("componentize-py is not installed")?;
-    anyhow::ensure!(status.success(), "componentize-py failed: {status}");
-    Ok(out)
 }
 
 /// Median cold and warm start-up of the plugin at `path` in a fresh engine,
