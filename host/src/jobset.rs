@@ -124,7 +124,9 @@ pub async fn load(
         })
         .collect();
     let mut jobs = Vec::with_capacity(config.jobs.len());
-    let mut hashed: HashMap<std::path::PathBuf, String> = HashMap::new();
+    // Each distinct file is read and hashed once per load (a thousand jobs on
+    // one plugin hash it once); its bytes are kept until they are loaded.
+    let mut read: HashMap<std::path::PathBuf, (String, Option<Vec<u8>>)> = HashMap::new();
     for job in &config.jobs {
         if let Some(name) = &job.published
             && job
@@ -138,20 +140,19 @@ pub async fn load(
                 crate::config::PUBLISHED
             );
         }
-        // Each distinct file is read and hashed once per load (a thousand
-        // jobs on one plugin hash it once).
-        let sha = match hashed.get(&job.plugin) {
-            Some(sha) => sha.clone(),
+        let (sha, bytes) = match read.get_mut(&job.plugin) {
+            Some((sha, bytes)) => (sha.clone(), bytes.take()),
             None => {
-                let sha = file_sha256(&job.plugin).with_context(|| {
+                let bytes = std::fs::read(&job.plugin).with_context(|| {
                     format!(
                         "job `{}`: cannot read plugin `{}`",
                         job.name,
                         job.plugin.display()
                     )
                 })?;
-                hashed.insert(job.plugin.clone(), sha.clone());
-                sha
+                let sha = hex::encode(Sha256::digest(&bytes));
+                read.insert(job.plugin.clone(), (sha.clone(), None));
+                (sha, Some(bytes))
             }
         };
         fits_memory(runtime, job)?;
@@ -160,11 +161,16 @@ pub async fn load(
             Some(p) => p.at(&job.plugin),
             None => {
                 let rt = runtime.clone();
-                let (path, limit) = (job.plugin.clone(), job.max_memory_bytes);
-                // Compiling is CPU-bound; keep it off the async workers.
-                let plugin = tokio::task::spawn_blocking(move || rt.load_limited(&path, limit))
-                    .await
-                    .context("plugin loader panicked")?;
+                let (path, limit, sha) = (job.plugin.clone(), job.max_memory_bytes, key.0.clone());
+                // Compiling is CPU-bound; keep it off the async workers. The
+                // bytes read and hashed above are loaded as they are; the same
+                // file under another memory limit is read (and hashed) again.
+                let plugin = tokio::task::spawn_blocking(move || match bytes {
+                    Some(bytes) => rt.load_hashed(&path, &bytes, sha, limit),
+                    None => rt.load_limited(&path, limit),
+                })
+                .await
+                .context("plugin loader panicked")?;
                 if let Some(m) = metrics {
                     m.plugin_loaded(plugin.is_ok());
                 }

@@ -965,7 +965,12 @@ async fn footprint_child(n: usize, plugin: &Path, cache: &Path) -> anyhow::Resul
     };
     let dir = cache.join(format!("jobs-{n}-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let mut toml = String::from("[host]\nwatch = false\n\n");
+    // As a host starts: its engine from the configuration (the pooling
+    // allocator, the compile cache shared by the runs of this row).
+    let mut toml = format!(
+        "[host]\nwatch = false\ncompile-cache = {:?}\n\n",
+        cache.join("compiled").display().to_string()
+    );
     for i in 0..n {
         toml.push_str(&format!(
             "[[job]]\nname = \"job-{i}\"\nplugin = {:?}\nevery = \"1s\"\n\n",
@@ -974,7 +979,7 @@ async fn footprint_child(n: usize, plugin: &Path, cache: &Path) -> anyhow::Resul
     }
     std::fs::write(dir.join("jobs.toml"), toml)?;
     let config = jobhost::config::JobsConfig::from_file(dir.join("jobs.toml"))?;
-    let runtime = Arc::new(Runtime::with_options(Some(&cache.join("compiled")), false)?);
+    let runtime = Arc::new(jobhost::jobset::runtime(&config)?);
     let before = rss_kib();
     let t = Instant::now();
     let jobs = jobhost::load_jobs(&runtime, &config).await?;
