@@ -409,3 +409,73 @@ async fn a_lost_slot_writes_nothing(pool: PgPool) {
     // And the slot still runs once the lock is free.
     finished(runner.run(&job, slot(2)).await.unwrap(), Outcome::Ok);
 }
+
+/// In a fleet, a host that is not a job's preferred one defers each slot, then
+/// asks whether it succeeded: many slots share one query, and a slot found
+/// `ok` is skipped without a claim (no transaction, no row). A slot not yet
+/// run is claimed as before.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn deferred_slots_are_confirmed_in_batches(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let runner = runner(&pool);
+    let jobs: Vec<_> = (0..40)
+        .map(|i| probe(&format!("batch-{i}"), "write"))
+        .collect();
+    for job in &jobs[..20] {
+        finished(runner.run(job, slot(1)).await.unwrap(), Outcome::Ok);
+    }
+    let confirmations = jobhost::runner::Confirmations::start(pool.clone());
+    let answers = futures_util::future::join_all(
+        jobs.iter()
+            .map(|j| confirmations.succeeded(&j.config.name, slot(1))),
+    )
+    .await;
+    assert_eq!(
+        answers[..20],
+        [true; 20],
+        "the slots that ran are known done"
+    );
+    assert_eq!(answers[20..], [false; 20], "the others are not");
+    assert!(
+        confirmations.queries() <= 2,
+        "40 deferred slots took {} queries",
+        confirmations.queries()
+    );
+
+    // A host that is never preferred (the other live host always is, for
+    // these jobs) skips the done slots without a row and runs the others.
+    let live = jobhost::hosts::LiveHosts::new(std::time::Duration::from_millis(10));
+    live.set(vec!["deferring".into(), "preferred".into()]);
+    let deferring = runner_as(&pool, "deferring").with_live_hosts(live.clone());
+    let others: Vec<&jobhost::runner::Job> = jobs
+        .iter()
+        .filter(|j| live.preferred(&j.config.name).as_deref() == Some("preferred"))
+        .collect();
+    assert!(
+        others.len() >= 5,
+        "rendezvous spreads 40 jobs over two hosts"
+    );
+    let before: i64 = sqlx::query_scalar("select last_value from jobhost.runs_id_seq")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    for job in others
+        .iter()
+        .filter(|j| jobs[..20].iter().any(|d| d.config.name == j.config.name))
+    {
+        assert_eq!(
+            deferring.run(job, slot(1)).await.unwrap(),
+            RunResult::AlreadyDone
+        );
+    }
+    let after: i64 = sqlx::query_scalar("select last_value from jobhost.runs_id_seq")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(after, before, "a skipped slot wrote no row");
+    let fresh = others
+        .iter()
+        .find(|j| jobs[20..].iter().any(|d| d.config.name == j.config.name))
+        .expect("some not-yet-run job prefers the other host");
+    finished(deferring.run(fresh, slot(1)).await.unwrap(), Outcome::Ok);
+}

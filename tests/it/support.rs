@@ -244,3 +244,8 @@ pub fn cli_args(config: &Path, url: &str, args: &[&str]) -> Vec<std::ffi::OsStri
         .map(Into::into)
         .collect()
 }
+
+/// A runner on `pool` for another host id (fleet tests in one process).
+pub fn runner_as(pool: &PgPool, host_id: &str) -> Runner {
+    Runner::new(pool.clone(), runtime(), host_id)
+}

@@ -2,7 +2,9 @@
 //! (`Runner::run` → `open` → the plugin → `close`):
 //!
 //! 0. if another live host is the job's preferred one, wait `fleet-defer`
-//!    first ([`crate::hosts::LiveHosts`]);
+//!    first ([`crate::hosts::LiveHosts`]), then skip the slot if it
+//!    succeeded meanwhile, asked in a batch with other deferred slots
+//!    (`deferred.rs`);
 //! 1. take a pooled connection and insert the run's `running` row (committed on
 //!    its own, asynchronously, so every host's `status` shows runs in flight;
 //!    see [`db::begin_run`] for why that is safe) — or, if the job's lock is
@@ -57,7 +59,10 @@ use crate::runtime::{
 use crate::tx::OpenTx;
 
 #[cfg(feature = "bench")]
+mod deferred;
 mod native;
+
+pub use deferred::Confirmations;
 mod session;
 
 #[cfg(feature = "bench")]
@@ -131,6 +136,8 @@ pub struct Runner {
     pooler: Pooler,
     /// The fleet's live hosts, for the preferred-host deferral.
     live: crate::hosts::LiveHosts,
+    /// Deferred slots' "already done?", batched (with live hosts only).
+    confirmations: Option<deferred::Confirmations>,
 }
 
 impl Runner {
@@ -150,13 +157,17 @@ impl Runner {
             pool,
             pooler: Pooler::None,
             live: crate::hosts::LiveHosts::new(std::time::Duration::ZERO),
+            confirmations: None,
         }
     }
 
     /// Lets a job's preferred host try each slot first (see
-    /// [`crate::hosts::LiveHosts`]); the view is the heartbeat's.
+    /// [`crate::hosts::LiveHosts`]); the view is the heartbeat's. A deferred
+    /// slot is first checked in a batch ([`deferred`]). Needs a tokio
+    /// runtime.
     pub fn with_live_hosts(mut self, live: crate::hosts::LiveHosts) -> Self {
         self.live = live;
+        self.confirmations = Some(deferred::Confirmations::start(self.pool.clone()));
         self
     }
 
@@ -210,10 +221,20 @@ impl Runner {
     /// [`OpenTx`]), and takes the run out of the host's in-flight set, so
     /// the host's next heartbeat marks its `running` row `lost`.
     pub async fn run(&self, job: &Job, slot: DateTime<Utc>) -> anyhow::Result<RunResult> {
-        // Not this job's preferred host: let that one go first.
+        let started = std::time::Instant::now();
+        // Not this job's preferred host: let that one go first, then skip the
+        // slot without a claim if it succeeded meanwhile.
         let wait = self.live.wait_before(&job.config.name, &self.host_id);
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
+            if let Some(c) = &self.confirmations
+                && c.succeeded(&job.config.name, slot).await
+            {
+                let result = RunResult::AlreadyDone;
+                self.metrics
+                    .observe(&job.config.name, &result, started.elapsed());
+                return Ok(result);
+            }
         }
         // What every event of the run carries (and a JSON log shows).
         let span = info_span!(
@@ -224,7 +245,6 @@ impl Runner {
             lock_key = %job.config.lock_key,
             run_id = tracing::field::Empty,
         );
-        let started = std::time::Instant::now();
         let result = match job.config.lock {
             LockMode::Xact => self.run_xact(job, slot).instrument(span).await,
             LockMode::Session => self.run_session(job, slot).instrument(span).await,

@@ -87,11 +87,20 @@ async fn main() -> anyhow::Result<()> {
         .execute(&mut admin)
         .await?;
     let bench_url = jobhost_tests::with_database(&url, &db);
-    // `--polyglot`: row 9 alone (while working on guest start-up costs).
-    let result = if args.iter().any(|a| a == "--polyglot") {
-        polyglot_only(&bench_url, &sizes).await
-    } else {
-        run(&bench_url, &sizes, quick).await
+    // `--only polyglot|fleet`: one row alone (row 9, row 7), while working
+    // on what it measures.
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str);
+    let result = match only {
+        Some("polyglot") => polyglot_only(&bench_url, &sizes).await,
+        Some("fleet") => fleet_only(&bench_url).await,
+        Some(other) => Err(anyhow::anyhow!(
+            "--only {other}: expected polyglot or fleet"
+        )),
+        None => run(&bench_url, &sizes, quick).await,
     };
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "drop database if exists {db} with (force)"
@@ -105,6 +114,35 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("wrote {path}");
     }
     Ok(())
+}
+
+/// Row 7 alone, in a database of its own.
+async fn fleet_only(url: &str) -> anyhow::Result<String> {
+    let pool = PgPoolOptions::new()
+        .max_connections(10)
+        .connect(url)
+        .await?;
+    jobhost::db::MIGRATOR.run(&pool).await?;
+    let runtime = Arc::new(Runtime::with_options(None, true)?);
+    let writer = job(
+        "fleet-writer",
+        guests::TEST_CORE_PROBE,
+        &runtime,
+        &[("mode", "noop")],
+    )?;
+    let one = fleet_work(url, &pool, &runtime, &writer, 1, 300, 15).await?;
+    let three = fleet_work(url, &pool, &runtime, &writer, 3, 300, 15).await?;
+    Ok(format!(
+        "fleet, per completed slot (transactions / row writes): 1 host {:.2} / {:.2} ({} slots); 3 hosts {:.2} / {:.2} ({} slots); {:.2}× / {:.2}×\n",
+        one.0,
+        one.1,
+        one.2,
+        three.0,
+        three.1,
+        three.2,
+        three.0 / one.0,
+        three.1 / one.1
+    ))
 }
 
 /// Row 9 alone, in a database of its own.
