@@ -143,28 +143,32 @@ pub fn new_plugin(req: &NewPlugin) -> anyhow::Result<Written> {
                 PathBuf::from(format!("target/wasm32-wasip2/release/{snake}.wasm")),
             )
         }
-        Lang::Python => (
-            vec![
-                (
-                    "app.py".into(),
-                    include_str!("../templates/new/python_app.py").into(),
+        // Python and JavaScript: one module and a copy of the WIT it builds
+        // against; the component lands beside them.
+        Lang::Python | Lang::Js => {
+            let (module, template, build) = match req.lang {
+                Lang::Python => (
+                    "app.py",
+                    include_str!("../templates/new/python_app.py"),
+                    format!(
+                        "componentize-py -d wit -w xact-plugin componentize app -o {snake}.wasm"
+                    ),
                 ),
-                ("wit/jobhost.wit".into(), WIT.into()),
-            ],
-            format!("componentize-py -d wit -w xact-plugin componentize app -o {snake}.wasm"),
-            PathBuf::from(format!("{snake}.wasm")),
-        ),
-        Lang::Js => (
-            vec![
-                (
-                    "app.js".into(),
-                    include_str!("../templates/new/js_app.js").into(),
+                _ => (
+                    "app.js",
+                    include_str!("../templates/new/js_app.js"),
+                    format!("componentize-js app.js --wit wit -n xact-plugin -o {snake}.wasm"),
                 ),
-                ("wit/jobhost.wit".into(), WIT.into()),
-            ],
-            format!("componentize-js app.js --wit wit -n xact-plugin -o {snake}.wasm"),
-            PathBuf::from(format!("{snake}.wasm")),
-        ),
+            };
+            (
+                vec![
+                    (module.into(), template.into()),
+                    ("wit/jobhost.wit".into(), WIT.into()),
+                ],
+                build,
+                PathBuf::from(format!("{snake}.wasm")),
+            )
+        }
     };
     let guide = match req.lang {
         Lang::Rust => "docs/guide-rust.md",

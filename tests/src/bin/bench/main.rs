@@ -69,7 +69,9 @@ async fn main() -> anyhow::Result<()> {
             .parse()?;
         let plugin = args.get(i + 2).context("--footprint N PLUGIN CACHE")?;
         let cache = args.get(i + 3).context("--footprint N PLUGIN CACHE")?;
-        return footprint_child(n, Path::new(plugin), Path::new(cache)).await;
+        let run_secs: u64 = args.get(i + 4).map_or(Ok(0), |s| s.parse())?;
+        let url = args.get(i + 5).cloned();
+        return footprint_child(n, Path::new(plugin), Path::new(cache), run_secs, url).await;
     }
     let quick = args.iter().any(|a| a == "--quick");
     let out = args
@@ -130,8 +132,9 @@ async fn fleet_only(url: &str) -> anyhow::Result<String> {
         &runtime,
         &[("mode", "noop")],
     )?;
-    let one = fleet_work(url, &pool, &runtime, &writer, 1, 300, 15).await?;
-    let three = fleet_work(url, &pool, &runtime, &writer, 3, 300, 15).await?;
+    let fleet = |hosts| fleet_work(url, &pool, &runtime, &writer, hosts, 300, 15);
+    let one = fleet(1).await?;
+    let three = fleet(3).await?;
     Ok(format!(
         "fleet, per completed slot (transactions / row writes): 1 host {:.2} / {:.2} ({} slots); 3 hosts {:.2} / {:.2} ({} slots); {:.2}× / {:.2}×\n",
         one.0,
@@ -168,6 +171,39 @@ fn job(
         config: jobhost_tests::job_config(name, plugin_path, config),
         plugin: runtime.load(Path::new(plugin_path))?,
     })
+}
+
+/// A measure repeated over rounds: one value per round.
+#[derive(Default)]
+pub struct Repeated(Vec<f64>);
+
+impl Repeated {
+    /// Adds one round's value.
+    pub fn push(&mut self, v: f64) {
+        self.0.push(v);
+    }
+
+    /// Median and spread (lowest, highest) over the rounds.
+    pub fn median(&self) -> (f64, f64, f64) {
+        let mut v = self.0.clone();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n == 0 {
+            return (f64::NAN, f64::NAN, f64::NAN);
+        }
+        let m = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        (m, v[0], v[n - 1])
+    }
+
+    /// `median ms (low–high)`.
+    pub fn ms(&self) -> String {
+        let (m, lo, hi) = self.median();
+        format!("{:.2} ms ({:.2}–{:.2})", m * 1e3, lo * 1e3, hi * 1e3)
+    }
 }
 
 /// Distinct past slots, one per run.
@@ -253,7 +289,11 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         &[("mode", "noop")],
     )?;
     let (mut plugin_t, mut native_t, mut pooler_t) = (Vec::new(), Vec::new(), Vec::new());
+    // Each round's plugin/native ratio (of the round's medians): the row
+    // reports their median and spread, so one noisy round cannot decide it.
+    let mut noop_rounds = Repeated::default();
     for _ in 0..s.rounds {
+        let (p0, n0) = (plugin_t.len(), native_t.len());
         for _ in 0..s.per_round {
             let t = Instant::now();
             ok(runner.run(&noop, slots.next()).await?)?;
@@ -273,6 +313,10 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
                 .await?)?;
             native_t.push(t.elapsed());
         }
+        noop_rounds.push(
+            stats(plugin_t[p0..].to_vec()).1.as_secs_f64()
+                / stats(native_t[n0..].to_vec()).1.as_secs_f64(),
+        );
     }
     let pooled_noop = (!pooler_t.is_empty()).then(|| stats(pooler_t));
     let (p_mean, p_p50, p_p99) = stats(plugin_t);
@@ -289,17 +333,30 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     let seed = "insert into demo.audit_events (actor, action, payload)
                 select 'actor-' || g, 'login', jsonb_build_object('seq', g) from generate_series(1, 50) g";
     let (mut plugin_h, mut native_h) = (Duration::ZERO, Duration::ZERO);
-    for _ in 0..s.hash_iterations {
+    // Throughput ratio per group of iterations (5 groups), for median and spread.
+    let mut hash_rounds = Repeated::default();
+    let group = s.hash_iterations.div_ceil(5).max(1);
+    let (mut gp, mut gn) = (Duration::ZERO, Duration::ZERO);
+    for i in 0..s.hash_iterations {
         sqlx::query(seed).execute(&pool).await?;
         let t = Instant::now();
         ok(runner.run(&hash, slots.next()).await?)?;
-        plugin_h += t.elapsed();
+        let dp = t.elapsed();
         sqlx::query(seed).execute(&pool).await?;
         let t = Instant::now();
         ok(runner
             .run_native(&hash, slots.next(), native(native_hash, 50))
             .await?)?;
-        native_h += t.elapsed();
+        let dn = t.elapsed();
+        plugin_h += dp;
+        native_h += dn;
+        gp += dp;
+        gn += dn;
+        if (i + 1) % group == 0 || i + 1 == s.hash_iterations {
+            // rows/s plugin ÷ rows/s native = native time ÷ plugin time.
+            hash_rounds.push(gn.as_secs_f64() / gp.as_secs_f64());
+            (gp, gn) = (Duration::ZERO, Duration::ZERO);
+        }
     }
     let rows = (50 * s.hash_iterations) as f64;
     let (plugin_rps, native_rps) = (rows / plugin_h.as_secs_f64(), rows / native_h.as_secs_f64());
@@ -333,23 +390,27 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     )?;
     let (mut wit, mut direct) = (Duration::ZERO, Duration::ZERO);
     let (mut wit_noop, mut direct_noop) = (Duration::ZERO, Duration::ZERO);
+    let mut sql_rounds = Repeated::default();
     for _ in 0..s.rounds {
         let t = Instant::now();
         ok(runner.run(&selects, slots.next()).await?)?;
-        wit += t.elapsed();
+        let w = t.elapsed();
         let t = Instant::now();
         ok(runner.run(&noop, slots.next()).await?)?;
-        wit_noop += t.elapsed();
+        let wn = t.elapsed();
         let t = Instant::now();
         ok(runner
             .run_native(&selects, slots.next(), native(native_selects, s.selects))
             .await?)?;
-        direct += t.elapsed();
+        let d = t.elapsed();
         let t = Instant::now();
         ok(runner
             .run_native(&noop, slots.next(), native_noop())
             .await?)?;
-        direct_noop += t.elapsed();
+        let dn = t.elapsed();
+        (wit, wit_noop, direct, direct_noop) =
+            (wit + w, wit_noop + wn, direct + d, direct_noop + dn);
+        sql_rounds.push(w.saturating_sub(wn).as_secs_f64() / d.saturating_sub(dn).as_secs_f64());
     }
     let calls = f64::from(s.selects) * s.rounds as f64;
     let wit_call = (wit.saturating_sub(wit_noop)).as_secs_f64() / calls;
@@ -389,11 +450,14 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     // each count in a fresh process (warm compile cache).
     let mut footprints = Vec::new();
     let counts: &[usize] = if quick { &[1, 100] } else { &[1, 100, 1000] };
+    // Each host of the row then runs its jobs for this long (as the issue's
+    // measure did: RSS after 20 s of 1,000 jobs at 1 s).
+    let run_secs = if quick { 1 } else { 20 };
     for &n in counts {
         footprints.push((
             "Rust probe (233 KB)",
             n,
-            footprint(n, Path::new(guests::TEST_CORE_PROBE))?,
+            footprint(n, Path::new(guests::TEST_CORE_PROBE), run_secs, url)?,
         ));
     }
     let python_noop = large.as_ref().and_then(|_| {
@@ -401,7 +465,11 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
             .ok()
     });
     if let Some(path) = python_noop {
-        footprints.push(("Python noop (18 MB)", 10, footprint(10, &path)?));
+        footprints.push((
+            "Python noop (18 MB)",
+            10,
+            footprint(10, &path, run_secs, url)?,
+        ));
     }
     // 9. Python and JavaScript runs against the same jobs in Rust (full
     // mode: the toolchains build 12–18 MB components).
@@ -435,26 +503,19 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         &[("mode", "noop")],
     )?;
     let (fleet_jobs, fleet_secs) = if quick { (20, 3) } else { (300, 15) };
-    let one = fleet_work(
-        url,
-        &pool,
-        &pooled_runtime,
-        &writer,
-        1,
-        fleet_jobs,
-        fleet_secs,
-    )
-    .await?;
-    let three = fleet_work(
-        url,
-        &pool,
-        &pooled_runtime,
-        &writer,
-        3,
-        fleet_jobs,
-        fleet_secs,
-    )
-    .await?;
+    let fleet = |hosts| {
+        fleet_work(
+            url,
+            &pool,
+            &pooled_runtime,
+            &writer,
+            hosts,
+            fleet_jobs,
+            fleet_secs,
+        )
+    };
+    let one = fleet(1).await?;
+    let three = fleet(3).await?;
 
     // 5. Scheduler scale: K no-op jobs at a 1 s cadence on one host, first
     // all on the epoch-aligned grid (offset 0s), then with the default
@@ -515,33 +576,35 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|");
     let met = |b: bool| if b { "yes" } else { "no" };
+    let _ = noop_ratio;
+    let (noop_med, noop_lo, noop_hi) = noop_rounds.median();
     let _ = writeln!(
         md,
-        "| 1 | no-op run, whole path (lock, tx, instantiate, call, record, commit), mean | {:.0} µs (p50 {:.0}, p99 {:.0}) | {:.0} µs (p50 {:.0}, p99 {:.0}) | {:.2}× | ≤ 1.10× | {} |",
+        "| 1 | no-op run, whole path (lock, tx, instantiate, call, record, commit), mean; ratio = median over {} rounds of each round's p50 ratio (spread) | {:.0} µs (p50 {:.0}, p99 {:.0}) | {:.0} µs (p50 {:.0}, p99 {:.0}) | {noop_med:.2}× ({noop_lo:.2}–{noop_hi:.2}) | ≤ 1.05× (issue 17) | {} |",
+        s.rounds,
         us(p_mean),
         us(p_p50),
         us(p_p99),
         us(n_mean),
         us(n_p50),
         us(n_p99),
-        noop_ratio,
-        met(noop_ratio <= 1.10)
+        met(noop_med <= 1.05)
     );
-    let hash_ratio = plugin_rps / native_rps;
+    let (hash_med, hash_lo, hash_hi) = hash_rounds.median();
     let _ = writeln!(
         md,
-        "| 2 | 50-row integrity-hash batch, throughput | {plugin_rps:.0} rows/s | {native_rps:.0} rows/s | {hash_ratio:.2}× | ≥ 0.90× | {} |",
-        met(hash_ratio >= 0.9)
+        "| 2 | 50-row integrity-hash batch, throughput; ratio = median over 5 groups (spread) | {plugin_rps:.0} rows/s | {native_rps:.0} rows/s | {hash_med:.2}× ({hash_lo:.2}–{hash_hi:.2}) | ≥ 0.95× (issue 17) | {} |",
+        met(hash_med >= 0.95)
     );
     let _ = writeln!(
         md,
-        "| 3 | instantiate a pre-instantiated component (store, instantiate, drop), mean (p50) | pooling: {:.1} µs ({:.1}) | on-demand: {:.1} µs ({:.1}) | {:.2}× | ≤ 10 µs (pooling) | {} |",
+        "| 3 | instantiate a pre-instantiated component (store, instantiate, drop), mean (p50) | pooling: {:.1} µs ({:.1}) | on-demand: {:.1} µs ({:.1}) | {:.2}× | ≤ 5 µs (pooling, issue 17) | {} |",
         us(po_mean),
         us(po_p50),
         us(od_mean),
         us(od_p50),
         po_mean.as_secs_f64() / od_mean.as_secs_f64(),
-        met(us(po_mean) <= 10.0)
+        met(us(po_mean) <= 5.0)
     );
     let _ = writeln!(
         md,
@@ -549,10 +612,11 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         us(state_mean),
         us(state_p50),
     );
-    let sql_ratio = wit_call / direct_call;
+    let (sql_ratio, sql_lo, sql_hi) = sql_rounds.median();
     let _ = writeln!(
         md,
-        "| 4 | one SQL call (`select $1::int4`) in the run's transaction | {:.1} µs | sqlx directly: {:.1} µs | {sql_ratio:.2}× | ≤ 1.10× | {} |",
+        "| 4 | one SQL call (`select $1::int4`) in the run's transaction; ratio = median over {} rounds (spread) | {:.1} µs | sqlx directly: {:.1} µs | {sql_ratio:.2}× ({sql_lo:.2}–{sql_hi:.2}) | ≤ 1.10× | {} |",
+        s.rounds,
         wit_call * 1e6,
         direct_call * 1e6,
         met(sql_ratio <= 1.10)
@@ -628,12 +692,11 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         Some((bytes, (cold, warm, n))) => {
             let _ = writeln!(
                 md,
-                "| 6″ | plugin start-up, Python noop ({:.1} MB, componentize-py): cold compile / warm compile cache, median of {n} | {:.0} ms / {:.0} ms | | {:.0}× | warm ≤ 100 ms (issue 16) | {} |",
+                "| 6″ | plugin start-up, Python noop ({:.1} MB, componentize-py), the runtime's `load` alone (on-demand engine): cold compile / warm compile cache, median of {n} | {:.0} ms / {:.0} ms | | {:.0}× | (a host's start: row 8) | |",
                 *bytes as f64 / 1e6,
                 cold.as_secs_f64() * 1e3,
                 warm.as_secs_f64() * 1e3,
                 cold.as_secs_f64() / warm.as_secs_f64().max(1e-9),
-                met(warm.as_secs_f64() <= 0.1),
             );
         }
         None => {
@@ -668,18 +731,30 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         three.1 / one.1,
         met(three.0 / one.0 <= 1.5 && three.1 / one.1 <= 1.5),
     );
-    for (what, n, (start, after, before)) in &footprints {
+    for (what, n, f) in &footprints {
+        let mb = |kib: u64| kib as f64 / 1024.0;
+        let python = what.starts_with("Python");
+        let (target, ok) = if python {
+            (
+                "warm start ≤ 100 ms per large plugin (issue 16)",
+                Some(f.start.as_secs_f64() <= 0.1),
+            )
+        } else if *n == 1000 {
+            (
+                "1,000 jobs ≤ 0.5 s, ≤ 100 MB",
+                Some(f.start.as_secs_f64() <= 0.5 && mb(f.loaded_kib.max(f.running_kib)) <= 100.0),
+            )
+        } else {
+            ("", None)
+        };
         let _ = writeln!(
             md,
-            "| 8 | host start with {n} job(s) sharing one plugin, {what}, warm compile cache: load time; process RSS after (before) the load | {:.0} ms; {:.0} MB ({:.0} MB) | | | 1,000 jobs ≤ 0.5 s, ≤ 100 MB | {} |",
-            start.as_secs_f64() * 1e3,
-            *after as f64 / 1024.0,
-            *before as f64 / 1024.0,
-            if *n == 1000 {
-                met(start.as_secs_f64() <= 0.5 && *after as f64 / 1024.0 <= 100.0)
-            } else {
-                ""
-            },
+            "| 8 | host start with {n} job(s) sharing one plugin, {what}, pooling allocator, warm compile cache: load time; process RSS before the load → after it → after running every job every second for {run_secs} s | {:.0} ms; {:.0} → {:.0} → {:.0} MB | | | {target} | {} |",
+            f.start.as_secs_f64() * 1e3,
+            mb(f.before_kib),
+            mb(f.loaded_kib),
+            mb(f.running_kib),
+            ok.map_or("", met),
         );
     }
     match &polyglot_rows {
@@ -961,14 +1036,15 @@ async fn fleet_work(
 /// Runs this binary as `--footprint n plugin cache` (after one warm-up that
 /// fills the compile cache) and returns (start-up, RSS after load, RSS
 /// before load) of the child.
-fn footprint(n: usize, plugin: &Path) -> anyhow::Result<(Duration, u64, u64)> {
+fn footprint(n: usize, plugin: &Path, run_secs: u64, url: &str) -> anyhow::Result<Footprint> {
     let cache =
         std::env::temp_dir().join(format!("jobhost-bench-footprint-{}", std::process::id()));
-    let run = |n: usize| -> anyhow::Result<(Duration, u64, u64)> {
+    let run = |n: usize, secs: u64| -> anyhow::Result<Footprint> {
         let out = std::process::Command::new(std::env::current_exe()?)
             .args(["--footprint", &n.to_string()])
             .arg(plugin)
             .arg(&cache)
+            .args([&secs.to_string(), url])
             .output()?;
         anyhow::ensure!(
             out.status.success(),
@@ -980,17 +1056,37 @@ fn footprint(n: usize, plugin: &Path) -> anyhow::Result<(Duration, u64, u64)> {
             .split_whitespace()
             .map(|x| x.parse())
             .collect::<Result<_, _>>()?;
-        anyhow::ensure!(v.len() == 3, "footprint child said `{text}`");
-        Ok((Duration::from_micros(v[0]), v[1], v[2]))
+        anyhow::ensure!(v.len() == 4, "footprint child said `{text}`");
+        Ok(Footprint {
+            start: Duration::from_micros(v[0]),
+            loaded_kib: v[1],
+            before_kib: v[2],
+            running_kib: v[3],
+        })
     };
-    run(1)?; // warm the compile cache
-    run(n)
+    run(1, 0)?; // warm the compile cache
+    run(n, run_secs)
+}
+
+/// What a host's start (and run) costs for N jobs on one plugin.
+struct Footprint {
+    start: Duration,
+    before_kib: u64,
+    loaded_kib: u64,
+    /// After running the jobs for the row's seconds (0: not run).
+    running_kib: u64,
 }
 
 /// The child side of [`footprint`]: a host's start for `n` jobs on one
 /// plugin (the engine, then the job set's load), printing microseconds, RSS
 /// after and RSS before the load, in KiB.
-async fn footprint_child(n: usize, plugin: &Path, cache: &Path) -> anyhow::Result<()> {
+async fn footprint_child(
+    n: usize,
+    plugin: &Path,
+    cache: &Path,
+    run_secs: u64,
+    url: Option<String>,
+) -> anyhow::Result<()> {
     let rss_kib = || -> u64 {
         std::fs::read_to_string("/proc/self/statm")
             .ok()
@@ -1011,7 +1107,7 @@ async fn footprint_child(n: usize, plugin: &Path, cache: &Path) -> anyhow::Resul
     );
     for i in 0..n {
         toml.push_str(&format!(
-            "[[job]]\nname = \"job-{i}\"\nplugin = {:?}\nevery = \"1s\"\n\n",
+            "[[job]]\nname = \"job-{i}\"\nplugin = {:?}\nevery = \"1s\"\n[job.config]\nmode = \"noop\"\n\n",
             plugin.display().to_string()
         ));
     }
@@ -1024,7 +1120,25 @@ async fn footprint_child(n: usize, plugin: &Path, cache: &Path) -> anyhow::Resul
     let elapsed = t.elapsed();
     let after = rss_kib();
     anyhow::ensure!(jobs.len() == n);
-    println!("{} {after} {before}", elapsed.as_micros());
+    // Then run them, every job every second, as the host would.
+    let mut running = 0;
+    if let (true, Some(url)) = (run_secs > 0, url) {
+        let pool = PgPoolOptions::new()
+            .max_connections(config.host.pool_size)
+            .connect(&url)
+            .await?;
+        let runner = Runner::new(pool.clone(), runtime.clone(), "footprint");
+        jobhost::scheduler::run(
+            runner,
+            jobs,
+            Default::default(),
+            tokio::time::sleep(Duration::from_secs(run_secs)),
+        )
+        .await;
+        pool.close().await;
+        running = rss_kib();
+    }
+    println!("{} {after} {before} {running}", elapsed.as_micros());
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -12,40 +12,7 @@ use jobhost_tests::guests;
 use jobhost_tests::polyglot::{self, Lang};
 use sqlx::PgPool;
 
-use super::{Slots, job, ok};
-
-/// A measure repeated over rounds: one value per round.
-#[derive(Default)]
-pub struct Repeated(Vec<f64>);
-
-impl Repeated {
-    /// Adds one round's value.
-    pub fn push(&mut self, v: f64) {
-        self.0.push(v);
-    }
-
-    /// Median and spread (lowest, highest) over the rounds.
-    pub fn median(&self) -> (f64, f64, f64) {
-        let mut v = self.0.clone();
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        if n == 0 {
-            return (f64::NAN, f64::NAN, f64::NAN);
-        }
-        let m = if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        };
-        (m, v[0], v[n - 1])
-    }
-
-    /// `median ms (low–high)`.
-    pub fn ms(&self) -> String {
-        let (m, lo, hi) = self.median();
-        format!("{:.2} ms ({:.2}–{:.2})", m * 1e3, lo * 1e3, hi * 1e3)
-    }
-}
+use super::{Repeated, Slots, job, ok};
 
 fn median_secs(mut v: Vec<Duration>) -> f64 {
     v.sort();
