@@ -163,7 +163,7 @@ impl Runner {
 
     /// Lets a job's preferred host try each slot first (see
     /// [`crate::hosts::LiveHosts`]); the view is the heartbeat's. A deferred
-    /// slot is first checked in a batch ([`deferred`]). Needs a tokio
+    /// slot is first checked in a batch ([`Confirmations`]). Needs a tokio
     /// runtime.
     pub fn with_live_hosts(mut self, live: crate::hosts::LiveHosts) -> Self {
         self.live = live;
