@@ -230,7 +230,7 @@ pub mod polyglot {
         }
     }
 
-    /// The pinned toolchain versions (`.ci/run` and `./dev test` install these).
+    /// The pinned toolchain versions (`.ci/polyglot-tools` installs these).
     pub const COMPONENTIZE_PY: &str = "0.25.1";
     /// See [`COMPONENTIZE_PY`].
     pub const COMPONENTIZE_JS: &str = "0.23.0";
@@ -249,13 +249,18 @@ pub mod polyglot {
     }
 
     /// The componentize-js launcher: `$JOBHOST_COMPONENTIZE_JS`, else the
-    /// copy `./dev test` installs under `$HOME/.cache/jobhost-tools`, else PATH.
+    /// copy `.ci/polyglot-tools` installs under `$HOME/.cache/jobhost-tools`,
+    /// else PATH.
     pub fn componentize_js() -> PathBuf {
         if let Some(p) = std::env::var_os("JOBHOST_COMPONENTIZE_JS") {
             return p.into();
         }
         let home = std::env::var_os("HOME").map(PathBuf::from);
-        let local = home.map(|h| h.join(".cache/jobhost-tools/node_modules/.bin/componentize-js"));
+        let local = home.map(|h| {
+            h.join(format!(
+                ".cache/jobhost-tools/componentize-js-{COMPONENTIZE_JS}/node_modules/.bin/componentize-js"
+            ))
+        });
         match local {
             Some(p) if p.exists() => p,
             _ => "componentize-js".into(),
