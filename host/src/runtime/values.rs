@@ -428,6 +428,7 @@ async fn render_others(
     }
     Ok(())
 }
+
 /// Runs a statement and returns the rows it affected.
 pub async fn execute(
     conn: &mut PgConnection,
