@@ -58,12 +58,12 @@ use crate::runtime::{
 };
 use crate::tx::OpenTx;
 
-#[cfg(feature = "bench")]
 mod deferred;
+#[cfg(feature = "bench")]
 mod native;
+mod session;
 
 pub use deferred::Confirmations;
-mod session;
 
 #[cfg(feature = "bench")]
 pub use native::NativeWork;
