@@ -347,6 +347,14 @@ pub fn to_json(v: Value) -> serde_json::Value {
         Value::Float8(f) => J::from(f),
         Value::Bytea(b) => J::from(b),
         Value::Json(s) => serde_json::from_str(&s).unwrap_or(J::String(s)),
+        other => string_carried(other).map_or(J::Null, J::String),
+    }
+}
+
+/// The text of a string-carried value (`numeric`, `text`, `uuid`, dates and
+/// times, `other`); the value itself back for any other case.
+pub(crate) fn string_carried(v: Value) -> Result<String, Value> {
+    match v {
         Value::Numeric(s)
         | Value::Text(s)
         | Value::Uuid(s)
@@ -354,7 +362,8 @@ pub fn to_json(v: Value) -> serde_json::Value {
         | Value::Time(s)
         | Value::Timestamp(s)
         | Value::Timestamptz(s)
-        | Value::Other((_, s)) => J::String(s),
+        | Value::Other((_, s)) => Ok(s),
+        other => Err(other),
     }
 }
 

@@ -327,14 +327,11 @@ impl<'de> Deserializer<'de> for CellDeserializer<'_> {
                 de.deserialize_any(visitor)
                     .map_err(|e| DecodeError(format!("invalid json for the target type: {e}")))
             }
-            Value::Numeric(s)
-            | Value::Text(s)
-            | Value::Uuid(s)
-            | Value::Date(s)
-            | Value::Time(s)
-            | Value::Timestamp(s)
-            | Value::Timestamptz(s)
-            | Value::Other((_, s)) => visitor.visit_string(s),
+            other => match crate::string_carried(other) {
+                Ok(s) => visitor.visit_string(s),
+                // Every case is handled above or is string-carried.
+                Err(_) => visitor.visit_none(),
+            },
         }
         .map_err(context)
     }
