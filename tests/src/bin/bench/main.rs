@@ -89,7 +89,7 @@ async fn main() -> anyhow::Result<()> {
         .execute(&mut admin)
         .await?;
     let bench_url = jobhost_tests::with_database(&url, &db);
-    // `--only polyglot|fleet`: one row alone (row 9, row 7), while working
+    // `--only polyglot|fleet|noop`: one row alone (row 9, row 7, row 1), while working
     // on what it measures.
     let only = args
         .iter()
@@ -99,6 +99,7 @@ async fn main() -> anyhow::Result<()> {
     let result = match only {
         Some("polyglot") => polyglot_only(&bench_url, &sizes).await,
         Some("fleet") => fleet_only(&bench_url).await,
+        Some("noop") => noop_only(&bench_url).await,
         Some(other) => Err(anyhow::anyhow!(
             "--only {other}: expected polyglot or fleet"
         )),
@@ -116,6 +117,50 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("wrote {path}");
     }
     Ok(())
+}
+
+/// Row 1's two paths, each alone for a while, with the process's CPU per run:
+/// where the sandbox's share of a no-op run goes.
+async fn noop_only(url: &str) -> anyhow::Result<String> {
+    let pool = PgPoolOptions::new()
+        .max_connections(10)
+        .connect(url)
+        .await?;
+    jobhost::db::MIGRATOR.run(&pool).await?;
+    let runtime = Arc::new(Runtime::with_options(None, true)?);
+    let runner = Runner::new(pool.clone(), runtime.clone(), "bench");
+    let noop = job(
+        "noop",
+        guests::TEST_CORE_PROBE,
+        &runtime,
+        &[("mode", "noop")],
+    )?;
+    let mut slots = Slots(0);
+    let mut out = String::new();
+    for round in 0..3 {
+        for plugin in [true, false] {
+            let n = 2000;
+            let (cpu, t) = (cpu_seconds(), Instant::now());
+            for _ in 0..n {
+                let r = if plugin {
+                    runner.run(&noop, slots.next()).await?
+                } else {
+                    runner
+                        .run_native(&noop, slots.next(), native_noop())
+                        .await?
+                };
+                ok(r)?;
+            }
+            let _ = writeln!(
+                out,
+                "round {round} {}: {:.1} µs wall, {:.1} µs host CPU per run",
+                if plugin { "plugin" } else { "native" },
+                t.elapsed().as_secs_f64() * 1e6 / n as f64,
+                (cpu_seconds() - cpu) * 1e6 / n as f64
+            );
+        }
+    }
+    Ok(out)
 }
 
 /// Row 7 alone, in a database of its own.

@@ -1,0 +1,1 @@
+drop index if exists jobhost.runs_by_slot;
