@@ -119,15 +119,21 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Row 1's two paths, each alone for a while, with the process's CPU per run:
-/// where the sandbox's share of a no-op run goes.
-async fn noop_only(url: &str) -> anyhow::Result<String> {
+/// What a row measured alone starts from: a migrated database of its own
+/// and a pooled runtime.
+async fn alone(url: &str) -> anyhow::Result<(sqlx::PgPool, Arc<Runtime>)> {
     let pool = PgPoolOptions::new()
         .max_connections(10)
         .connect(url)
         .await?;
     jobhost::db::MIGRATOR.run(&pool).await?;
-    let runtime = Arc::new(Runtime::with_options(None, true)?);
+    Ok((pool, Arc::new(Runtime::with_options(None, true)?)))
+}
+
+/// Row 1's two paths, each alone for a while, with the process's CPU per run:
+/// where the sandbox's share of a no-op run goes.
+async fn noop_only(url: &str) -> anyhow::Result<String> {
+    let (pool, runtime) = alone(url).await?;
     let runner = Runner::new(pool.clone(), runtime.clone(), "bench");
     let noop = job(
         "noop",
@@ -165,12 +171,7 @@ async fn noop_only(url: &str) -> anyhow::Result<String> {
 
 /// Row 7 alone, in a database of its own.
 async fn fleet_only(url: &str) -> anyhow::Result<String> {
-    let pool = PgPoolOptions::new()
-        .max_connections(10)
-        .connect(url)
-        .await?;
-    jobhost::db::MIGRATOR.run(&pool).await?;
-    let runtime = Arc::new(Runtime::with_options(None, true)?);
+    let (pool, runtime) = alone(url).await?;
     let writer = job(
         "fleet-writer",
         guests::TEST_CORE_PROBE,
@@ -195,13 +196,8 @@ async fn fleet_only(url: &str) -> anyhow::Result<String> {
 
 /// Row 9 alone, in a database of its own.
 async fn polyglot_only(url: &str, s: &Sizes) -> anyhow::Result<String> {
-    let pool = PgPoolOptions::new()
-        .max_connections(10)
-        .connect(url)
-        .await?;
-    jobhost::db::MIGRATOR.run(&pool).await?;
+    let (pool, runtime) = alone(url).await?;
     jobhost::demo::create_tables(&pool).await?;
-    let runtime = Arc::new(Runtime::with_options(None, true)?);
     let runner = Runner::new(pool.clone(), runtime.clone(), "bench");
     polyglot::rows(&pool, &runner, &runtime, &mut Slots(0), 5, s.per_round / 2).await
 }
