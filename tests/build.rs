@@ -51,14 +51,38 @@ fn main() {
             file.display().to_string()
         ));
     }
+    // The probe again as a core module for wasm32-unknown-unknown: a job
+    // without WASI, which the host wraps into a lean component at load.
+    consts.push_str(&format!(
+        "/// The `test-core-probe` core module, built for wasm32-unknown-unknown.\npub const TEST_CORE_PROBE_LEAN: &str = {:?};\n",
+        target_dir
+            .join("wasm32-unknown-unknown/release/test_core_probe.wasm")
+            .display()
+            .to_string()
+    ));
     std::fs::write(out.join("guests.rs"), consts).expect("write guests.rs");
 }
 
 fn build(plugins: &Path, target_dir: &Path) {
+    cargo_build(plugins, target_dir, &["--target", "wasm32-wasip2"]);
+    cargo_build(
+        plugins,
+        target_dir,
+        &[
+            "--target",
+            "wasm32-unknown-unknown",
+            "-p",
+            "test-core-probe",
+        ],
+    );
+}
+
+fn cargo_build(plugins: &Path, target_dir: &Path, args: &[&str]) {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(plugins)
-        .args(["build", "--release", "--target", "wasm32-wasip2"])
+        .args(["build", "--release"])
+        .args(args)
         .env("CARGO_TARGET_DIR", target_dir)
         // Flags meant for the host build must not leak into the guest build.
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
@@ -73,7 +97,7 @@ fn build(plugins: &Path, target_dir: &Path) {
     if !status.success() {
         panic!(
             "building the guest plugins failed (see above). If the target is missing: \
-             `rustup target add wasm32-wasip2`"
+             `rustup target add wasm32-wasip2 wasm32-unknown-unknown`"
         );
     }
 }

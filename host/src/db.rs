@@ -673,75 +673,98 @@ pub async fn discard_run(conn: &mut PgConnection, id: i64) -> sqlx::Result<()> {
     Ok(())
 }
 
-/// Reads the history of `slot` (excluding the run `me`) and, in the same
-/// statement, marks `running` rows of `job` whose host is dead (see
-/// [`crate::hosts`]: not seen for `lost_after`, or stopped) as `lost`.
-/// Returns how many rows it marked, and the slot's state.
+/// What [`slot_gate_sql`] returns: the lock, the database clock, and the
+/// slot's history when the lock is held and the slot is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotGate {
+    /// The job's lock is held (taken by this call, or held by the caller).
+    pub locked: bool,
+    /// The database's clock when the lock was tried.
+    pub db_now: DateTime<Utc>,
+    /// `running` rows of dead hosts marked `lost`, and the slot's history;
+    /// `None` when not locked or the clock has not reached the slot.
+    pub history: Option<(u64, SlotState)>,
+}
+
+/// The statement that gates a run (the function `jobhost.slot_gate`,
+/// migration `…0008`): with `lock`, it tries the job's transaction-level
+/// lock; without, the caller holds the lock elsewhere (a `session` run).
+/// Under the lock, it marks `running` rows of `job` whose host is dead (see
+/// [`crate::hosts`]: not seen for `lost_after`, or stopped) as `lost`, and
+/// reads the history of `slot`. With literals, so that it rides in the
+/// simple query that opens the run's transaction (nothing prepared, safe
+/// through a transaction pooler); its own statements' plans are cached by
+/// PL/pgSQL per server session.
 ///
-/// Called under the job's lock: any other `running` row of the job is then not
-/// holding the lock, and if its host is dead its run died with it (its
-/// transaction was rolled back by Postgres: the run's deadline, keepalives).
-/// Rows of live hosts belong to runs still about to try the lock, or whose
-/// task died while the host lives on: that host's own heartbeat marks those.
-/// This host's own rows are never judged here, for the same reason.
-///
-/// One statement, one round trip. The history part reads the snapshot from
-/// before the update, where the rows just marked were still `running`; they
-/// are added back into `attempts` from the update's own result.
+/// Marking under the job's lock is safe: any other `running` row of the job
+/// is then not holding the lock, and if its host is dead its run died with it
+/// (its transaction was rolled back by Postgres: the run's deadline,
+/// keepalives). Rows of live hosts belong to runs still about to try the
+/// lock, or whose task died while the host lives on: that host's own
+/// heartbeat marks those. This host's own rows are never judged here, for the
+/// same reason.
+pub fn slot_gate_sql(
+    job: &str,
+    slot: DateTime<Utc>,
+    host_id: &str,
+    lost_after: Duration,
+    lock: Option<crate::lock::LockKey>,
+) -> String {
+    let (ns, key) = match lock {
+        Some(k) => (k.namespace.to_string(), k.key.to_string()),
+        None => ("null".to_owned(), "null".to_owned()),
+    };
+    format!(
+        "select * from jobhost.slot_gate({}, {}, {}, {}::float8, {ns}, {key})",
+        quote_literal(job),
+        timestamp_literal(slot),
+        quote_literal(host_id),
+        lost_after.as_secs_f64(),
+    )
+}
+
+impl SlotGate {
+    /// Decodes the row of [`slot_gate_sql`] (text or binary format).
+    pub fn from_row(row: &sqlx::postgres::PgRow) -> sqlx::Result<Self> {
+        use sqlx::Row as _;
+        let locked: bool = row.try_get("locked")?;
+        let db_now: DateTime<Utc> = row.try_get("db_now")?;
+        let lost: Option<i64> = row.try_get("lost")?;
+        let history = match lost {
+            None => None,
+            Some(lost) => Some((
+                u64::try_from(lost).unwrap_or(0),
+                SlotState {
+                    succeeded: row.try_get("succeeded")?,
+                    attempts: row.try_get("attempts")?,
+                    failures: row.try_get("failures")?,
+                    last_failure: row.try_get("last_failure")?,
+                    paused: row.try_get("paused")?,
+                },
+            )),
+        };
+        Ok(Self {
+            locked,
+            db_now,
+            history,
+        })
+    }
+}
+
+/// [`slot_gate_sql`] on its own, for a caller that already holds the job's
+/// lock (a `session` run, on its lock connection).
 pub async fn slot_history(
     conn: &mut PgConnection,
     job: &str,
     slot: DateTime<Utc>,
-    me: i64,
     host_id: &str,
     lost_after: Duration,
-) -> sqlx::Result<(u64, SlotState)> {
-    let (lost, succeeded, attempts, failures, last_failure, paused): (
-        i64,
-        bool,
-        i32,
-        i32,
-        Option<DateTime<Utc>>,
-        bool,
-    ) = // Prepared: its parse and plan cost Postgres ~0.4 ms, paid once
-    // per connection (behind a transaction pooler, once per run: the run's
-    // transaction closes it before it ends).
-    // pooler: in the run's transaction
-    sqlx::query_as(
-        "with lost as (
-            update jobhost.runs r
-               set outcome = 'lost', finished_at = clock_timestamp(),
-                   message = 'the host running it died or lost its connection before finishing; its work was rolled back'
-             where r.job = $1 and r.outcome = 'running' and r.id <> $3 and r.host_id <> $4
-               and not exists (select 1 from jobhost.hosts h
-                                where h.id = r.host_id and h.stopped_at is null
-                                  and h.last_seen > clock_timestamp() - make_interval(secs => $5))
-            returning r.slot
-         )
-         select (select count(*) from lost),
-                coalesce(bool_or(outcome = 'ok'), false),
-                (count(*) + (select count(*) from lost where lost.slot = $2))::int4,
-                (count(*) filter (where outcome in ('error', 'trap', 'timeout', 'lock_lost')))::int4,
-                max(finished_at) filter (where outcome in ('error', 'trap', 'timeout', 'lock_lost')),
-                exists (select 1 from jobhost.paused p where p.job = $1)
-           from jobhost.runs
-          where job = $1 and slot = $2 and id <> $3 and outcome <> 'running'",
-    )
-    .bind(job)
-    .bind(slot)
-    .bind(me)
-    .bind(host_id)
-    .bind(lost_after.as_secs_f64())
-    .fetch_one(conn)
-    .await?;
-    let state = SlotState {
-        succeeded,
-        attempts,
-        failures,
-        last_failure,
-        paused,
-    };
-    Ok((u64::try_from(lost).unwrap_or(0), state))
+) -> sqlx::Result<SlotGate> {
+    let sql = slot_gate_sql(job, slot, host_id, lost_after, None);
+    let row = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .fetch_one(conn)
+        .await?;
+    SlotGate::from_row(&row)
 }
 
 /// Writes a run's final outcome. Inside the job's transaction, an `ok` commits

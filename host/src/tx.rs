@@ -20,6 +20,7 @@ use sqlx::pool::PoolConnection;
 
 use crate::config::Pooler;
 use crate::hygiene::AfterCommit;
+use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Postgres, Row as _};
 
 /// A transaction open on a pooled connection (see the module docs).
@@ -42,27 +43,41 @@ impl OpenTx {
     /// anything else runs, e.g. the run's deadline) as one simple query.
     /// `pooler` is what the connection's pool leads to.
     pub async fn begin(
-        mut conn: PoolConnection<Postgres>,
+        conn: PoolConnection<Postgres>,
         setup: &str,
         pooler: Pooler,
     ) -> sqlx::Result<Self> {
+        Ok(Self::begin_fetch(conn, setup, pooler).await?.0)
+    }
+
+    /// [`begin`](Self::begin), returning the rows `setup`'s statements
+    /// produced (in text format), for a setup that reads as well.
+    pub async fn begin_fetch(
+        mut conn: PoolConnection<Postgres>,
+        setup: &str,
+        pooler: Pooler,
+    ) -> sqlx::Result<(Self, Vec<PgRow>)> {
         let sql = if setup.is_empty() {
             "begin".to_owned()
         } else {
             format!("begin;\n{setup}")
         };
-        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-            .execute(&mut *conn)
+        let rows = match sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&mut *conn)
             .await
         {
-            // The connection's state is unknown: do not hand it back.
-            conn.close_on_drop();
-            return Err(e);
-        }
-        Ok(Self {
+            Ok(rows) => rows,
+            Err(e) => {
+                // The connection's state is unknown: do not hand it back.
+                conn.close_on_drop();
+                return Err(e);
+            }
+        };
+        let tx = Self {
             conn: Some(conn),
             close_statements: pooler == Pooler::Transaction,
-        })
+        };
+        Ok((tx, rows))
     }
 
     /// Behind a transaction pooler, closes the statements prepared in this

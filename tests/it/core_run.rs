@@ -99,6 +99,61 @@ async fn error_result_and_trap_roll_back_and_are_recorded(pool: PgPool) {
     assert_eq!(runs(&pool, "panicking").await[0].0, "trap");
 }
 
+/// A job that needs no WASI, built for wasm32-unknown-unknown: the host wraps
+/// the core module into a component that imports nothing but the host's own
+/// interfaces, and it runs like any other. Without stderr, a panic's message
+/// still comes first in the history (the SDK logs it).
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_core_module_without_wasi_runs_as_a_lean_component(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let runner = runner(&pool);
+    let lean = |name: &str, mode: &str| {
+        job(
+            name,
+            jobhost_tests::guests::TEST_CORE_PROBE_LEAN,
+            &[("mode", mode)],
+        )
+    };
+    let writer = lean("lean-writer", "write");
+    let imports = writer.plugin.imports();
+    assert!(
+        !imports.is_empty() && imports.iter().all(|i| i.starts_with("jobhost:plugin/")),
+        "only the host's interfaces: {imports:?}"
+    );
+    assert!(
+        probe("wasip2", "write")
+            .plugin
+            .imports()
+            .iter()
+            .any(|i| i.starts_with("wasi:")),
+        "the wasm32-wasip2 build of the same guest imports WASI"
+    );
+
+    let msg = finished(runner.run(&writer, slot(1)).await.unwrap(), Outcome::Ok);
+    assert_eq!(msg, "wrote attempt 1");
+    assert_eq!(probe_rows(&pool).await, 1);
+
+    let msg = finished(
+        runner
+            .run(&lean("lean-panicking", "trap"), slot(1))
+            .await
+            .unwrap(),
+        Outcome::Trap,
+    );
+    assert!(
+        msg.starts_with("panicked at ")
+            && msg.contains("src/lib.rs:")
+            && msg.contains(": deliberate panic (plugin trapped: "),
+        "the panic message comes first in the history: {msg}"
+    );
+    assert_eq!(
+        probe_rows(&pool).await,
+        1,
+        "the panicking run's write is rolled back"
+    );
+    assert_eq!(advisory_locks(&pool).await, 0);
+}
+
 #[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
 async fn a_swallowed_sql_error_is_never_a_success(pool: PgPool) {
     create_probe_table(&pool).await;
@@ -331,20 +386,32 @@ async fn the_lock_is_the_first_statement_of_the_plugins_transaction(pool: PgPool
             .position(|l| l.contains(needle))
             .unwrap_or_else(|| panic!("`{needle}` was not sent: {sent:#?}"))
     };
-    // The `running` row commits on its own before BEGIN; BEGIN carries only
-    // the run's deadline (so the lock is bounded from the instant it is
-    // granted); the next statement is the lock.
+    // The `running` row commits on its own before BEGIN. The opening query
+    // carries BEGIN, the run's deadline (so the lock is bounded from the
+    // instant it is granted), then the gate, whose first act is the lock.
     let begin = at("begin;");
     assert_eq!(begin, at("insert into jobhost.runs") + 1, "{sent:#?}");
     assert!(
         sent[begin].contains(
-            r#"db.statement="\n\nbegin;\nset local statement_timeout = 20000;\nset local idle_in_transaction_session_timeout = 22000\n""#
+            r#"db.statement="\n\nbegin;\nset local statement_timeout = 20000;\nset local idle_in_transaction_session_timeout = 22000;\nselect * from jobhost.slot_gate("#
         ),
-        "BEGIN sets the 20 s timeout and the 22 s idle deadline, nothing else: {}",
+        "BEGIN sets the 20 s timeout and the 22 s idle deadline, then the gate: {}",
         sent[begin]
     );
-    let lock = at("pg_try_advisory_xact_lock");
-    assert_eq!(lock, begin + 1, "{sent:#?}");
+    let body: String = sqlx::query_scalar("select prosrc from pg_proc where proname = 'slot_gate'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let first = body
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && *l != "begin")
+        .unwrap_or_default();
+    assert!(
+        first.contains("pg_try_advisory_xact_lock"),
+        "the gate's first statement takes the lock: {first}"
+    );
+    let lock = begin;
     let plugin = at("plugin-statement");
     assert!(plugin > lock, "{sent:#?}");
     assert!(
@@ -495,19 +562,42 @@ async fn the_slot_history_read_does_not_scan_the_jobs_history(pool: PgPool) {
     .execute(&pool)
     .await
     .unwrap();
-    // The shape of `db::slot_history`'s read (the slot's finished runs).
-    let plan: Vec<String> = sqlx::query_scalar(
-        "explain select count(*), coalesce(bool_or(outcome = 'ok'), false)
-           from jobhost.runs
-          where job = 'busy' and slot = '2024-01-01T02:00:00Z' and id <> 1 and outcome <> 'running'",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    let plan = plan.join("\n");
-    assert!(
-        !plan.contains("Seq Scan"),
-        "the history read scans the table:\n{plan}"
+    // The gate itself (`jobhost.slot_gate`, as a run sends it), with the
+    // scans it made counted in its own transaction.
+    let seq_scans = |pool: PgPool| async move {
+        let mut tx = pool.begin().await.unwrap();
+        let sql = jobhost::db::slot_gate_sql(
+            "busy",
+            slot(7201),
+            "me",
+            Duration::from_secs(60),
+            Some(jobhost::lock::LockKey::derive("busy")),
+        );
+        let row = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        let gate = jobhost::db::SlotGate::from_row(&row).unwrap();
+        let (_, state) = gate.history.expect("locked and due");
+        assert!(state.succeeded && state.attempts == 1, "{state:?}");
+        let scans: i64 = sqlx::query_scalar(
+            "select coalesce(seq_scan, 0) from pg_stat_xact_user_tables
+              where schemaname = 'jobhost' and relname = 'runs'",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        scans
+    };
+    assert_eq!(
+        seq_scans(pool.clone()).await,
+        0,
+        "the history read scans the table"
     );
-    assert!(plan.contains("runs_by_slot"), "{plan}");
+    // What the index spares: without it, the same call scans.
+    sqlx::query("drop index jobhost.runs_by_slot")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(seq_scans(pool.clone()).await > 0);
 }

@@ -25,12 +25,16 @@ fn a_file_that_is_not_a_component_is_rejected_with_its_path() {
         "{text}"
     );
 
-    // A core module is not a component either.
+    // A core module without a world to wrap it in is not one either.
     let path = temp_file("core.wasm", b"\0asm\x01\0\0\0");
-    assert!(matches!(
-        runtime().load(&path).unwrap_err(),
-        PluginError::NotComponent { .. }
-    ));
+    let err = runtime().load(&path).unwrap_err();
+    assert!(matches!(err, PluginError::NotComponent { .. }), "{err:?}");
+    let text = format!("{:#}", anyhow::Error::new(err));
+    assert!(
+        text.contains("core.wasm")
+            && text.contains("it is a core module that carries no WIT world"),
+        "{text}"
+    );
 }
 
 #[test]

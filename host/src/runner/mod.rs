@@ -11,21 +11,22 @@
 //!    held elsewhere or the slot already succeeded, write nothing and skip
 //!    (`Runner::claim`); the run enters this host's in-flight set
 //!    ([`crate::hosts`]);
-//! 2. `BEGIN` with the run's deadline (`statement_timeout`,
-//!    `idle_in_transaction_session_timeout`) in the same simple query
-//!    ([`crate::tx::OpenTx`]), so the lock is bounded from the instant it is
-//!    granted;
-//! 3. first statement: `pg_try_advisory_xact_lock(namespace, key)` with the
-//!    database clock. Busy: a DEBUG `lock_busy` event, skip;
-//! 4. `Runner::gate`, under the lock: skip a slot the database clock has not
-//!    reached (this host's clock is ahead), a paused job, a slot that already
-//!    succeeded on any host (the fleet-wide once-per-slot rule), a slot out of
-//!    attempts or in its retry backoff; mark `running` rows of dead hosts as
-//!    `lost` (one statement: [`db::slot_history`]);
-//! 5. `application_name` naming the run, `SAVEPOINT`, the job's role, in one
-//!    simple query;
-//! 6. lend the transaction to a fresh plugin instance and call `run`;
-//! 7. one closing query ([`crate::hygiene`]): success → the session check
+//! 2. one simple query opens the run ([`crate::tx::OpenTx`]): `BEGIN` with
+//!    the run's deadline (`statement_timeout`,
+//!    `idle_in_transaction_session_timeout`), so the lock is bounded from the
+//!    instant it is granted; then the gate, `jobhost.slot_gate`
+//!    ([`db::slot_gate_sql`]): `pg_try_advisory_xact_lock(namespace, key)`
+//!    with the database clock and, under the lock, the slot's history (runs of
+//!    dead hosts marked `lost` on the way); then `application_name` naming
+//!    the run, `SAVEPOINT`, the job's role;
+//! 3. `Runner::decide`: skip when the lock is busy (a DEBUG `lock_busy`
+//!    event), when the database clock has not reached the slot (this host's
+//!    clock is ahead), for a paused job, a slot that already succeeded on any
+//!    host (the fleet-wide once-per-slot rule), a slot out of attempts or in
+//!    its retry backoff. A skip rolls back to the savepoint, drops the
+//!    `running` row and commits, in one round trip;
+//! 4. lend the transaction to a fresh plugin instance and call `run`;
+//! 5. one closing query ([`crate::hygiene`]): success → the session check
 //!    (raises if the plugin left anything on the connection), `ok` over the
 //!    run's row, COMMIT, the post-commit check; anything else → roll back to
 //!    the savepoint, the failure, COMMIT. The history can never say `ok` for
@@ -298,43 +299,68 @@ impl Runner {
         };
         let in_flight = self.in_flight.enter(run_id);
         tracing::Span::current().record("run_id", run_id);
-        // The deadline rides in BEGIN's own query: the lock, taken next, is
-        // bounded by the server from the instant it is granted.
+        // One round trip opens the run: BEGIN with the deadline (so the lock,
+        // taken next, is bounded by the server from the instant it is
+        // granted), the lock and the history under it (`jobhost.slot_gate`,
+        // whose statements each see what committed before they started), then
+        // the run's name, savepoint and role. The last three are undone by
+        // rolling back to the savepoint if the gate says the slot does not run.
+        let key = job.config.lock_key;
         let timeout_ms = job.config.timeout.as_millis().max(1);
-        let mut tx = match OpenTx::begin(conn, &db::backstops_sql(timeout_ms), self.pooler).await {
-            Ok(tx) => tx,
+        let setup = format!(
+            "{};\n{};\n{}",
+            db::backstops_sql(timeout_ms),
+            db::slot_gate_sql(
+                name,
+                slot,
+                &self.host_id,
+                self.liveness.lost_after,
+                Some(key)
+            ),
+            scope_sql(&job.config, &self.host_id),
+        );
+        let (tx, gate) = match OpenTx::begin_fetch(conn, &setup, self.pooler).await {
+            Ok((tx, rows)) => match rows.first().map(db::SlotGate::from_row) {
+                Some(Ok(gate)) => (tx, gate),
+                Some(Err(e)) => {
+                    drop(tx);
+                    let e = anyhow::Error::new(e)
+                        .context(format!("job `{name}`: cannot read lock {key}'s gate"));
+                    return Err(self.fail_before_plugin(name, run_id, e).await);
+                }
+                None => {
+                    drop(tx);
+                    let e = anyhow::anyhow!("job `{name}`: lock {key}'s gate returned no row");
+                    return Err(self.fail_before_plugin(name, run_id, e).await);
+                }
+            },
             Err(e) => {
+                let what = match &job.config.role {
+                    Some(role) => format!("lock {key}, history, savepoint, role `{role}`"),
+                    None => format!("lock {key}, history, savepoint"),
+                };
                 let e = anyhow::Error::new(e)
-                    .context(format!("job `{name}`: cannot begin a transaction"));
+                    .context(format!("job `{name}`: cannot open the run ({what})"));
                 return Err(self.fail_before_plugin(name, run_id, e).await);
             }
         };
-
-        let gated = match tx.conn() {
-            Some(conn) => self.gate(job, slot, run_id, conn).await,
-            None => Err(anyhow::anyhow!("job `{name}`: the transaction closed")),
-        };
-        let go = match gated {
-            Ok(Ok(go)) => go,
-            Ok(Err(skip)) => {
-                // Nothing runs: drop the `running` row in the same transaction
-                // (keeping any `lost` marks made under the lock) and commit,
-                // which also releases the lock if we took it. One round trip.
-                let closing = format!("{};\ncommit", db::discard_run_sql(run_id));
+        let go = match self.decide(job, slot, gate) {
+            Ok(go) => go,
+            Err(skip) => {
+                // Nothing runs: undo the scope, drop the `running` row in the
+                // same transaction (keeping any `lost` marks made under the
+                // lock) and commit, which also releases the lock if we took it.
+                // One round trip.
+                let closing = format!(
+                    "rollback to savepoint jobhost_work;\n{};\ncommit",
+                    db::discard_run_sql(run_id)
+                );
                 if let Err(e) = tx.end(&closing).await {
                     warn!(job = %name, error = %e, "cannot close a skipped run; Postgres rolls it back");
                 }
                 return Ok(Err(skip));
             }
-            Err(e) => {
-                drop(tx);
-                return Err(self.fail_before_plugin(name, run_id, e).await);
-            }
         };
-        if let Err(e) = prepare(&job.config, &self.host_id, &mut tx).await {
-            drop(tx);
-            return Err(self.fail_before_plugin(name, run_id, e).await);
-        }
         Ok(Ok(Opened {
             run: OpenRun {
                 run_id,
@@ -395,92 +421,69 @@ impl Runner {
         finished(job, run.go, outcome, message)
     }
 
-    /// Takes the lock and decides, under it, whether the slot runs now.
-    /// `Ok(Ok(attempt))` to run, `Ok(Err(skip))` for a skip.
-    async fn gate(
-        &self,
-        job: &Job,
-        slot: DateTime<Utc>,
-        run_id: i64,
-        conn: &mut sqlx::PgConnection,
-    ) -> anyhow::Result<Result<Go, RunResult>> {
-        let name = job.config.name.as_str();
-        let key = job.config.lock_key;
-        // Invariant: the lock is the first statement of the transaction the
-        // plugin will use, so it is pinned to this connection and released by
-        // COMMIT/ROLLBACK. The clock comes along to judge the slot by the
-        // database's time, never this host's.
-        // pooler: in the run's transaction (closed before it ends)
-        let (locked, db_now): (bool, DateTime<Utc>) =
-            sqlx::query_as("select pg_try_advisory_xact_lock($1, $2), clock_timestamp()")
-                .bind(key.namespace)
-                .bind(key.key)
-                .fetch_one(&mut *conn)
-                .await
-                .with_context(|| format!("job `{name}`: cannot try lock {key}"))?;
-        if !locked {
-            // Losing the race for a slot is the normal case in a fleet.
-            debug!(job = %name, lock_key = %key, event = "lock_busy", "lock_busy: job lock held elsewhere, slot skipped");
-            return Ok(Err(RunResult::LockBusy));
-        }
-        self.check_slot(conn, job, slot, run_id, db_now).await
-    }
-
-    /// The history checks under the job's lock, for both lock modes: the
-    /// database clock must have reached the slot; runs of hosts that died are
-    /// marked `lost`; a slot that succeeded, ran out of attempts or is in its
-    /// retry backoff is skipped. `Ok(Ok(attempt))` to run.
+    /// The history checks for a caller holding the job's lock on `conn` (a
+    /// `session` run's lock connection, whose lock query read `db_now`): see
+    /// [`decide`](Self::decide). `Ok(Ok(attempt))` to run.
     async fn check_slot(
         &self,
         conn: &mut sqlx::PgConnection,
         job: &Job,
         slot: DateTime<Utc>,
-        run_id: i64,
         db_now: DateTime<Utc>,
     ) -> anyhow::Result<Result<Go, RunResult>> {
         let name = job.config.name.as_str();
-        if db_now < slot {
-            return Ok(Err(RunResult::NotDue { db_now }));
+        let mut gate = db::slot_history(conn, name, slot, &self.host_id, self.liveness.lost_after)
+            .await
+            .with_context(|| format!("job `{name}`: cannot read the slot's history"))?;
+        gate.db_now = db_now;
+        Ok(self.decide(job, slot, gate))
+    }
+
+    /// Whether the slot runs now, from what the gate read under the job's
+    /// lock, for both lock modes: the lock must be held, the database clock
+    /// must have reached the slot; a paused job, a slot that succeeded, ran
+    /// out of attempts or is in its retry backoff is skipped. `Ok(attempt)`
+    /// to run.
+    fn decide(&self, job: &Job, slot: DateTime<Utc>, gate: db::SlotGate) -> Result<Go, RunResult> {
+        let name = job.config.name.as_str();
+        if !gate.locked {
+            // Losing the race for a slot is the normal case in a fleet.
+            debug!(job = %name, lock_key = %job.config.lock_key, event = "lock_busy", "lock_busy: job lock held elsewhere, slot skipped");
+            return Err(RunResult::LockBusy);
         }
-        let (lost, state) = db::slot_history(
-            conn,
-            name,
-            slot,
-            run_id,
-            &self.host_id,
-            self.liveness.lost_after,
-        )
-        .await
-        .with_context(|| format!("job `{name}`: cannot read the slot's history"))?;
+        let db_now = gate.db_now;
+        let Some((lost, state)) = gate.history.filter(|_| db_now >= slot) else {
+            return Err(RunResult::NotDue { db_now });
+        };
         if lost > 0 {
             warn!(job = %name, runs = lost, "marked runs of vanished hosts as lost");
         }
         if state.paused {
             debug!(job = %name, event = "paused", "slot skipped: the job is paused");
-            return Ok(Err(RunResult::Paused));
+            return Err(RunResult::Paused);
         }
         if state.succeeded {
-            return Ok(Err(RunResult::AlreadyDone));
+            return Err(RunResult::AlreadyDone);
         }
         let policy = job.config.retry;
         let failures = u32::try_from(state.failures).unwrap_or(0);
         if failures >= policy.max_attempts {
-            return Ok(Err(RunResult::Exhausted));
+            return Err(RunResult::Exhausted);
         }
         if let Some(last) = state.last_failure
             && failures > 0
         {
             let until = last + policy.delay_after(failures);
             if until > db_now {
-                return Ok(Err(RunResult::BackingOff { until }));
+                return Err(RunResult::BackingOff { until });
             }
         }
         let lag = (db_now - slot).to_std().unwrap_or_default();
         self.metrics.observe_start_lag(name, lag.as_secs_f64());
-        Ok(Ok(Go {
+        Ok(Go {
             attempt: state.attempts + 1,
             failures,
-        }))
+        })
     }
 
     /// Decides the outcome. A statement error the plugin swallowed still makes
@@ -526,7 +529,7 @@ impl Runner {
                 (Outcome::Error, m)
             }
             (Returned::Trap(trap), _) => {
-                let report = TrapReport::new(&trap, &invocation.output);
+                let report = TrapReport::new(&trap, &invocation.output, invocation.last_error.as_deref());
                 if let Some(backtrace) = &report.backtrace {
                     debug!(target: "jobhost::plugin", job = %name, %backtrace, "plugin trapped");
                 }
@@ -805,30 +808,23 @@ pub fn check_plugin_kind(config: &JobConfig, plugin: &Plugin) -> Result<(), Stri
 /// The run's name in `pg_stat_activity`, savepoint and role for the plugin's
 /// part of the transaction, sent as one simple query. (The deadline was set
 /// with BEGIN.)
-async fn prepare(job: &JobConfig, host_id: &str, tx: &mut OpenTx) -> anyhow::Result<()> {
-    let name = job.name.as_str();
-    let app = truncate_utf8(&format!("{}/{name}", db::application_name(host_id)), 63);
+/// The run's scope, sent after the gate in the opening query: the run's
+/// name in `application_name`, the savepoint a failure rolls back to, and the
+/// job's role after it (so rolling back to the savepoint also drops the role).
+fn scope_sql(job: &JobConfig, host_id: &str) -> String {
+    let app = truncate_utf8(
+        &format!("{}/{}", db::application_name(host_id), job.name),
+        63,
+    );
     let mut sql = format!(
-        "set local application_name = {};
-         savepoint jobhost_work",
+        "set local application_name = {};\nsavepoint jobhost_work",
         db::quote_literal(&app)
     );
     if let Some(role) = &job.role {
-        // After the savepoint, so rolling back to it also drops the role.
-        sql.push_str(";\n         ");
+        sql.push_str(";\n");
         sql.push_str(&db::set_local_role_sql(role));
     }
-    let conn = tx
-        .conn()
-        .with_context(|| format!("job `{name}`: the transaction closed"))?;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-        .execute(conn)
-        .await
-        .with_context(|| match &job.role {
-            Some(role) => format!("job `{name}`: cannot set the run's savepoint and role `{role}`"),
-            None => format!("job `{name}`: cannot set the run's savepoint"),
-        })?;
-    Ok(())
+    sql
 }
 
 pub(crate) fn truncate_utf8(s: &str, max: usize) -> String {

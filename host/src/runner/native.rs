@@ -54,6 +54,7 @@ impl Runner {
             lent: Lent::Transaction(opened.handle),
             output: String::new(),
             output_dropped: 0,
+            last_error: None,
         };
         Ok(self.close(job, opened.run, invocation).await)
     }

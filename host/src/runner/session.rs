@@ -115,7 +115,7 @@ impl Runner {
 
         let checked = async {
             db::set_run_backend(&mut lock, run_id).await?;
-            self.check_slot(&mut lock, job, slot, run_id, db_now).await
+            self.check_slot(&mut lock, job, slot, db_now).await
         }
         .await;
         let go = match checked {

@@ -56,6 +56,10 @@ pub struct Invocation {
     pub output: String,
     /// Bytes the guest wrote past the cap (dropped, not an error).
     pub output_dropped: u64,
+    /// The guest's latest error-level log message (see [`TrapReport`]).
+    ///
+    /// [`TrapReport`]: super::TrapReport
+    pub last_error: Option<String>,
 }
 
 impl Runtime {
@@ -178,12 +182,14 @@ impl Runtime {
                 Err(e) => unreachable!("the lent transaction vanished from the table: {e}"),
             }
         };
+        let last_error = store.data_mut().last_error.take();
         let (output, output_dropped) = output.contents();
         Invocation {
             returned,
             lent,
             output,
             output_dropped,
+            last_error,
         }
     }
 }

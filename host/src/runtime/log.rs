@@ -35,6 +35,9 @@ impl log::Host for RunState {
                 .collect::<Vec<_>>()
                 .join(" "),
         );
+        if level == Level::Error {
+            self.last_error = Some(message.clone());
+        }
         let (job, slot) = (&*self.job, &*self.slot);
         macro_rules! emit {
             ($lvl:expr) => {

@@ -33,9 +33,10 @@ pub enum PluginError {
         #[source]
         source: wasmtime::Error,
     },
-    /// The file is not a WebAssembly component (a core module, or garbage).
+    /// The file is not a WebAssembly component (nor a core module that
+    /// carries its WIT world, which the host would wrap into one).
     #[error(
-        "plugin `{path}` is not a WebAssembly component (build it for wasm32-wasip2 as a cdylib)"
+        "plugin `{path}` is not a WebAssembly component (build it as a cdylib for wasm32-wasip2, or for wasm32-unknown-unknown if it needs no WASI)"
     )]
     NotComponent {
         /// The plugin file.
@@ -78,6 +79,22 @@ pub struct Plugin {
     /// The lock mode the plugin is written for: the world it implements.
     pub kind: PluginKind,
     pub(super) pre: PluginPre,
+}
+
+impl Plugin {
+    /// The names of what the plugin imports from the host
+    /// (`jobhost:plugin/sql@0.2.0`, `wasi:cli/stdout@0.2.0`, ...).
+    pub fn imports(&self) -> Vec<String> {
+        let component = match &self.pre {
+            PluginPre::Xact(pre) => pre.instance_pre().component(),
+            PluginPre::Session(pre) => pre.instance_pre().component(),
+        };
+        component
+            .component_type()
+            .imports(component.engine())
+            .map(|(name, _)| name.to_owned())
+            .collect()
+    }
 }
 
 /// A plugin linked and ready to instantiate, in its world.
@@ -204,11 +221,17 @@ impl Runtime {
         sha256: String,
         max_memory_bytes: usize,
     ) -> Result<Plugin, PluginError> {
-        let component =
-            Component::new(&self.engine, bytes).map_err(|source| PluginError::NotComponent {
-                path: path.to_owned(),
-                source,
-            })?;
+        let not_component = |source| PluginError::NotComponent {
+            path: path.to_owned(),
+            source,
+        };
+        let component = if wasmparser::Parser::is_core_wasm(bytes) {
+            let wrapped = lean_component(bytes).map_err(not_component)?;
+            Component::new(&self.engine, wrapped)
+        } else {
+            Component::new(&self.engine, bytes)
+        }
+        .map_err(not_component)?;
         let wrong_world = |reason: String| PluginError::WrongWorld {
             path: path.to_owned(),
             reason: format!("{reason}; {}", built_against(&self.engine, &component)),
@@ -273,6 +296,35 @@ impl Runtime {
         futures_executor::block_on(pre.instantiate(&mut store))
             .map_err(|e| (e, store.data().limits.refused))
     }
+}
+
+/// The component of a core module built for `wasm32-unknown-unknown` with
+/// wit-bindgen (a job that needs no WASI): wit-bindgen leaves the world in a
+/// custom section, and wit-component wraps the module into a component that
+/// imports exactly what the module calls. Such a component is one core
+/// instance, where a `wasm32-wasip2` one is three modules and ~19 core
+/// instances (the WASI adapter's), so it instantiates in about half the time
+/// (BENCHMARKS.md, row 3). Deterministic: the same module always makes the
+/// same component, so the compile cache keeps working.
+fn lean_component(module: &[u8]) -> wasmtime::Result<Vec<u8>> {
+    // Without the section, the encoder would make an empty component, which
+    // then fails as "the wrong world": say what is really missing.
+    let has_world = wasmparser::Parser::new(0).parse_all(module).any(|p| {
+        matches!(p, Ok(wasmparser::Payload::CustomSection(c)) if c.name().starts_with("component-type"))
+    });
+    if !has_world {
+        return Err(wasmtime::Error::msg(
+            "it is a core module that carries no WIT world: was it built with wit-bindgen, the SDK's `export_job!`?",
+        ));
+    }
+    wit_component::ComponentEncoder::default()
+        .module(module)
+        .and_then(|e| e.validate(true).encode())
+        .map_err(|e| {
+            wasmtime::Error::msg(format!(
+                "it is a core module, and making a component of it failed: {e:#}"
+            ))
+        })
 }
 
 /// Which versions of the `jobhost:plugin` package a component was built

@@ -20,6 +20,10 @@ pub struct RunState {
     pub(super) http_policy: HttpPolicy,
     pub(super) output: output::CappedOutput,
     pub(super) limits: MemoryLimit,
+    /// The plugin's latest error-level log message: a plugin built without
+    /// WASI has no stderr, so the SDK logs a panic there (the trap report
+    /// looks for the guest's error in it when the output has none).
+    pub(super) last_error: Option<String>,
 }
 
 /// The store's resource limiter: the job's memory cap, remembering the
@@ -90,6 +94,7 @@ impl RunState {
             wasi,
             output,
             http: wasmtime_wasi_http::WasiHttpCtx::new(),
+            last_error: None,
             limits: MemoryLimit {
                 tables: StoreLimitsBuilder::new().trap_on_grow_failure(true).build(),
                 max_bytes: max_memory_bytes,

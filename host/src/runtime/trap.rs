@@ -26,7 +26,10 @@ pub struct TrapReport {
 
 impl TrapReport {
     /// Splits `trap`; `output` is the guest's captured stdout and stderr.
-    pub fn new(trap: &wasmtime::Error, output: &str) -> Self {
+    /// `last_error`: the guest's latest error-level log message, taken as
+    /// its error when the output holds none and it reads like one (a panic
+    /// the SDK logged in a plugin built without WASI).
+    pub fn new(trap: &wasmtime::Error, output: &str, last_error: Option<&str>) -> Self {
         // The backtrace is a context of the error: one link of its chain.
         let backtrace = trap
             .downcast_ref::<WasmBacktrace>()
@@ -37,7 +40,7 @@ impl TrapReport {
             .filter(|e| Some(e) != backtrace.as_ref())
             .collect();
         Self {
-            guest: guest_error(output),
+            guest: guest_error(output).or_else(|| last_error.and_then(guest_error)),
             cause: causes.join(": "),
             backtrace,
         }
@@ -71,10 +74,12 @@ fn guest_error(output: &str) -> Option<String> {
     }
     // Rust: `thread '<unnamed>' panicked at src/lib.rs:10:5:` then the
     // message, then a `note: run with RUST_BACKTRACE=1` line.
-    if let Some(i) = lines.iter().rposition(|l| l.contains(" panicked at ")) {
-        let at = lines[i]
-            .split_once(" panicked at ")
-            .map_or("", |(_, at)| at);
+    // Logged by the SDK without WASI, the line starts `panicked at`.
+    if let Some(i) = lines
+        .iter()
+        .rposition(|l| l.contains(" panicked at ") || l.starts_with("panicked at "))
+    {
+        let at = lines[i].split_once("panicked at ").map_or("", |(_, at)| at);
         let message: Vec<&str> = lines[i + 1..]
             .iter()
             .take_while(|l| !l.starts_with("note: "))
@@ -122,6 +127,11 @@ mod tests {
         assert_eq!(
             guest_error(js).unwrap(),
             "Error: config key `A` is not a plain table name"
+        );
+        let logged = "panicked at src/lib.rs:9:5:\nno rows";
+        assert_eq!(
+            guest_error(logged).unwrap(),
+            "panicked at src/lib.rs:9:5: no rows"
         );
         assert_eq!(guest_error("progress: 10 rows\n"), None);
         assert_eq!(guest_error(""), None);

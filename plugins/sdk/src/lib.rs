@@ -514,10 +514,23 @@ pub mod __private {
         }
     }
 
+    /// Built without WASI (`wasm32-unknown-unknown`: a lean component),
+    /// a panic has no stderr to print to and would trap with its message
+    /// lost. Send it through the host's log instead, at error level, where
+    /// the host finds it for the run's record. Each run is a fresh instance,
+    /// so this is set once per run.
+    fn report_panics() {
+        #[cfg(not(target_os = "wasi"))]
+        std::panic::set_hook(Box::new(|info| {
+            crate::log::error(&info.to_string());
+        }));
+    }
+
     pub fn run<J: Job>(
         ctx: wit_types::Context,
         tx: &Transaction,
     ) -> Result<wit_types::Report, wit_types::Failure> {
+        report_panics();
         outcome(J::run(
             &context(ctx),
             &Tx {
@@ -530,6 +543,7 @@ pub mod __private {
         ctx: wit_types::Context,
         session: &WitSession,
     ) -> Result<wit_types::Report, wit_types::Failure> {
+        report_panics();
         outcome(J::run(&context(ctx), &Session { inner: session }))
     }
 

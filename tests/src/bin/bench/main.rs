@@ -89,7 +89,8 @@ async fn main() -> anyhow::Result<()> {
         .execute(&mut admin)
         .await?;
     let bench_url = jobhost_tests::with_database(&url, &db);
-    // `--only polyglot|fleet|noop`: one row alone (row 9, row 7, row 1), while working
+    // `--only polyglot|fleet|noop|instant`: one row alone (row 9, row 7, row 1,
+    // row 5a), while working
     // on what it measures.
     let only = args
         .iter()
@@ -100,8 +101,9 @@ async fn main() -> anyhow::Result<()> {
         Some("polyglot") => polyglot_only(&bench_url, &sizes).await,
         Some("fleet") => fleet_only(&bench_url).await,
         Some("noop") => noop_only(&bench_url).await,
+        Some("instant") => instant_only(&bench_url, &sizes).await,
         Some(other) => Err(anyhow::anyhow!(
-            "--only {other}: expected polyglot or fleet"
+            "--only {other}: expected polyglot, fleet, noop or instant"
         )),
         None => run(&bench_url, &sizes, quick).await,
     };
@@ -165,6 +167,35 @@ async fn noop_only(url: &str) -> anyhow::Result<String> {
                 (cpu_seconds() - cpu) * 1e6 / n as f64
             );
         }
+    }
+    Ok(out)
+}
+
+/// Row 5a alone (every job at one instant), three times.
+async fn instant_only(url: &str, s: &Sizes) -> anyhow::Result<String> {
+    let (pool, runtime) = alone(url).await?;
+    let noop = job(
+        "noop",
+        guests::TEST_CORE_PROBE,
+        &runtime,
+        &[("mode", "noop")],
+    )?;
+    let mut out = String::new();
+    for round in 0..3 {
+        let r = scale(url, None, &pool, &runtime, &noop, s, false).await?;
+        let _ = writeln!(
+            out,
+            "round {round}: {} jobs at one instant: start lag p50 / p99 {:.1} / {:.1} ms; {} of {:.0} slots; ≤ {} connections; host CPU {:.2} cores",
+            s.scale_jobs,
+            r.pct(0.5),
+            r.pct(0.99),
+            r.lags.len(),
+            r.expected_runs,
+            r.max_conns,
+            r.cpu / r.elapsed
+        );
+        // Each round's jobs are new: start from an empty history.
+        sqlx::query("truncate jobhost.runs").execute(&pool).await?;
     }
     Ok(out)
 }
