@@ -513,17 +513,15 @@ pub async fn begin_run(
     plugin_sha256: &str,
     lock: crate::lock::LockKey,
 ) -> sqlx::Result<Claim> {
-    // Two-int advisory locks show in pg_locks as classid = first int and
-    // objid = second, as unsigned oids, objsubid = 2.
+    // Held elsewhere: try the lock itself rather than read `pg_locks` (which
+    // copies the whole lock table under every partition's lock: a quarter of
+    // this statement's cost with ten busy connections). If it is free, this
+    // statement's own transaction holds it until it commits, microseconds
+    // later; a host whose claim or lock tries it in that window skips the
+    // slot, which this host is about to run. (`held` is referenced twice, so
+    // Postgres evaluates it once.)
     const SQL: &str = "with async_commit as (select set_config('synchronous_commit', 'off', true)),
-         held as (
-            select exists (
-                select 1 from pg_locks l
-                 where l.locktype = 'advisory' and l.granted and l.objsubid = 2
-                   and l.database = (select oid from pg_database where datname = current_database())
-                   and l.classid::int8 = ($5::int8 & 4294967295)
-                   and l.objid::int8 = ($6::int8 & 4294967295)) as held
-         ),
+         held as (select not pg_try_advisory_xact_lock($5, $6) as held),
          done as (
             select exists (
                 select 1 from jobhost.runs where job = $1 and slot = $2 and outcome = 'ok') as done
