@@ -146,3 +146,23 @@ fn the_kind_is_the_world_that_links() {
     let why = jobhost::runner::check_plugin_kind(&config, &session).unwrap_err();
     assert!(why.contains("set lock = \"session\""), "{why}");
 }
+
+#[test]
+fn a_component_beyond_the_pooling_limits_is_refused_as_such() {
+    // 40 core instances: more than the pooling allocator allows one component
+    // (componentize-py's `--stub-wasi` output has 38). The file is a valid
+    // component, so the error says it cannot be compiled, and why.
+    let instances = "(core instance (instantiate $m))\n".repeat(40);
+    let wat = format!("(component (core module $m) {instances})");
+    let path = temp_file("many-instances.wasm", &wat::parse_str(&wat).unwrap());
+    let pooled = jobhost::runtime::Runtime::with_options(None, true).unwrap();
+    let err = pooled.load(&path).unwrap_err();
+    assert!(matches!(err, PluginError::Compile { .. }), "{err:?}");
+    let text = format!("{:#}", anyhow::Error::new(err));
+    assert!(
+        text.contains("many-instances.wasm")
+            && text.contains("cannot be compiled")
+            && text.contains("core module instances"),
+        "{text}"
+    );
+}

@@ -45,6 +45,16 @@ pub enum PluginError {
         #[source]
         source: wasmtime::Error,
     },
+    /// The component does not compile with this host's engine (invalid, or
+    /// beyond its limits).
+    #[error("plugin `{path}` cannot be compiled")]
+    Compile {
+        /// The plugin file.
+        path: PathBuf,
+        /// What wasmtime said.
+        #[source]
+        source: wasmtime::Error,
+    },
     /// Instantiating the plugin needs more linear memory than the job allows.
     #[error(
         "plugin `{path}` needs {needed_mib:.1} MiB of linear memory to start, more than its limit of {limit_mib} MiB (raise `max-memory-mib` for the job)"
@@ -225,13 +235,22 @@ impl Runtime {
             path: path.to_owned(),
             source,
         };
-        let component = if wasmparser::Parser::is_core_wasm(bytes) {
+        let compiled = if wasmparser::Parser::is_core_wasm(bytes) {
             let wrapped = lean_component(bytes).map_err(not_component)?;
             Component::new(&self.engine, wrapped)
-        } else {
+        } else if wasmparser::Parser::is_component(bytes) {
             Component::new(&self.engine, bytes)
-        }
-        .map_err(not_component)?;
+        } else {
+            return Err(not_component(wasmtime::Error::msg(
+                "the file does not start with the WebAssembly magic bytes",
+            )));
+        };
+        // A component that does not compile here: invalid, or beyond this
+        // engine's limits (the pooling allocator's instances per component).
+        let component = compiled.map_err(|source| PluginError::Compile {
+            path: path.to_owned(),
+            source,
+        })?;
         let wrong_world = |reason: String| PluginError::WrongWorld {
             path: path.to_owned(),
             reason: format!("{reason}; {}", built_against(&self.engine, &component)),
@@ -301,10 +320,10 @@ impl Runtime {
 /// The component of a core module built for `wasm32-unknown-unknown` with
 /// wit-bindgen (a job that needs no WASI): wit-bindgen leaves the world in a
 /// custom section, and wit-component wraps the module into a component that
-/// imports exactly what the module calls. Such a component is one core
-/// instance, where a `wasm32-wasip2` one is three modules and ~19 core
-/// instances (the WASI adapter's), so it instantiates in about half the time
-/// (BENCHMARKS.md, row 3). Deterministic: the same module always makes the
+/// imports exactly what the module calls. Such a component has five core
+/// instances (the module and two small adapters), where a `wasm32-wasip2` one
+/// has 19 (most of them the WASI adapter's), so it instantiates about a fifth
+/// faster (BENCHMARKS.md, rows 3 and 3l). Deterministic: the same module always makes the
 /// same component, so the compile cache keeps working.
 fn lean_component(module: &[u8]) -> wasmtime::Result<Vec<u8>> {
     // Without the section, the encoder would make an empty component, which

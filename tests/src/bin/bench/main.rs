@@ -360,16 +360,31 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         &pooled_runtime,
         &[("mode", "noop")],
     )?;
+    // The same guest built for wasm32-unknown-unknown (no WASI): a lean
+    // component, measured in the same rounds.
+    let lean = job(
+        "noop-lean",
+        guests::TEST_CORE_PROBE_LEAN,
+        &pooled_runtime,
+        &[("mode", "noop")],
+    )?;
     let (mut plugin_t, mut native_t, mut pooler_t) = (Vec::new(), Vec::new(), Vec::new());
+    let mut lean_t = Vec::new();
+    let mut lean_rounds = Repeated::default();
     // Each round's plugin/native ratio (of the round's medians): the row
     // reports their median and spread, so one noisy round cannot decide it.
     let mut noop_rounds = Repeated::default();
     for _ in 0..s.rounds {
-        let (p0, n0) = (plugin_t.len(), native_t.len());
+        let (p0, n0, l0) = (plugin_t.len(), native_t.len(), lean_t.len());
         for _ in 0..s.per_round {
             let t = Instant::now();
             ok(runner.run(&noop, slots.next()).await?)?;
             plugin_t.push(t.elapsed());
+        }
+        for _ in 0..s.per_round {
+            let t = Instant::now();
+            ok(runner.run(&lean, slots.next()).await?)?;
+            lean_t.push(t.elapsed());
         }
         if let Some(r) = &via_pooler {
             for _ in 0..s.per_round {
@@ -385,13 +400,13 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
                 .await?)?;
             native_t.push(t.elapsed());
         }
-        noop_rounds.push(
-            stats(plugin_t[p0..].to_vec()).1.as_secs_f64()
-                / stats(native_t[n0..].to_vec()).1.as_secs_f64(),
-        );
+        let native_p50 = stats(native_t[n0..].to_vec()).1.as_secs_f64();
+        noop_rounds.push(stats(plugin_t[p0..].to_vec()).1.as_secs_f64() / native_p50);
+        lean_rounds.push(stats(lean_t[l0..].to_vec()).1.as_secs_f64() / native_p50);
     }
     let pooled_noop = (!pooler_t.is_empty()).then(|| stats(pooler_t));
     let (p_mean, p_p50, p_p99) = stats(plugin_t);
+    let (l_mean, l_p50, l_p99) = stats(lean_t);
     let (n_mean, n_p50, n_p99) = stats(native_t);
     let noop_ratio = p_mean.as_secs_f64() / n_mean.as_secs_f64();
 
@@ -451,6 +466,9 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     let ((od_mean, od_p50, _), _) = inst(runtime.clone(), on_demand).await?;
     let ((po_mean, po_p50, _), (state_mean, state_p50, _)) =
         inst(pooled_runtime.clone(), pooled).await?;
+    let lean_pooled = pooled_runtime.load(Path::new(guests::TEST_CORE_PROBE_LEAN))?;
+    let lean_imports = lean_pooled.imports().len();
+    let ((lean_mean, lean_p50, _), _) = inst(pooled_runtime.clone(), lean_pooled).await?;
 
     // 4. One SQL call through the WIT interface vs sqlx directly, same transaction.
     let n = s.selects.to_string();
@@ -662,6 +680,15 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         us(n_p99),
         met(noop_med <= 1.05)
     );
+    let (lean_med, lean_lo, lean_hi) = lean_rounds.median();
+    let _ = writeln!(
+        md,
+        "| 1l | the same, the guest built for wasm32-unknown-unknown (a lean component: no WASI) | {:.0} µs (p50 {:.0}, p99 {:.0}) | (row 1's native) | {lean_med:.2}× ({lean_lo:.2}–{lean_hi:.2}) | ≤ 1.05× (issue 17) | {} |",
+        us(l_mean),
+        us(l_p50),
+        us(l_p99),
+        met(lean_med <= 1.05)
+    );
     let (hash_med, hash_lo, hash_hi) = hash_rounds.median();
     let _ = writeln!(
         md,
@@ -677,6 +704,15 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         us(od_p50),
         po_mean.as_secs_f64() / od_mean.as_secs_f64(),
         met(us(po_mean) <= 5.0)
+    );
+    let _ = writeln!(
+        md,
+        "| 3l | the same, lean component (wasm32-unknown-unknown: no WASI adapter; {lean_imports} imports, all `jobhost:plugin`), pooling, mean (p50) | {:.1} µs ({:.1}) | (row 3's pooling: {:.1} µs) | {:.2}× | ≤ 5 µs (issue 17) | {} |",
+        us(lean_mean),
+        us(lean_p50),
+        us(po_mean),
+        lean_mean.as_secs_f64() / po_mean.as_secs_f64(),
+        met(us(lean_mean) <= 5.0)
     );
     let _ = writeln!(
         md,
