@@ -89,8 +89,8 @@ async fn main() -> anyhow::Result<()> {
         .execute(&mut admin)
         .await?;
     let bench_url = jobhost_tests::with_database(&url, &db);
-    // `--only polyglot|fleet|noop|instant`: one row alone (row 9, row 7, row 1,
-    // row 5a), while working
+    // `--only polyglot|fleet|noop|instant|hash`: one row alone (row 9, row 7,
+    // row 1, row 5a, row 2), while working
     // on what it measures.
     let only = args
         .iter()
@@ -102,8 +102,9 @@ async fn main() -> anyhow::Result<()> {
         Some("fleet") => fleet_only(&bench_url).await,
         Some("noop") => noop_only(&bench_url).await,
         Some("instant") => instant_only(&bench_url, &sizes).await,
+        Some("hash") => hash_only(&bench_url).await,
         Some(other) => Err(anyhow::anyhow!(
-            "--only {other}: expected polyglot, fleet, noop or instant"
+            "--only {other}: expected polyglot, fleet, noop, instant or hash"
         )),
         None => run(&bench_url, &sizes, quick).await,
     };
@@ -165,6 +166,52 @@ async fn noop_only(url: &str) -> anyhow::Result<String> {
                 if plugin { "plugin" } else { "native" },
                 t.elapsed().as_secs_f64() * 1e6 / n as f64,
                 (cpu_seconds() - cpu) * 1e6 / n as f64
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Row 2's two paths, each alone for a while, with the process's CPU per
+/// run: where the plugin's extra time in a hash batch goes (profile it).
+async fn hash_only(url: &str) -> anyhow::Result<String> {
+    let (pool, runtime) = alone(url).await?;
+    jobhost::demo::create_tables(&pool).await?;
+    let runner = Runner::new(pool.clone(), runtime.clone(), "bench");
+    let hash = job(
+        "hash",
+        guests::INTEGRITY_HASH_RETRY,
+        &runtime,
+        &[("batch-size", "50")],
+    )?;
+    let seed = "insert into demo.audit_events (actor, action, payload)
+                select 'actor-' || g, 'login', jsonb_build_object('seq', g) from generate_series(1, 50) g";
+    let mut slots = Slots(0);
+    let mut out = String::new();
+    for round in 0..3 {
+        for plugin in [true, false] {
+            let n = 300;
+            let (mut cpu, mut wall) = (0.0, Duration::ZERO);
+            for _ in 0..n {
+                sqlx::query(seed).execute(&pool).await?;
+                let (c, t) = (cpu_seconds(), Instant::now());
+                let r = if plugin {
+                    runner.run(&hash, slots.next()).await?
+                } else {
+                    runner
+                        .run_native(&hash, slots.next(), native(native_hash, 50))
+                        .await?
+                };
+                wall += t.elapsed();
+                cpu += cpu_seconds() - c;
+                ok(r)?;
+            }
+            let _ = writeln!(
+                out,
+                "round {round} {}: {:.0} µs wall, {:.0} µs host CPU per 50-row run",
+                if plugin { "plugin" } else { "native" },
+                wall.as_secs_f64() * 1e6 / n as f64,
+                cpu * 1e6 / n as f64
             );
         }
     }
