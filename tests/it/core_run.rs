@@ -398,10 +398,15 @@ async fn the_lock_is_the_first_statement_of_the_plugins_transaction(pool: PgPool
         "BEGIN sets the 20 s timeout and the 22 s idle deadline, then the gate: {}",
         sent[begin]
     );
-    let body: String = sqlx::query_scalar("select prosrc from pg_proc where proname = 'slot_gate'")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let (body, volatility): (String, String) =
+        sqlx::query_as("select prosrc, provolatile::text from pg_proc where proname = 'slot_gate'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    // VOLATILE: each statement of the gate takes a fresh snapshot, so the
+    // history is read after the lock is granted and sees what its previous
+    // holder committed (STABLE would read the calling query's snapshot).
+    assert_eq!(volatility, "v");
     let first = body
         .lines()
         .map(str::trim)

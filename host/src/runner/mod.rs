@@ -319,30 +319,28 @@ impl Runner {
             ),
             scope_sql(&job.config, &self.host_id),
         );
-        let (tx, gate) = match OpenTx::begin_fetch(conn, &setup, self.pooler).await {
-            Ok((tx, rows)) => match rows.first().map(db::SlotGate::from_row) {
-                Some(Ok(gate)) => (tx, gate),
-                Some(Err(e)) => {
-                    drop(tx);
-                    let e = anyhow::Error::new(e)
-                        .context(format!("job `{name}`: cannot read lock {key}'s gate"));
-                    return Err(self.fail_before_plugin(name, run_id, e).await);
-                }
-                None => {
-                    drop(tx);
-                    let e = anyhow::anyhow!("job `{name}`: lock {key}'s gate returned no row");
-                    return Err(self.fail_before_plugin(name, run_id, e).await);
-                }
-            },
+        let opened = match OpenTx::begin_fetch(conn, &setup, self.pooler).await {
+            // A transaction whose gate cannot be read is dropped here, which
+            // closes its connection (Postgres rolls back, the lock goes).
+            Ok((tx, rows)) => rows
+                .first()
+                .ok_or(sqlx::Error::RowNotFound)
+                .and_then(db::SlotGate::from_row)
+                .map(|gate| (tx, gate))
+                .with_context(|| format!("job `{name}`: cannot read lock {key}'s gate")),
             Err(e) => {
-                let what = match &job.config.role {
-                    Some(role) => format!("lock {key}, history, savepoint, role `{role}`"),
-                    None => format!("lock {key}, history, savepoint"),
+                let role = match &job.config.role {
+                    Some(role) => format!(", role `{role}`"),
+                    None => String::new(),
                 };
-                let e = anyhow::Error::new(e)
-                    .context(format!("job `{name}`: cannot open the run ({what})"));
-                return Err(self.fail_before_plugin(name, run_id, e).await);
+                Err(anyhow::Error::new(e).context(format!(
+                    "job `{name}`: cannot open the run (lock {key}, history, savepoint{role})"
+                )))
             }
+        };
+        let (tx, gate) = match opened {
+            Ok(opened) => opened,
+            Err(e) => return Err(self.fail_before_plugin(name, run_id, e).await),
         };
         let go = match self.decide(job, slot, gate) {
             Ok(go) => go,
