@@ -37,7 +37,7 @@ pub enum Outcome {
 impl Outcome {
     /// Whether this outcome is a failure of the job's own doing, which counts
     /// against `max-attempts` and drives the retry backoff (the same set as
-    /// [`slot_history`]'s `failures`).
+    /// the `failures` that `jobhost.slot_gate`, migration 0008, counts).
     pub fn counts_against_attempts(self) -> bool {
         matches!(
             self,
@@ -647,7 +647,7 @@ macro_rules! in_tx {
 pub(crate) use in_tx;
 
 /// Points a `running` row at the backend that holds the run's session lock,
-/// so that [`slot_history`] judges the run by the lock connection's life.
+/// so that the run's backend can be found in `pg_stat_activity` from its row.
 pub async fn set_run_backend(conn: &mut PgConnection, id: i64) -> sqlx::Result<()> {
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "update jobhost.runs set backend_pid = pg_backend_pid() where id = {id}"

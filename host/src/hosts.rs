@@ -7,7 +7,7 @@
 //!   any more as `lost` (a run whose task died while the host lives on).
 //! - A host not seen for `lost_after` is dead: the next holder of a job's lock
 //!   marks that host's `running` rows of the job `lost`
-//!   ([`crate::db::slot_history`]), and `jobhost locks` calls a lock held by
+//!   ([`crate::db::slot_gate_sql`]), and `jobhost locks` calls a lock held by
 //!   one of its backends STUCK.
 //! - A graceful shutdown sets `stopped_at`; `status` shows the fleet.
 
