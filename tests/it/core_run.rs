@@ -71,22 +71,11 @@ async fn error_result_and_trap_roll_back_and_are_recorded(pool: PgPool) {
         Outcome::Error,
     );
     assert_eq!(msg, "deliberate failure");
-    let msg = finished(
+    assert_panic_first(
         runner
             .run(&probe("panicking", "trap"), slot(1))
             .await
             .unwrap(),
-        Outcome::Trap,
-    );
-    assert!(
-        msg.starts_with("panicked at ")
-            && msg.contains("src/lib.rs:")
-            && msg.contains(": deliberate panic (plugin trapped: "),
-        "the panic message comes first in the history: {msg}"
-    );
-    assert!(
-        !msg.contains("wasm backtrace"),
-        "the backtrace goes to the log: {msg}"
     );
 
     assert_eq!(
@@ -97,6 +86,22 @@ async fn error_result_and_trap_roll_back_and_are_recorded(pool: PgPool) {
     assert_eq!(advisory_locks(&pool).await, 0);
     assert_eq!(runs(&pool, "failing").await[0].0, "error");
     assert_eq!(runs(&pool, "panicking").await[0].0, "trap");
+}
+
+/// A trapped run whose record starts with the probe's panic message, file and
+/// line, and carries no wasm backtrace (that goes to the log).
+fn assert_panic_first(result: RunResult) {
+    let msg = finished(result, Outcome::Trap);
+    assert!(
+        msg.starts_with("panicked at ")
+            && msg.contains("src/lib.rs:")
+            && msg.contains(": deliberate panic (plugin trapped: "),
+        "the panic message comes first in the history: {msg}"
+    );
+    assert!(
+        !msg.contains("wasm backtrace"),
+        "the backtrace goes to the log: {msg}"
+    );
 }
 
 /// A job that needs no WASI, built for wasm32-unknown-unknown: the host wraps
@@ -133,18 +138,11 @@ async fn a_core_module_without_wasi_runs_as_a_lean_component(pool: PgPool) {
     assert_eq!(msg, "wrote attempt 1");
     assert_eq!(probe_rows(&pool).await, 1);
 
-    let msg = finished(
+    assert_panic_first(
         runner
             .run(&lean("lean-panicking", "trap"), slot(1))
             .await
             .unwrap(),
-        Outcome::Trap,
-    );
-    assert!(
-        msg.starts_with("panicked at ")
-            && msg.contains("src/lib.rs:")
-            && msg.contains(": deliberate panic (plugin trapped: "),
-        "the panic message comes first in the history: {msg}"
     );
     assert_eq!(
         probe_rows(&pool).await,

@@ -138,38 +138,22 @@ async fn alone(url: &str) -> anyhow::Result<(sqlx::PgPool, Arc<Runtime>)> {
 async fn noop_only(url: &str) -> anyhow::Result<String> {
     let (pool, runtime) = alone(url).await?;
     let runner = Runner::new(pool.clone(), runtime.clone(), "bench");
-    let noop = job(
-        "noop",
-        guests::TEST_CORE_PROBE,
-        &runtime,
-        &[("mode", "noop")],
-    )?;
+    let noop = noop_probe("noop", &runtime)?;
     let mut slots = Slots(0);
-    let mut out = String::new();
-    for round in 0..3 {
-        for plugin in [true, false] {
-            let n = 2000;
-            let (cpu, t) = (cpu_seconds(), Instant::now());
-            for _ in 0..n {
-                let r = if plugin {
-                    runner.run(&noop, slots.next()).await?
-                } else {
-                    runner
-                        .run_native(&noop, slots.next(), native_noop())
-                        .await?
-                };
-                ok(r)?;
-            }
-            let _ = writeln!(
-                out,
-                "round {round} {}: {:.1} µs wall, {:.1} µs host CPU per run",
-                if plugin { "plugin" } else { "native" },
-                t.elapsed().as_secs_f64() * 1e6 / n as f64,
-                (cpu_seconds() - cpu) * 1e6 / n as f64
-            );
-        }
-    }
-    Ok(out)
+    rounds_alone(2000, "run", async |plugin| {
+        let (cpu, t) = (cpu_seconds(), Instant::now());
+        let r = if plugin {
+            runner.run(&noop, slots.next()).await?
+        } else {
+            runner
+                .run_native(&noop, slots.next(), native_noop())
+                .await?
+        };
+        let measured = (cpu_seconds() - cpu, t.elapsed());
+        ok(r)?;
+        Ok(measured)
+    })
+    .await
 }
 
 /// Row 2's two paths, each alone for a while, with the process's CPU per
@@ -178,37 +162,45 @@ async fn hash_only(url: &str) -> anyhow::Result<String> {
     let (pool, runtime) = alone(url).await?;
     jobhost::demo::create_tables(&pool).await?;
     let runner = Runner::new(pool.clone(), runtime.clone(), "bench");
-    let hash = job(
-        "hash",
-        guests::INTEGRITY_HASH_RETRY,
-        &runtime,
-        &[("batch-size", "50")],
-    )?;
-    let seed = "insert into demo.audit_events (actor, action, payload)
-                select 'actor-' || g, 'login', jsonb_build_object('seq', g) from generate_series(1, 50) g";
+    let hash = hash_job(&runtime)?;
     let mut slots = Slots(0);
+    rounds_alone(300, "50-row run", async |plugin| {
+        sqlx::query(HASH_SEED).execute(&pool).await?;
+        let (cpu, t) = (cpu_seconds(), Instant::now());
+        let r = if plugin {
+            runner.run(&hash, slots.next()).await?
+        } else {
+            runner
+                .run_native(&hash, slots.next(), native(native_hash, 50))
+                .await?
+        };
+        let measured = (cpu_seconds() - cpu, t.elapsed());
+        ok(r)?;
+        Ok(measured)
+    })
+    .await
+}
+
+/// Three rounds of `n` runs of each path (plugin, then native), each path
+/// alone for a while: wall time and the process's CPU per run. `one(plugin)`
+/// runs once and returns what that run took (CPU seconds, wall time).
+async fn rounds_alone(
+    n: usize,
+    what: &str,
+    mut one: impl AsyncFnMut(bool) -> anyhow::Result<(f64, Duration)>,
+) -> anyhow::Result<String> {
     let mut out = String::new();
     for round in 0..3 {
         for plugin in [true, false] {
-            let n = 300;
             let (mut cpu, mut wall) = (0.0, Duration::ZERO);
             for _ in 0..n {
-                sqlx::query(seed).execute(&pool).await?;
-                let (c, t) = (cpu_seconds(), Instant::now());
-                let r = if plugin {
-                    runner.run(&hash, slots.next()).await?
-                } else {
-                    runner
-                        .run_native(&hash, slots.next(), native(native_hash, 50))
-                        .await?
-                };
-                wall += t.elapsed();
-                cpu += cpu_seconds() - c;
-                ok(r)?;
+                let (c, w) = one(plugin).await?;
+                cpu += c;
+                wall += w;
             }
             let _ = writeln!(
                 out,
-                "round {round} {}: {:.0} µs wall, {:.0} µs host CPU per 50-row run",
+                "round {round} {}: {:.1} µs wall, {:.1} µs host CPU per {what}",
                 if plugin { "plugin" } else { "native" },
                 wall.as_secs_f64() * 1e6 / n as f64,
                 cpu * 1e6 / n as f64
@@ -218,15 +210,29 @@ async fn hash_only(url: &str) -> anyhow::Result<String> {
     Ok(out)
 }
 
+/// Row 2's job: the integrity-hash plugin, 50 rows per run.
+fn hash_job(runtime: &Arc<Runtime>) -> anyhow::Result<Job> {
+    job(
+        "hash",
+        guests::INTEGRITY_HASH_RETRY,
+        runtime,
+        &[("batch-size", "50")],
+    )
+}
+
+/// The probe guest in `noop` mode: a run that sends no SQL.
+fn noop_probe(name: &str, runtime: &Runtime) -> anyhow::Result<Job> {
+    job(name, guests::TEST_CORE_PROBE, runtime, &[("mode", "noop")])
+}
+
+/// 50 rows for one hash batch.
+const HASH_SEED: &str = "insert into demo.audit_events (actor, action, payload)
+    select 'actor-' || g, 'login', jsonb_build_object('seq', g) from generate_series(1, 50) g";
+
 /// Row 5a alone (every job at one instant), three times.
 async fn instant_only(url: &str, s: &Sizes) -> anyhow::Result<String> {
     let (pool, runtime) = alone(url).await?;
-    let noop = job(
-        "noop",
-        guests::TEST_CORE_PROBE,
-        &runtime,
-        &[("mode", "noop")],
-    )?;
+    let noop = noop_probe("noop", &runtime)?;
     let mut out = String::new();
     for round in 0..3 {
         let r = scale(url, None, &pool, &runtime, &noop, s, false).await?;
@@ -250,12 +256,7 @@ async fn instant_only(url: &str, s: &Sizes) -> anyhow::Result<String> {
 /// Row 7 alone, in a database of its own.
 async fn fleet_only(url: &str) -> anyhow::Result<String> {
     let (pool, runtime) = alone(url).await?;
-    let writer = job(
-        "fleet-writer",
-        guests::TEST_CORE_PROBE,
-        &runtime,
-        &[("mode", "noop")],
-    )?;
+    let writer = noop_probe("fleet-writer", &runtime)?;
     let fleet = |hosts| fleet_work(url, &pool, &runtime, &writer, hosts, 300, 15);
     let one = fleet(1).await?;
     let three = fleet(3).await?;
@@ -401,12 +402,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     let mut md = String::new();
 
     // 1. A no-op run, whole path, plugin vs native.
-    let noop = job(
-        "noop",
-        guests::TEST_CORE_PROBE,
-        &pooled_runtime,
-        &[("mode", "noop")],
-    )?;
+    let noop = noop_probe("noop", &pooled_runtime)?;
     // The same guest built for wasm32-unknown-unknown (no WASI): a lean
     // component, measured in the same rounds.
     let lean = job(
@@ -458,25 +454,18 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     let noop_ratio = p_mean.as_secs_f64() / n_mean.as_secs_f64();
 
     // 2. The 50-row integrity-hash batch, plugin vs native (same SQL, SHA-256 in Rust).
-    let hash = job(
-        "hash",
-        guests::INTEGRITY_HASH_RETRY,
-        &pooled_runtime,
-        &[("batch-size", "50")],
-    )?;
-    let seed = "insert into demo.audit_events (actor, action, payload)
-                select 'actor-' || g, 'login', jsonb_build_object('seq', g) from generate_series(1, 50) g";
+    let hash = hash_job(&pooled_runtime)?;
     let (mut plugin_h, mut native_h) = (Duration::ZERO, Duration::ZERO);
     // Throughput ratio per group of iterations (5 groups), for median and spread.
     let mut hash_rounds = Repeated::default();
     let group = s.hash_iterations.div_ceil(5).max(1);
     let (mut gp, mut gn) = (Duration::ZERO, Duration::ZERO);
     for i in 0..s.hash_iterations {
-        sqlx::query(seed).execute(&pool).await?;
+        sqlx::query(HASH_SEED).execute(&pool).await?;
         let t = Instant::now();
         ok(runner.run(&hash, slots.next()).await?)?;
         let dp = t.elapsed();
-        sqlx::query(seed).execute(&pool).await?;
+        sqlx::query(HASH_SEED).execute(&pool).await?;
         let t = Instant::now();
         ok(runner
             .run_native(&hash, slots.next(), native(native_hash, 50))
@@ -633,12 +622,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     let reload = reload_latency(url, if quick { 1 } else { 5 }).await?;
     let publish = publish_latency(url, if quick { 1 } else { 5 }).await?;
     // Fleet efficiency: the same jobs on one host, then on three.
-    let writer = job(
-        "fleet-writer",
-        guests::TEST_CORE_PROBE,
-        &pooled_runtime,
-        &[("mode", "noop")],
-    )?;
+    let writer = noop_probe("fleet-writer", &pooled_runtime)?;
     let (fleet_jobs, fleet_secs) = if quick { (20, 3) } else { (300, 15) };
     let fleet = |hosts| {
         fleet_work(
