@@ -22,12 +22,15 @@
 //! - [`hosts`]: host liveness (the `jobhost.hosts` heartbeat) that decides
 //!   which `running` rows are lost and which lock holders are alive.
 //! - [`runtime`]: a narrow layer over wasmtime: the engine (`mod.rs`),
-//!   loading a plugin (`plugin.rs`), one run's store (`store.rs`), one call
+//!   loading a plugin (`plugin.rs`: a component, or a core module built
+//!   without WASI that it wraps into a lean one), one run's store (`store.rs`), one call
 //!   (`invoke.rs`), what a trap means for the history (`trap.rs`), the
 //!   values between WIT and Postgres (`values.rs`), and the capabilities a plugin is granted (`sql`, `log`,
 //!   an empty WASI, `http`). It does not know about locks or history.
-//! - [`runner`]: one slot of one job, from BEGIN through lock, plugin call,
-//!   COMMIT/ROLLBACK — the path every invariant hangs on (`open` → invoke →
+//! - [`runner`]: one slot of one job, from the claim and one opening query
+//!   (BEGIN, the deadline, the lock and history in `jobhost.slot_gate`)
+//!   through the plugin call to COMMIT/ROLLBACK — the path every invariant
+//!   hangs on (`open` → invoke →
 //!   `close`; the benchmark's native twin, feature `bench`, composes the same
 //!   steps in `runner/native.rs`).
 //! - [`scheduler`]: per-job loops that hand due slots to the runner, and swap
