@@ -165,23 +165,44 @@ async fn a_fleet_runs_through_a_transaction_pooler_in_pooler_mode(pool: PgPool) 
     // `session` job's own lock connection, direct and named `…/lock`, holds
     // its lock between heartbeats by design, and so does the migrator's,
     // `…/migrate`, between migrations.)
+    //
+    // pg_locks and pg_stat_activity are read at two moments of one query, so
+    // a backend seen idle may have started a run (whose first statement takes
+    // the job's transaction lock) by the time its locks are read. A lock left
+    // behind stays: each sighting is confirmed by a second look, 100 ms later,
+    // at that backend and that lock.
     let sampler = {
         let pool = pool.clone();
         tokio::spawn(async move {
+            const IDLE_LOCKS: &str =
+                "select l.pid, coalesce(a.application_name, ''), l.classid::int8, l.objid::int8
+                 from pg_locks l
+                 join pg_stat_activity a on a.pid = l.pid
+                where l.locktype = 'advisory' and a.state = 'idle'
+                  and l.database = (select oid from pg_database where datname = current_database())
+                  and a.application_name not like '%/lock'
+                  and a.application_name not like '%/migrate'";
             let mut worst = Vec::new();
             for _ in 0..200 {
-                let idle: Vec<(i32, String)> = sqlx::query_as(
-                    "select l.pid, coalesce(a.application_name, '') from pg_locks l
-                       join pg_stat_activity a on a.pid = l.pid
-                      where l.locktype = 'advisory' and a.state = 'idle'
-                        and l.database = (select oid from pg_database where datname = current_database())
-                        and a.application_name not like '%/lock'
-                        and a.application_name not like '%/migrate'",
-                )
-                .fetch_all(&pool)
-                .await
-                .unwrap();
-                worst.extend(idle);
+                let seen: Vec<(i32, String, i64, i64)> =
+                    sqlx::query_as(IDLE_LOCKS).fetch_all(&pool).await.unwrap();
+                if !seen.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let again: Vec<(i32, String, i64, i64)> =
+                        sqlx::query_as(IDLE_LOCKS).fetch_all(&pool).await.unwrap();
+                    // The same backend and lock; its application_name may
+                    // be another host's by now (the pooler shares it).
+                    let held = |(pid, _, class, obj): &(i32, String, i64, i64)| {
+                        again
+                            .iter()
+                            .any(|a| (a.0, a.2, a.3) == (*pid, *class, *obj))
+                    };
+                    worst.extend(
+                        seen.into_iter()
+                            .filter(held)
+                            .map(|(pid, app, _, _)| (pid, app)),
+                    );
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             worst
