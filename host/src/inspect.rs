@@ -250,7 +250,38 @@ pub fn judge(
 
 /// Granted advisory locks in the current database with their holders, each
 /// judged (see [`judge`]).
+///
+/// A lock judged stuck is looked at again [`STUCK_RECHECK`] later and stays
+/// stuck only if the same backend still holds it and is still judged so.
+/// `pg_locks` and `pg_stat_activity` are read at two moments of one query:
+/// a backend read as idle may have begun a run by the time its locks are
+/// read, and a run takes its job's lock in its first statement (the claim,
+/// the opening query). A lock really left behind is still there.
 pub async fn locks(pool: &PgPool, config: &JobsConfig) -> sqlx::Result<Vec<LockRow>> {
+    let first = read_locks(pool, config).await?;
+    if !first.iter().any(|r| r.stuck) {
+        return Ok(first);
+    }
+    tokio::time::sleep(STUCK_RECHECK).await;
+    let mut again = read_locks(pool, config).await?;
+    for row in &mut again {
+        let was_stuck = first
+            .iter()
+            .any(|f| f.stuck && f.pid == row.pid && f.key == row.key);
+        if row.stuck && !was_stuck {
+            // Stuck in one read only: the same race, the other way round.
+            row.stuck = false;
+            row.verdict = "held briefly (not stuck in the first look)".into();
+        }
+    }
+    Ok(again)
+}
+
+/// How long [`locks`] waits before confirming a stuck lock.
+pub const STUCK_RECHECK: std::time::Duration = std::time::Duration::from_millis(150);
+
+/// One read of [`locks`], unconfirmed.
+async fn read_locks(pool: &PgPool, config: &JobsConfig) -> sqlx::Result<Vec<LockRow>> {
     let live: Vec<String> = hosts::fleet(pool, config.host.liveness.lost_after)
         .await?
         .into_iter()

@@ -450,6 +450,36 @@ async fn locks_flags_a_lock_held_by_an_idle_backend(pool: PgPool) {
     );
 }
 
+/// `jobhost locks` confirms a stuck verdict with a second look: a run takes
+/// its job's lock in its first statement after idle, and `pg_locks` and
+/// `pg_stat_activity` are read at two moments, so one read can show a
+/// backend idle with a lock it holds only for a moment. Here an idle
+/// connection holds a job's key for 75 ms: not stuck. (Held for good, it is:
+/// `locks_flags_a_lock_held_by_an_idle_backend`.)
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn locks_does_not_call_a_lock_held_for_a_moment_stuck(pool: PgPool) {
+    let url = database_url(&pool).await;
+    let dir = config_dir("brief", "name = \"brief\"\nevery = \"1h\"\nlock-key = 78");
+    let config = jobhost::config::JobsConfig::from_file(dir.join("jobs.toml")).unwrap();
+    let mut idle = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("select pg_advisory_lock($1, 78)")
+        .bind(jobhost::lock::LOCK_NAMESPACE)
+        .execute(&mut idle)
+        .await
+        .unwrap();
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(75)).await;
+        sqlx::query("select pg_advisory_unlock_all()")
+            .execute(&mut idle)
+            .await
+            .unwrap();
+        idle
+    });
+    let rows = jobhost::inspect::locks(&pool, &config).await.unwrap();
+    assert!(rows.iter().all(|r| !r.stuck), "{rows:?}");
+    drop(release.await.unwrap());
+}
+
 use sqlx::Connection as _;
 
 /// A throwaway Postgres cluster of the test's own, so the test may restart it
