@@ -401,9 +401,11 @@ async fn the_lock_is_the_first_statement_of_the_plugins_transaction(pool: PgPool
             .fetch_one(&pool)
             .await
             .unwrap();
-    // VOLATILE: each statement of the gate takes a fresh snapshot, so the
-    // history is read after the lock is granted and sees what its previous
-    // holder committed (STABLE would read the calling query's snapshot).
+    // VOLATILE: in READ COMMITTED each statement of the gate takes a fresh
+    // snapshot, so the history, read by a statement after the lock's, sees
+    // what the lock's previous holder committed. (Declared STABLE, every
+    // statement would read the calling query's snapshot, taken before the
+    // lock; Postgres would also refuse the gate's UPDATE.)
     assert_eq!(volatility, "v");
     let first = body
         .lines()
