@@ -96,7 +96,7 @@ pub struct HostToml {
     /// (default 5s).
     #[serde(default, with = "humantime_serde::option")]
     pub heartbeat: Option<Duration>,
-    /// A host not seen for this long is dead: its `running` rows are `lost`
+    /// A host not seen for this long is dead: its runs in flight are `lost`
     /// and locks its backends hold are STUCK (default 30s; at least two
     /// heartbeats).
     #[serde(default, with = "humantime_serde::option")]

@@ -58,7 +58,7 @@ impl Outcome {
     }
 }
 
-/// The final state of one run, written over its `running` row.
+/// How one run ended: with its [`RunRow`], the run's one row in `jobhost.runs`.
 #[derive(Debug, Clone)]
 pub struct RunRecord<'a> {
     /// Attempt number at this slot.
@@ -475,74 +475,42 @@ pub struct SlotState {
     pub paused: bool,
 }
 
-/// What [`begin_run`] found.
+/// What [`precheck`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Claim {
-    /// The `running` row was inserted (its id): go on to the lock.
-    Run(i64),
-    /// Another session holds the job's lock now: nothing was written.
+pub enum Precheck {
+    /// Nothing against trying: go on to the lock.
+    Free,
+    /// Another session holds the job's lock now.
     LockHeld,
-    /// The slot already succeeded: nothing was written.
+    /// The slot already succeeded.
     SlotDone,
 }
 
-/// Inserts the `running` row of a run about to try the lock, committed on its
-/// own so that every host's `status` sees runs in progress — unless the
-/// job's lock is held by another session right now, or the slot already
-/// succeeded, in which case it writes nothing and says which. In a fleet,
-/// the hosts that lose a slot mostly find one or the other, and then cost
-/// the database one read instead of an insert, a transaction and a delete
-/// (issue: fleets multiplied the database's work). The check is advisory:
-/// the lock, taken under the transaction that follows, still decides.
-///
-/// Runs on the connection that will carry the run, *before* BEGIN, so the
-/// lock stays the first statement of the run's transaction.
-///
-/// The insert commits with `synchronous_commit = off` (set for its own
-/// implicit transaction only): it does not wait for a WAL flush, which halves
-/// its cost. That is safe because WAL is flushed in order: the run's final
-/// COMMIT is synchronous, so the outcome that overwrites this row can never be
-/// durable while the row is not. A crash that loses the row loses the run's
-/// transaction too, and then nothing ran.
-pub async fn begin_run(
+/// Whether a `session` run should bother opening its lock connection: the
+/// job's lock held by another session right now, or the slot already done,
+/// say no at the cost of one read on a pooled connection rather than a new
+/// server session. In a fleet, the hosts that lose a slot mostly find one or
+/// the other. Advisory: the lock, taken next, still decides. (An `xact` run
+/// needs no such step: its gate tries the lock in the run's first round
+/// trip.)
+pub async fn precheck(
     conn: &mut PgConnection,
     pooler: Pooler,
     job: &str,
     slot: DateTime<Utc>,
-    host_id: &str,
-    plugin_sha256: &str,
     lock: crate::lock::LockKey,
-) -> sqlx::Result<Claim> {
-    // Held elsewhere: try the lock itself rather than read `pg_locks` (which
-    // copies the whole lock table under every partition's lock: a quarter of
-    // this statement's cost with ten busy connections). If it is free, this
-    // statement's own transaction holds it until it commits, microseconds
-    // later; a host whose claim or lock tries it in that window skips the
-    // slot, which this host is about to run. (`held` is referenced twice, so
-    // Postgres evaluates it once.)
-    const SQL: &str = "with async_commit as (select set_config('synchronous_commit', 'off', true)),
-         held as (select not pg_try_advisory_xact_lock($5, $6) as held),
-         done as (
-            select exists (
-                select 1 from jobhost.runs where job = $1 and slot = $2 and outcome = 'ok') as done
-         ),
-         claimed as (
-            insert into jobhost.runs (job, slot, attempt, host_id, plugin_sha256, started_at, outcome, backend_pid)
-            select $1, $2, 0, $3, $4, clock_timestamp(), 'running', pg_backend_pid()
-              from async_commit, held, done
-             where not held.held and not done.done
-            returning id
-         )
-         select (select id from claimed), (select held from held), (select done from done)";
-    let (id, held, done): (Option<i64>, bool, bool) = match pooler {
-        // Prepared once per connection: the cheapest for Postgres.
+) -> sqlx::Result<Precheck> {
+    // Try the lock itself rather than read `pg_locks` (which copies the whole
+    // lock table under every partition's lock). If it is free, this
+    // statement's own transaction holds it until it ends, microseconds later.
+    const SQL: &str = "select not pg_try_advisory_xact_lock($3, $4),
+                exists (select 1 from jobhost.runs where job = $1 and slot = $2 and outcome = 'ok')";
+    let (held, done): (bool, bool) = match pooler {
         // pooler: not behind one (the other arm)
         Pooler::None => {
             sqlx::query_as(SQL)
                 .bind(job)
                 .bind(slot)
-                .bind(host_id)
-                .bind(plugin_sha256)
                 .bind(lock.namespace)
                 .bind(lock.key)
                 .fetch_one(conn)
@@ -557,8 +525,6 @@ pub async fn begin_run(
                 &[
                     quote_literal(job),
                     timestamp_literal(slot),
-                    quote_literal(host_id),
-                    quote_literal(plugin_sha256),
                     lock.namespace.to_string(),
                     lock.key.to_string(),
                 ],
@@ -567,16 +533,13 @@ pub async fn begin_run(
                 .fetch_all(conn)
                 .await?;
             let row = rows.last().ok_or(sqlx::Error::RowNotFound)?;
-            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)
+            (row.try_get(0)?, row.try_get(1)?)
         }
     };
-    Ok(match id {
-        Some(id) => Claim::Run(id),
-        None if done => Claim::SlotDone,
-        None => {
-            debug_assert!(held);
-            Claim::LockHeld
-        }
+    Ok(match (held, done) {
+        (_, true) => Precheck::SlotDone,
+        (true, false) => Precheck::LockHeld,
+        (false, false) => Precheck::Free,
     })
 }
 
@@ -646,31 +609,6 @@ macro_rules! in_tx {
 }
 pub(crate) use in_tx;
 
-/// Points a `running` row at the backend that holds the run's session lock,
-/// so that the run's backend can be found in `pg_stat_activity` from its row.
-pub async fn set_run_backend(conn: &mut PgConnection, id: i64) -> sqlx::Result<()> {
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "update jobhost.runs set backend_pid = pg_backend_pid() where id = {id}"
-    )))
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// The statement that removes the `running` row of a run that did not happen
-/// (lock busy, slot done), for a multi-statement simple query.
-pub fn discard_run_sql(id: i64) -> String {
-    format!("delete from jobhost.runs where id = {id} and outcome = 'running'")
-}
-
-/// Removes the `running` row of a run that did not happen (lock busy, slot done).
-pub async fn discard_run(conn: &mut PgConnection, id: i64) -> sqlx::Result<()> {
-    sqlx::raw_sql(sqlx::AssertSqlSafe(discard_run_sql(id)))
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
 /// What [`slot_gate_sql`] returns: the lock, the database clock, and the
 /// slot's history when the lock is held and the slot is due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -679,28 +617,41 @@ pub struct SlotGate {
     pub locked: bool,
     /// The database's clock when the lock was tried.
     pub db_now: DateTime<Utc>,
-    /// `running` rows of dead hosts marked `lost`, and the slot's history;
     /// `None` when not locked or the clock has not reached the slot.
-    pub history: Option<(u64, SlotState)>,
+    pub history: Option<SlotHistory>,
+}
+
+/// What the gate read and drew under the lock, for a slot that is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotHistory {
+    /// Runs of dead hosts recorded `lost` on the way.
+    pub lost: u64,
+    /// The slot's history.
+    pub state: SlotState,
+    /// The id of the run about to start (from `jobhost.runs`'s sequence): its
+    /// in-flight entry and its row carry it. Drawn only when the slot may
+    /// run: `None` for a slot that succeeded or a paused job.
+    pub run_id: Option<i64>,
+    /// The backend the gate ran on: the run's, or a `session` run's lock
+    /// connection.
+    pub backend_pid: i32,
 }
 
 /// The statement that gates a run (the function `jobhost.slot_gate`,
-/// migration `…0008`): with `lock`, it tries the job's transaction-level
-/// lock; without, the caller holds the lock elsewhere (a `session` run).
-/// Under the lock, it marks `running` rows of `job` whose host is dead (see
-/// [`crate::hosts`]: not seen for `lost_after`, or stopped) as `lost`, and
-/// reads the history of `slot`. With literals, so that it rides in the
-/// simple query that opens the run's transaction (nothing prepared, safe
-/// through a transaction pooler); its own statements' plans are cached by
-/// PL/pgSQL per server session.
+/// migrations `…0008`, `…0009`): with `lock`, it tries the job's
+/// transaction-level lock; without, the caller holds the lock elsewhere (a
+/// `session` run). Under the lock, it records the published runs of `job`
+/// whose host is dead (see [`crate::hosts`]: not seen for `lost_after`, or
+/// stopped) `lost`, reads the history of `slot`, and draws the run's id.
+/// With literals, so that it rides in the simple query that opens the run's
+/// transaction (nothing prepared, safe through a transaction pooler); its own
+/// statements' plans are cached by PL/pgSQL per server session.
 ///
-/// Marking under the job's lock is safe: any other `running` row of the job
-/// is then not holding the lock, and if its host is dead its run died with it
-/// (its transaction was rolled back by Postgres: the run's deadline,
-/// keepalives). Rows of live hosts belong to runs still about to try the
-/// lock, or whose task died while the host lives on: that host's own
-/// heartbeat marks those. This host's own rows are never judged here, for the
-/// same reason.
+/// Recording under the job's lock is safe: no other run of the job is then
+/// in its transaction, and a dead host's run died with it (its transaction
+/// was rolled back by Postgres: the run's deadline, keepalives). Runs of live
+/// hosts, this one's included, are their own heartbeat's to judge
+/// ([`crate::in_flight`]).
 pub fn slot_gate_sql(
     job: &str,
     slot: DateTime<Utc>,
@@ -730,16 +681,18 @@ impl SlotGate {
         let lost: Option<i64> = row.try_get("lost")?;
         let history = match lost {
             None => None,
-            Some(lost) => Some((
-                u64::try_from(lost).unwrap_or(0),
-                SlotState {
+            Some(lost) => Some(SlotHistory {
+                lost: u64::try_from(lost).unwrap_or(0),
+                state: SlotState {
                     succeeded: row.try_get("succeeded")?,
                     attempts: row.try_get("attempts")?,
                     failures: row.try_get("failures")?,
                     last_failure: row.try_get("last_failure")?,
                     paused: row.try_get("paused")?,
                 },
-            )),
+                run_id: row.try_get("run_id")?,
+                backend_pid: row.try_get("backend_pid")?,
+            }),
         };
         Ok(Self {
             locked,
@@ -765,26 +718,64 @@ pub async fn slot_history(
     SlotGate::from_row(&row)
 }
 
-/// Writes a run's final outcome. Inside the job's transaction, an `ok` commits
-/// atomically with the work it describes.
-pub async fn finish_run(conn: &mut PgConnection, id: i64, run: &RunRecord<'_>) -> sqlx::Result<()> {
-    let sql = record_sql(id, run.attempt, run.outcome, run.message);
+/// A run, as its one row in `jobhost.runs` names it: written when the run
+/// ends (the run's id is drawn by its gate; a run that failed before its gate
+/// has none and gets a fresh one).
+#[derive(Debug, Clone)]
+pub struct RunRow {
+    /// The job.
+    pub job: String,
+    /// The slot.
+    pub slot: DateTime<Utc>,
+    /// The host that ran it.
+    pub host_id: String,
+    /// Which plugin version ran.
+    pub plugin_sha256: String,
+    /// When it started (database clock; `None`: when the row is written).
+    pub started_at: Option<DateTime<Utc>>,
+    /// The backend it ran on (the lock connection's, for a `session` run).
+    pub backend_pid: Option<i32>,
+}
+
+/// Writes a run's one row outside the run's transaction (a run cut off, or
+/// failed before its plugin). A row of that id already there (the run did
+/// commit, or the next holder of the lock recorded it `lost`) stands.
+pub async fn finish_run(
+    conn: &mut PgConnection,
+    id: Option<i64>,
+    row: &RunRow,
+    run: &RunRecord<'_>,
+) -> sqlx::Result<()> {
+    let sql = format!("{} on conflict (id) do nothing", record_sql(id, row, run));
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
         .execute(conn)
         .await?;
     Ok(())
 }
 
-/// `UPDATE` of a run's row to its outcome, with literals (it rides in a
-/// multi-statement simple query, which cannot take parameters).
-pub fn record_sql(run_id: i64, attempt: i32, outcome: Outcome, message: &str) -> String {
+/// `INSERT` of a run's one row, with literals (it rides in a multi-statement
+/// simple query, which cannot take parameters). Inside the job's transaction,
+/// an `ok` commits atomically with the work it describes.
+pub fn record_sql(id: Option<i64>, row: &RunRow, run: &RunRecord<'_>) -> String {
     // Postgres text cannot hold NUL; a plugin's message can.
-    let message = message.replace('\0', "\u{fffd}");
+    let message = run.message.replace('\0', "\u{fffd}");
+    const NOW: &str = "pg_catalog.clock_timestamp()";
     format!(
-        "update jobhost.runs set attempt = {attempt}, outcome = {}, message = {}, \
-         finished_at = pg_catalog.clock_timestamp() where id = {run_id}",
-        quote_literal(outcome.as_str()),
-        quote_literal(&message)
+        "insert into jobhost.runs (id, job, slot, attempt, host_id, plugin_sha256, started_at, \
+         finished_at, outcome, message, backend_pid) \
+         values ({}, {}, {}, {}, {}, {}, {}, {NOW}, {}, {}, {})",
+        id.map_or_else(|| "default".to_owned(), |id| id.to_string()),
+        quote_literal(&row.job),
+        timestamp_literal(row.slot),
+        run.attempt,
+        quote_literal(&row.host_id),
+        quote_literal(&row.plugin_sha256),
+        row.started_at
+            .map_or_else(|| NOW.to_owned(), timestamp_literal),
+        quote_literal(run.outcome.as_str()),
+        quote_literal(&message),
+        row.backend_pid
+            .map_or_else(|| "null".to_owned(), |p| p.to_string()),
     )
 }
 
@@ -817,14 +808,18 @@ pub async fn resume(pool: &PgPool, job: &str) -> sqlx::Result<bool> {
     Ok(done.rows_affected() == 1)
 }
 
-/// The earliest slot `job` has any record of (none for a new job).
+/// The earliest slot `job` has any record of, finished or published in
+/// flight (none for a new job).
 pub async fn first_slot(pool: &PgPool, job: &str) -> sqlx::Result<Option<DateTime<Utc>>> {
     crate::db::in_tx!(pool, |c| {
-        sqlx::query_scalar("select min(slot) from jobhost.runs where job = $1")
-            .bind(job)
-            .persistent(false)
-            .fetch_one(c)
-            .await
+        sqlx::query_scalar(
+            "select least((select min(slot) from jobhost.runs where job = $1),
+                          (select min(slot) from jobhost.in_flight where job = $1))",
+        )
+        .bind(job)
+        .persistent(false)
+        .fetch_one(c)
+        .await
     })
     .await
 }

@@ -3,16 +3,15 @@
 //! dead task, and behind a transaction pooler pids mean nothing).
 //!
 //! - Every `heartbeat` each host updates its row's `last_seen` (the database
-//!   clock) and marks its *own* `running` rows that no task of it is running
-//!   any more as `lost` (a run whose task died while the host lives on).
+//!   clock). (Its runs in flight are published apart, more often:
+//!   [`crate::in_flight`].)
 //! - A host not seen for `lost_after` is dead: the next holder of a job's lock
-//!   marks that host's `running` rows of the job `lost`
+//!   records that host's published runs of the job `lost`
 //!   ([`crate::db::slot_gate_sql`]), and `jobhost locks` calls a lock held by
 //!   one of its backends STUCK.
 //! - A graceful shutdown sets `stopped_at`; `status` shows the fleet.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -43,8 +42,9 @@ impl Default for Liveness {
 /// which of them is each job's *preferred* host: the one that tries a slot
 /// at its instant while the others wait [`LiveHosts::defer`] first. By then
 /// the preferred host holds the job's lock or has finished the slot, so the
-/// others' claim ([`crate::db::begin_run`]) finds that and writes nothing:
-/// a fleet costs the database about one host's writes. If the preferred
+/// others find that (the deferred slots' batched check, then the gate's
+/// try-lock) and write nothing: a fleet costs the database about one host's
+/// writes. If the preferred
 /// host is dead, slow, lost the race or does not run the job at all (hosts
 /// with different `jobs.toml`s), the slot runs `defer` late on another; the
 /// lock still decides, so correctness does not depend on this.
@@ -104,45 +104,6 @@ fn rendezvous(job: &str, host: &str) -> u64 {
     u64::from_be_bytes(digest[..8].try_into().unwrap_or([0; 8]))
 }
 
-/// The ids of this host's runs in flight (their `running` rows).
-#[derive(Debug, Clone, Default)]
-pub struct InFlight(Arc<Mutex<HashSet<i64>>>);
-
-impl InFlight {
-    /// Registers `run_id` until the returned guard is dropped (the run ended,
-    /// or its task died or was cancelled).
-    pub fn enter(&self, run_id: i64) -> InFlightGuard {
-        self.lock().insert(run_id);
-        InFlightGuard {
-            set: self.clone(),
-            run_id,
-        }
-    }
-
-    /// The runs in flight now.
-    pub fn snapshot(&self) -> Vec<i64> {
-        self.lock().iter().copied().collect()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<i64>> {
-        // Single inserts and removes: a poisoned set is still consistent.
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// Keeps a run registered as in flight while it lives.
-#[derive(Debug)]
-pub struct InFlightGuard {
-    set: InFlight,
-    run_id: i64,
-}
-
-impl Drop for InFlightGuard {
-    fn drop(&mut self) {
-        self.set.lock().remove(&self.run_id);
-    }
-}
-
 /// Registers (or re-registers) this host as alive; `listens` says whether it
 /// hears `NOTIFY jobhost_reload` (it has a direct connection) or only polls
 /// reload requests at each heartbeat; `reload_seen` is the latest reload
@@ -194,8 +155,6 @@ pub async fn latest_reload_request(pool: &PgPool) -> sqlx::Result<i64> {
 /// What one heartbeat found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Beat {
-    /// This host's `running` rows no task runs any more, now marked `lost`.
-    pub marked_lost: u64,
     /// The latest reload request (`jobhost reload`), 0 if none.
     pub latest_reload: i64,
     /// The live hosts (seen within `lost_after`, not stopped), this one
@@ -203,45 +162,27 @@ pub struct Beat {
     pub live: Vec<String>,
 }
 
-/// One heartbeat: `last_seen` now, and this host's `running` rows that no
-/// task runs any more marked `lost` (rows younger than `settle` are left
-/// alone: their run may have inserted its row after `in_flight` was read).
-/// Also reads the latest reload request, and records `reload_seen`, the one
-/// this host acted on. One simple query: one round trip, through any pooler.
+/// One heartbeat: `last_seen` now. Also reads the latest reload request and
+/// the live hosts, and records `reload_seen`, the request this host acted
+/// on. One simple query: one round trip, through any pooler.
 pub async fn beat(
     pool: &PgPool,
     host_id: &str,
-    in_flight: &[i64],
-    settle: Duration,
     reload_seen: i64,
     lost_after: Duration,
 ) -> sqlx::Result<Beat> {
     use sqlx::Row as _;
-    let in_flight = in_flight
-        .iter()
-        .map(i64::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
     let host = db::quote_literal(host_id);
     let sql = format!(
         "with seen as (
             update jobhost.hosts set last_seen = clock_timestamp(), stopped_at = null,
                                      reload_seen = {reload_seen}
              where id = {host}
-         ), orphans as (
-            update jobhost.runs
-               set outcome = 'lost', finished_at = clock_timestamp(),
-                   message = 'the host''s task running it ended without recording an outcome; its transaction was rolled back'
-             where host_id = {host} and outcome = 'running' and id <> all('{{{in_flight}}}'::int8[])
-               and started_at < clock_timestamp() - make_interval(secs => {settle})
-            returning 1
          )
-         select count(*), (select coalesce(max(id), 0) from jobhost.reload_requests),
+         select (select coalesce(max(id), 0) from jobhost.reload_requests),
                 (select coalesce(string_agg(id, chr(31)), '') from jobhost.hosts
                   where stopped_at is null
-                    and (id = {host} or last_seen > clock_timestamp() - make_interval(secs => {lost_after})))
-           from orphans",
-        settle = settle.as_secs_f64(),
+                    and (id = {host} or last_seen > clock_timestamp() - make_interval(secs => {lost_after})))",
         lost_after = lost_after.as_secs_f64(),
     );
     let mut conn = pool.acquire().await?;
@@ -249,11 +190,9 @@ pub async fn beat(
         .fetch_all(&mut *conn)
         .await?;
     let row = rows.last().ok_or(sqlx::Error::RowNotFound)?;
-    let marked: i64 = row.try_get(0)?;
-    let live: String = row.try_get(2)?;
+    let live: String = row.try_get(1)?;
     Ok(Beat {
-        marked_lost: u64::try_from(marked).unwrap_or(0),
-        latest_reload: row.try_get(1)?,
+        latest_reload: row.try_get(0)?,
         live: live
             .split('\u{1f}')
             .filter(|s| !s.is_empty())
@@ -283,8 +222,6 @@ pub struct Heartbeat {
     pub host_id: String,
     /// Its cadence, and when others count as dead.
     pub liveness: Liveness,
-    /// This host's runs in flight.
-    pub in_flight: InFlight,
     /// The latest reload request the running job set covers.
     pub reload_seen: i64,
     /// Where newer reload requests go (the reload watch).
@@ -303,7 +240,6 @@ pub async fn heartbeat(h: Heartbeat, stop: CancellationToken) {
         pool,
         host_id,
         liveness,
-        in_flight,
         mut reload_seen,
         reloads,
         live,
@@ -314,24 +250,12 @@ pub async fn heartbeat(h: Heartbeat, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(liveness.heartbeat) => {}
         }
-        match beat(
-            &pool,
-            &host_id,
-            &in_flight.snapshot(),
-            liveness.heartbeat,
-            reload_seen,
-            liveness.lost_after,
-        )
-        .await
-        {
+        match beat(&pool, &host_id, reload_seen, liveness.lost_after).await {
             Ok(beat) => {
                 live.set(beat.live.clone());
                 if failing {
                     tracing::info!(host_id = %host_id, "host heartbeat recovered");
                     failing = false;
-                }
-                if beat.marked_lost > 0 {
-                    tracing::warn!(host_id = %host_id, runs = beat.marked_lost, "marked runs whose task ended without an outcome as lost");
                 }
                 if beat.latest_reload > reload_seen {
                     reload_seen = beat.latest_reload;

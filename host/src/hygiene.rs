@@ -36,7 +36,7 @@
 //! `SET LOCAL` would hide it.)
 
 use crate::config::JobConfig;
-use crate::db::{Outcome, quote_literal};
+use crate::db::quote_literal;
 
 /// SQLSTATE raised by `jobhost.assert_clean`.
 pub const LEAKED_SQLSTATE: &str = "JH002";
@@ -162,14 +162,13 @@ pub fn commit_session_sql(
 
 /// The closing statements of an `xact` run whose plugin succeeded: host scope,
 /// the check (only if a statement of the plugin's reached the connection:
-/// `touched`), the `ok` record, COMMIT.
+/// `touched`), the run's `ok` row (`record`, [`crate::db::record_sql`]),
+/// COMMIT.
 pub fn commit_ok_sql(
     job: &JobConfig,
     touched: bool,
     plugin_local: &[String],
-    run_id: i64,
-    attempt: i32,
-    message: &str,
+    record: &str,
 ) -> String {
     let key = job.lock_key;
     let check = if touched {
@@ -178,20 +177,16 @@ pub fn commit_ok_sql(
         "select true".to_owned()
     };
     format!(
-        "{};\n{};\ncommit",
+        "{};\n{record};\ncommit",
         host_scope_checked(job.role.as_deref(), &check),
-        crate::db::record_sql(run_id, attempt, Outcome::Ok, message)
     )
 }
 
 /// The closing statements of an `xact` run that failed: undo the plugin's
-/// work (and its role and settings) back to the savepoint, record, COMMIT.
-/// Valid in an aborted transaction too.
-pub fn commit_failure_sql(run_id: i64, attempt: i32, outcome: Outcome, message: &str) -> String {
-    format!(
-        "rollback to savepoint jobhost_work;\n{HOST_SEARCH_PATH};\n{};\ncommit",
-        crate::db::record_sql(run_id, attempt, outcome, message)
-    )
+/// work (and its role and settings) back to the savepoint, the run's row
+/// (`record`), COMMIT. Valid in an aborted transaction too.
+pub fn commit_failure_sql(record: &str) -> String {
+    format!("rollback to savepoint jobhost_work;\n{HOST_SEARCH_PATH};\n{record};\ncommit")
 }
 
 /// Whether `e` is the in-transaction check's refusal; its message says what

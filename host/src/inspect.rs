@@ -41,8 +41,12 @@ pub async fn status(pool: &PgPool, config: &JobsConfig) -> sqlx::Result<Vec<JobS
         .bind(&job.name).persistent(false).fetch_optional(c).await).await?;
         let running = crate::db::in_tx!(pool, |c| {
             sqlx::query_as(
-                "select host_id, started_at from jobhost.runs
-              where job = $1 and outcome = 'running' order by started_at",
+                // Published runs in flight, and `running` rows (which hosts
+                // of earlier versions write).
+                "select host_id, started_at from jobhost.in_flight where job = $1
+                 union all
+                 select host_id, started_at from jobhost.runs where job = $1 and outcome = 'running'
+                 order by started_at",
             )
             .bind(&job.name)
             .persistent(false)
@@ -255,8 +259,8 @@ pub fn judge(
 /// stuck only if the same backend still holds it and is still judged so.
 /// `pg_locks` and `pg_stat_activity` are read at two moments of one query:
 /// a backend read as idle may have begun a run by the time its locks are
-/// read, and a run takes its job's lock in its first statement (the claim,
-/// the opening query). A lock really left behind is still there.
+/// read, and a run takes its job's lock in its first statement (the opening
+/// query). A lock really left behind is still there.
 pub async fn locks(pool: &PgPool, config: &JobsConfig) -> sqlx::Result<Vec<LockRow>> {
     let first = read_locks(pool, config).await?;
     if !first.iter().any(|r| r.stuck) {

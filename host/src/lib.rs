@@ -20,16 +20,19 @@
 //! - [`hygiene`]: the proof after every run that the connection carries
 //!   nothing into its next use (locks, settings, temporary objects).
 //! - [`hosts`]: host liveness (the `jobhost.hosts` heartbeat) that decides
-//!   which `running` rows are lost and which lock holders are alive.
+//!   whose runs in flight are lost and which lock holders are alive.
+//! - [`in_flight`]: this host's runs in flight, published in batches into
+//!   `jobhost.in_flight` (a run's own row is written once, when it ends).
 //! - [`runtime`]: a narrow layer over wasmtime: the engine (`mod.rs`),
 //!   loading a plugin (`plugin.rs`: a component, or a core module built
 //!   without WASI that it wraps into a lean one), one run's store (`store.rs`), one call
 //!   (`invoke.rs`), what a trap means for the history (`trap.rs`), the
 //!   values between WIT and Postgres (`values.rs`), and the capabilities a plugin is granted (`sql`, `log`,
 //!   an empty WASI, `http`). It does not know about locks or history.
-//! - [`runner`]: one slot of one job, from the claim and one opening query
-//!   (BEGIN, the deadline, the lock and history in `jobhost.slot_gate`)
-//!   through the plugin call to COMMIT/ROLLBACK — the path every invariant
+//! - [`runner`]: one slot of one job, from one opening query (BEGIN, the
+//!   deadline, the lock, history and run id in `jobhost.slot_gate`) through
+//!   the plugin call to the closing query that writes the run's row and
+//!   commits — the path every invariant
 //!   hangs on (`open` → invoke →
 //!   `close`; the benchmark's native twin, feature `bench`, composes the same
 //!   steps in `runner/native.rs`).
@@ -70,6 +73,7 @@ pub mod demo;
 pub mod guard;
 pub mod hosts;
 pub mod hygiene;
+pub mod in_flight;
 pub mod inspect;
 pub mod jobset;
 pub mod lock;
@@ -210,12 +214,19 @@ pub async fn run(
             pool: pool.clone(),
             host_id: options.host_id.clone(),
             liveness: config.host.liveness,
-            in_flight: runner.in_flight(),
             reload_seen,
             reloads: reload_requests,
             live,
         },
         stop_heartbeat.clone(),
+    ));
+    let stop_publishing = tokio_util::sync::CancellationToken::new();
+    let publisher = tokio::spawn(in_flight::publish(
+        pool.clone(),
+        options.host_id.clone(),
+        runner.in_flight(),
+        in_flight::Publication::default(),
+        stop_publishing.clone(),
     ));
     let scheduler_options = scheduler::SchedulerOptions {
         clock_offset: options.clock_offset,
@@ -276,6 +287,9 @@ pub async fn run(
     stop_watching.cancel();
     let _ = watcher.await;
     tap.abort();
+    // Every run has ended: the last publication unpublishes them all.
+    stop_publishing.cancel();
+    let _ = publisher.await;
     stop_heartbeat.cancel();
     let _ = heartbeat.await;
     stop_stuck_watch.cancel();

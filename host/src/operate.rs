@@ -120,7 +120,7 @@ pub struct HistoryRow {
     pub duration_ms: Option<i64>,
     /// Attempt number.
     pub attempt: i32,
-    /// Outcome (`running` while in flight).
+    /// Outcome.
     pub outcome: String,
     /// The host that ran it.
     pub host_id: String,

@@ -306,12 +306,17 @@ async fn a_timed_out_run_never_returns_its_connection_to_the_pool(pool: PgPool) 
     one.close().await;
 }
 
-/// `running` rows are judged by their host's heartbeat, not by backend pids:
-/// a live host's row survives (though its pid means nothing), a dead host's
-/// row is marked `lost`, and a host's own orphan (its task died while the host
-/// lives on) is marked by that host's heartbeat.
+/// Runs in flight are judged by their host's liveness, never by backend
+/// pids. Published runs ([`jobhost::in_flight`]): a live host's stays in
+/// flight; a dead host's is recorded `lost` by the next holder of the job's
+/// lock, unless it had finished (its row stands, the entry goes); a host's
+/// own run whose task ended without an outcome is recorded `lost` by that
+/// host's next publication, and one that ended with its row is only
+/// unpublished. A `running` row (written by hosts of earlier versions) of a
+/// dead host is still marked `lost`.
 #[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
-async fn running_rows_are_judged_by_host_liveness(pool: PgPool) {
+async fn runs_in_flight_are_judged_by_host_liveness(pool: PgPool) {
+    use jobhost::in_flight::{InFlight, publish_once};
     create_probe_table(&pool).await;
     jobhost::hosts::register(&pool, "alive", true, 0)
         .await
@@ -323,53 +328,129 @@ async fn running_rows_are_judged_by_host_liveness(pool: PgPool) {
     .execute(&pool)
     .await
     .unwrap();
-    let insert = |host: &'static str, n: i64| {
+    let next_id = || async {
+        sqlx::query_scalar::<_, i64>("select nextval('jobhost.runs_id_seq')")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    let row = |host: &str, n: i64| jobhost::db::RunRow {
+        job: "judged".into(),
+        slot: slot(n),
+        host_id: host.into(),
+        plugin_sha256: "x".into(),
+        started_at: None,
+        // A pid would mean nothing here: nothing judges by it.
+        backend_pid: None,
+    };
+    let (alive, silent) = (InFlight::default(), InFlight::default());
+    let (live_id, dead_id, done_id, orphan_id, ended_id) = (
+        next_id().await,
+        next_id().await,
+        next_id().await,
+        next_id().await,
+        next_id().await,
+    );
+    let live = alive.enter(live_id, &row("alive", 1), 1);
+    let orphan = alive.enter(orphan_id, &row("alive", 6), 1);
+    let ended = alive.enter(ended_id, &row("alive", 7), 1);
+    let dead = silent.enter(dead_id, &row("silent", 2), 3);
+    let done = silent.enter(done_id, &row("silent", 5), 1);
+    for (host, set) in [("alive", &alive), ("silent", &silent)] {
+        assert!(
+            publish_once(&pool, host, set, Duration::ZERO)
+                .await
+                .unwrap()
+        );
+    }
+    // The silent host's `done` run had committed its row before it went.
+    sqlx::query(
+        "insert into jobhost.runs (id, job, slot, attempt, host_id, plugin_sha256, started_at, outcome)
+         values ($1, 'judged', $2, 1, 'silent', 'x', now(), 'ok')",
+    )
+    .bind(done_id)
+    .bind(slot(5))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let legacy: i64 = sqlx::query_scalar(
+        "insert into jobhost.runs (job, slot, attempt, host_id, plugin_sha256, started_at, outcome)
+         values ('judged', $1, 0, 'silent', 'x', now() - interval '1 minute', 'running') returning id",
+    )
+    .bind(slot(4))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let published = || async {
+        sqlx::query_scalar::<_, i64>("select run_id from jobhost.in_flight order by run_id")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+    };
+    let recorded = |id: i64| {
         let pool = pool.clone();
         async move {
-            // backend_pid null: a pid check would call both of these dead.
-            sqlx::query_scalar::<_, i64>(
-                "insert into jobhost.runs (job, slot, attempt, host_id, plugin_sha256, started_at, outcome)
-                 values ('judged', $1, 0, $2, 'x', now() - interval '1 minute', 'running') returning id",
+            sqlx::query_as::<_, (String, i32)>(
+                "select outcome, attempt from jobhost.runs where id = $1",
             )
-            .bind(slot(n))
-            .bind(host)
-            .fetch_one(&pool)
+            .bind(id)
+            .fetch_all(&pool)
             .await
             .unwrap()
         }
     };
-    let live_row = insert("alive", 1).await;
-    let dead_row = insert("silent", 2).await;
+    assert_eq!(
+        published().await,
+        vec![live_id, dead_id, done_id, orphan_id, ended_id]
+    );
+
     let job = probe("judged", "write");
     finished(runner(&pool).run(&job, slot(3)).await.unwrap(), Outcome::Ok);
-    let outcome = |id: i64| {
-        let pool = pool.clone();
-        async move {
-            sqlx::query_scalar::<_, String>("select outcome from jobhost.runs where id = $1")
-                .bind(id)
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-        }
-    };
-    assert_eq!(outcome(live_row).await, "running", "a live host's run");
-    assert_eq!(outcome(dead_row).await, "lost", "a dead host's run");
+    assert_eq!(
+        recorded(live_id).await,
+        vec![],
+        "a live host's run is in flight"
+    );
+    assert_eq!(
+        recorded(dead_id).await,
+        vec![("lost".into(), 3)],
+        "a dead host's run"
+    );
+    assert_eq!(
+        recorded(done_id).await,
+        vec![("ok".into(), 1)],
+        "a finished run stands"
+    );
+    assert_eq!(
+        recorded(legacy).await,
+        vec![("lost".into(), 0)],
+        "a `running` row"
+    );
+    assert_eq!(published().await, vec![live_id, orphan_id, ended_id]);
+    drop((dead, done));
 
-    // The live host's own heartbeat: its row is in no task's hands.
-    let in_flight = jobhost::hosts::InFlight::default();
-    let _kept = in_flight.enter(999_999);
-    let marked = jobhost::hosts::beat(
-        &pool,
-        "alive",
-        &in_flight.snapshot(),
-        Duration::from_secs(5),
-        0,
-        Duration::from_secs(30),
-    )
-    .await
-    .unwrap();
-    assert_eq!(marked.marked_lost, 1);
-    assert_eq!(outcome(live_row).await, "lost");
+    // The live host's own publication: one task died, one recorded its run.
+    drop(orphan);
+    ended.recorded();
+    assert!(
+        publish_once(&pool, "alive", &alive, Duration::ZERO)
+            .await
+            .unwrap()
+    );
+    assert_eq!(recorded(orphan_id).await, vec![("lost".into(), 1)]);
+    assert_eq!(
+        recorded(ended_id).await,
+        vec![],
+        "its run writes its own row"
+    );
+    assert_eq!(published().await, vec![live_id]);
+    // Nothing changed: nothing is sent.
+    assert!(
+        !publish_once(&pool, "alive", &alive, Duration::ZERO)
+            .await
+            .unwrap()
+    );
+    drop(live);
 }
 
 /// The same check guards a session (long) job's short transactions: a

@@ -112,7 +112,7 @@ async fn the_session_lock_lives_on_a_dedicated_connection_and_is_unlocked_there(
     assert_eq!(mode, "ExclusiveLock");
     assert!(
         !pooled.is_empty(),
-        "the run's `running` row went through the pool, which must be listed"
+        "the run's precheck went through the pool, which must be listed"
     );
     assert!(
         !pooled.contains(&holder),

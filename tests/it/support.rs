@@ -175,15 +175,31 @@ pub async fn database_url(pool: &PgPool) -> String {
     jobhost_tests::with_database(&std::env::var("DATABASE_URL").unwrap(), &db)
 }
 
-/// The run of `job` that is inside its plugin right now: its `running` row's
-/// backend is idle in the run's transaction, with the job in its
-/// `application_name` (set after the lock and the history checks).
+/// The run of `job` that is inside its plugin right now, as (run id,
+/// backend pid): its host has published it in flight
+/// ([`jobhost::in_flight`]), and its backend is idle in the run's
+/// transaction with the job in its `application_name` (set after the lock
+/// and the history checks).
 pub async fn run_in_plugin(pool: &PgPool, job: &str) -> Option<(i64, i32)> {
     sqlx::query_as(
-        "select r.id, r.backend_pid from jobhost.runs r
-           join pg_stat_activity a on a.pid = r.backend_pid
-          where r.job = $1 and r.outcome = 'running'
+        "select f.run_id, f.backend_pid from jobhost.in_flight f
+           join pg_stat_activity a on a.pid = f.backend_pid
+          where f.job = $1
             and a.state = 'idle in transaction' and a.application_name like '%/' || $1",
+    )
+    .bind(job)
+    .fetch_optional(pool)
+    .await
+    .unwrap()
+}
+
+/// The backend of the run of `job` that is inside its plugin right now
+/// (idle in the run's transaction, with the job in its `application_name`),
+/// published or not.
+pub async fn backend_in_plugin(pool: &PgPool, job: &str) -> Option<i32> {
+    sqlx::query_scalar(
+        "select pid from pg_stat_activity
+          where state = 'idle in transaction' and application_name like '%/' || $1",
     )
     .bind(job)
     .fetch_optional(pool)

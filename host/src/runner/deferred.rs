@@ -3,13 +3,12 @@
 //! A host that is not a job's preferred one ([`crate::hosts::LiveHosts`])
 //! waits `fleet-defer` before it tries a slot, so that the preferred host
 //! normally runs it first. Asked one slot at a time, "did it?" still cost each
-//! of those hosts a transaction per slot (the claim in [`crate::db::begin_run`]
-//! reads the history before it writes anything): three hosts ran about twice
-//! the transactions of one. Here every slot a host deferred within a few
-//! milliseconds (one 20 ms window) shares one simple query; a slot found `ok` is not claimed at
-//! all. Anything else (no row, a run in flight, the query failing) goes on to
-//! the claim as before, which stays the one judge of whether to run: the batch
-//! only ever skips a slot that succeeded.
+//! of those hosts a transaction per slot: three hosts ran about twice the
+//! transactions of one. Here every slot a host deferred within a few
+//! milliseconds (one 20 ms window) shares one simple query; a slot found `ok`
+//! is not opened at all. Anything else (no row, a run in flight, the query
+//! failing) goes on to open the run, whose gate stays the one judge of
+//! whether to run: the batch only ever skips a slot that succeeded.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,7 +54,7 @@ impl Confirmations {
     }
 
     /// Whether `slot` of `job` has an `ok` run. `false` when it has not, or
-    /// when that could not be learned: the caller then claims the slot.
+    /// when that could not be learned: the caller then opens the run.
     pub async fn succeeded(&self, job: &str, slot: DateTime<Utc>) -> bool {
         let (reply, answer) = oneshot::channel();
         let ask = Ask {
@@ -84,7 +83,7 @@ async fn serve(pool: PgPool, mut asks: mpsc::UnboundedReceiver<Ask>, queries: Ar
         let done = match succeeded(&pool, &batch).await {
             Ok(done) => done,
             Err(e) => {
-                // Nothing is skipped: every slot goes on to its own claim.
+                // Nothing is skipped: every slot goes on to its own gate.
                 tracing::debug!(error = %e, slots = batch.len(), "deferred slots: batch check failed");
                 vec![false; batch.len()]
             }

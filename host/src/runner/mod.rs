@@ -5,53 +5,53 @@
 //!    first ([`crate::hosts::LiveHosts`]), then skip the slot if it
 //!    succeeded meanwhile, asked in a batch with other deferred slots
 //!    (`deferred.rs`);
-//! 1. take a pooled connection and insert the run's `running` row (committed on
-//!    its own, asynchronously, so every host's `status` shows runs in flight;
-//!    see [`db::begin_run`] for why that is safe) — or, if the job's lock is
-//!    held elsewhere or the slot already succeeded, write nothing and skip
-//!    (`Runner::claim`); the run enters this host's in-flight set
-//!    ([`crate::hosts`]);
-//! 2. one simple query opens the run ([`crate::tx::OpenTx`]): `BEGIN` with
-//!    the run's deadline (`statement_timeout`,
-//!    `idle_in_transaction_session_timeout`), so the lock is bounded from the
-//!    instant it is granted; then the gate, `jobhost.slot_gate`
-//!    ([`db::slot_gate_sql`]): `pg_try_advisory_xact_lock(namespace, key)`
-//!    with the database clock and, under the lock, the slot's history (runs of
-//!    dead hosts marked `lost` on the way); then `application_name` naming
+//! 1. one simple query on a pooled connection opens the run
+//!    ([`crate::tx::OpenTx`]): `BEGIN` with the run's deadline
+//!    (`statement_timeout`, `idle_in_transaction_session_timeout`), so the
+//!    lock is bounded from the instant it is granted; then the gate,
+//!    `jobhost.slot_gate` ([`db::slot_gate_sql`]):
+//!    `pg_try_advisory_xact_lock(namespace, key)` with the database clock
+//!    and, under the lock, the slot's history (runs of dead hosts recorded
+//!    `lost` on the way) and the run's id; then `application_name` naming
 //!    the run, `SAVEPOINT`, the job's role;
-//! 3. `Runner::decide`: skip when the lock is busy (a DEBUG `lock_busy`
+//! 2. `Runner::decide`: skip when the lock is busy (a DEBUG `lock_busy`
 //!    event), when the database clock has not reached the slot (this host's
 //!    clock is ahead), for a paused job, a slot that already succeeded on any
 //!    host (the fleet-wide once-per-slot rule), a slot out of attempts or in
-//!    its retry backoff. A skip rolls back to the savepoint, drops the
-//!    `running` row and commits, in one round trip;
-//! 4. lend the transaction to a fresh plugin instance and call `run`;
-//! 5. one closing query ([`crate::hygiene`]): success → the session check
-//!    (raises if the plugin left anything on the connection), `ok` over the
-//!    run's row, COMMIT, the post-commit check; anything else → roll back to
-//!    the savepoint, the failure, COMMIT. The history can never say `ok` for
-//!    work that is not there, and COMMIT releases the lock; there is no unlock
-//!    call anywhere. A run cut off mid-flight (timeout, shutdown) has its
-//!    connection closed instead and is recorded on a fresh one.
+//!    its retry backoff. A skip commits (keeping what the gate recorded), in
+//!    one round trip;
+//! 3. the run enters this host's in-flight set, which is published in batches
+//!    ([`crate::in_flight`]); lend the transaction to a fresh plugin instance
+//!    and call `run`;
+//! 4. one closing query ([`crate::hygiene`]): success → the session check
+//!    (raises if the plugin left anything on the connection), the run's `ok`
+//!    row, COMMIT, the post-commit check; anything else → roll back to the
+//!    savepoint, the run's failure row, COMMIT. The history can never say
+//!    `ok` for work that is not there, and COMMIT releases the lock; there is
+//!    no unlock call anywhere. A run cut off mid-flight (timeout, shutdown)
+//!    has its connection closed instead and is recorded on a fresh one.
 //!
-//! `session` jobs (long ones) take a different lock path, in `runner/session.rs`; the
-//! history checks under the lock (`Runner::check_slot`) are shared.
+//! A run is two round trips and one transaction, and writes one row.
+//!
+//! `session` jobs (long ones) take a different lock path, in
+//! `runner/session.rs`; the history checks under the lock
+//! (`Runner::check_slot`, `Runner::decide`) are shared.
 
 use std::sync::Arc;
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
-use sqlx::pool::PoolConnection;
+use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
-use sqlx::{PgPool, Postgres};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
 use crate::config::{JobConfig, LockMode, Pooler};
 use crate::db::{self, Outcome, RunRecord};
 use crate::guard::SqlGuard;
-use crate::hosts::{InFlight, Liveness};
+use crate::hosts::Liveness;
 use crate::hygiene;
+use crate::in_flight::InFlight;
 use crate::metrics::Metrics;
 use crate::runtime::bindings::types::Context;
 use crate::runtime::{
@@ -219,12 +219,12 @@ impl Runner {
     /// # Cancel safety
     /// Dropping the future drops the run's transaction, which closes its
     /// connection (Postgres rolls back and releases the lock; see
-    /// [`OpenTx`]), and takes the run out of the host's in-flight set, so
-    /// the host's next heartbeat marks its `running` row `lost`.
+    /// [`OpenTx`]), and takes the run out of the host's in-flight set as
+    /// abandoned, so the host's next publication records it `lost`.
     pub async fn run(&self, job: &Job, slot: DateTime<Utc>) -> anyhow::Result<RunResult> {
         let started = std::time::Instant::now();
         // Not this job's preferred host: let that one go first, then skip the
-        // slot without a claim if it succeeded meanwhile.
+        // slot without opening a run if it succeeded meanwhile.
         let wait = self.live.wait_before(&job.config.name, &self.host_id);
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
@@ -284,28 +284,26 @@ impl Runner {
         Ok(self.close(job, opened.run, invocation).await)
     }
 
-    /// Steps 1–4 of an `xact` run: the `running` row, BEGIN with the
-    /// deadline, the lock, the gate, the scope. `Ok(Err(skip))` when the slot
-    /// does not run now; otherwise the transaction, wrapped for lending.
+    /// Steps 1–3 of an `xact` run: BEGIN with the deadline, the gate (lock,
+    /// history, run id), the scope. `Ok(Err(skip))` when the slot does not
+    /// run now; otherwise the transaction, wrapped for lending.
     pub(crate) async fn open(
         &self,
         job: &Job,
         slot: DateTime<Utc>,
     ) -> anyhow::Result<Result<Opened, RunResult>> {
         let name = job.config.name.as_str();
-        let (conn, run_id) = match self.claim(job, slot).await? {
-            Ok(claimed) => claimed,
-            Err(skip) => return Ok(Err(skip)),
-        };
-        let in_flight = self.in_flight.enter(run_id);
-        tracing::Span::current().record("run_id", run_id);
+        let key = job.config.lock_key;
+        let conn = self
+            .pool
+            .acquire()
+            .await
+            .with_context(|| format!("job `{name}`: cannot get a connection"))?;
         // One round trip opens the run: BEGIN with the deadline (so the lock,
         // taken next, is bounded by the server from the instant it is
         // granted), the lock and the history under it (`jobhost.slot_gate`,
         // whose statements each see what committed before they started), then
-        // the run's name, savepoint and role. The last three are undone by
-        // rolling back to the savepoint if the gate says the slot does not run.
-        let key = job.config.lock_key;
+        // the run's name, savepoint and role.
         let timeout_ms = job.config.timeout.as_millis().max(1);
         let setup = format!(
             "{};\n{};\n{}",
@@ -340,43 +338,69 @@ impl Runner {
         };
         let (tx, gate) = match opened {
             Ok(opened) => opened,
-            Err(e) => return Err(self.fail_before_plugin(name, run_id, e).await),
+            Err(e) => return Err(self.fail_before_plugin(&self.run_row(job, slot), e).await),
         };
-        let go = match self.decide(job, slot, gate) {
+        let decided = match self.decide(job, slot, gate) {
+            Ok(decided) => decided,
+            Err(e) => {
+                drop(tx);
+                return Err(self.fail_before_plugin(&self.run_row(job, slot), e).await);
+            }
+        };
+        let go = match decided {
             Ok(go) => go,
             Err(skip) => {
-                // Nothing runs: undo the scope, drop the `running` row in the
-                // same transaction (keeping any `lost` marks made under the
-                // lock) and commit, which also releases the lock if we took it.
-                // One round trip.
-                let closing = format!(
-                    "rollback to savepoint jobhost_work;\n{};\ncommit",
-                    db::discard_run_sql(run_id)
-                );
-                if let Err(e) = tx.end(&closing).await {
+                // Nothing runs. COMMIT keeps what the gate recorded under the
+                // lock (runs of dead hosts `lost`) and releases the lock if
+                // it was taken; the scope ends with the transaction.
+                if let Err(e) = tx.end("commit").await {
                     warn!(job = %name, error = %e, "cannot close a skipped run; Postgres rolls it back");
                 }
                 return Ok(Err(skip));
             }
         };
         Ok(Ok(Opened {
-            run: OpenRun {
-                run_id,
-                go,
-                _in_flight: in_flight,
-            },
+            run: self.enter(job, slot, go),
             handle: TxHandle::new(tx, name.into(), job.config.max_rows, self.guard.clone()),
         }))
     }
 
-    /// Step 1, for both lock modes: a pooled connection and the run's
-    /// `running` row, unless the job's lock is held elsewhere right now or
-    /// the slot already succeeded (then nothing is written: [`db::Claim`]).
-    async fn claim(
+    /// A run past its gate enters the host's in-flight set, under the id its
+    /// gate drew.
+    fn enter(&self, job: &Job, slot: DateTime<Utc>, go: Go) -> OpenRun {
+        tracing::Span::current().record("run_id", go.run_id);
+        let row = db::RunRow {
+            started_at: Some(go.started_at),
+            backend_pid: Some(go.backend_pid),
+            ..self.run_row(job, slot)
+        };
+        OpenRun {
+            in_flight: self.in_flight.enter(go.run_id, &row, go.attempt),
+            row,
+            go,
+        }
+    }
+
+    /// What a run of `job` at `slot` on this host is, before its gate.
+    fn run_row(&self, job: &Job, slot: DateTime<Utc>) -> db::RunRow {
+        db::RunRow {
+            job: job.config.name.clone(),
+            slot,
+            host_id: self.host_id.to_string(),
+            plugin_sha256: job.plugin.sha256.clone(),
+            started_at: None,
+            backend_pid: None,
+        }
+    }
+
+    /// A `session` run's first step: skip without opening a server session
+    /// if the job's lock is held elsewhere right now or the slot already
+    /// succeeded ([`db::precheck`]).
+    async fn precheck(
         &self,
         job: &Job,
         slot: DateTime<Utc>,
-    ) -> anyhow::Result<Result<(PoolConnection<Postgres>, i64), RunResult>> {
+    ) -> anyhow::Result<Result<(), RunResult>> {
         let name = job.config.name.as_str();
         let key = job.config.lock_key;
         let mut conn = self
@@ -384,29 +408,21 @@ impl Runner {
             .acquire()
             .await
             .with_context(|| format!("job `{name}`: cannot get a connection"))?;
-        let claim = db::begin_run(
-            &mut conn,
-            self.pooler,
-            name,
-            slot,
-            &self.host_id,
-            &job.plugin.sha256,
-            key,
-        )
-        .await
-        .with_context(|| format!("job `{name}`: cannot record the run's start"))?;
-        Ok(match claim {
-            db::Claim::Run(id) => Ok((conn, id)),
-            db::Claim::LockHeld => {
+        let found = db::precheck(&mut conn, self.pooler, name, slot, key)
+            .await
+            .with_context(|| format!("job `{name}`: cannot check lock {key} and the slot"))?;
+        Ok(match found {
+            db::Precheck::Free => Ok(()),
+            db::Precheck::LockHeld => {
                 // Losing the race for a slot is the normal case in a fleet.
                 debug!(job = %name, lock_key = %key, event = "lock_busy", "lock_busy: job lock held elsewhere, slot skipped");
                 Err(RunResult::LockBusy)
             }
-            db::Claim::SlotDone => Err(RunResult::AlreadyDone),
+            db::Precheck::SlotDone => Err(RunResult::AlreadyDone),
         })
     }
 
-    /// Steps 6–7 of an `xact` run: judge what the body did, verify the
+    /// Step 4 of an `xact` run: judge what the body did, verify the
     /// connection, record, commit; returns the run's result.
     pub(crate) async fn close(&self, job: &Job, run: OpenRun, invocation: Invocation) -> RunResult {
         let judged = self.judge(job, invocation);
@@ -415,7 +431,10 @@ impl Runner {
             outcome: judged.outcome,
             message: &judged.message,
         };
-        let (outcome, message) = self.finish(job, run.run_id, judged.closed, &record).await;
+        let (outcome, message, written) = self.finish(job, &run, judged.closed, &record).await;
+        if written {
+            run.in_flight.recorded();
+        }
         finished(job, run.go, outcome, message)
     }
 
@@ -434,54 +453,66 @@ impl Runner {
             .await
             .with_context(|| format!("job `{name}`: cannot read the slot's history"))?;
         gate.db_now = db_now;
-        Ok(self.decide(job, slot, gate))
+        self.decide(job, slot, gate)
     }
 
     /// Whether the slot runs now, from what the gate read under the job's
     /// lock, for both lock modes: the lock must be held, the database clock
     /// must have reached the slot; a paused job, a slot that succeeded, ran
-    /// out of attempts or is in its retry backoff is skipped. `Ok(attempt)`
+    /// out of attempts or is in its retry backoff is skipped. `Ok(Ok(go))`
     /// to run.
-    fn decide(&self, job: &Job, slot: DateTime<Utc>, gate: db::SlotGate) -> Result<Go, RunResult> {
+    fn decide(
+        &self,
+        job: &Job,
+        slot: DateTime<Utc>,
+        gate: db::SlotGate,
+    ) -> anyhow::Result<Result<Go, RunResult>> {
         let name = job.config.name.as_str();
         if !gate.locked {
             // Losing the race for a slot is the normal case in a fleet.
             debug!(job = %name, lock_key = %job.config.lock_key, event = "lock_busy", "lock_busy: job lock held elsewhere, slot skipped");
-            return Err(RunResult::LockBusy);
+            return Ok(Err(RunResult::LockBusy));
         }
         let db_now = gate.db_now;
-        let Some((lost, state)) = gate.history.filter(|_| db_now >= slot) else {
-            return Err(RunResult::NotDue { db_now });
+        let Some(history) = gate.history.filter(|_| db_now >= slot) else {
+            return Ok(Err(RunResult::NotDue { db_now }));
         };
-        if lost > 0 {
-            warn!(job = %name, runs = lost, "marked runs of vanished hosts as lost");
+        let state = history.state;
+        if history.lost > 0 {
+            warn!(job = %name, runs = history.lost, "recorded runs of vanished hosts as lost");
         }
         if state.paused {
             debug!(job = %name, event = "paused", "slot skipped: the job is paused");
-            return Err(RunResult::Paused);
+            return Ok(Err(RunResult::Paused));
         }
         if state.succeeded {
-            return Err(RunResult::AlreadyDone);
+            return Ok(Err(RunResult::AlreadyDone));
         }
         let policy = job.config.retry;
         let failures = u32::try_from(state.failures).unwrap_or(0);
         if failures >= policy.max_attempts {
-            return Err(RunResult::Exhausted);
+            return Ok(Err(RunResult::Exhausted));
         }
         if let Some(last) = state.last_failure
             && failures > 0
         {
             let until = last + policy.delay_after(failures);
             if until > db_now {
-                return Err(RunResult::BackingOff { until });
+                return Ok(Err(RunResult::BackingOff { until }));
             }
         }
+        let run_id = history.run_id.with_context(|| {
+            format!("job `{name}`: the gate drew no run id for a slot it let through")
+        })?;
         let lag = (db_now - slot).to_std().unwrap_or_default();
         self.metrics.observe_start_lag(name, lag.as_secs_f64());
-        Ok(Go {
+        Ok(Ok(Go {
             attempt: state.attempts + 1,
             failures,
-        })
+            run_id,
+            backend_pid: history.backend_pid,
+            started_at: db_now,
+        }))
     }
 
     /// Decides the outcome. A statement error the plugin swallowed still makes
@@ -568,19 +599,20 @@ impl Runner {
         }
     }
 
-    /// Ends an `xact` run: writes the outcome over the run's row and commits
-    /// (which releases the lock), proving the connection clean on the way
+    /// Ends an `xact` run: writes the run's row and commits (which releases
+    /// the lock), proving the connection clean on the way
     /// ([`crate::hygiene`]). A run cut off mid-flight has its connection
     /// closed instead, and is recorded on a fresh one: nothing of it survived.
-    /// Returns what was recorded.
+    /// Returns what was recorded, and whether the run's row was written.
     async fn finish(
         &self,
         job: &Job,
-        run_id: i64,
+        run: &OpenRun,
         closed: Option<Closed>,
         record: &RunRecord<'_>,
-    ) -> (Outcome, String) {
+    ) -> (Outcome, String, bool) {
         let name = job.config.name.as_str();
+        let id = Some(run.go.run_id);
         let Some(Closed {
             tx: Some(mut tx),
             local_settings,
@@ -588,8 +620,8 @@ impl Runner {
             ..
         }) = closed
         else {
-            self.record_detached(name, run_id, record).await;
-            return (record.outcome, record.message.to_owned());
+            let written = self.record_detached(id, &run.row, record).await;
+            return (record.outcome, record.message.to_owned(), written);
         };
         if matches!(
             record.outcome,
@@ -598,21 +630,20 @@ impl Runner {
             // The plugin may have been cut off inside a statement: never send
             // another one on that connection.
             tx.abandon();
-            self.record_detached(name, run_id, record).await;
-            return (record.outcome, record.message.to_owned());
+            let written = self.record_detached(id, &run.row, record).await;
+            return (record.outcome, record.message.to_owned(), written);
         }
-        let (attempt, run_outcome) = (record.attempt, record.outcome);
+        let run_outcome = record.outcome;
+        let row_sql = db::record_sql(id, &run.row, record);
         let closing = if run_outcome == Outcome::Ok {
             hygiene::commit_ok_sql(
                 &job.config,
                 touched,
                 &hygiene::allowed(&self.session_baseline, &local_settings),
-                run_id,
-                attempt,
-                record.message,
+                &row_sql,
             )
         } else {
-            hygiene::commit_failure_sql(run_id, attempt, run_outcome, record.message)
+            hygiene::commit_failure_sql(&row_sql)
         };
         // Settings after COMMIT only where a plugin's SET LOCAL masked them
         // before it; a rollback to the savepoint reverts them anyway.
@@ -629,7 +660,7 @@ impl Runner {
                     // recorded, the connection is closed.
                     log_leak(name, &left, "after commit");
                 }
-                return (run_outcome, record.message.to_owned());
+                return (run_outcome, record.message.to_owned(), true);
             }
             Err(e) => e,
         };
@@ -638,21 +669,21 @@ impl Runner {
             let message = format!(
                 "{leak}: the plugin left state on its connection that would outlive the run; its work was rolled back and the connection closed"
             );
-            let closing = hygiene::commit_failure_sql(run_id, attempt, Outcome::Error, &message);
-            match tx.finish(&closing, hygiene::AfterCommit::Light).await {
-                Ok(_) => {}
+            let failed = RunRecord {
+                outcome: Outcome::Error,
+                message: &message,
+                ..record.clone()
+            };
+            let closing = hygiene::commit_failure_sql(&db::record_sql(id, &run.row, &failed));
+            let written = match tx.finish(&closing, hygiene::AfterCommit::Light).await {
+                Ok(_) => true,
                 Err(e) => {
                     error!(job = %name, error = %e, "cannot record the run on its connection");
                     drop(tx);
-                    let failed = RunRecord {
-                        outcome: Outcome::Error,
-                        message: &message,
-                        ..record.clone()
-                    };
-                    self.record_detached(name, run_id, &failed).await;
+                    self.record_detached(id, &run.row, &failed).await
                 }
-            }
-            return (Outcome::Error, message);
+            };
+            return (Outcome::Error, message, written);
         }
         drop(tx);
         error!(job = %name, error = %e, "cannot commit the run; Postgres rolled it back");
@@ -667,34 +698,41 @@ impl Runner {
             message: &message,
             ..record.clone()
         };
-        self.record_detached(name, run_id, &failed).await;
-        (outcome, message)
+        let written = self.record_detached(id, &run.row, &failed).await;
+        (outcome, message, written)
     }
 
-    /// Records a failure that happened before the plugin ran; returns the error.
-    async fn fail_before_plugin(&self, name: &str, run_id: i64, e: anyhow::Error) -> anyhow::Error {
+    /// Records a failure that happened before the plugin ran, before its
+    /// gate drew an id (a fresh one is drawn); returns the error.
+    async fn fail_before_plugin(&self, row: &db::RunRow, e: anyhow::Error) -> anyhow::Error {
         let message = format!("host-side failure before the plugin ran: {e:#}");
         let record = RunRecord {
             attempt: 0,
             outcome: Outcome::Error,
             message: &message,
         };
-        self.record_detached(name, run_id, &record).await;
+        self.record_detached(None, row, &record).await;
         e
     }
 
-    /// Writes a run's outcome on a fresh pooled connection. Failures are
-    /// logged: the row then stays `running` until the next lock holder marks
-    /// it `lost`.
-    async fn record_detached(&self, name: &str, run_id: i64, record: &RunRecord<'_>) {
+    /// Writes a run's row on a fresh pooled connection. A failure is logged
+    /// and returned: a run whose row could not be written leaves the in-flight
+    /// set abandoned, and its publication records it `lost`.
+    async fn record_detached(
+        &self,
+        id: Option<i64>,
+        row: &db::RunRow,
+        record: &RunRecord<'_>,
+    ) -> bool {
         let result = async {
             let mut conn = self.pool.acquire().await?;
-            db::finish_run(&mut conn, run_id, record).await
+            db::finish_run(&mut conn, id, row, record).await
         }
         .await;
-        if let Err(e) = result {
-            error!(job = %name, run_id, error = %e, "cannot record the run's outcome");
+        if let Err(e) = &result {
+            error!(job = %row.job, run_id = ?id, error = %e, "cannot record the run's outcome");
         }
+        result.is_ok()
     }
 
     /// The earliest slot `job` has any record of.
@@ -734,9 +772,9 @@ pub(crate) struct Opened {
 
 /// A run in flight: its row, its attempt, its place in the in-flight set.
 pub(crate) struct OpenRun {
-    run_id: i64,
+    row: db::RunRow,
     go: Go,
-    _in_flight: crate::hosts::InFlightGuard,
+    in_flight: crate::in_flight::InFlightGuard,
 }
 
 /// The gate's answer for a slot that runs now.
@@ -747,6 +785,12 @@ pub(crate) struct Go {
     /// Earlier failures of the job's own doing (these count against
     /// `max-attempts`).
     failures: u32,
+    /// The run's id, drawn by the gate.
+    run_id: i64,
+    /// The backend the gate ran on.
+    backend_pid: i32,
+    /// When the gate let it through (database clock).
+    started_at: DateTime<Utc>,
 }
 
 /// Logs a finished run and makes its result, with when to retry it.

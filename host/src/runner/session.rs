@@ -4,15 +4,16 @@
 //! it would pin a pooled connection and roll back every result on one failure.
 //! So:
 //!
-//! 1. the run's `running` row is inserted on a pooled connection, released at
-//!    once (nothing is written if the lock is held elsewhere or the slot is
-//!    done: `Runner::claim`);
+//! 1. a read on a pooled connection, released at once, skips the slot if
+//!    the lock is held elsewhere or the slot is done, before a server session
+//!    is opened for it ([`db::precheck`]);
 //! 2. a connection **not from the pool** is opened for this run, with
 //!    `idle_session_timeout` a little over two heartbeats from its startup
 //!    packet on (a host frozen at any point loses the lock within that, by
 //!    the server's own clock), and `pg_try_advisory_lock` taken there (busy:
 //!    `lock_busy`, skip);
-//! 3. the shared history checks run on that connection, under the lock;
+//! 3. the shared history checks run on that connection, under the lock, and
+//!    draw the run's id; the run enters the host's in-flight set;
 //! 4. a heartbeat task owns the lock connection and pings it every
 //!    `heartbeat`; if it fails (backend terminated, network gone) the lock is
 //!    gone, so the plugin is interrupted, its open transaction rolled back and
@@ -23,7 +24,7 @@
 //!    committed on its own in a query that first proves, in the database,
 //!    that the lock connection still holds the lock (`jobhost.assert_lock_held`):
 //!    a session job never commits after its lock is gone;
-//! 6. the outcome is written on the lock connection, then
+//! 6. the run's row is written on the lock connection, then
 //!    `pg_advisory_unlock` runs **on that same connection** and its boolean is
 //!    checked (false is logged as an error with the key), and the connection
 //!    is closed. On any error or cancellation it is closed, never reused:
@@ -48,13 +49,10 @@ impl Runner {
     ) -> anyhow::Result<RunResult> {
         let name = job.config.name.as_str();
         let key = job.config.lock_key;
-        // The pooled connection goes back at once: the lock gets its own.
-        let run_id = match self.claim(job, slot).await? {
-            Ok((_, run_id)) => run_id,
-            Err(skip) => return Ok(skip),
-        };
-        let _in_flight = self.in_flight.enter(run_id);
-        tracing::Span::current().record("run_id", run_id);
+        if let Err(skip) = self.precheck(job, slot).await? {
+            return Ok(skip);
+        }
+        let row = self.run_row(job, slot);
 
         // A connection of this run's own: never a pooled one, whose return to
         // the pool would keep the lock (the production bug).
@@ -72,7 +70,7 @@ impl Runner {
             let e = anyhow::anyhow!(
                 "job `{name}`: a `session` lock needs a real Postgres session (JOBHOST_DIRECT_URL behind a transaction pooler)"
             );
-            return Err(self.fail_before_plugin(name, run_id, e).await);
+            return Err(self.fail_before_plugin(&row, e).await);
         };
         let options = direct
             .clone()
@@ -83,7 +81,7 @@ impl Runner {
             Err(e) => {
                 let e = anyhow::Error::new(e)
                     .context(format!("job `{name}`: cannot open the lock connection"));
-                return Err(self.fail_before_plugin(name, run_id, e).await);
+                return Err(self.fail_before_plugin(&row, e).await);
             }
         };
         let taken: sqlx::Result<(bool, DateTime<Utc>, i32, DateTime<Utc>)> = sqlx::query_as(
@@ -100,36 +98,25 @@ impl Runner {
                 drop(lock);
                 let e =
                     anyhow::Error::new(e).context(format!("job `{name}`: cannot try lock {key}"));
-                return Err(self.fail_before_plugin(name, run_id, e).await);
+                return Err(self.fail_before_plugin(&row, e).await);
             }
         };
         if !locked {
             // Losing the race for a slot is the normal case in a fleet.
             debug!(job = %name, lock_key = %key, event = "lock_busy", "lock_busy: job lock held elsewhere, slot skipped");
-            if let Err(e) = db::discard_run(&mut lock, run_id).await {
-                warn!(job = %name, error = %e, "cannot remove the row of a skipped run");
-            }
             close(lock, name).await;
             return Ok(RunResult::LockBusy);
         }
 
-        let checked = async {
-            db::set_run_backend(&mut lock, run_id).await?;
-            self.check_slot(&mut lock, job, slot, db_now).await
-        }
-        .await;
-        let go = match checked {
+        let go = match self.check_slot(&mut lock, job, slot, db_now).await {
             Ok(Ok(go)) => go,
             Ok(Err(skip)) => {
-                if let Err(e) = db::discard_run(&mut lock, run_id).await {
-                    warn!(job = %name, error = %e, "cannot remove the row of a skipped run");
-                }
                 unlock_and_close(lock, job, pid).await;
                 return Ok(skip);
             }
             Err(e) => {
                 drop(lock);
-                return Err(self.fail_before_plugin(name, run_id, e).await);
+                return Err(self.fail_before_plugin(&row, e).await);
             }
         };
 
@@ -146,6 +133,7 @@ impl Runner {
             name.to_owned(),
         ));
 
+        let run = self.enter(job, slot, go);
         let attempt = go.attempt;
         let (ctx, limits) = run_context(job, slot, attempt);
         let holder = LockHolder {
@@ -194,17 +182,23 @@ impl Runner {
             outcome,
             message: &message,
         };
-        match lock {
-            Some(mut lock) => {
-                if let Err(e) = db::finish_run(&mut lock, run_id, &record).await {
+        let id = Some(go.run_id);
+        let written = match lock {
+            Some(mut lock) => match db::finish_run(&mut lock, id, &run.row, &record).await {
+                Ok(()) => {
+                    unlock_and_close(lock, job, pid).await;
+                    true
+                }
+                Err(e) => {
                     error!(job = %name, error = %e, "cannot record the run on the lock connection");
                     drop(lock);
-                    self.record_detached(name, run_id, &record).await;
-                } else {
-                    unlock_and_close(lock, job, pid).await;
+                    self.record_detached(id, &run.row, &record).await
                 }
-            }
-            None => self.record_detached(name, run_id, &record).await,
+            },
+            None => self.record_detached(id, &run.row, &record).await,
+        };
+        if written {
+            run.in_flight.recorded();
         }
         Ok(finished(job, go, outcome, message))
     }

@@ -81,10 +81,24 @@ const RUN_COLUMNS: &str = "job, slot, started_at,
        (extract(epoch from finished_at - started_at) * 1000)::int8,
        outcome, host_id, left(plugin_sha256, 12), coalesce(message, '')";
 
-async fn runs(pool: &PgPool, filter: &str, order: &str, limit: i64) -> sqlx::Result<Vec<RunView>> {
-    let sql = format!(
-        "select {RUN_COLUMNS} from jobhost.runs where {filter} order by {order} limit {limit}"
-    );
+/// Runs in flight, as rows of `jobhost.runs`: the published ones, and
+/// `running` rows (which hosts of earlier versions write).
+const IN_FLIGHT: &str = "(select job, slot, started_at, null::timestamptz as finished_at,
+                'running'::text as outcome, host_id, plugin_sha256, null::text as message
+           from jobhost.in_flight
+         union all
+         select job, slot, started_at, finished_at, outcome, host_id, plugin_sha256, message
+           from jobhost.runs where outcome = 'running') as r";
+
+async fn runs(
+    pool: &PgPool,
+    from: &str,
+    filter: &str,
+    order: &str,
+    limit: i64,
+) -> sqlx::Result<Vec<RunView>> {
+    let sql =
+        format!("select {RUN_COLUMNS} from {from} where {filter} order by {order} limit {limit}");
     let rows: Vec<RunTuple> = crate::db::in_tx!(pool, |c| {
         sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .persistent(false)
@@ -189,9 +203,16 @@ pub async fn gather(
         now,
         host_id: host_id.to_owned(),
         jobs: job_views,
-        in_flight: runs(pool, "outcome = 'running'", "started_at", 100).await?,
-        recent: runs(pool, "outcome <> 'running'", "id desc", 20).await?,
-        failures: runs(pool, "outcome not in ('ok', 'running')", "id desc", 10).await?,
+        in_flight: runs(pool, IN_FLIGHT, "true", "started_at", 100).await?,
+        recent: runs(pool, "jobhost.runs", "outcome <> 'running'", "id desc", 20).await?,
+        failures: runs(
+            pool,
+            "jobhost.runs",
+            "outcome not in ('ok', 'running')",
+            "id desc",
+            10,
+        )
+        .await?,
         fleet: hosts::fleet(pool, config.host.liveness.lost_after).await?,
         locks: inspect::locks(pool, config).await?,
         plugins: plugins

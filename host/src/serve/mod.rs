@@ -21,7 +21,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use sqlx::PgPool;
 
-use crate::hosts::InFlight;
+use crate::in_flight::InFlight;
 use crate::jobset::Current;
 use crate::metrics::Metrics;
 
@@ -70,7 +70,7 @@ async fn metrics(State(s): State<Served>) -> Response {
     let size = s.pool.size();
     let idle = s.pool.num_idle();
     s.metrics.set_scraped(
-        s.in_flight.snapshot().len(),
+        s.in_flight.len(),
         size.saturating_sub(u32::try_from(idle).unwrap_or(u32::MAX)),
         idle,
     );

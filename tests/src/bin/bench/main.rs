@@ -934,28 +934,41 @@ async fn hygiene_cost(
 ) -> anyhow::Result<(Duration, Duration)> {
     use jobhost::hygiene;
     let mut conn = pool.acquire().await?;
-    let run_id: i64 = sqlx::query_scalar(
-        "insert into jobhost.runs (job, slot, attempt, host_id, plugin_sha256, started_at, outcome)
-         values ('hygiene-bench', now(), 0, 'bench', 'x', now(), 'running') returning id",
-    )
-    .fetch_one(&mut *conn)
-    .await?;
     let key = job.config.lock_key;
     let open = format!(
         "begin; select pg_try_advisory_xact_lock({}, {}); savepoint jobhost_work",
         key.namespace, key.key
     );
-    let with = format!(
-        "{};\n{}",
-        hygiene::commit_ok_sql(&job.config, true, &[], run_id, 1, "bench"),
-        hygiene::leftovers_sql(hygiene::AfterCommit::Light).unwrap_or_default()
-    );
-    let without = format!(
-        "set local search_path = pg_catalog, pg_temp;\n{};\ncommit",
-        jobhost::db::record_sql(run_id, 1, jobhost::db::Outcome::Ok, "bench")
-    );
+    // Each closing writes its run's `ok` row: a slot of its own each.
+    let base = chrono::Utc::now();
+    let mut slots = (0i64..).map(|i| base + chrono::TimeDelta::seconds(i));
+    let mut record = || {
+        let row = jobhost::db::RunRow {
+            job: "hygiene-bench".into(),
+            slot: slots.next().unwrap_or(base),
+            host_id: "bench".into(),
+            plugin_sha256: "x".into(),
+            started_at: None,
+            backend_pid: None,
+        };
+        let run = jobhost::db::RunRecord {
+            attempt: 1,
+            outcome: jobhost::db::Outcome::Ok,
+            message: "bench",
+        };
+        jobhost::db::record_sql(None, &row, &run)
+    };
     let (mut a, mut b) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for _ in 0..n {
+        let with = format!(
+            "{};\n{}",
+            hygiene::commit_ok_sql(&job.config, true, &[], &record()),
+            hygiene::leftovers_sql(hygiene::AfterCommit::Light).unwrap_or_default()
+        );
+        let without = format!(
+            "set local search_path = pg_catalog, pg_temp;\n{};\ncommit",
+            record()
+        );
         for (closing, times) in [(&with, &mut a), (&without, &mut b)] {
             sqlx::raw_sql(sqlx::AssertSqlSafe(open.clone()))
                 .execute(&mut *conn)
