@@ -798,9 +798,12 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         ));
     }
     for (label, r, via) in scales {
+        // Issue 17: spread slots start within 20 ms; one instant of all of
+        // them within 200 ms.
+        let target_ms = if r.spread { 20.0 } else { 200.0 };
         let _ = writeln!(
             md,
-            "| {label} | {} jobs at 1 s cadence for {} s, {}{via}: start lag p50 / p99 | {:.1} / {:.1} ms; {} of {:.0} slots ran; ≤ {} connections; host CPU {:.2} cores | | | p99 ≤ 20 ms, ≤ 10 connections | {} |",
+            "| {label} | {} jobs at 1 s cadence for {} s, {}{via}: start lag p50 / p99 | {:.1} / {:.1} ms; {} of {:.0} slots ran; ≤ {} connections; host CPU {:.2} cores | | | p99 ≤ {target_ms:.0} ms, ≤ 10 connections | {} |",
             s.scale_jobs,
             s.scale_secs,
             if r.spread {
@@ -814,7 +817,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
             r.expected_runs,
             r.max_conns,
             r.cpu / r.elapsed,
-            met(r.pct(0.99) <= 20.0
+            met(r.pct(0.99) <= target_ms
                 && r.max_conns <= 10
                 && r.lags.len() as f64 >= r.expected_runs * 0.9)
         );
