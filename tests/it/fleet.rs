@@ -962,3 +962,86 @@ async fn json_logs_carry_the_runs_identity(pool: PgPool) {
     );
     assert!(span["run_id"].as_i64().is_some(), "{ok}");
 }
+
+/// `status` shows a run in flight (its host, since when) once its host has
+/// published it, and not after it ended; a run shorter than the
+/// publication's `after` is never published. The run's own row is written
+/// once, when it ends.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn status_shows_runs_in_flight_from_their_hosts_publication(pool: PgPool) {
+    use jobhost::in_flight::{Publication, publish};
+    create_probe_table(&pool).await;
+    let dir = config_dir("in-flight", "name = \"sleeper\"\nevery = \"1h\"");
+    let config = jobhost::config::JobsConfig::from_file(dir.join("jobs.toml")).unwrap();
+    let running = || async {
+        let status = jobhost::inspect::status(&pool, &config).await.unwrap();
+        status
+            .into_iter()
+            .find(|s| s.job == "sleeper")
+            .map(|s| s.running)
+            .unwrap_or_default()
+    };
+    let publishing = |runner: &jobhost::runner::Runner, after: Duration| {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(publish(
+            pool.clone(),
+            "test-host".into(),
+            runner.in_flight(),
+            Publication {
+                every: Duration::from_millis(20),
+                after,
+            },
+            stop.clone(),
+        ));
+        (stop, task)
+    };
+
+    // Past `after`: published, shown, then unpublished.
+    let runner = runner(&pool);
+    let (stop, publisher) = publishing(&runner, Duration::from_millis(50));
+    let mut sleeper = probe("sleeper", "sleep");
+    sleeper
+        .config
+        .config
+        .push(("sleep-ms".into(), "1500".into()));
+    let task = {
+        let (runner, sleeper) = (runner.clone(), sleeper.clone());
+        tokio::spawn(async move { runner.run(&sleeper, slot(1)).await })
+    };
+    let shown = wait_for_some(Duration::from_secs(10), "the run in status", || async {
+        let r = running().await;
+        (!r.is_empty()).then_some(r)
+    })
+    .await;
+    assert_eq!(shown.len(), 1, "{shown:?}");
+    assert_eq!(shown[0].0, "test-host");
+    let text =
+        jobhost::inspect::render_status(&jobhost::inspect::status(&pool, &config).await.unwrap());
+    assert!(text.contains("running on test-host"), "{text}");
+    assert!(
+        runs(&pool, "sleeper").await.is_empty(),
+        "no row before it ends"
+    );
+    finished(task.await.unwrap().unwrap(), Outcome::Ok);
+    wait_for(
+        Duration::from_secs(10),
+        "the run gone from status",
+        || async { running().await.is_empty() },
+    )
+    .await;
+    assert_eq!(runs(&pool, "sleeper").await.len(), 1);
+    stop.cancel();
+    publisher.await.unwrap();
+
+    // Shorter than `after`: never published, though the publisher looked
+    // many times while it ran.
+    let (stop, publisher) = publishing(&runner, Duration::from_secs(3600));
+    finished(runner.run(&sleeper, slot(2)).await.unwrap(), Outcome::Ok);
+    stop.cancel();
+    publisher.await.unwrap();
+    assert_eq!(
+        count(&pool, "select count(*) from jobhost.in_flight").await,
+        0
+    );
+    assert_eq!(runs(&pool, "sleeper").await.len(), 2);
+}
