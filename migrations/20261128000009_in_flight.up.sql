@@ -76,45 +76,54 @@ begin
     if not locked or db_now < slot_gate.slot then
         return;
     end if;
-    -- The history part reads the snapshot from before the writes, where the
-    -- runs just recorded `lost` were not finished yet; they are added back
-    -- into `attempts` from the writes' own results.
-    with unpublished as (
-        delete from jobhost.in_flight f
-         where f.job = slot_gate.job and f.host_id <> slot_gate.host
-           and not exists (select 1 from jobhost.hosts h
-                            where h.id = f.host_id and h.stopped_at is null
-                              and h.last_seen > clock_timestamp() - make_interval(secs => slot_gate.lost_after))
-        returning f.*
-    ), recorded as (
-        insert into jobhost.runs as n (id, job, slot, attempt, host_id, plugin_sha256, started_at,
-                                  finished_at, outcome, message, backend_pid)
-        select u.run_id, u.job, u.slot, u.attempt, u.host_id, u.plugin_sha256, u.started_at,
-               clock_timestamp(), 'lost',
-               'the host running it died or lost its connection before finishing; its work was rolled back',
-               u.backend_pid
-          from unpublished u
-         where not exists (select 1 from jobhost.runs r where r.id = u.run_id)
-        returning n.slot
-    ), marked as (
-        update jobhost.runs r
-           set outcome = 'lost', finished_at = clock_timestamp(),
-               message = 'the host running it died or lost its connection before finishing; its work was rolled back'
-         where r.job = slot_gate.job and r.outcome = 'running' and r.host_id <> slot_gate.host
-           and not exists (select 1 from jobhost.hosts h
-                            where h.id = r.host_id and h.stopped_at is null
-                              and h.last_seen > clock_timestamp() - make_interval(secs => slot_gate.lost_after))
-        returning r.slot
-    ), written as (
-        select w.slot from recorded w union all select m.slot from marked m
-    )
-    select (select count(*) from written),
-           coalesce(bool_or(h.outcome = 'ok'), false),
-           (count(*) + (select count(*) from written w where w.slot = slot_gate.slot))::int4,
+    -- Runs of dead hosts to record: written only when there are candidates,
+    -- so that the usual run (none) pays two index probes, not four
+    -- data-modifying statements (pgbench: 18 % of the gate's time, 13 % of
+    -- a whole run's database time). The history, read by the next
+    -- statement, sees what this one wrote: a run recorded `lost` counts as
+    -- an attempt.
+    lost := 0;
+    if exists (select 1 from jobhost.in_flight f
+                where f.job = slot_gate.job and f.host_id <> slot_gate.host)
+       or exists (select 1 from jobhost.runs r
+                   where r.job = slot_gate.job and r.outcome = 'running' and r.host_id <> slot_gate.host) then
+        with unpublished as (
+            delete from jobhost.in_flight f
+             where f.job = slot_gate.job and f.host_id <> slot_gate.host
+               and not exists (select 1 from jobhost.hosts h
+                                where h.id = f.host_id and h.stopped_at is null
+                                  and h.last_seen > clock_timestamp() - make_interval(secs => slot_gate.lost_after))
+            returning f.*
+        ), recorded as (
+            insert into jobhost.runs as n (id, job, slot, attempt, host_id, plugin_sha256, started_at,
+                                      finished_at, outcome, message, backend_pid)
+            select u.run_id, u.job, u.slot, u.attempt, u.host_id, u.plugin_sha256, u.started_at,
+                   clock_timestamp(), 'lost',
+                   'the host running it died or lost its connection before finishing; its work was rolled back',
+                   u.backend_pid
+              from unpublished u
+             where not exists (select 1 from jobhost.runs r where r.id = u.run_id)
+            returning n.slot
+        ), marked as (
+            update jobhost.runs r
+               set outcome = 'lost', finished_at = clock_timestamp(),
+                   message = 'the host running it died or lost its connection before finishing; its work was rolled back'
+             where r.job = slot_gate.job and r.outcome = 'running' and r.host_id <> slot_gate.host
+               and not exists (select 1 from jobhost.hosts h
+                                where h.id = r.host_id and h.stopped_at is null
+                                  and h.last_seen > clock_timestamp() - make_interval(secs => slot_gate.lost_after))
+            returning r.slot
+        ), written as (
+            select w.slot from recorded w union all select m.slot from marked m
+        )
+        select count(*) into lost from written w;
+    end if;
+    select coalesce(bool_or(h.outcome = 'ok'), false),
+           count(*)::int4,
            (count(*) filter (where h.outcome in ('error', 'trap', 'timeout', 'lock_lost')))::int4,
            max(h.finished_at) filter (where h.outcome in ('error', 'trap', 'timeout', 'lock_lost')),
            exists (select 1 from jobhost.paused p where p.job = slot_gate.job)
-      into lost, succeeded, attempts, failures, last_failure, paused
+      into succeeded, attempts, failures, last_failure, paused
       from jobhost.runs h
      where h.job = slot_gate.job and h.slot = slot_gate.slot and h.outcome <> 'running';
     -- An id only for a slot that may run (the host still applies its retry
