@@ -506,6 +506,7 @@ pub async fn precheck(
     const SQL: &str = "select not pg_try_advisory_xact_lock($3, $4),
                 exists (select 1 from jobhost.runs where job = $1 and slot = $2 and outcome = 'ok')";
     let (held, done): (bool, bool) = match pooler {
+        // Prepared once per connection: the cheapest for Postgres.
         // pooler: not behind one (the other arm)
         Pooler::None => {
             sqlx::query_as(SQL)

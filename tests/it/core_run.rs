@@ -490,8 +490,8 @@ async fn a_lost_slot_writes_nothing(pool: PgPool) {
 
 /// In a fleet, a host that is not a job's preferred one defers each slot, then
 /// asks whether it succeeded: many slots share one query, and a slot found
-/// `ok` is skipped without a claim (no transaction, no row). A slot not yet
-/// run is claimed as before.
+/// `ok` is skipped without opening a run (no transaction, no row). A slot not
+/// yet run goes on to its gate as before.
 #[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
 async fn deferred_slots_are_confirmed_in_batches(pool: PgPool) {
     create_probe_table(&pool).await;

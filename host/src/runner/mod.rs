@@ -847,9 +847,6 @@ pub fn check_plugin_kind(config: &JobConfig, plugin: &Plugin) -> Result<(), Stri
     }
 }
 
-/// The run's name in `pg_stat_activity`, savepoint and role for the plugin's
-/// part of the transaction, sent as one simple query. (The deadline was set
-/// with BEGIN.)
 /// The run's scope, sent after the gate in the opening query: the run's
 /// name in `application_name`, the savepoint a failure rolls back to, and the
 /// job's role after it (so rolling back to the savepoint also drops the role).
