@@ -143,6 +143,19 @@ fn config_dir(tag: &str, job: &str) -> PathBuf {
     dir
 }
 
+/// A connection of its own, idle, holding the session lock (jobhost's
+/// namespace, `key`): what the production bug left behind.
+async fn idle_holder(url: &str, key: i32) -> sqlx::PgConnection {
+    let mut idle = sqlx::PgConnection::connect(url).await.unwrap();
+    sqlx::query("select pg_advisory_lock($1, $2)")
+        .bind(jobhost::lock::LOCK_NAMESPACE)
+        .bind(key)
+        .execute(&mut idle)
+        .await
+        .unwrap();
+    idle
+}
+
 async fn count(pool: &PgPool, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
@@ -418,12 +431,7 @@ async fn locks_flags_a_lock_held_by_an_idle_backend(pool: PgPool) {
     assert_eq!(clean, std::process::ExitCode::SUCCESS);
 
     // The production bug: a session lock left on an idle connection.
-    let mut idle = sqlx::PgConnection::connect(&url).await.unwrap();
-    sqlx::query("select pg_advisory_lock($1, 77)")
-        .bind(jobhost::lock::LOCK_NAMESPACE)
-        .execute(&mut idle)
-        .await
-        .unwrap();
+    let mut idle = idle_holder(&url, 77).await;
     let config = jobhost::config::JobsConfig::from_file(dir.join("jobs.toml")).unwrap();
     let rows = jobhost::inspect::locks(&pool, &config).await.unwrap();
     assert_eq!(rows.len(), 1, "{rows:?}");
@@ -456,12 +464,7 @@ async fn locks_does_not_call_a_lock_held_for_a_moment_stuck(pool: PgPool) {
     let url = database_url(&pool).await;
     let dir = config_dir("brief", "name = \"brief\"\nevery = \"1h\"\nlock-key = 78");
     let config = jobhost::config::JobsConfig::from_file(dir.join("jobs.toml")).unwrap();
-    let mut idle = sqlx::PgConnection::connect(&url).await.unwrap();
-    sqlx::query("select pg_advisory_lock($1, 78)")
-        .bind(jobhost::lock::LOCK_NAMESPACE)
-        .execute(&mut idle)
-        .await
-        .unwrap();
+    let mut idle = idle_holder(&url, 78).await;
     let release = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(75)).await;
         sqlx::query("select pg_advisory_unlock_all()")
