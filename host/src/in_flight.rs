@@ -104,11 +104,6 @@ impl InFlight {
         self.len() == 0
     }
 
-    /// The ids of the runs in flight now.
-    pub fn ids(&self) -> Vec<i64> {
-        self.lock().runs.keys().copied().collect()
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // Single inserts and removes: a poisoned set is still consistent.
         self.0.lock().unwrap_or_else(|p| p.into_inner())
