@@ -284,7 +284,7 @@ pub async fn publish_once(
     in_flight.settle(pending, result.is_ok());
     result?;
     if lost > 0 {
-        tracing::warn!(host_id = %host_id, runs = lost, "recorded runs whose task ended without an outcome as lost");
+        tracing::warn!(host_id = %host_id, runs = lost, "runs whose task ended without recording an outcome: recorded lost where they have no row");
     }
     Ok(true)
 }
