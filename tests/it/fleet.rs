@@ -380,16 +380,8 @@ async fn sigterm_lets_a_run_finish_and_interrupts_it_past_the_grace(pool: PgPool
 async fn a_terminated_backend_fails_the_run_and_the_host_keeps_serving(pool: PgPool) {
     create_probe_table(&pool).await;
     let runner = runner(&pool);
-    let mut sleeper = probe("sleeper", "sleep");
-    sleeper
-        .config
-        .config
-        .push(("sleep-ms".into(), "1500".into()));
-    let task = {
-        let runner = runner.clone();
-        let sleeper = sleeper.clone();
-        tokio::spawn(async move { runner.run(&sleeper, slot(1)).await })
-    };
+    let sleeper = sleeper("sleeper", 1500);
+    let task = spawn_run(&runner, &sleeper, slot(1));
     let pid = wait_for_some(
         Duration::from_secs(10),
         "the run to be in its plugin",
@@ -1002,15 +994,8 @@ async fn status_shows_runs_in_flight_from_their_hosts_publication(pool: PgPool) 
     // Past `after`: published, shown, then unpublished.
     let runner = runner(&pool);
     let (stop, publisher) = publishing(&runner, Duration::from_millis(50));
-    let mut sleeper = probe("sleeper", "sleep");
-    sleeper
-        .config
-        .config
-        .push(("sleep-ms".into(), "1500".into()));
-    let task = {
-        let (runner, sleeper) = (runner.clone(), sleeper.clone());
-        tokio::spawn(async move { runner.run(&sleeper, slot(1)).await })
-    };
+    let sleeper = sleeper("sleeper", 1500);
+    let task = spawn_run(&runner, &sleeper, slot(1));
     let shown = wait_for_some(Duration::from_secs(10), "the run in status", || async {
         let r = running().await;
         (!r.is_empty()).then_some(r)

@@ -276,8 +276,7 @@ async fn host_statements_ignore_a_shadowing_function(pool: PgPool) {
 async fn a_timed_out_run_never_returns_its_connection_to_the_pool(pool: PgPool) {
     create_probe_table(&pool).await;
     let (runner, one) = one_connection_runner(&pool).await;
-    let mut slow = probe("slow", "sleep");
-    slow.config.config.push(("sleep-ms".into(), "5000".into()));
+    let mut slow = sleeper("slow", 5000);
     slow.config.timeout = Duration::from_millis(500);
     finished(runner.run(&slow, slot(1)).await.unwrap(), Outcome::Timeout);
     let pid: i32 = sqlx::query_scalar("select backend_pid from jobhost.runs where job = 'slow'")

@@ -46,6 +46,26 @@ pub fn probe(name: &str, mode: &str) -> Job {
     )
 }
 
+/// A probe job that sleeps `ms` milliseconds in its plugin (a run long
+/// enough to be seen in flight).
+pub fn sleeper(name: &str, ms: u64) -> Job {
+    job(
+        name,
+        jobhost_tests::guests::TEST_CORE_PROBE,
+        &[("mode", "sleep"), ("sleep-ms", &ms.to_string())],
+    )
+}
+
+/// `job`'s run of `slot` on `runner`, in a task of its own.
+pub fn spawn_run(
+    runner: &Runner,
+    job: &Job,
+    slot: DateTime<Utc>,
+) -> tokio::task::JoinHandle<anyhow::Result<RunResult>> {
+    let (runner, job) = (runner.clone(), job.clone());
+    tokio::spawn(async move { runner.run(&job, slot).await })
+}
+
 /// A runner on `pool`.
 pub fn runner(pool: &PgPool) -> Runner {
     Runner::new(pool.clone(), runtime(), "test-host")
@@ -198,8 +218,11 @@ pub async fn run_in_plugin(pool: &PgPool, job: &str) -> Option<(i64, i32)> {
 /// published or not.
 pub async fn backend_in_plugin(pool: &PgPool, job: &str) -> Option<i32> {
     sqlx::query_scalar(
+        // This test's database only: tests run side by side, and another
+        // may run a job of the same name.
         "select pid from pg_stat_activity
-          where state = 'idle in transaction' and application_name like '%/' || $1",
+          where datname = current_database()
+            and state = 'idle in transaction' and application_name like '%/' || $1",
     )
     .bind(job)
     .fetch_optional(pool)
