@@ -10,6 +10,11 @@
 //!   statements, `COMMIT`, and the post-commit check of the session
 //!   ([`crate::hygiene`]) in one simple query, one round trip; a connection
 //!   that is not proven clean never goes back to the pool;
+//! - **a finished transaction's connection goes back to the pool when the
+//!   `OpenTx` is dropped**, not at once: the runner tears the run's plugin
+//!   instance down in between, so an instance never outlives the connection
+//!   that admitted it (the instance pool is sized by the connection pool:
+//!   [`crate::jobset::allocation`]);
 //! - **an interrupted connection is never reused.** A run cut off by its
 //!   timeout may have left a statement half-way through the protocol; such a
 //!   transaction is [abandoned](OpenTx::abandon) (the socket is closed, and
@@ -31,6 +36,20 @@ pub struct OpenTx {
     /// none outlives it on a server session that the pooler hands to other
     /// clients next (where the next transaction of ours may not be).
     close_statements: bool,
+    /// Whether the transaction is still open; once it ended, the connection
+    /// is kept until this is dropped.
+    state: State,
+}
+
+/// Where an [`OpenTx`] stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Open: statements may be sent.
+    Open,
+    /// Ended and proven clean: the connection goes back to the pool on drop.
+    Clean,
+    /// Ended with leftovers, or unverified: the connection is closed on drop.
+    Discard,
 }
 
 /// What the post-commit check found on the connection: `None` when clean,
@@ -76,6 +95,7 @@ impl OpenTx {
         let tx = Self {
             conn: Some(conn),
             close_statements: pooler == Pooler::Transaction,
+            state: State::Open,
         };
         Ok((tx, rows))
     }
@@ -84,15 +104,21 @@ impl OpenTx {
     /// transaction, still inside it (one round trip, none if there are none).
     async fn close_statements(&mut self) -> sqlx::Result<()> {
         use sqlx::Connection as _;
-        match self.conn.as_mut() {
-            Some(conn) if self.close_statements => conn.clear_cached_statements().await,
-            _ => Ok(()),
+        if !self.close_statements {
+            return Ok(());
+        }
+        match self.conn() {
+            Some(conn) => conn.clear_cached_statements().await,
+            None => Ok(()),
         }
     }
 
     /// The connection, while the transaction is open.
     pub fn conn(&mut self) -> Option<&mut PgConnection> {
-        self.conn.as_deref_mut()
+        match self.state {
+            State::Open => self.conn.as_deref_mut(),
+            State::Clean | State::Discard => None,
+        }
     }
 
     /// Ends the transaction with `closing` (the host's last statements, which
@@ -110,36 +136,30 @@ impl OpenTx {
     /// for transactions no plugin statement reached).
     pub async fn finish(&mut self, closing: &str, check: AfterCommit) -> sqlx::Result<Leftovers> {
         self.close_statements().await?;
-        let Some(leftovers) = crate::hygiene::leftovers_sql(check) else {
-            let Some(conn) = self.conn.as_mut() else {
-                return Err(sqlx::Error::PoolClosed);
-            };
+        let leftovers_sql = crate::hygiene::leftovers_sql(check);
+        let Some(conn) = self.conn() else {
+            return Err(sqlx::Error::PoolClosed);
+        };
+        let Some(leftovers_sql) = leftovers_sql else {
             sqlx::raw_sql(sqlx::AssertSqlSafe(closing.to_owned()))
-                .execute(&mut **conn)
+                .execute(&mut *conn)
                 .await?;
-            self.conn = None;
+            self.state = State::Clean;
             return Ok(None);
         };
-        let sql = format!("{closing};\n{leftovers}");
-        let Some(conn) = self.conn.as_mut() else {
-            return Err(sqlx::Error::PoolClosed);
-        };
+        let sql = format!("{closing};\n{leftovers_sql}");
         let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-            .fetch_all(&mut **conn)
+            .fetch_all(&mut *conn)
             .await?;
-        let Some(mut conn) = self.conn.take() else {
-            return Err(sqlx::Error::PoolClosed);
-        };
-        // The check is the only statement that returns rows.
+        // The check is the only statement that returns rows. A connection
+        // with leftovers, or whose check cannot be read, is closed.
+        self.state = State::Discard;
         let leftovers: Option<String> = match rows.last() {
             Some(row) => row.try_get(0)?,
-            None => {
-                conn.close_on_drop();
-                return Err(sqlx::Error::RowNotFound);
-            }
+            None => return Err(sqlx::Error::RowNotFound),
         };
-        if leftovers.is_some() {
-            conn.close_on_drop();
+        if leftovers.is_none() {
+            self.state = State::Clean;
         }
         Ok(leftovers)
     }
@@ -176,7 +196,9 @@ impl OpenTx {
 impl Drop for OpenTx {
     fn drop(&mut self) {
         // Never return an open (or unverified) transaction to the pool.
-        if let Some(conn) = self.conn.take() {
+        if let Some(conn) = self.conn.take()
+            && self.state != State::Clean
+        {
             drop(conn.detach());
         }
     }

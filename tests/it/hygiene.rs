@@ -6,9 +6,12 @@
 
 use std::time::Duration;
 
+use jobhost::config::Pooler;
 use jobhost::db::Outcome;
+use jobhost::hygiene::AfterCommit;
 use jobhost::lock::LockKey;
 use jobhost::runner::Runner;
+use jobhost::tx::OpenTx;
 use jobhost_tests::guests;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -302,6 +305,75 @@ async fn a_timed_out_run_never_returns_its_connection_to_the_pool(pool: PgPool) 
     })
     .await;
     assert_eq!(probe_rows(&pool).await, 1, "only the second run's write");
+    one.close().await;
+}
+
+/// A finished transaction keeps its connection until it is dropped: the
+/// runner tears the run's plugin instance down in between, after the commit
+/// (so not under the lock) and before the connection can admit another run
+/// (so no instance outlives the connection that admitted it, which is what
+/// sizes the instance pool). A clean one then goes back to the pool; one
+/// whose check found leftovers is closed.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_finished_transaction_keeps_its_connection_until_dropped(pool: PgPool) {
+    let (_, one) = one_connection_runner(&pool).await;
+    let pid = async |one: &PgPool| -> i32 {
+        let mut conn = tokio::time::timeout(Duration::from_secs(5), one.acquire())
+            .await
+            .expect("the pool's one connection never came back")
+            .unwrap();
+        sqlx::query_scalar("select pg_backend_pid()")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap()
+    };
+    let first = pid(&one).await;
+
+    let mut tx = OpenTx::begin(one.acquire().await.unwrap(), "", Pooler::None)
+        .await
+        .unwrap();
+    let left = tx.finish("commit", AfterCommit::Light).await.unwrap();
+    assert_eq!(left, None);
+    assert!(
+        tx.conn().is_none(),
+        "a finished transaction lends no connection"
+    );
+    // (A dropped pooled connection returns to its pool in a task of its
+    // own: give it ample time to show it did not.)
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), one.acquire())
+            .await
+            .is_err(),
+        "the connection went back to the pool before the transaction was dropped"
+    );
+    drop(tx);
+    assert_eq!(pid(&one).await, first, "a clean connection is pooled again");
+
+    // Leftovers: a session lock taken inside the transaction outlives COMMIT.
+    let mut tx = OpenTx::begin(one.acquire().await.unwrap(), "", Pooler::None)
+        .await
+        .unwrap();
+    let conn = tx.conn().unwrap();
+    sqlx::query("select pg_advisory_lock(1, 2)")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let left = tx.finish("commit", AfterCommit::Light).await.unwrap();
+    assert!(
+        left.is_some_and(|l| l.contains("advisory")),
+        "the check saw the lock"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), one.acquire())
+            .await
+            .is_err()
+    );
+    drop(tx);
+    assert_ne!(
+        pid(&one).await,
+        first,
+        "a connection with leftovers was pooled"
+    );
     one.close().await;
 }
 

@@ -55,7 +55,7 @@ use crate::in_flight::InFlight;
 use crate::metrics::Metrics;
 use crate::runtime::bindings::types::Context;
 use crate::runtime::{
-    Closed, Invocation, Lent, Plugin, Returned, RunLimits, Runtime, TrapReport, TxHandle,
+    Closed, Invocation, Lent, Plugin, Returned, RunLimits, Runtime, Spent, TrapReport, TxHandle,
 };
 use crate::tx::OpenTx;
 
@@ -256,25 +256,36 @@ impl Runner {
         result
     }
 
-    /// An `xact` run: [open](Self::open) (lock, gate, scope), lend the
-    /// transaction to a fresh plugin instance, [close](Self::close) (judge,
-    /// verify, record, commit).
+    /// An `xact` run: [open](Self::open) (lock, gate, scope) while the
+    /// plugin is instantiated, lend the transaction to the instance,
+    /// [close](Self::close) (judge, verify, record, commit).
     async fn run_xact(&self, job: &Job, slot: DateTime<Utc>) -> anyhow::Result<RunResult> {
-        let opened = match self.open(job, slot).await? {
+        let slot_text = slot_text(slot);
+        // Instantiating needs nothing of the run's transaction: it is done
+        // while the opening query is on the wire, so it neither delays the
+        // run nor lengthens the job's lock. A skipped slot drops the instance
+        // unused (the usual run is not skipped: a host that lost the slot
+        // to another mostly learns so before it opens a run).
+        let instantiating = self.runtime.instantiate(
+            &job.plugin,
+            (&job.config.name, &slot_text),
+            run_limits(job),
+            &job.config.env,
+            job.config.http.clone(),
+        );
+        let (opened, instance) = match self.open(job, slot, instantiating).await? {
             Ok(opened) => opened,
             Err(skip) => return Ok(skip),
         };
-        let (ctx, limits) = run_context(job, slot, opened.run.go.attempt);
+        let ctx = run_context(job, slot, opened.run.go.attempt);
         let abort = self.abort.clone();
         let invocation = self
             .runtime
-            .invoke(
-                &job.plugin,
+            .call(
+                instance,
+                &job.plugin.path,
                 ctx,
                 Lent::Transaction(opened.handle),
-                limits,
-                &job.config.env,
-                job.config.http.clone(),
                 async move {
                     abort.cancelled().await;
                     Returned::Interrupted
@@ -286,12 +297,15 @@ impl Runner {
 
     /// Steps 1–3 of an `xact` run: BEGIN with the deadline, the gate (lock,
     /// history, run id), the scope. `Ok(Err(skip))` when the slot does not
-    /// run now; otherwise the transaction, wrapped for lending.
-    pub(crate) async fn open(
+    /// run now; otherwise the transaction, wrapped for lending, and what
+    /// `alongside` made: it runs once the run holds a connection, while the
+    /// opening query is on the wire.
+    pub(crate) async fn open<A: Future>(
         &self,
         job: &Job,
         slot: DateTime<Utc>,
-    ) -> anyhow::Result<Result<Opened, RunResult>> {
+        alongside: A,
+    ) -> anyhow::Result<Result<(Opened, A::Output), RunResult>> {
         let name = job.config.name.as_str();
         let key = job.config.lock_key;
         let conn = self
@@ -317,7 +331,9 @@ impl Runner {
             ),
             scope_sql(&job.config, &self.host_id),
         );
-        let opened = match OpenTx::begin_fetch(conn, &setup, self.pooler).await {
+        let (opened, made) =
+            tokio::join!(OpenTx::begin_fetch(conn, &setup, self.pooler), alongside);
+        let opened = match opened {
             // A transaction whose gate cannot be read is dropped here, which
             // closes its connection (Postgres rolls back, the lock goes).
             Ok((tx, rows)) => rows
@@ -336,20 +352,26 @@ impl Runner {
                 )))
             }
         };
+        // What `alongside` made is dropped, on every way out but the run's,
+        // before the connection goes back or a fresh one is asked for.
         let (tx, gate) = match opened {
             Ok(opened) => opened,
-            Err(e) => return Err(self.fail_before_plugin(&self.run_row(job, slot), e).await),
+            Err(e) => {
+                drop(made);
+                return Err(self.fail_before_plugin(&self.run_row(job, slot), e).await);
+            }
         };
         let decided = match self.decide(job, slot, gate) {
             Ok(decided) => decided,
             Err(e) => {
-                drop(tx);
+                drop((made, tx));
                 return Err(self.fail_before_plugin(&self.run_row(job, slot), e).await);
             }
         };
         let go = match decided {
             Ok(go) => go,
             Err(skip) => {
+                drop(made);
                 // Nothing runs. COMMIT keeps what the gate recorded under the
                 // lock (runs of dead hosts `lost`) and releases the lock if
                 // it was taken; the scope ends with the transaction.
@@ -359,10 +381,11 @@ impl Runner {
                 return Ok(Err(skip));
             }
         };
-        Ok(Ok(Opened {
+        let opened = Opened {
             run: self.enter(job, slot, go),
             handle: TxHandle::new(tx, name.into(), job.config.max_rows, self.guard.clone()),
-        }))
+        };
+        Ok(Ok((opened, made)))
     }
 
     /// A run past its gate enters the host's in-flight set, under the id its
@@ -424,14 +447,21 @@ impl Runner {
 
     /// Step 4 of an `xact` run: judge what the body did, verify the
     /// connection, record, commit; returns the run's result.
-    pub(crate) async fn close(&self, job: &Job, run: OpenRun, invocation: Invocation) -> RunResult {
+    pub(crate) async fn close(
+        &self,
+        job: &Job,
+        run: OpenRun,
+        mut invocation: Invocation,
+    ) -> RunResult {
+        let spent = invocation.spent.take();
         let judged = self.judge(job, invocation);
         let record = RunRecord {
             attempt: run.go.attempt,
             outcome: judged.outcome,
             message: &judged.message,
         };
-        let (outcome, message, written) = self.finish(job, &run, judged.closed, &record).await;
+        let (outcome, message, written) =
+            self.finish(job, &run, judged.closed, &record, spent).await;
         if written {
             run.in_flight.recorded();
         }
@@ -604,12 +634,18 @@ impl Runner {
     /// ([`crate::hygiene`]). A run cut off mid-flight has its connection
     /// closed instead, and is recorded on a fresh one: nothing of it survived.
     /// Returns what was recorded, and whether the run's row was written.
+    ///
+    /// The plugin's instance (`spent`) is torn down once the commit is
+    /// answered, before the run's connection goes back to the pool and before
+    /// any fresh connection is asked for: the lock is not held for the
+    /// teardown, and no instance outlives the connection that admitted it.
     async fn finish(
         &self,
         job: &Job,
         run: &OpenRun,
         closed: Option<Closed>,
         record: &RunRecord<'_>,
+        spent: Option<Spent>,
     ) -> (Outcome, String, bool) {
         let name = job.config.name.as_str();
         let id = Some(run.go.run_id);
@@ -620,6 +656,7 @@ impl Runner {
             ..
         }) = closed
         else {
+            drop(spent);
             let written = self.record_detached(id, &run.row, record).await;
             return (record.outcome, record.message.to_owned(), written);
         };
@@ -629,6 +666,7 @@ impl Runner {
         ) {
             // The plugin may have been cut off inside a statement: never send
             // another one on that connection.
+            drop(spent);
             tx.abandon();
             let written = self.record_detached(id, &run.row, record).await;
             return (record.outcome, record.message.to_owned(), written);
@@ -652,7 +690,9 @@ impl Runner {
         } else {
             hygiene::after_commit(touched, &[])
         };
-        let e = match tx.finish(&closing, check).await {
+        let finished = tx.finish(&closing, check).await;
+        drop(spent);
+        let e = match finished {
             Ok(leftovers) => {
                 if let Some(left) = leftovers {
                     // Only what a COMMIT kept can get here (the check before it
@@ -816,19 +856,27 @@ fn finished(job: &Job, go: Go, outcome: Outcome, message: String) -> RunResult {
     }
 }
 
-/// What the plugin is told about its run, and the run's limits.
-fn run_context(job: &Job, slot: DateTime<Utc>, attempt: i32) -> (Context, RunLimits) {
-    let ctx = Context {
+/// What the plugin is told about its run.
+fn run_context(job: &Job, slot: DateTime<Utc>, attempt: i32) -> Context {
+    Context {
         job: job.config.name.clone(),
-        slot: slot.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+        slot: slot_text(slot),
         attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
         config: job.config.config.clone(),
-    };
-    let limits = RunLimits {
+    }
+}
+
+/// A slot as the plugin and its log lines see it.
+fn slot_text(slot: DateTime<Utc>) -> String {
+    slot.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+}
+
+/// A run's limits: its timeout and memory cap.
+fn run_limits(job: &Job) -> RunLimits {
+    RunLimits {
         timeout: job.config.timeout,
         max_memory_bytes: job.config.max_memory_bytes,
-    };
-    (ctx, limits)
+    }
 }
 
 /// Why a plugin cannot serve a job: its world must match the lock mode.

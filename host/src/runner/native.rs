@@ -31,7 +31,7 @@ impl Runner {
         slot: DateTime<Utc>,
         work: Option<NativeWork>,
     ) -> anyhow::Result<RunResult> {
-        let mut opened = match self.open(job, slot).await? {
+        let (mut opened, ()) = match self.open(job, slot, std::future::ready(())).await? {
             Ok(opened) => opened,
             Err(skip) => return Ok(skip),
         };
@@ -52,6 +52,7 @@ impl Runner {
         let invocation = Invocation {
             returned,
             lent: Lent::Transaction(opened.handle),
+            spent: None,
             output: String::new(),
             output_dropped: 0,
             last_error: None,

@@ -37,7 +37,7 @@ use sqlx::{Connection as _, PgConnection};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::{Job, RunResult, Runner, finished, run_context};
+use super::{Job, RunResult, Runner, finished, run_context, run_limits};
 use crate::db::{self, RunRecord};
 use crate::runtime::{Lent, LockHolder, Returned, SessionHandle, TxScope};
 
@@ -135,7 +135,7 @@ impl Runner {
 
         let run = self.enter(job, slot, go);
         let attempt = go.attempt;
-        let (ctx, limits) = run_context(job, slot, attempt);
+        let (ctx, limits) = (run_context(job, slot, attempt), run_limits(job));
         let holder = LockHolder {
             key: (key.namespace, key.key),
             pid,

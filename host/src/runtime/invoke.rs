@@ -1,12 +1,18 @@
-//! One call of a plugin: a fresh store, the lent handle, the run's timeout
-//! and early stops; the handle always comes back.
+//! One call of a plugin, in two steps: [instantiate](Runtime::instantiate)
+//! it in a fresh store (which needs nothing of the run's transaction, so the
+//! runner does it while the run's opening query is on the wire), then
+//! [call](Runtime::call) it with the lent handle, under the run's timeout
+//! and early stops; the handle always comes back, and the spent store with
+//! it, for the runner to drop once the run has committed.
 
 use std::time::Duration;
 
+use tokio::time::Instant;
 use wasmtime::Store;
 use wasmtime::component::Resource;
 
 use super::bindings::types::{Context, Failure, Report};
+use super::bindings::{SessionPlugin, XactPlugin};
 use super::http::HttpGrant;
 use super::plugin::PluginPre;
 use super::store::RunState;
@@ -52,6 +58,11 @@ pub struct Invocation {
     /// The lent handle, back from the plugin: the runner commits or rolls back
     /// an `xact` transaction; a session's leftover transactions are rolled back.
     pub lent: Lent,
+    /// The run's store. Dropping it tears the instance down (its memory is
+    /// reset for the pool's next run); the runner does that after the run's
+    /// commit, so the teardown never holds the job's lock. `None` for the
+    /// benchmark's native twin of a run.
+    pub spent: Option<Spent>,
     /// Captured stdout + stderr of the guest, up to its cap.
     pub output: String,
     /// Bytes the guest wrote past the cap (dropped, not an error).
@@ -60,6 +71,26 @@ pub struct Invocation {
     ///
     /// [`TrapReport`]: super::TrapReport
     pub last_error: Option<String>,
+}
+
+/// A plugin instantiated for one run and not yet called.
+pub struct Instance {
+    store: Store<RunState>,
+    /// The instance, or how instantiating it ended (a trap, the timeout).
+    started: Result<Started, Returned>,
+    /// When the run's budget (instantiation and call) runs out.
+    deadline: Instant,
+}
+
+/// An instance of either kind of plugin.
+enum Started {
+    Xact(XactPlugin),
+    Session(SessionPlugin),
+}
+
+/// A run's store once its call is over; see [`Invocation::spent`].
+pub struct Spent {
+    _store: Store<RunState>,
 }
 
 impl Runtime {
@@ -72,18 +103,58 @@ impl Runtime {
         let state = RunState::new("bench".into(), "".into(), None, &[], 64 << 20);
         let built = t.elapsed();
         let t = std::time::Instant::now();
-        let mut store = Store::new(&self.engine, state);
-        store.limiter(|s| &mut s.limits);
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_async_yield_and_update(1);
+        let mut store = self.store(state);
         plugin.pre.instantiate(&mut store).await?;
         drop(store);
         Ok((built, t.elapsed()))
     }
 
-    /// Instantiates `plugin` in a fresh store and calls `run`, lending it
-    /// `lent`. Always hands the handle back, whatever the guest did. `stop`
-    /// resolves to why the run must end early (shutdown, lost lock).
+    /// A store for one run's `state`: the memory limiter, and the epoch
+    /// deadline that makes a busy guest yield every tick.
+    fn store(&self, state: RunState) -> Store<RunState> {
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_async_yield_and_update(1);
+        store
+    }
+
+    /// Instantiates `plugin` for one run of `job` at `slot`, in a fresh
+    /// store with the job's environment, HTTP grant and memory limit.
+    /// `limits.timeout` starts now and covers the [call](Self::call) too.
+    pub async fn instantiate(
+        &self,
+        plugin: &Plugin,
+        (job, slot): (&str, &str),
+        limits: RunLimits,
+        env: &[(String, String)],
+        http: Option<HttpGrant>,
+    ) -> Instance {
+        let deadline = Instant::now() + limits.timeout;
+        let state = RunState::new(job.into(), slot.into(), http, env, limits.max_memory_bytes);
+        let mut store = self.store(state);
+        let instantiated = async {
+            Ok(match &plugin.pre {
+                PluginPre::Xact(pre) => Started::Xact(pre.instantiate_async(&mut store).await?),
+                PluginPre::Session(pre) => {
+                    Started::Session(pre.instantiate_async(&mut store).await?)
+                }
+            })
+        };
+        let started = match tokio::time::timeout_at(deadline, instantiated).await {
+            Ok(Ok(started)) => Ok(started),
+            Ok(Err(trap)) => Err(Returned::Trap(trap)),
+            Err(_elapsed) => Err(Returned::Timeout),
+        };
+        Instance {
+            store,
+            started,
+            deadline,
+        }
+    }
+
+    /// [Instantiates](Self::instantiate) `plugin` and [calls](Self::call)
+    /// it, lending it `lent`.
     #[expect(
         clippy::too_many_arguments,
         reason = "one call site; each argument is a distinct part of the run"
@@ -98,59 +169,78 @@ impl Runtime {
         http: Option<HttpGrant>,
         stop: impl Future<Output = Returned>,
     ) -> Invocation {
-        let mut state = RunState::new(
-            ctx.job.as_str().into(),
-            ctx.slot.as_str().into(),
-            http,
-            env,
-            limits.max_memory_bytes,
-        );
-        let output = state.output.clone();
+        let instance = self
+            .instantiate(
+                plugin,
+                (ctx.job.as_str(), ctx.slot.as_str()),
+                limits,
+                env,
+                http,
+            )
+            .await;
+        self.call(instance, &plugin.path, ctx, lent, stop).await
+    }
+
+    /// Calls `run` (or `run-long`) on `instance`, lending it `lent`, until it
+    /// returns, its deadline passes or `stop` resolves (to why the run must
+    /// end early: shutdown, lost lock). Always hands the handle back,
+    /// whatever the guest did. `path` names the plugin in errors.
+    pub async fn call(
+        &self,
+        instance: Instance,
+        path: &std::path::Path,
+        ctx: Context,
+        lent: Lent,
+        stop: impl Future<Output = Returned>,
+    ) -> Invocation {
+        let Instance {
+            mut store,
+            started,
+            deadline,
+        } = instance;
+        let output = store.data().output.clone();
         // The table is fresh, so the push cannot fail (it only fails when full).
+        let table = &mut store.data_mut().table;
         let (rep, is_session) = match lent {
-            Lent::Transaction(h) => match state.table.push(h) {
+            Lent::Transaction(h) => match table.push(h) {
                 Ok(r) => (r.rep(), false),
                 Err(_) => unreachable!("a fresh resource table has room for one entry"),
             },
-            Lent::Session(h) => match state.table.push(h) {
+            Lent::Session(h) => match table.push(h) {
                 Ok(r) => (r.rep(), true),
                 Err(_) => unreachable!("a fresh resource table has room for one entry"),
             },
         };
-        let mut store = Store::new(&self.engine, state);
-        store.limiter(|s| &mut s.limits);
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_async_yield_and_update(1);
 
         let call = async {
-            match (&plugin.pre, is_session) {
-                (PluginPre::Xact(pre), false) => {
-                    let instance = pre.instantiate_async(&mut store).await?;
+            match (started?, is_session) {
+                (Started::Xact(instance), false) => {
                     let lent = Resource::<TxHandle>::new_own(rep);
                     instance
                         .jobhost_plugin_xact_job()
                         .call_run(&mut store, &ctx, lent)
                         .await
+                        .map_err(Returned::Trap)
                 }
-                (PluginPre::Session(pre), true) => {
-                    let instance = pre.instantiate_async(&mut store).await?;
+                (Started::Session(instance), true) => {
                     let lent = Resource::<SessionHandle>::new_own(rep);
                     instance
                         .jobhost_plugin_session_job()
                         .call_run_long(&mut store, &ctx, lent)
                         .await
+                        .map_err(Returned::Trap)
                 }
                 // The job set refuses this pairing before anything runs.
-                _ => Err(wasmtime::Error::msg(format!(
+                _ => Err(Returned::Trap(wasmtime::Error::msg(format!(
                     "plugin `{}` is of the other kind for this job's lock mode",
-                    plugin.path.display()
-                ))),
+                    path.display()
+                )))),
             }
         };
         let returned = tokio::select! {
-            r = tokio::time::timeout(limits.timeout, call) => match r {
+            r = tokio::time::timeout_at(deadline, call) => match r {
                 Ok(Ok(value)) => Returned::Value(value),
-                Ok(Err(trap)) => Returned::Trap(trap),
+                Ok(Err(ended)) => ended,
                 Err(_elapsed) => Returned::Timeout,
             },
             why = stop => why,
@@ -187,6 +277,7 @@ impl Runtime {
         Invocation {
             returned,
             lent,
+            spent: Some(Spent { _store: store }),
             output,
             output_dropped,
             last_error,

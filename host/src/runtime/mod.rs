@@ -18,8 +18,9 @@
 //!   start it under the job's memory limit to ask its kind) and its errors;
 //! - `store.rs`: the data of one run's store (WASI, output, HTTP policy,
 //!   memory limiter);
-//! - `invoke.rs`: one call of `run`/`run-long` with the lent handle, the
-//!   timeout and the early stops;
+//! - `invoke.rs`: one run's instance, made before its handle exists (while
+//!   the run's opening query is on the wire), then one call of
+//!   `run`/`run-long` with the lent handle, the timeout and the early stops;
 //! - `sql.rs`, `values.rs`, `log.rs`, `http.rs`, `output.rs`: the
 //!   capabilities a plugin is granted.
 
@@ -44,7 +45,7 @@ use wasmtime::Engine;
 use wasmtime::component::Linker;
 
 use bindings::XactPlugin;
-pub use invoke::{Invocation, Lent, Returned, RunLimits};
+pub use invoke::{Instance, Invocation, Lent, Returned, RunLimits, Spent};
 pub use plugin::{Plugin, PluginError, PluginKind};
 pub use sql::{Closed, LockHolder, SessionHandle, TxHandle, TxScope};
 pub use store::{MEMORY_LIMIT_TRAP, RunState};

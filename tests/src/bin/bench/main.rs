@@ -89,9 +89,9 @@ async fn main() -> anyhow::Result<()> {
         .execute(&mut admin)
         .await?;
     let bench_url = jobhost_tests::with_database(&url, &db);
-    // `--only polyglot|fleet|noop|instant|hash`: one row alone (row 9, row 7,
-    // row 1, row 5a, row 2), while working
-    // on what it measures.
+    // `--only polyglot|fleet|noop|instant|hash|sql|instantiate`: one row
+    // alone (row 9, row 7, row 1, row 5a, row 2, row 4, row 3), while
+    // working on what it measures.
     let only = args
         .iter()
         .position(|a| a == "--only")
@@ -103,8 +103,10 @@ async fn main() -> anyhow::Result<()> {
         Some("noop") => noop_only(&bench_url).await,
         Some("instant") => instant_only(&bench_url, &sizes).await,
         Some("hash") => hash_only(&bench_url).await,
+        Some("sql") => sql_only(&bench_url).await,
+        Some("instantiate") => instantiate_alone().await,
         Some(other) => Err(anyhow::anyhow!(
-            "--only {other}: expected polyglot, fleet, noop, instant or hash"
+            "--only {other}: expected polyglot, fleet, noop, instant, hash, sql or instantiate"
         )),
         None => run(&bench_url, &sizes, quick).await,
     };
@@ -140,7 +142,7 @@ async fn noop_only(url: &str) -> anyhow::Result<String> {
     let runner = Runner::new(pool.clone(), runtime.clone(), "bench");
     let noop = noop_probe("noop", &runtime)?;
     let mut slots = Slots(0);
-    rounds_alone(2000, "run", async |plugin| {
+    rounds_alone(&pool, 2000, "run", async |plugin| {
         let (cpu, t) = (cpu_seconds(), Instant::now());
         let r = if plugin {
             runner.run(&noop, slots.next()).await?
@@ -164,7 +166,7 @@ async fn hash_only(url: &str) -> anyhow::Result<String> {
     let runner = Runner::new(pool.clone(), runtime.clone(), "bench");
     let hash = hash_job(&runtime)?;
     let mut slots = Slots(0);
-    rounds_alone(300, "50-row run", async |plugin| {
+    rounds_alone(&pool, 300, "50-row run", async |plugin| {
         sqlx::query(HASH_SEED).execute(&pool).await?;
         let (cpu, t) = (cpu_seconds(), Instant::now());
         let r = if plugin {
@@ -181,10 +183,68 @@ async fn hash_only(url: &str) -> anyhow::Result<String> {
     .await
 }
 
+/// Row 4's two paths, each alone for a while: 200 selects per run, with the
+/// process's CPU per run (profile it: the host side of one WIT SQL call).
+async fn sql_only(url: &str) -> anyhow::Result<String> {
+    let (pool, runtime) = alone(url).await?;
+    let runner = Runner::new(pool.clone(), runtime.clone(), "bench");
+    let selects = job(
+        "selects",
+        guests::TEST_CORE_PROBE,
+        &runtime,
+        &[("mode", "select-n"), ("n", "200")],
+    )?;
+    let mut slots = Slots(0);
+    rounds_alone(&pool, 100, "run of 200 selects", async |plugin| {
+        let (cpu, t) = (cpu_seconds(), Instant::now());
+        let r = if plugin {
+            runner.run(&selects, slots.next()).await?
+        } else {
+            runner
+                .run_native(&selects, slots.next(), native(native_selects, 200))
+                .await?
+        };
+        let measured = (cpu_seconds() - cpu, t.elapsed());
+        ok(r)?;
+        Ok(measured)
+    })
+    .await
+}
+
+/// Row 3 alone: pooled instantiation of the probe and of its lean build,
+/// five rounds of 20,000 each, mean and p50.
+async fn instantiate_alone() -> anyhow::Result<String> {
+    let runtime = Runtime::with_options(None, true)?;
+    let mut out = String::new();
+    for (name, path) in [
+        ("wasip2", guests::TEST_CORE_PROBE),
+        ("lean", guests::TEST_CORE_PROBE_LEAN),
+    ] {
+        let plugin = runtime.load(Path::new(path))?;
+        for round in 0..5 {
+            let mut times = Vec::with_capacity(20_000);
+            for _ in 0..20_000 {
+                times.push(runtime.instantiate_only(&plugin).await?.1);
+            }
+            let (mean, p50, _) = stats(times);
+            let _ = writeln!(
+                out,
+                "{name} round {round}: mean {:.2} µs, p50 {:.2} µs",
+                mean.as_secs_f64() * 1e6,
+                p50.as_secs_f64() * 1e6
+            );
+        }
+    }
+    Ok(out)
+}
+
 /// Three rounds of `n` runs of each path (plugin, then native), each path
-/// alone for a while: wall time and the process's CPU per run. `one(plugin)`
-/// runs once and returns what that run took (CPU seconds, wall time).
+/// alone for a while: wall time and the process's CPU per run, and how long
+/// each run held its job's lock by the database's clock (the gate's
+/// `started_at` to the row's `finished_at`). `one(plugin)` runs once and
+/// returns what that run took (CPU seconds, wall time).
 async fn rounds_alone(
+    pool: &sqlx::PgPool,
     n: usize,
     what: &str,
     mut one: impl AsyncFnMut(bool) -> anyhow::Result<(f64, Duration)>,
@@ -198,9 +258,17 @@ async fn rounds_alone(
                 cpu += c;
                 wall += w;
             }
+            let (held_mean, held_p50): (f64, f64) = sqlx::query_as(
+                "select avg(h), percentile_cont(0.5) within group (order by h) from (
+                     select extract(epoch from finished_at - started_at)::float8 * 1e6 as h
+                       from jobhost.runs order by id desc limit $1) r",
+            )
+            .bind(n as i64)
+            .fetch_one(pool)
+            .await?;
             let _ = writeln!(
                 out,
-                "round {round} {}: {:.1} µs wall, {:.1} µs host CPU per {what}",
+                "round {round} {}: {:.1} µs wall, {:.1} µs host CPU per {what}; lock held {held_mean:.1} µs (p50 {held_p50:.1})",
                 if plugin { "plugin" } else { "native" },
                 wall.as_secs_f64() * 1e6 / n as f64,
                 cpu * 1e6 / n as f64
