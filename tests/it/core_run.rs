@@ -612,3 +612,44 @@ async fn the_slot_history_read_does_not_scan_the_jobs_history(pool: PgPool) {
         .unwrap();
     assert!(seq_scans(pool.clone()).await > 0);
 }
+
+/// A run's instance is made while its opening query is on the wire, before
+/// the gate answers; a job whose latest slot was skipped here is made one
+/// only once its gate lets the run through, so a paused job (or one backing
+/// off, or run by another host) does not make an instance per tick.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_job_that_keeps_skipping_makes_no_instance_per_tick(pool: PgPool) {
+    // A runtime of its own: its count is this test's alone.
+    let runtime = std::sync::Arc::new(jobhost::runtime::Runtime::new().unwrap());
+    let runner = jobhost::runner::Runner::new(pool.clone(), runtime.clone(), "test-host");
+    let mut job = probe("skipper", "noop");
+    job.plugin = runtime
+        .load(std::path::Path::new(jobhost_tests::guests::TEST_CORE_PROBE))
+        .unwrap();
+    let made = || runtime.instances_made();
+
+    finished(runner.run(&job, slot(1)).await.unwrap(), Outcome::Ok);
+    assert_eq!(made(), 1);
+    assert!(jobhost::db::pause(&pool, "skipper", "test").await.unwrap());
+    // The first skip made its instance early, for nothing; the next ones do not.
+    assert_eq!(runner.run(&job, slot(2)).await.unwrap(), RunResult::Paused);
+    assert_eq!(made(), 2);
+    for n in 3..6 {
+        assert_eq!(runner.run(&job, slot(n)).await.unwrap(), RunResult::Paused);
+    }
+    assert_eq!(made(), 2, "a paused job made instances while it skipped");
+    // A slot already done is a skip too.
+    assert!(jobhost::db::resume(&pool, "skipper").await.unwrap());
+    assert_eq!(
+        runner.run(&job, slot(1)).await.unwrap(),
+        RunResult::AlreadyDone
+    );
+    assert_eq!(made(), 2);
+    // Through the gate after skipping: made once the gate let it through,
+    // and the next run's early again.
+    finished(runner.run(&job, slot(6)).await.unwrap(), Outcome::Ok);
+    assert_eq!(made(), 3);
+    finished(runner.run(&job, slot(7)).await.unwrap(), Outcome::Ok);
+    assert_eq!(made(), 4);
+    assert_eq!(runs(&pool, "skipper").await.len(), 3, "three runs, no more");
+}

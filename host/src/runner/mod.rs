@@ -37,6 +37,7 @@
 //! `runner/session.rs`; the history checks under the lock
 //! (`Runner::check_slot`, `Runner::decide`) are shared.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -139,6 +140,9 @@ pub struct Runner {
     live: crate::hosts::LiveHosts,
     /// Deferred slots' "already done?", batched (with live hosts only).
     confirmations: Option<deferred::Confirmations>,
+    /// Jobs whose latest gate here skipped the slot (see
+    /// [`run_xact`](Self::run_xact)).
+    skipping: Arc<std::sync::Mutex<HashSet<String>>>,
 }
 
 impl Runner {
@@ -159,6 +163,7 @@ impl Runner {
             pooler: Pooler::None,
             live: crate::hosts::LiveHosts::new(std::time::Duration::ZERO),
             confirmations: None,
+            skipping: Arc::default(),
         }
     }
 
@@ -260,21 +265,36 @@ impl Runner {
     /// plugin is instantiated, lend the transaction to the instance,
     /// [close](Self::close) (judge, verify, record, commit).
     async fn run_xact(&self, job: &Job, slot: DateTime<Utc>) -> anyhow::Result<RunResult> {
+        let name = job.config.name.as_str();
         let slot_text = slot_text(slot);
+        let instantiate = || {
+            self.runtime.instantiate(
+                &job.plugin,
+                (name, &slot_text),
+                run_limits(job),
+                &job.config.env,
+                job.config.http.clone(),
+            )
+        };
         // Instantiating needs nothing of the run's transaction: it is done
         // while the opening query is on the wire, so it neither delays the
-        // run nor lengthens the job's lock. A skipped slot drops the instance
-        // unused (the usual run is not skipped: a host that lost the slot
-        // to another mostly learns so before it opens a run).
-        let instantiating = self.runtime.instantiate(
-            &job.plugin,
-            (&job.config.name, &slot_text),
-            run_limits(job),
-            &job.config.env,
-            job.config.http.clone(),
-        );
-        let (opened, instance) = match self.open(job, slot, instantiating).await? {
-            Ok(opened) => opened,
+        // run nor lengthens the job's lock. A skipped slot drops that
+        // instance unused, so a job whose latest slot was skipped here
+        // (paused, backing off, run by another host) is instantiated only
+        // once its gate lets the run through: a job that keeps skipping does
+        // not make an instance per tick (milliseconds for a Python plugin).
+        let early = !self.skipped_last(name);
+        let alongside = async {
+            match early {
+                true => Some(instantiate().await),
+                false => None,
+            }
+        };
+        let opened = self.open(job, slot, alongside).await?;
+        self.note_skipped(name, opened.is_err());
+        let (opened, instance) = match opened {
+            Ok((opened, Some(instance))) => (opened, instance),
+            Ok((opened, None)) => (opened, instantiate().await),
             Err(skip) => return Ok(skip),
         };
         let ctx = run_context(job, slot, opened.run.go.attempt);
@@ -293,6 +313,31 @@ impl Runner {
             )
             .await;
         Ok(self.close(job, opened.run, invocation).await)
+    }
+
+    /// Whether `job`'s latest gate here skipped its slot.
+    fn skipped_last(&self, job: &str) -> bool {
+        self.skipping().contains(job)
+    }
+
+    /// Remembers whether `job`'s gate just skipped its slot.
+    fn note_skipped(&self, job: &str, skipped: bool) {
+        let mut skipping = self.skipping();
+        match skipped {
+            true if !skipping.contains(job) => {
+                skipping.insert(job.to_owned());
+            }
+            true => {}
+            false => {
+                skipping.remove(job);
+            }
+        }
+    }
+
+    fn skipping(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        // Single insert/remove calls cannot leave the set inconsistent, so a
+        // poisoned lock is safe to reuse.
+        self.skipping.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Steps 1–3 of an `xact` run: BEGIN with the deadline, the gate (lock,

@@ -130,6 +130,8 @@ impl Runtime {
         env: &[(String, String)],
         http: Option<HttpGrant>,
     ) -> Instance {
+        self.instances
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let deadline = Instant::now() + limits.timeout;
         let state = RunState::new(job.into(), slot.into(), http, env, limits.max_memory_bytes);
         let mut store = self.store(state);

@@ -72,6 +72,8 @@ pub struct Runtime {
     ticker_stop: Arc<AtomicBool>,
     cache: Option<wasmtime::Cache>,
     allocation: Allocation,
+    /// Instances made for runs so far ([`Runtime::instances_made`]).
+    instances: std::sync::atomic::AtomicU64,
 }
 
 /// How a runtime allocates instances.
@@ -147,6 +149,12 @@ impl Runtime {
             None => None,
         };
         Self::build(cache, allocation)
+    }
+
+    /// How many instances this runtime has made for runs (tests, benchmarks:
+    /// a run that is skipped may or may not have made one).
+    pub fn instances_made(&self) -> u64 {
+        self.instances.load(Ordering::Relaxed)
     }
 
     /// How this runtime allocates instances (what a reload must fit in).
@@ -241,6 +249,7 @@ impl Runtime {
             ticker_stop,
             cache,
             allocation,
+            instances: Default::default(),
         })
     }
 }
