@@ -61,6 +61,14 @@ const QUICK: Sizes = Sizes {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    // The host's events (failed runs, stuck locks) go nowhere unless asked
+    // for: `RUST_LOG=warn` shows why a round went wrong, on stderr.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     // A child of the memory row (8): load N jobs sharing one plugin, report.
     if let Some(i) = args.iter().position(|a| a == "--footprint") {
         let n: usize = args
