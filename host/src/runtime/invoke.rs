@@ -12,9 +12,8 @@ use wasmtime::Store;
 use wasmtime::component::Resource;
 
 use super::bindings::types::{Context, Failure, Report};
-use super::bindings::{SessionPlugin, XactPlugin};
 use super::http::HttpGrant;
-use super::plugin::PluginPre;
+use super::plugin::Started;
 use super::store::RunState;
 use super::{Plugin, Runtime, SessionHandle, TxHandle};
 
@@ -82,12 +81,6 @@ pub struct Instance {
     deadline: Instant,
 }
 
-/// An instance of either kind of plugin.
-enum Started {
-    Xact(XactPlugin),
-    Session(SessionPlugin),
-}
-
 /// A run's store once its call is over; see [`Invocation::spent`].
 pub struct Spent {
     _store: Store<RunState>,
@@ -135,14 +128,7 @@ impl Runtime {
         let deadline = Instant::now() + limits.timeout;
         let state = RunState::new(job.into(), slot.into(), http, env, limits.max_memory_bytes);
         let mut store = self.store(state);
-        let instantiated = async {
-            Ok(match &plugin.pre {
-                PluginPre::Xact(pre) => Started::Xact(pre.instantiate_async(&mut store).await?),
-                PluginPre::Session(pre) => {
-                    Started::Session(pre.instantiate_async(&mut store).await?)
-                }
-            })
-        };
+        let instantiated = plugin.pre.instantiate(&mut store);
         let started = match tokio::time::timeout_at(deadline, instantiated).await {
             Ok(Ok(started)) => Ok(started),
             Ok(Err(trap)) => Err(Returned::Trap(trap)),

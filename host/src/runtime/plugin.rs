@@ -9,7 +9,7 @@ use wasmtime::Store;
 use wasmtime::component::Component;
 
 use super::Runtime;
-use super::bindings::{SessionPluginPre, WIT_PACKAGE, XactPluginPre};
+use super::bindings::{SessionPlugin, SessionPluginPre, WIT_PACKAGE, XactPlugin, XactPluginPre};
 use super::store::RunState;
 
 /// Why a plugin file could not be loaded.
@@ -118,12 +118,23 @@ pub(super) enum PluginPre {
 
 impl PluginPre {
     /// Instantiates the component in `store` (without calling anything).
-    pub(super) async fn instantiate(&self, store: &mut Store<RunState>) -> wasmtime::Result<()> {
-        match self {
-            PluginPre::Xact(pre) => pre.instantiate_async(store).await.map(drop),
-            PluginPre::Session(pre) => pre.instantiate_async(store).await.map(drop),
-        }
+    pub(super) async fn instantiate(
+        &self,
+        store: &mut Store<RunState>,
+    ) -> wasmtime::Result<Started> {
+        Ok(match self {
+            PluginPre::Xact(pre) => Started::Xact(pre.instantiate_async(store).await?),
+            PluginPre::Session(pre) => Started::Session(pre.instantiate_async(store).await?),
+        })
     }
+}
+
+/// An instance of either kind of plugin.
+pub(super) enum Started {
+    /// Of an `xact-plugin`.
+    Xact(XactPlugin),
+    /// Of a `session-plugin`.
+    Session(SessionPlugin),
 }
 
 impl Plugin {
@@ -313,6 +324,7 @@ impl Runtime {
         // No host call and no epoch yield happens here, so a plain executor on
         // this thread suffices (loading may run outside any tokio runtime).
         futures_executor::block_on(pre.instantiate(&mut store))
+            .map(drop)
             .map_err(|e| (e, store.data().limits.refused))
     }
 }
