@@ -149,20 +149,14 @@ async fn noop_only(url: &str) -> anyhow::Result<String> {
     let (pool, runtime) = alone(url).await?;
     let runner = Runner::new(pool.clone(), runtime.clone(), "bench");
     let noop = noop_probe("noop", &runtime)?;
-    let mut slots = Slots(0);
-    rounds_alone(&pool, 2000, "run", async |plugin| {
-        let (cpu, t) = (cpu_seconds(), Instant::now());
-        let r = if plugin {
-            runner.run(&noop, slots.next()).await?
-        } else {
-            runner
-                .run_native(&noop, slots.next(), native_noop())
-                .await?
-        };
-        let measured = (cpu_seconds() - cpu, t.elapsed());
-        ok(r)?;
-        Ok(measured)
-    })
+    rounds_alone(
+        &pool,
+        (&runner, &noop),
+        2000,
+        "run",
+        native_noop,
+        async || Ok(()),
+    )
     .await
 }
 
@@ -173,22 +167,12 @@ async fn hash_only(url: &str) -> anyhow::Result<String> {
     jobhost::demo::create_tables(&pool).await?;
     let runner = Runner::new(pool.clone(), runtime.clone(), "bench");
     let hash = hash_job(&runtime)?;
-    let mut slots = Slots(0);
-    rounds_alone(&pool, 300, "50-row run", async |plugin| {
+    let seed = async || {
         sqlx::query(HASH_SEED).execute(&pool).await?;
-        let (cpu, t) = (cpu_seconds(), Instant::now());
-        let r = if plugin {
-            runner.run(&hash, slots.next()).await?
-        } else {
-            runner
-                .run_native(&hash, slots.next(), native(native_hash, 50))
-                .await?
-        };
-        let measured = (cpu_seconds() - cpu, t.elapsed());
-        ok(r)?;
-        Ok(measured)
-    })
-    .await
+        Ok(())
+    };
+    let work = || native(native_hash, 50);
+    rounds_alone(&pool, (&runner, &hash), 300, "50-row run", work, seed).await
 }
 
 /// Row 4's two paths, each alone for a while: 200 selects per run, with the
@@ -202,21 +186,9 @@ async fn sql_only(url: &str) -> anyhow::Result<String> {
         &runtime,
         &[("mode", "select-n"), ("n", "200")],
     )?;
-    let mut slots = Slots(0);
-    rounds_alone(&pool, 100, "run of 200 selects", async |plugin| {
-        let (cpu, t) = (cpu_seconds(), Instant::now());
-        let r = if plugin {
-            runner.run(&selects, slots.next()).await?
-        } else {
-            runner
-                .run_native(&selects, slots.next(), native(native_selects, 200))
-                .await?
-        };
-        let measured = (cpu_seconds() - cpu, t.elapsed());
-        ok(r)?;
-        Ok(measured)
-    })
-    .await
+    let work = || native(native_selects, 200);
+    let what = "run of 200 selects";
+    rounds_alone(&pool, (&runner, &selects), 100, what, work, async || Ok(())).await
 }
 
 /// Row 3 alone: pooled instantiation of the probe and of its lean build,
@@ -246,25 +218,32 @@ async fn instantiate_alone() -> anyhow::Result<String> {
     Ok(out)
 }
 
-/// Three rounds of `n` runs of each path (plugin, then native), each path
-/// alone for a while: wall time and the process's CPU per run, and how long
-/// each run held its job's lock by the database's clock (the gate's
-/// `started_at` to the row's `finished_at`). `one(plugin)` runs once and
-/// returns what that run took (CPU seconds, wall time).
+/// Three rounds of `n` runs of each path (the plugin, then `work()`, its
+/// native twin), each path alone for a while, `before` ahead of each run
+/// and not timed: wall time and the process's CPU per run, and how long each
+/// run held its job's lock by the database's clock.
 async fn rounds_alone(
     pool: &sqlx::PgPool,
+    (runner, job): (&Runner, &Job),
     n: usize,
     what: &str,
-    mut one: impl AsyncFnMut(bool) -> anyhow::Result<(f64, Duration)>,
+    work: impl Fn() -> Option<NativeWork>,
+    mut before: impl AsyncFnMut() -> anyhow::Result<()>,
 ) -> anyhow::Result<String> {
+    let mut slots = Slots(0);
     let mut out = String::new();
     for round in 0..3 {
         for plugin in [true, false] {
             let (mut cpu, mut wall) = (0.0, Duration::ZERO);
             for _ in 0..n {
-                let (c, w) = one(plugin).await?;
-                cpu += c;
-                wall += w;
+                before().await?;
+                let (c, t) = (cpu_seconds(), Instant::now());
+                let r = match plugin {
+                    true => runner.run(job, slots.next()).await?,
+                    false => runner.run_native(job, slots.next(), work()).await?,
+                };
+                (cpu, wall) = (cpu + cpu_seconds() - c, wall + t.elapsed());
+                ok(r)?;
             }
             let (held_mean, held_p50) = lock_held(pool, n).await?;
             let _ = writeln!(
