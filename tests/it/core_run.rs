@@ -613,6 +613,53 @@ async fn the_slot_history_read_does_not_scan_the_jobs_history(pool: PgPool) {
     assert!(seq_scans(pool.clone()).await > 0);
 }
 
+/// A run's instance is made while its opening query is on the wire: with the
+/// gate held up (another session locks a table it reads), the instance is
+/// already there, and the run goes on once the gate answers.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn the_instance_is_made_while_the_gate_runs(pool: PgPool) {
+    let runtime = std::sync::Arc::new(jobhost::runtime::Runtime::new().unwrap());
+    let runner = jobhost::runner::Runner::new(pool.clone(), runtime.clone(), "test-host");
+    let mut job = probe("early", "noop");
+    job.plugin = runtime
+        .load(std::path::Path::new(jobhost_tests::guests::TEST_CORE_PROBE))
+        .unwrap();
+
+    // The gate looks for other hosts' runs in flight first: make it wait.
+    let mut blocker = pool.begin().await.unwrap();
+    sqlx::query("lock table jobhost.in_flight in access exclusive mode")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let run = spawn_run(&runner, &job, slot(1));
+    wait_for(
+        Duration::from_secs(10),
+        "the gate to wait for the lock",
+        || async {
+            sqlx::query_scalar::<_, i64>(
+                "select count(*) from pg_stat_activity
+              where datname = current_database() and wait_event_type = 'Lock'
+                and query like '%slot_gate%'",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+                == 1
+        },
+    )
+    .await;
+    wait_for(
+        Duration::from_secs(10),
+        "the instance, made while the gate waits",
+        || async { runtime.instances_made() == 1 },
+    )
+    .await;
+    assert!(!run.is_finished());
+    blocker.rollback().await.unwrap();
+    finished(run.await.unwrap().unwrap(), Outcome::Ok);
+    assert_eq!(runtime.instances_made(), 1, "one instance for one run");
+}
+
 /// A run's instance is made while its opening query is on the wire, before
 /// the gate answers; a job whose latest slot was skipped here is made one
 /// only once its gate lets the run through, so a paused job (or one backing
