@@ -613,17 +613,31 @@ async fn the_slot_history_read_does_not_scan_the_jobs_history(pool: PgPool) {
     assert!(seq_scans(pool.clone()).await > 0);
 }
 
+/// A no-op probe job `name` on a runtime of its own, so that the runtime's
+/// count of instances made is this test's alone, and a runner on `pool`.
+fn counted_noop(
+    pool: &PgPool,
+    name: &str,
+) -> (
+    std::sync::Arc<jobhost::runtime::Runtime>,
+    jobhost::runner::Runner,
+    jobhost::runner::Job,
+) {
+    let runtime = std::sync::Arc::new(jobhost::runtime::Runtime::new().unwrap());
+    let runner = jobhost::runner::Runner::new(pool.clone(), runtime.clone(), "test-host");
+    let mut job = probe(name, "noop");
+    job.plugin = runtime
+        .load(std::path::Path::new(jobhost_tests::guests::TEST_CORE_PROBE))
+        .unwrap();
+    (runtime, runner, job)
+}
+
 /// A run's instance is made while its opening query is on the wire: with the
 /// gate held up (another session locks a table it reads), the instance is
 /// already there, and the run goes on once the gate answers.
 #[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
 async fn the_instance_is_made_while_the_gate_runs(pool: PgPool) {
-    let runtime = std::sync::Arc::new(jobhost::runtime::Runtime::new().unwrap());
-    let runner = jobhost::runner::Runner::new(pool.clone(), runtime.clone(), "test-host");
-    let mut job = probe("early", "noop");
-    job.plugin = runtime
-        .load(std::path::Path::new(jobhost_tests::guests::TEST_CORE_PROBE))
-        .unwrap();
+    let (runtime, runner, job) = counted_noop(&pool, "early");
 
     // The gate looks for other hosts' runs in flight first: make it wait.
     let mut blocker = pool.begin().await.unwrap();
@@ -666,13 +680,7 @@ async fn the_instance_is_made_while_the_gate_runs(pool: PgPool) {
 /// off, or run by another host) does not make an instance per tick.
 #[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
 async fn a_job_that_keeps_skipping_makes_no_instance_per_tick(pool: PgPool) {
-    // A runtime of its own: its count is this test's alone.
-    let runtime = std::sync::Arc::new(jobhost::runtime::Runtime::new().unwrap());
-    let runner = jobhost::runner::Runner::new(pool.clone(), runtime.clone(), "test-host");
-    let mut job = probe("skipper", "noop");
-    job.plugin = runtime
-        .load(std::path::Path::new(jobhost_tests::guests::TEST_CORE_PROBE))
-        .unwrap();
+    let (runtime, runner, job) = counted_noop(&pool, "skipper");
     let made = || runtime.instances_made();
 
     finished(runner.run(&job, slot(1)).await.unwrap(), Outcome::Ok);
