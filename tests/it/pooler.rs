@@ -29,9 +29,9 @@ fn one_job_config(tag: &str) -> JobsConfig {
     JobsConfig::from_file(dir.join("jobs.toml")).unwrap()
 }
 
-/// Starts a host on `url` and returns how its start ended, stopping it after
-/// `run_for` if it started.
-async fn host_start(url: String, run_for: Duration, tag: &str) -> anyhow::Result<()> {
+/// Starts a host on `url` and returns how its start ended, stopping it when
+/// `stop` resolves if it started.
+async fn host_start(url: String, stop: impl Future<Output = ()>, tag: &str) -> anyhow::Result<()> {
     let options = HostOptions {
         direct_url: None,
         database_url: url,
@@ -39,7 +39,7 @@ async fn host_start(url: String, run_for: Duration, tag: &str) -> anyhow::Result
         demo: false,
         clock_offset: chrono::TimeDelta::zero(),
     };
-    jobhost::run(one_job_config(tag), options, tokio::time::sleep(run_for)).await
+    jobhost::run(one_job_config(tag), options, stop).await
 }
 
 /// PgBouncer in transaction mode that lets the host's startup parameters
@@ -57,9 +57,13 @@ async fn a_transaction_pooler_is_refused_with_what_was_found(pool: PgPool) {
             size,
             "extra_float_digits,options",
         );
-        let err = host_start(bouncer.url(&url), Duration::from_secs(3), "tx")
-            .await
-            .expect_err("a host must not start behind a transaction pooler");
+        let err = host_start(
+            bouncer.url(&url),
+            tokio::time::sleep(Duration::from_secs(3)),
+            "tx",
+        )
+        .await
+        .expect_err("a host must not start behind a transaction pooler");
         let text = format!("{err:#}");
         assert!(
             text.contains("transaction pooler") && text.contains("pool_mode = session"),
@@ -79,9 +83,13 @@ async fn a_transaction_pooler_is_refused_with_what_was_found(pool: PgPool) {
 async fn a_pooler_refusing_startup_parameters_is_named(pool: PgPool) {
     let url = database_url(&pool).await;
     let bouncer = PgBouncer::start("plain", "transaction", 4, "");
-    let err = host_start(bouncer.url(&url), Duration::from_secs(3), "plain")
-        .await
-        .expect_err("refused");
+    let err = host_start(
+        bouncer.url(&url),
+        tokio::time::sleep(Duration::from_secs(3)),
+        "plain",
+    )
+    .await
+    .expect_err("refused");
     let text = format!("{err:#}");
     assert!(
         text.contains("refused a startup parameter") && text.contains("PgBouncer"),
@@ -97,7 +105,18 @@ async fn a_session_pooler_is_accepted(pool: PgPool) {
     let url = database_url(&pool).await;
     let bouncer = PgBouncer::start("session", "session", 8, "extra_float_digits,options");
     let logs = LogCapture::start();
-    host_start(bouncer.url(&url), Duration::from_secs(2), "session")
+    // Stopped once the job has written, not after a fixed time: a cold
+    // compile of the plugin on a busy machine took 3.8 s, longer than the
+    // 2 s this test once gave the host in all.
+    let written = async {
+        for _ in 0..600 {
+            if probe_rows(&pool).await >= 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    host_start(bouncer.url(&url), written, "session")
         .await
         .expect("a session pooler is fine");
     assert!(
