@@ -4,6 +4,9 @@
 //! ```sh
 //! cargo run --release -p jobhost-tests --bin jobhost-bench -- --out BENCHMARKS.md
 //! cargo run -p jobhost-tests --bin jobhost-bench -- --quick   # CI: keeps it from rotting
+//! # one row alone, while working on it; one path of it under a profiler:
+//! jobhost-bench --only sql
+//! valgrind --tool=callgrind jobhost-bench --only noop --path plugin --rounds 1
 //! ```
 //!
 //! Needs `DATABASE_URL` (a user that may create databases); works in a fresh
@@ -82,6 +85,7 @@ async fn main() -> anyhow::Result<()> {
         return footprint_child(n, Path::new(plugin), Path::new(cache), run_secs, url).await;
     }
     let quick = args.iter().any(|a| a == "--quick");
+    let alone_opts = Alone::from_args(&args)?;
     let out = args
         .iter()
         .position(|a| a == "--out")
@@ -108,10 +112,10 @@ async fn main() -> anyhow::Result<()> {
     let result = match only {
         Some("polyglot") => polyglot_only(&bench_url, &sizes).await,
         Some("fleet") => fleet_only(&bench_url).await,
-        Some("noop") => noop_only(&bench_url).await,
+        Some("noop") => noop_only(&bench_url, &alone_opts).await,
         Some("instant") => instant_only(&bench_url, &sizes).await,
-        Some("hash") => hash_only(&bench_url).await,
-        Some("sql") => sql_only(&bench_url).await,
+        Some("hash") => hash_only(&bench_url, &alone_opts).await,
+        Some("sql") => sql_only(&bench_url, &alone_opts).await,
         Some("instantiate") => instantiate_alone().await,
         Some(other) => Err(anyhow::anyhow!(
             "--only {other}: expected polyglot, fleet, noop, instant, hash, sql or instantiate"
@@ -145,11 +149,12 @@ async fn alone(url: &str) -> anyhow::Result<(sqlx::PgPool, Arc<Runtime>)> {
 
 /// Row 1's two paths, each alone for a while, with the process's CPU per run:
 /// where the sandbox's share of a no-op run goes.
-async fn noop_only(url: &str) -> anyhow::Result<String> {
+async fn noop_only(url: &str, opts: &Alone) -> anyhow::Result<String> {
     let (pool, runtime) = alone(url).await?;
     let runner = Runner::new(pool.clone(), runtime.clone(), "bench");
     let noop = noop_probe("noop", &runtime)?;
     rounds_alone(
+        opts,
         &pool,
         (&runner, &noop),
         2000,
@@ -162,7 +167,7 @@ async fn noop_only(url: &str) -> anyhow::Result<String> {
 
 /// Row 2's two paths, each alone for a while, with the process's CPU per
 /// run: where the plugin's extra time in a hash batch goes (profile it).
-async fn hash_only(url: &str) -> anyhow::Result<String> {
+async fn hash_only(url: &str, opts: &Alone) -> anyhow::Result<String> {
     let (pool, runtime) = alone(url).await?;
     jobhost::demo::create_tables(&pool).await?;
     let runner = Runner::new(pool.clone(), runtime.clone(), "bench");
@@ -172,12 +177,13 @@ async fn hash_only(url: &str) -> anyhow::Result<String> {
         Ok(())
     };
     let work = || native(native_hash, 50);
-    rounds_alone(&pool, (&runner, &hash), 300, "50-row run", work, seed).await
+    let what = "50-row run";
+    rounds_alone(opts, &pool, (&runner, &hash), 300, what, work, seed).await
 }
 
 /// Row 4's two paths, each alone for a while: 200 selects per run, with the
 /// process's CPU per run (profile it: the host side of one WIT SQL call).
-async fn sql_only(url: &str) -> anyhow::Result<String> {
+async fn sql_only(url: &str, opts: &Alone) -> anyhow::Result<String> {
     let (pool, runtime) = alone(url).await?;
     let runner = Runner::new(pool.clone(), runtime.clone(), "bench");
     let selects = job(
@@ -188,7 +194,8 @@ async fn sql_only(url: &str) -> anyhow::Result<String> {
     )?;
     let work = || native(native_selects, 200);
     let what = "run of 200 selects";
-    rounds_alone(&pool, (&runner, &selects), 100, what, work, async || Ok(())).await
+    let none = async || Ok(());
+    rounds_alone(opts, &pool, (&runner, &selects), 100, what, work, none).await
 }
 
 /// Row 3 alone: pooled instantiation of the probe and of its lean build,
@@ -218,11 +225,44 @@ async fn instantiate_alone() -> anyhow::Result<String> {
     Ok(out)
 }
 
-/// Three rounds of `n` runs of each path (the plugin, then `work()`, its
-/// native twin), each path alone for a while, `before` ahead of each run
-/// and not timed: wall time and the process's CPU per run, and how long each
+/// How the alone modes (`--only noop|hash|sql`) run: which paths, how many
+/// rounds. `--path plugin` or `--path native` runs one path only, so that a
+/// profiler (`perf record`, `valgrind --tool=callgrind`) sees that path
+/// alone and two profiles can be compared; `--rounds N` shortens the run
+/// for a slow profiler.
+struct Alone {
+    /// `true` for the plugin's path, `false` for its native twin.
+    paths: &'static [bool],
+    rounds: usize,
+}
+
+impl Alone {
+    fn from_args(args: &[String]) -> anyhow::Result<Self> {
+        let after = |flag: &str| {
+            args.iter()
+                .position(|a| a == flag)
+                .and_then(|i| args.get(i + 1))
+        };
+        let paths: &'static [bool] = match after("--path").map(String::as_str) {
+            None | Some("both") => &[true, false],
+            Some("plugin") => &[true],
+            Some("native") => &[false],
+            Some(other) => anyhow::bail!("--path {other}: expected plugin, native or both"),
+        };
+        let rounds = match after("--rounds") {
+            Some(n) => n.parse().with_context(|| format!("--rounds {n}"))?,
+            None => 3,
+        };
+        Ok(Self { paths, rounds })
+    }
+}
+
+/// `opts.rounds` rounds (3 unless asked) of `n` runs of each path (the
+/// plugin, then `work()`, its native twin), each path alone for a while,
+/// `before` ahead of each run and not timed: wall time and the process's CPU per run, and how long each
 /// run held its job's lock by the database's clock.
 async fn rounds_alone(
+    opts: &Alone,
     pool: &sqlx::PgPool,
     (runner, job): (&Runner, &Job),
     n: usize,
@@ -232,8 +272,8 @@ async fn rounds_alone(
 ) -> anyhow::Result<String> {
     let mut slots = Slots(0);
     let mut out = String::new();
-    for round in 0..3 {
-        for plugin in [true, false] {
+    for round in 0..opts.rounds {
+        for &plugin in opts.paths {
             let (mut cpu, mut wall) = (0.0, Duration::ZERO);
             for _ in 0..n {
                 before().await?;
