@@ -227,6 +227,25 @@ impl Runner {
     /// [`OpenTx`]), and takes the run out of the host's in-flight set as
     /// abandoned, so the host's next publication records it `lost`.
     pub async fn run(&self, job: &Job, slot: DateTime<Utc>) -> anyhow::Result<RunResult> {
+        let body = async {
+            match job.config.lock {
+                LockMode::Xact => self.run_xact(job, slot).await,
+                LockMode::Session => self.run_session(job, slot).await,
+            }
+        };
+        self.around(job, slot, body).await
+    }
+
+    /// What every run goes through around its `body`: the preferred host's
+    /// head start, the run's span, its metrics. (The benchmark's native twin
+    /// goes through it too, so that it differs from a plugin's run by the
+    /// sandbox alone.)
+    pub(crate) async fn around(
+        &self,
+        job: &Job,
+        slot: DateTime<Utc>,
+        body: impl Future<Output = anyhow::Result<RunResult>>,
+    ) -> anyhow::Result<RunResult> {
         let started = std::time::Instant::now();
         // Not this job's preferred host: let that one go first, then skip the
         // slot without opening a run if it succeeded meanwhile.
@@ -251,10 +270,7 @@ impl Runner {
             lock_key = %job.config.lock_key,
             run_id = tracing::field::Empty,
         );
-        let result = match job.config.lock {
-            LockMode::Xact => self.run_xact(job, slot).instrument(span).await,
-            LockMode::Session => self.run_session(job, slot).instrument(span).await,
-        };
+        let result = body.instrument(span).await;
         if let Ok(r) = &result {
             self.metrics.observe(&job.config.name, r, started.elapsed());
         }

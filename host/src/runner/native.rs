@@ -20,12 +20,23 @@ pub type NativeWork = Box<
 >;
 
 impl Runner {
-    /// Runs `slot` of an `xact` job through exactly the plugin's path (lock,
-    /// history checks, backstops, savepoint, verify, record, commit) with
+    /// Runs `slot` of an `xact` job through exactly the plugin's path (span
+    /// and metrics, lock, history checks, backstops, savepoint, verify,
+    /// record, commit) with
     /// `work` in place of the plugin; `None` is a body that does nothing and
     /// never touches the connection (the twin of a plugin that sends no SQL,
     /// which the post-run check skips alike).
     pub async fn run_native(
+        &self,
+        job: &Job,
+        slot: DateTime<Utc>,
+        work: Option<NativeWork>,
+    ) -> anyhow::Result<RunResult> {
+        self.around(job, slot, self.native_xact(job, slot, work))
+            .await
+    }
+
+    async fn native_xact(
         &self,
         job: &Job,
         slot: DateTime<Utc>,
