@@ -22,10 +22,9 @@ pub type NativeWork = Box<
 impl Runner {
     /// Runs `slot` of an `xact` job through exactly the plugin's path (span
     /// and metrics, lock, history checks, backstops, savepoint, verify,
-    /// record, commit) with
-    /// `work` in place of the plugin; `None` is a body that does nothing and
-    /// never touches the connection (the twin of a plugin that sends no SQL,
-    /// which the post-run check skips alike).
+    /// record, commit) with `work` in place of the plugin; `None` is a body
+    /// that does nothing and never touches the connection (the twin of a
+    /// plugin that sends no SQL, which the post-run check skips alike).
     pub async fn run_native(
         &self,
         job: &Job,
@@ -36,6 +35,7 @@ impl Runner {
             .await
     }
 
+    /// The twin's body: open, `work` on the run's connection, close.
     async fn native_xact(
         &self,
         job: &Job,
