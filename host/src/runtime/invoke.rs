@@ -7,6 +7,9 @@
 
 use std::time::Duration;
 
+#[cfg(feature = "bench")]
+use anyhow::Context as _;
+
 use tokio::time::Instant;
 use wasmtime::Store;
 use wasmtime::component::Resource;
@@ -86,18 +89,64 @@ pub struct Spent {
     _store: Store<RunState>,
 }
 
+/// A component with nothing in it but one core instance of a module with
+/// one memory page: what wasmtime itself costs per instance on this machine
+/// and engine, against which a plugin's instantiation is judged
+/// (benchmarks; see [`Runtime::floor`]).
+#[cfg(feature = "bench")]
+pub struct Floor(wasmtime::component::InstancePre<RunState>);
+
 impl Runtime {
     /// Instantiates `plugin` in a fresh store and drops it (benchmarks).
     /// Returns how long building the run's store data took (WASI context,
     /// output pipe, limits) and, separately, how long instantiation and
     /// teardown took: the second is what the pooling allocator speeds up.
     pub async fn instantiate_only(&self, plugin: &Plugin) -> anyhow::Result<(Duration, Duration)> {
+        self.timed_instance(async |store| {
+            plugin.pre.instantiate(store).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Compiles `wasm`, a component that imports nothing, for
+    /// [`Runtime::instantiate_floor`] (benchmarks).
+    #[cfg(feature = "bench")]
+    pub fn floor(&self, wasm: &[u8]) -> anyhow::Result<Floor> {
+        let component = wasmtime::component::Component::new(&self.engine, wasm)
+            .map_err(anyhow::Error::from)
+            .context("cannot compile the floor component")?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(anyhow::Error::from)
+            .context("cannot link the floor component")?;
+        Ok(Floor(pre))
+    }
+
+    /// [`Runtime::instantiate_only`] for the floor component: the same
+    /// store, data and teardown, wasmtime's least instance in it.
+    #[cfg(feature = "bench")]
+    pub async fn instantiate_floor(&self, floor: &Floor) -> anyhow::Result<(Duration, Duration)> {
+        self.timed_instance(async |store| {
+            floor.0.instantiate_async(store).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Times one run's store data being built, then `instantiate` in a
+    /// store of it and the store's teardown (benchmarks).
+    async fn timed_instance(
+        &self,
+        instantiate: impl AsyncFnOnce(&mut Store<RunState>) -> wasmtime::Result<()>,
+    ) -> anyhow::Result<(Duration, Duration)> {
         let t = std::time::Instant::now();
         let state = RunState::new("bench".into(), "".into(), None, &[], 64 << 20);
         let built = t.elapsed();
         let t = std::time::Instant::now();
         let mut store = self.store(state);
-        plugin.pre.instantiate(&mut store).await?;
+        instantiate(&mut store).await?;
         drop(store);
         Ok((built, t.elapsed()))
     }

@@ -45,6 +45,8 @@ use wasmtime::Engine;
 use wasmtime::component::Linker;
 
 use bindings::XactPlugin;
+#[cfg(feature = "bench")]
+pub use invoke::Floor;
 pub use invoke::{Instance, Invocation, Lent, Returned, RunLimits, Spent};
 pub use plugin::{Plugin, PluginError, PluginKind};
 pub use sql::{Closed, LockHolder, SessionHandle, TxHandle, TxScope};
@@ -53,8 +55,9 @@ pub use trap::TrapReport;
 
 /// How often the epoch advances: the granularity at which a busy guest yields.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
-/// Largest linear memory a pooled instance may have.
-const MAX_POOLED_MEMORY: usize = 256 << 20;
+/// Largest linear memory an instance of the default pool may have
+/// ([`Runtime::with_options`]).
+pub const MAX_POOLED_MEMORY: usize = 256 << 20;
 /// Pool slots per component instance (see [`Runtime::with_allocation`]).
 const CORE_INSTANCES_PER_COMPONENT: u32 = 32;
 const MEMORIES_PER_COMPONENT: u32 = 4;

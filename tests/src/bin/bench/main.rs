@@ -6,8 +6,12 @@
 //! cargo run -p jobhost-tests --bin jobhost-bench -- --quick   # CI: keeps it from rotting
 //! # one row alone, while working on it; one path of it under a profiler:
 //! jobhost-bench --only sql
-//! valgrind --tool=callgrind jobhost-bench --only noop --path plugin --rounds 1
+//! valgrind --tool=callgrind jobhost-bench --only noop --path plugin --rounds 1 --slots 1
 //! ```
+//!
+//! `--slots N` sizes the alone modes' instance pool (64 slots unless asked):
+//! valgrind cannot reserve the address space of 64 (1 TiB, every memory's
+//! guard region included), but can that of one.
 //!
 //! Needs `DATABASE_URL` (a user that may create databases); works in a fresh
 //! database of its own and drops it at the end. Plugin and native runs are
@@ -25,7 +29,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use jobhost::config::Pooler;
 use jobhost::lock::LockKey;
 use jobhost::runner::{Job, NativeWork, RunResult, Runner};
-use jobhost::runtime::Runtime;
+use jobhost::runtime::{Allocation, Runtime};
 use jobhost::schedule::Schedule;
 use jobhost_tests::guests;
 use sha2::{Digest, Sha256};
@@ -110,13 +114,13 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|i| args.get(i + 1))
         .map(String::as_str);
     let result = match only {
-        Some("polyglot") => polyglot_only(&bench_url, &sizes).await,
-        Some("fleet") => fleet_only(&bench_url).await,
+        Some("polyglot") => polyglot_only(&bench_url, &sizes, &alone_opts).await,
+        Some("fleet") => fleet_only(&bench_url, &alone_opts).await,
         Some("noop") => noop_only(&bench_url, &alone_opts).await,
-        Some("instant") => instant_only(&bench_url, &sizes).await,
+        Some("instant") => instant_only(&bench_url, &sizes, &alone_opts).await,
         Some("hash") => hash_only(&bench_url, &alone_opts).await,
         Some("sql") => sql_only(&bench_url, &alone_opts).await,
-        Some("instantiate") => instantiate_alone().await,
+        Some("instantiate") => instantiate_alone(&alone_opts).await,
         Some(other) => Err(anyhow::anyhow!(
             "--only {other}: expected polyglot, fleet, noop, instant, hash, sql or instantiate"
         )),
@@ -137,20 +141,20 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// What a row measured alone starts from: a migrated database of its own
-/// and a pooled runtime.
-async fn alone(url: &str) -> anyhow::Result<(sqlx::PgPool, Arc<Runtime>)> {
+/// and a pooled runtime of `opts.slots` slots.
+async fn alone(url: &str, opts: &Alone) -> anyhow::Result<(sqlx::PgPool, Arc<Runtime>)> {
     let pool = PgPoolOptions::new()
         .max_connections(10)
         .connect(url)
         .await?;
     jobhost::db::MIGRATOR.run(&pool).await?;
-    Ok((pool, Arc::new(Runtime::with_options(None, true)?)))
+    Ok((pool, Arc::new(opts.runtime()?)))
 }
 
 /// Row 1's two paths, each alone for a while, with the process's CPU per run:
 /// where the sandbox's share of a no-op run goes.
 async fn noop_only(url: &str, opts: &Alone) -> anyhow::Result<String> {
-    let (pool, runtime) = alone(url).await?;
+    let (pool, runtime) = alone(url, opts).await?;
     let runner = Runner::new(pool.clone(), runtime.clone(), "bench");
     let noop = noop_probe("noop", &runtime)?;
     rounds_alone(
@@ -168,7 +172,7 @@ async fn noop_only(url: &str, opts: &Alone) -> anyhow::Result<String> {
 /// Row 2's two paths, each alone for a while, with the process's CPU per
 /// run: where the plugin's extra time in a hash batch goes (profile it).
 async fn hash_only(url: &str, opts: &Alone) -> anyhow::Result<String> {
-    let (pool, runtime) = alone(url).await?;
+    let (pool, runtime) = alone(url, opts).await?;
     jobhost::demo::create_tables(&pool).await?;
     let runner = Runner::new(pool.clone(), runtime.clone(), "bench");
     let hash = hash_job(&runtime)?;
@@ -184,7 +188,7 @@ async fn hash_only(url: &str, opts: &Alone) -> anyhow::Result<String> {
 /// Row 4's two paths, each alone for a while: 200 selects per run, with the
 /// process's CPU per run (profile it: the host side of one WIT SQL call).
 async fn sql_only(url: &str, opts: &Alone) -> anyhow::Result<String> {
-    let (pool, runtime) = alone(url).await?;
+    let (pool, runtime) = alone(url, opts).await?;
     let runner = Runner::new(pool.clone(), runtime.clone(), "bench");
     let selects = job(
         "selects",
@@ -198,20 +202,26 @@ async fn sql_only(url: &str, opts: &Alone) -> anyhow::Result<String> {
     rounds_alone(opts, &pool, (&runner, &selects), 100, what, work, none).await
 }
 
-/// Row 3 alone: pooled instantiation of the probe and of its lean build,
-/// five rounds of 20,000 each, mean and p50.
-async fn instantiate_alone() -> anyhow::Result<String> {
-    let runtime = Runtime::with_options(None, true)?;
+/// Row 3 alone: pooled instantiation of the probe, of its lean build and
+/// of wasmtime's floor (row 3f), `opts.rounds` rounds (5 unless asked) of 20,000 each, mean and p50.
+async fn instantiate_alone(opts: &Alone) -> anyhow::Result<String> {
+    let runtime = opts.runtime()?;
     let mut out = String::new();
+    let floor = floor_component(&runtime)?;
     for (name, path) in [
-        ("wasip2", guests::TEST_CORE_PROBE),
-        ("lean", guests::TEST_CORE_PROBE_LEAN),
+        ("wasip2", Some(guests::TEST_CORE_PROBE)),
+        ("lean", Some(guests::TEST_CORE_PROBE_LEAN)),
+        ("floor", None),
     ] {
-        let plugin = runtime.load(Path::new(path))?;
-        for round in 0..5 {
+        let plugin = path.map(|p| runtime.load(Path::new(p))).transpose()?;
+        for round in 0..opts.rounds_or(5) {
             let mut times = Vec::with_capacity(20_000);
             for _ in 0..20_000 {
-                times.push(runtime.instantiate_only(&plugin).await?.1);
+                let timed = match &plugin {
+                    Some(plugin) => runtime.instantiate_only(plugin).await?,
+                    None => runtime.instantiate_floor(&floor).await?,
+                };
+                times.push(timed.1);
             }
             let (mean, p50, _) = stats(times);
             let _ = writeln!(
@@ -225,15 +235,49 @@ async fn instantiate_alone() -> anyhow::Result<String> {
     Ok(out)
 }
 
-/// How the alone modes (`--only noop|hash|sql`) run: which paths, how many
-/// rounds. `--path plugin` or `--path native` runs one path only, so that a
-/// profiler (`perf record`, `valgrind --tool=callgrind`) sees that path
-/// alone and two profiles can be compared; `--rounds N` shortens the run
-/// for a slow profiler.
+/// `n` timed instantiations by `one` ([`Runtime::instantiate_only`]):
+/// mean, p50 and p99 of the instantiations, and of building the store data
+/// before each.
+async fn instantiations<F>(n: usize, one: impl Fn() -> F) -> anyhow::Result<(Spread, Spread)>
+where
+    F: Future<Output = anyhow::Result<(Duration, Duration)>>,
+{
+    let (mut built, mut instantiated) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for _ in 0..n {
+        let (b, i) = one().await?;
+        built.push(b);
+        instantiated.push(i);
+    }
+    Ok((stats(instantiated), stats(built)))
+}
+
+/// Mean, p50, p99 ([`stats`]).
+type Spread = (Duration, Duration, Duration);
+
+/// Row 3f's component: one core module with one memory page, instantiated
+/// once, importing and exporting nothing. What wasmtime costs per instance
+/// on this machine, whatever the plugin.
+const FLOOR_WAT: &str = r#"(component
+    (core module $m (memory (export "memory") 1))
+    (core instance (instantiate $m)))"#;
+
+fn floor_component(runtime: &Runtime) -> anyhow::Result<jobhost::runtime::Floor> {
+    runtime.floor(&wat::parse_str(FLOOR_WAT).context("the floor component's text")?)
+}
+
+/// How the alone modes (`--only …`) run: which paths, how many rounds, how
+/// many pool slots. `--path plugin` or `--path native` runs one path only
+/// (`noop`, `hash`, `sql`), so that a profiler (`perf record`, `valgrind
+/// --tool=callgrind`) sees that path alone and two profiles can be
+/// compared; `--rounds N` shortens the run for a slow profiler; `--slots N`
+/// makes the pool small enough for valgrind.
 struct Alone {
     /// `true` for the plugin's path, `false` for its native twin.
     paths: &'static [bool],
-    rounds: usize,
+    /// `None`: the mode's own count.
+    rounds: Option<usize>,
+    /// Instances the pool holds at once.
+    slots: u32,
 }
 
 impl Alone {
@@ -250,14 +294,34 @@ impl Alone {
             Some(other) => anyhow::bail!("--path {other}: expected plugin, native or both"),
         };
         let rounds = match after("--rounds") {
-            Some(n) => n.parse().with_context(|| format!("--rounds {n}"))?,
-            None => 3,
+            Some(n) => Some(n.parse().with_context(|| format!("--rounds {n}"))?),
+            None => None,
         };
-        Ok(Self { paths, rounds })
+        let slots = match after("--slots") {
+            Some(n) => n.parse().with_context(|| format!("--slots {n}"))?,
+            None => 64,
+        };
+        Ok(Self {
+            paths,
+            rounds,
+            slots,
+        })
+    }
+
+    /// `--rounds N`, else `default`.
+    fn rounds_or(&self, default: usize) -> usize {
+        self.rounds.unwrap_or(default)
+    }
+
+    /// A runtime with a pool of `--slots` slots, each memory as large as
+    /// the host's default pool allows.
+    fn runtime(&self) -> anyhow::Result<Runtime> {
+        let allocation = Allocation::pooled(self.slots, jobhost::runtime::MAX_POOLED_MEMORY);
+        Runtime::with_allocation(None, allocation)
     }
 }
 
-/// `opts.rounds` rounds (3 unless asked) of `n` runs of each path (the
+/// `--rounds` rounds (3 unless asked) of `n` runs of each path (the
 /// plugin, then `work()`, its native twin), each path alone for a while,
 /// `before` ahead of each run and not timed: wall time and the process's CPU per run, and how long each
 /// run held its job's lock by the database's clock.
@@ -272,7 +336,7 @@ async fn rounds_alone(
 ) -> anyhow::Result<String> {
     let mut slots = Slots(0);
     let mut out = String::new();
-    for round in 0..opts.rounds {
+    for round in 0..opts.rounds_or(3) {
         for &plugin in opts.paths {
             let (mut cpu, mut wall) = (0.0, Duration::ZERO);
             for _ in 0..n {
@@ -331,8 +395,8 @@ const HASH_SEED: &str = "insert into demo.audit_events (actor, action, payload)
     select 'actor-' || g, 'login', jsonb_build_object('seq', g) from generate_series(1, 50) g";
 
 /// Row 5a alone (every job at one instant), three times.
-async fn instant_only(url: &str, s: &Sizes) -> anyhow::Result<String> {
-    let (pool, runtime) = alone(url).await?;
+async fn instant_only(url: &str, s: &Sizes, opts: &Alone) -> anyhow::Result<String> {
+    let (pool, runtime) = alone(url, opts).await?;
     let noop = noop_probe("noop", &runtime)?;
     let mut out = String::new();
     for round in 0..3 {
@@ -355,8 +419,8 @@ async fn instant_only(url: &str, s: &Sizes) -> anyhow::Result<String> {
 }
 
 /// Row 7 alone, in a database of its own.
-async fn fleet_only(url: &str) -> anyhow::Result<String> {
-    let (pool, runtime) = alone(url).await?;
+async fn fleet_only(url: &str, opts: &Alone) -> anyhow::Result<String> {
+    let (pool, runtime) = alone(url, opts).await?;
     let writer = noop_probe("fleet-writer", &runtime)?;
     let fleet = |hosts| fleet_work(url, &pool, &runtime, &writer, hosts, 300, 15);
     let one = fleet(1).await?;
@@ -375,8 +439,8 @@ async fn fleet_only(url: &str) -> anyhow::Result<String> {
 }
 
 /// Row 9 alone, in a database of its own.
-async fn polyglot_only(url: &str, s: &Sizes) -> anyhow::Result<String> {
-    let (pool, runtime) = alone(url).await?;
+async fn polyglot_only(url: &str, s: &Sizes, opts: &Alone) -> anyhow::Result<String> {
+    let (pool, runtime) = alone(url, opts).await?;
     jobhost::demo::create_tables(&pool).await?;
     let runner = Runner::new(pool.clone(), runtime.clone(), "bench");
     polyglot::rows(&pool, &runner, &runtime, &mut Slots(0), 5, s.per_round / 2).await
@@ -462,7 +526,7 @@ fn native_noop() -> Option<NativeWork> {
     None
 }
 
-fn stats(mut v: Vec<Duration>) -> (Duration, Duration, Duration) {
+fn stats(mut v: Vec<Duration>) -> Spread {
     v.sort();
     let mean = v.iter().sum::<Duration>() / v.len().max(1) as u32;
     let p = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
@@ -593,24 +657,18 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     // 3. Instantiation of a pre-instantiated component: on-demand vs pooling.
     let on_demand = runtime.load(Path::new(guests::TEST_CORE_PROBE))?;
     let pooled = pooled_runtime.load(Path::new(guests::TEST_CORE_PROBE))?;
-    let inst = |rt: Arc<Runtime>, p| async move {
-        let (mut built, mut instantiated) = (
-            Vec::with_capacity(s.instantiations),
-            Vec::with_capacity(s.instantiations),
-        );
-        for _ in 0..s.instantiations {
-            let (b, i) = rt.instantiate_only(&p).await?;
-            built.push(b);
-            instantiated.push(i);
-        }
-        anyhow::Ok((stats(instantiated), stats(built)))
-    };
-    let ((od_mean, od_p50, _), _) = inst(runtime.clone(), on_demand).await?;
+    let n = s.instantiations;
+    let ((od_mean, od_p50, _), _) =
+        instantiations(n, || runtime.instantiate_only(&on_demand)).await?;
     let ((po_mean, po_p50, _), (state_mean, state_p50, _)) =
-        inst(pooled_runtime.clone(), pooled).await?;
+        instantiations(n, || pooled_runtime.instantiate_only(&pooled)).await?;
     let lean_pooled = pooled_runtime.load(Path::new(guests::TEST_CORE_PROBE_LEAN))?;
     let lean_imports = lean_pooled.imports().len();
-    let ((lean_mean, lean_p50, _), _) = inst(pooled_runtime.clone(), lean_pooled).await?;
+    let ((lean_mean, lean_p50, _), _) =
+        instantiations(n, || pooled_runtime.instantiate_only(&lean_pooled)).await?;
+    let floor = floor_component(&pooled_runtime)?;
+    let ((floor_mean, floor_p50, _), _) =
+        instantiations(n, || pooled_runtime.instantiate_floor(&floor)).await?;
 
     // 4. One SQL call through the WIT interface vs sqlx directly, same transaction.
     let n = s.selects.to_string();
@@ -858,6 +916,16 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         us(po_mean),
         lean_mean.as_secs_f64() / po_mean.as_secs_f64(),
         met(us(lean_mean) <= 5.0)
+    );
+    let _ = writeln!(
+        md,
+        "| 3f | the same, wasmtime's floor on this machine: a component of one core module with one memory page and nothing else, in the same engine, pool and store, mean (p50) | {:.1} µs ({:.1}) | (row 3l: {:.1} µs ({:.1})) | lean / floor: {:.2}× (p50 {:.2}×) | (the reference for rows 3 and 3l: wasmtime reports 4.2 µs on its own machine) | |",
+        us(floor_mean),
+        us(floor_p50),
+        us(lean_mean),
+        us(lean_p50),
+        lean_mean.as_secs_f64() / floor_mean.as_secs_f64(),
+        lean_p50.as_secs_f64() / floor_p50.as_secs_f64(),
     );
     let _ = writeln!(
         md,
