@@ -708,3 +708,64 @@ async fn a_job_that_keeps_skipping_makes_no_instance_per_tick(pool: PgPool) {
     assert_eq!(made(), 4);
     assert_eq!(runs(&pool, "skipper").await.len(), 3, "three runs, no more");
 }
+
+/// A run's spent instance is torn down off the run's path, in pool slots of
+/// its own: a pool sized for one run at a time makes the next run's instance
+/// at once, while the last one's teardown still waits for its task (nothing
+/// here yields between retiring a store and instantiating again), and every
+/// retired store gives its slot back.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_spent_instance_waits_for_its_teardown_in_a_slot_of_its_own(pool: PgPool) {
+    use jobhost::runtime::bindings::types::Context;
+    use jobhost::runtime::{Allocation, Lent, Returned, RunLimits, TxHandle};
+
+    let runtime =
+        jobhost::runtime::Runtime::with_allocation(None, Allocation::pooled(1, 64 << 20)).unwrap();
+    let path = std::path::Path::new(jobhost_tests::guests::TEST_CORE_PROBE);
+    let plugin = runtime.load(path).unwrap();
+    let limits = RunLimits {
+        timeout: Duration::from_secs(10),
+        max_memory_bytes: 64 << 20,
+    };
+    let guard = std::sync::Arc::new(jobhost::guard::SqlGuard::new());
+    let instantiate = || runtime.instantiate(&plugin, ("teardown", "1"), limits, &[], None);
+    let mut instance = instantiate().await;
+    for run in 0..4 {
+        let tx = jobhost::tx::OpenTx::begin(pool.acquire().await.unwrap(), "", Default::default())
+            .await
+            .unwrap();
+        let ctx = Context {
+            job: "teardown".into(),
+            slot: "1".into(),
+            attempt: 1,
+            config: vec![("mode".into(), "noop".into())],
+        };
+        let lent = Lent::Transaction(TxHandle::new(tx, "teardown".into(), 10, guard.clone()));
+        let invocation = runtime
+            .call(instance, path, ctx, lent, std::future::pending())
+            .await;
+        assert!(
+            matches!(invocation.returned, Returned::Value(Ok(_))),
+            "run {run}: {:?}",
+            invocation.returned
+        );
+        runtime.retire(invocation.spent);
+        // Its teardown is a task that has not run yet: the pool's one slot
+        // for runs is free only because the store waits in one of its own.
+        instance = instantiate().await;
+        assert!(
+            instance.started(),
+            "run {}: no slot for the next instance while the last one is torn down",
+            run + 1
+        );
+    }
+    drop(instance);
+    // Every retired store gave its slot back: the pool holds one run and
+    // its reserve at once again.
+    tokio::task::yield_now().await;
+    let held: Vec<_> = futures_util::future::join_all((0..3).map(|_| instantiate())).await;
+    assert!(
+        held.iter().all(|i| i.started()),
+        "a retired store kept its slot"
+    );
+}

@@ -84,7 +84,16 @@ pub struct Instance {
     deadline: Instant,
 }
 
-/// A run's store once its call is over; see [`Invocation::spent`].
+impl Instance {
+    /// Whether the plugin was instantiated: `false` after a trap or the
+    /// timeout, which [`Runtime::call`] reports as the run's end.
+    pub fn started(&self) -> bool {
+        self.started.is_ok()
+    }
+}
+
+/// A run's store once its call is over; see [`Invocation::spent`] and
+/// [`Runtime::retire`].
 pub struct Spent {
     _store: Store<RunState>,
 }
@@ -149,6 +158,33 @@ impl Runtime {
         instantiate(&mut store).await?;
         drop(store);
         Ok((built, t.elapsed()))
+    }
+
+    /// Tears `spent` down off the caller's path: on a tokio task of its own,
+    /// which runs while the caller (or the next run) waits on the database,
+    /// so a run's result and its connection are not held up by it.
+    ///
+    /// Why it is bounded: a store keeps its pool slot until it is dropped.
+    /// At most [`TEARDOWN_RESERVE`] stores wait at once, in slots the pool
+    /// holds for them alone; past that (or outside a tokio runtime) the
+    /// caller tears its store down itself.
+    ///
+    /// [`TEARDOWN_RESERVE`]: super::TEARDOWN_RESERVE
+    pub fn retire(&self, spent: Option<Spent>) {
+        let Some(spent) = spent else { return };
+        let Ok(tokio) = tokio::runtime::Handle::try_current() else {
+            return drop(spent);
+        };
+        match self.teardowns.clone().try_acquire_owned() {
+            Ok(permit) => {
+                tokio.spawn(async move {
+                    drop(spent);
+                    // Only now is the slot free again.
+                    drop(permit);
+                });
+            }
+            Err(_) => drop(spent),
+        }
     }
 
     /// A store for one run's `state`: the memory limiter, and the epoch

@@ -65,6 +65,11 @@ const TABLES_PER_COMPONENT: u32 = 16;
 /// Bytes of a pooled memory or table restored by memcpy rather than unmapped
 /// when its slot is reused.
 const KEEP_RESIDENT: usize = 16 << 20;
+/// Spent stores that may wait for their teardown off the run's path at once
+/// ([`Runtime::retire`]); the pool holds this many slots on top of what its
+/// [`Allocation`] asks for, so a run never finds the pool full because of
+/// them.
+const TEARDOWN_RESERVE: u32 = 2;
 /// Cap on captured plugin stdout/stderr per run; the rest is dropped and counted.
 const OUTPUT_CAP: usize = 64 * 1024;
 
@@ -77,6 +82,9 @@ pub struct Runtime {
     allocation: Allocation,
     /// Instances made for runs so far ([`Runtime::instances_made`]).
     instances: std::sync::atomic::AtomicU64,
+    /// One permit per pool slot reserved for a spent store awaiting its
+    /// teardown ([`TEARDOWN_RESERVE`]).
+    teardowns: Arc<tokio::sync::Semaphore>,
 }
 
 /// How a runtime allocates instances.
@@ -87,7 +95,8 @@ pub enum Allocation {
     OnDemand,
     /// wasmtime's pooling allocator: slots for `concurrent` instances at once
     /// (runs, and plugins starting at load), each memory up to
-    /// `max_memory_bytes`, reserved up front and reused.
+    /// `max_memory_bytes`, reserved up front and reused. (The runtime adds
+    /// a few slots of its own for spent stores awaiting their teardown.)
     Pooling {
         /// Component instances alive at once.
         concurrent: u32,
@@ -194,15 +203,16 @@ impl Runtime {
         } = allocation
         {
             let mut pool = wasmtime::PoolingAllocationConfig::default();
+            let slots = concurrent + TEARDOWN_RESERVE;
             // Per component: a Rust plugin is a handful of core instances (the
             // WASI adapter's among them); a componentize-py one about a dozen,
             // with several tables. Generous per-component maxima keep a plugin
             // that needs more from failing at run time: it fails at load.
-            pool.total_component_instances(concurrent)
-                .total_core_instances(concurrent * CORE_INSTANCES_PER_COMPONENT)
-                .total_memories(concurrent * MEMORIES_PER_COMPONENT)
-                .total_tables(concurrent * TABLES_PER_COMPONENT)
-                .total_stacks(concurrent)
+            pool.total_component_instances(slots)
+                .total_core_instances(slots * CORE_INSTANCES_PER_COMPONENT)
+                .total_memories(slots * MEMORIES_PER_COMPONENT)
+                .total_tables(slots * TABLES_PER_COMPONENT)
+                .total_stacks(slots)
                 .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
                 .max_memories_per_component(MEMORIES_PER_COMPONENT)
                 .max_tables_per_component(TABLES_PER_COMPONENT)
@@ -253,6 +263,7 @@ impl Runtime {
             cache,
             allocation,
             instances: Default::default(),
+            teardowns: Arc::new(tokio::sync::Semaphore::new(TEARDOWN_RESERVE as usize)),
         })
     }
 }
