@@ -3,7 +3,8 @@
 //! runner does it while the run's opening query is on the wire), then
 //! [call](Runtime::call) it with the lent handle, under the run's timeout
 //! and early stops; the handle always comes back, and the spent store with
-//! it, for the runner to drop once the run has committed.
+//! it, for the runner to [retire](Runtime::retire) once the run has
+//! committed: its teardown then runs off the run's path.
 
 use std::time::Duration;
 
@@ -61,9 +62,10 @@ pub struct Invocation {
     /// an `xact` transaction; a session's leftover transactions are rolled back.
     pub lent: Lent,
     /// The run's store. Dropping it tears the instance down (its memory is
-    /// reset for the pool's next run); the runner does that after the run's
-    /// commit, so the teardown never holds the job's lock. `None` for the
-    /// benchmark's native twin of a run.
+    /// reset for the pool's next run); the runner [retires](Runtime::retire)
+    /// it after the run's commit, so the teardown never holds the job's
+    /// lock, nor the run's result. `None` for the benchmark's native twin of
+    /// a run.
     pub spent: Option<Spent>,
     /// Captured stdout + stderr of the guest, up to its cap.
     pub output: String,

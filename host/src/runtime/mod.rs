@@ -20,7 +20,8 @@
 //!   memory limiter);
 //! - `invoke.rs`: one run's instance, made before its handle exists (while
 //!   the run's opening query is on the wire), then one call of
-//!   `run`/`run-long` with the lent handle, the timeout and the early stops;
+//!   `run`/`run-long` with the lent handle, the timeout and the early stops,
+//!   and the spent store's teardown off the run's path;
 //! - `sql.rs`, `values.rs`, `log.rs`, `http.rs`, `output.rs`: the
 //!   capabilities a plugin is granted.
 

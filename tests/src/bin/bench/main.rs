@@ -112,19 +112,28 @@ async fn main() -> anyhow::Result<()> {
         .iter()
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1))
-        .map(String::as_str);
-    let result = match only {
-        Some("polyglot") => polyglot_only(&bench_url, &sizes, &alone_opts).await,
-        Some("fleet") => fleet_only(&bench_url, &alone_opts).await,
-        Some("noop") => noop_only(&bench_url, &alone_opts).await,
-        Some("instant") => instant_only(&bench_url, &sizes, &alone_opts).await,
-        Some("hash") => hash_only(&bench_url, &alone_opts).await,
-        Some("sql") => sql_only(&bench_url, &alone_opts).await,
-        Some("instantiate") => instantiate_alone(&alone_opts).await,
-        Some(other) => Err(anyhow::anyhow!(
-            "--only {other}: expected polyglot, fleet, noop, instant, hash, sql or instantiate"
-        )),
-        None => run(&bench_url, &sizes, quick).await,
+        .cloned();
+    // On a worker thread, in a task of its own, as a host runs each job (not
+    // in `block_on` on the main thread, where every task the run spawns, a
+    // retired store's teardown among them, would have to wake a worker).
+    let measured = async move {
+        match only.as_deref() {
+            Some("polyglot") => polyglot_only(&bench_url, &sizes, &alone_opts).await,
+            Some("fleet") => fleet_only(&bench_url, &alone_opts).await,
+            Some("noop") => noop_only(&bench_url, &alone_opts).await,
+            Some("instant") => instant_only(&bench_url, &sizes, &alone_opts).await,
+            Some("hash") => hash_only(&bench_url, &alone_opts).await,
+            Some("sql") => sql_only(&bench_url, &alone_opts).await,
+            Some("instantiate") => instantiate_alone(&alone_opts).await,
+            Some(other) => Err(anyhow::anyhow!(
+                "--only {other}: expected polyglot, fleet, noop, instant, hash, sql or instantiate"
+            )),
+            None => run(&bench_url, &sizes, quick).await,
+        }
+    };
+    let result = match tokio::spawn(measured).await {
+        Ok(result) => result,
+        Err(e) => Err(anyhow::Error::from(e).context("the benchmark's task failed")),
     };
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "drop database if exists {db} with (force)"
@@ -176,9 +185,15 @@ async fn hash_only(url: &str, opts: &Alone) -> anyhow::Result<String> {
     jobhost::demo::create_tables(&pool).await?;
     let runner = Runner::new(pool.clone(), runtime.clone(), "bench");
     let hash = hash_job(&runtime)?;
-    let seed = async || {
-        sqlx::query(HASH_SEED).execute(&pool).await?;
-        Ok(())
+    // A closure returning a future, not an async closure: the latter's
+    // future is not `Send` for every lifetime, and the benchmark runs in a
+    // task of its own.
+    let seed = || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query(HASH_SEED).execute(&pool).await?;
+            Ok(())
+        }
     };
     let work = || native(native_hash, 50);
     let what = "50-row run";
@@ -325,14 +340,14 @@ impl Alone {
 /// plugin, then `work()`, its native twin), each path alone for a while,
 /// `before` ahead of each run and not timed: wall time and the process's CPU per run, and how long each
 /// run held its job's lock by the database's clock.
-async fn rounds_alone(
+async fn rounds_alone<B: Future<Output = anyhow::Result<()>>>(
     opts: &Alone,
     pool: &sqlx::PgPool,
     (runner, job): (&Runner, &Job),
     n: usize,
     what: &str,
     work: impl Fn() -> Option<NativeWork>,
-    mut before: impl AsyncFnMut() -> anyhow::Result<()>,
+    mut before: impl FnMut() -> B,
 ) -> anyhow::Result<String> {
     let mut slots = Slots(0);
     let mut out = String::new();
@@ -878,7 +893,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     let ((ph, ph_lo, ph_hi), (nh, nh_lo, nh_hi)) = (plugin_held.median(), native_held.median());
     let _ = writeln!(
         md,
-        "| 1h | the job's lock held per no-op run, by the database's clock (the gate's lock → the row's insert), median over {} rounds of each round's p50 (spread) | {ph:.0} µs ({ph_lo:.0}–{ph_hi:.0}) | {nh:.0} µs ({nh_lo:.0}–{nh_hi:.0}) | {:.2}× (+{:.0} µs) | (not a target: the instance is made while the gate runs, and torn down after the commit) | |",
+        "| 1h | the job's lock held per no-op run, by the database's clock (the gate's lock → the row's insert), median over {} rounds of each round's p50 (spread) | {ph:.0} µs ({ph_lo:.0}–{ph_hi:.0}) | {nh:.0} µs ({nh_lo:.0}–{nh_hi:.0}) | {:.2}× (+{:.0} µs) | (not a target: the instance is made while the gate runs, and torn down after the commit, off the run's path) | |",
         s.rounds,
         ph / nh,
         ph - nh
