@@ -167,11 +167,9 @@ impl Runtime {
     /// so a run's result and its connection are not held up by it.
     ///
     /// Why it is bounded: a store keeps its pool slot until it is dropped.
-    /// At most [`TEARDOWN_RESERVE`] stores wait at once, in slots the pool
-    /// holds for them alone; past that (or outside a tokio runtime) the
-    /// caller tears its store down itself.
-    ///
-    /// [`TEARDOWN_RESERVE`]: super::TEARDOWN_RESERVE
+    /// At most two stores wait at once (the runtime's teardown reserve), in
+    /// slots the pool holds for them alone; past that (or outside a tokio
+    /// runtime) the caller tears its store down itself.
     pub fn retire(&self, spent: Option<Spent>) {
         let Some(spent) = spent else { return };
         let Ok(tokio) = tokio::runtime::Handle::try_current() else {
