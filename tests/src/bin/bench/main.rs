@@ -218,7 +218,8 @@ async fn sql_only(url: &str, opts: &Alone) -> anyhow::Result<String> {
 }
 
 /// Row 3 alone: pooled instantiation of the probe, of its lean build and
-/// of wasmtime's floor (row 3f), `opts.rounds` rounds (5 unless asked) of 20,000 each, mean and p50.
+/// of wasmtime's floor (row 3f), `--rounds` rounds (5 unless asked) of
+/// 20,000 each, mean and p50.
 async fn instantiate_alone(opts: &Alone) -> anyhow::Result<String> {
     let runtime = opts.runtime()?;
     let mut out = String::new();
@@ -338,8 +339,9 @@ impl Alone {
 
 /// `--rounds` rounds (3 unless asked) of `n` runs of each path (the
 /// plugin, then `work()`, its native twin), each path alone for a while,
-/// `before` ahead of each run and not timed: wall time and the process's CPU per run, and how long each
-/// run held its job's lock by the database's clock.
+/// `before` ahead of each run and not timed: wall time and the process's
+/// CPU per run, and how long each run held its job's lock by the
+/// database's clock.
 async fn rounds_alone<B: Future<Output = anyhow::Result<()>>>(
     opts: &Alone,
     pool: &sqlx::PgPool,
