@@ -696,10 +696,10 @@ impl Runner {
     /// closed instead, and is recorded on a fresh one: nothing of it survived.
     /// Returns what was recorded, and whether the run's row was written.
     ///
-    /// The plugin's instance (`spent`) is retired once the commit is
-    /// answered (or the connection given up), before any fresh connection is
-    /// asked for: the lock is never held for its teardown, and the teardown
-    /// runs off the run's path ([`Runtime::retire`]).
+    /// The plugin's instance (`spent`) is torn down once the commit is
+    /// answered, before the run's connection goes back to the pool and before
+    /// any fresh connection is asked for: the lock is not held for the
+    /// teardown, and no instance outlives the connection that admitted it.
     async fn finish(
         &self,
         job: &Job,
@@ -717,7 +717,7 @@ impl Runner {
             ..
         }) = closed
         else {
-            self.runtime.retire(spent);
+            drop(spent);
             let written = self.record_detached(id, &run.row, record).await;
             return (record.outcome, record.message.to_owned(), written);
         };
@@ -727,7 +727,7 @@ impl Runner {
         ) {
             // The plugin may have been cut off inside a statement: never send
             // another one on that connection.
-            self.runtime.retire(spent);
+            drop(spent);
             tx.abandon();
             let written = self.record_detached(id, &run.row, record).await;
             return (record.outcome, record.message.to_owned(), written);
@@ -752,7 +752,7 @@ impl Runner {
             hygiene::after_commit(touched, &[])
         };
         let finished = tx.finish(&closing, check).await;
-        self.runtime.retire(spent);
+        drop(spent);
         let e = match finished {
             Ok(leftovers) => {
                 if let Some(left) = leftovers {

@@ -156,7 +156,7 @@ impl Runner {
             },
         );
         let (abort, lost_too) = (self.abort.clone(), lost.clone());
-        let mut invocation = self
+        let invocation = self
             .runtime
             .invoke(
                 &job.plugin,
@@ -174,8 +174,6 @@ impl Runner {
             )
             .await;
         stop_heartbeat.cancel();
-        // The instance is done with: its teardown need not hold the lock.
-        self.runtime.retire(invocation.spent.take());
         let lock = heartbeat.await.ok().flatten();
         let judged = self.judge(job, invocation);
         let (outcome, message) = (judged.outcome, judged.message);

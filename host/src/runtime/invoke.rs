@@ -3,8 +3,7 @@
 //! runner does it while the run's opening query is on the wire), then
 //! [call](Runtime::call) it with the lent handle, under the run's timeout
 //! and early stops; the handle always comes back, and the spent store with
-//! it, for the runner to [retire](Runtime::retire) once the run has
-//! committed: its teardown then runs off the run's path.
+//! it, for the runner to drop once the run has committed.
 
 use std::time::Duration;
 
@@ -62,10 +61,9 @@ pub struct Invocation {
     /// an `xact` transaction; a session's leftover transactions are rolled back.
     pub lent: Lent,
     /// The run's store. Dropping it tears the instance down (its memory is
-    /// reset for the pool's next run); the runner [retires](Runtime::retire)
-    /// it after the run's commit, so the teardown never holds the job's
-    /// lock, nor the run's result. `None` for the benchmark's native twin of
-    /// a run.
+    /// reset for the pool's next run); the runner does that after the run's
+    /// commit, so the teardown never holds the job's lock. `None` for the
+    /// benchmark's native twin of a run.
     pub spent: Option<Spent>,
     /// Captured stdout + stderr of the guest, up to its cap.
     pub output: String,
@@ -86,16 +84,7 @@ pub struct Instance {
     deadline: Instant,
 }
 
-impl Instance {
-    /// Whether the plugin was instantiated: `false` after a trap or the
-    /// timeout, which [`Runtime::call`] reports as the run's end.
-    pub fn started(&self) -> bool {
-        self.started.is_ok()
-    }
-}
-
-/// A run's store once its call is over; see [`Invocation::spent`] and
-/// [`Runtime::retire`].
+/// A run's store once its call is over; see [`Invocation::spent`].
 pub struct Spent {
     _store: Store<RunState>,
 }
@@ -160,31 +149,6 @@ impl Runtime {
         instantiate(&mut store).await?;
         drop(store);
         Ok((built, t.elapsed()))
-    }
-
-    /// Tears `spent` down off the caller's path: on a tokio task of its own,
-    /// which runs while the caller (or the next run) waits on the database,
-    /// so a run's result and its connection are not held up by it.
-    ///
-    /// Why it is bounded: a store keeps its pool slot until it is dropped.
-    /// At most two stores wait at once (the runtime's teardown reserve), in
-    /// slots the pool holds for them alone; past that (or outside a tokio
-    /// runtime) the caller tears its store down itself.
-    pub fn retire(&self, spent: Option<Spent>) {
-        let Some(spent) = spent else { return };
-        let Ok(tokio) = tokio::runtime::Handle::try_current() else {
-            return drop(spent);
-        };
-        match self.teardowns.clone().try_acquire_owned() {
-            Ok(permit) => {
-                tokio.spawn(async move {
-                    drop(spent);
-                    // Only now is the slot free again.
-                    drop(permit);
-                });
-            }
-            Err(_) => drop(spent),
-        }
     }
 
     /// A store for one run's `state`: the memory limiter, and the epoch

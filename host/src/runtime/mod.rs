@@ -20,8 +20,7 @@
 //!   memory limiter);
 //! - `invoke.rs`: one run's instance, made before its handle exists (while
 //!   the run's opening query is on the wire), then one call of
-//!   `run`/`run-long` with the lent handle, the timeout and the early stops,
-//!   and the spent store's teardown off the run's path;
+//!   `run`/`run-long` with the lent handle, the timeout and the early stops;
 //! - `sql.rs`, `values.rs`, `log.rs`, `http.rs`, `output.rs`: the
 //!   capabilities a plugin is granted.
 
@@ -66,11 +65,6 @@ const TABLES_PER_COMPONENT: u32 = 16;
 /// Bytes of a pooled memory or table restored by memcpy rather than unmapped
 /// when its slot is reused.
 const KEEP_RESIDENT: usize = 16 << 20;
-/// Spent stores that may wait for their teardown off the run's path at once
-/// ([`Runtime::retire`]); the pool holds this many slots on top of what its
-/// [`Allocation`] asks for, so a run never finds the pool full because of
-/// them.
-const TEARDOWN_RESERVE: u32 = 2;
 /// Cap on captured plugin stdout/stderr per run; the rest is dropped and counted.
 const OUTPUT_CAP: usize = 64 * 1024;
 
@@ -83,9 +77,6 @@ pub struct Runtime {
     allocation: Allocation,
     /// Instances made for runs so far ([`Runtime::instances_made`]).
     instances: std::sync::atomic::AtomicU64,
-    /// One permit per pool slot reserved for a spent store awaiting its
-    /// teardown ([`TEARDOWN_RESERVE`]).
-    teardowns: Arc<tokio::sync::Semaphore>,
 }
 
 /// How a runtime allocates instances.
@@ -96,8 +87,7 @@ pub enum Allocation {
     OnDemand,
     /// wasmtime's pooling allocator: slots for `concurrent` instances at once
     /// (runs, and plugins starting at load), each memory up to
-    /// `max_memory_bytes`, reserved up front and reused. (The runtime adds
-    /// a few slots of its own for spent stores awaiting their teardown.)
+    /// `max_memory_bytes`, reserved up front and reused.
     Pooling {
         /// Component instances alive at once.
         concurrent: u32,
@@ -204,16 +194,15 @@ impl Runtime {
         } = allocation
         {
             let mut pool = wasmtime::PoolingAllocationConfig::default();
-            let slots = concurrent + TEARDOWN_RESERVE;
             // Per component: a Rust plugin is a handful of core instances (the
             // WASI adapter's among them); a componentize-py one about a dozen,
             // with several tables. Generous per-component maxima keep a plugin
             // that needs more from failing at run time: it fails at load.
-            pool.total_component_instances(slots)
-                .total_core_instances(slots * CORE_INSTANCES_PER_COMPONENT)
-                .total_memories(slots * MEMORIES_PER_COMPONENT)
-                .total_tables(slots * TABLES_PER_COMPONENT)
-                .total_stacks(slots)
+            pool.total_component_instances(concurrent)
+                .total_core_instances(concurrent * CORE_INSTANCES_PER_COMPONENT)
+                .total_memories(concurrent * MEMORIES_PER_COMPONENT)
+                .total_tables(concurrent * TABLES_PER_COMPONENT)
+                .total_stacks(concurrent)
                 .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
                 .max_memories_per_component(MEMORIES_PER_COMPONENT)
                 .max_tables_per_component(TABLES_PER_COMPONENT)
@@ -264,7 +253,6 @@ impl Runtime {
             cache,
             allocation,
             instances: Default::default(),
-            teardowns: Arc::new(tokio::sync::Semaphore::new(TEARDOWN_RESERVE as usize)),
         })
     }
 }

@@ -895,7 +895,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     let ((ph, ph_lo, ph_hi), (nh, nh_lo, nh_hi)) = (plugin_held.median(), native_held.median());
     let _ = writeln!(
         md,
-        "| 1h | the job's lock held per no-op run, by the database's clock (the gate's lock → the row's insert), median over {} rounds of each round's p50 (spread) | {ph:.0} µs ({ph_lo:.0}–{ph_hi:.0}) | {nh:.0} µs ({nh_lo:.0}–{nh_hi:.0}) | {:.2}× (+{:.0} µs) | (not a target: the instance is made while the gate runs, and torn down after the commit, off the run's path) | |",
+        "| 1h | the job's lock held per no-op run, by the database's clock (the gate's lock → the row's insert), median over {} rounds of each round's p50 (spread) | {ph:.0} µs ({ph_lo:.0}–{ph_hi:.0}) | {nh:.0} µs ({nh_lo:.0}–{nh_hi:.0}) | {:.2}× (+{:.0} µs) | (not a target: the instance is made while the gate runs, and torn down after the commit) | |",
         s.rounds,
         ph / nh,
         ph - nh
