@@ -231,15 +231,10 @@ async fn instantiate_alone(opts: &Alone) -> anyhow::Result<String> {
     ] {
         let plugin = path.map(|p| runtime.load(Path::new(p))).transpose()?;
         for round in 0..opts.rounds_or(5) {
-            let mut times = Vec::with_capacity(20_000);
-            for _ in 0..20_000 {
-                let timed = match &plugin {
-                    Some(plugin) => runtime.instantiate_only(plugin).await?,
-                    None => runtime.instantiate_floor(&floor).await?,
-                };
-                times.push(timed.1);
-            }
-            let (mean, p50, _) = stats(times);
+            let ((mean, p50, _), _) = match &plugin {
+                Some(plugin) => instantiations(20_000, || runtime.instantiate_only(plugin)).await?,
+                None => instantiations(20_000, || runtime.instantiate_floor(&floor)).await?,
+            };
             let _ = writeln!(
                 out,
                 "{name} round {round}: mean {:.2} µs, p50 {:.2} µs",
