@@ -1704,7 +1704,22 @@ fn native_hash(
         .await
         .map_err(|e| e.to_string())?;
         for (id, actor, action, payload) in &rows {
-            let hash = hex::encode(Sha256::digest(format!("{actor}\n{action}\n{payload}")));
+            // What the plugin computes, the way it does (`content_hash`).
+            let mut h = Sha256::new();
+            for part in [
+                actor.as_bytes(),
+                b"\n",
+                action.as_bytes(),
+                b"\n",
+                payload.as_bytes(),
+            ] {
+                h.update(part);
+            }
+            let mut hex = [0u8; 64];
+            hex::encode_to_slice(h.finalize(), &mut hex).map_err(|e| e.to_string())?;
+            let hash = std::str::from_utf8(&hex)
+                .map_err(|e| e.to_string())?
+                .to_owned();
             sqlx::query(
                 "update demo.audit_events set content_hash = $1, hash_status = 'complete', hashed_at = now() where id = $2",
             )
