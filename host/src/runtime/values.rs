@@ -111,6 +111,13 @@ impl sqlx::Encode<'_, sqlx::Postgres> for RawParam {
     }
 }
 
+impl RawParam {
+    /// Bytes this value takes in a Bind message: its length, then its bytes.
+    fn wire_size(&self) -> usize {
+        4 + self.bytes.as_ref().map_or(0, Vec::len)
+    }
+}
+
 /// What the plugin gave for one parameter, before the server's types are known.
 enum Given {
     /// Binary bytes for the declared OID.
@@ -333,7 +340,11 @@ async fn bind(
         }
     }
 
+    // One allocation for the whole message part: each value is its bytes
+    // behind a 4-byte length.
     let mut args = PgArguments::default();
+    let size = finals.iter().flatten().map(RawParam::wire_size).sum();
+    args.reserve(finals.len(), size);
     for raw in finals {
         // Every slot was filled above: either directly or by the conversion.
         let raw =
