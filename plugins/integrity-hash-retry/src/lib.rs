@@ -31,7 +31,7 @@ pub fn content_hash(actor: &str, action: &str, payload: &str) -> String {
 /// Lower-case hex of a SHA-256 digest, written into one buffer: `hex::encode`
 /// collects a `char` at a time, which in the sandbox took about a seventh of
 /// this job's guest CPU (BENCHMARKS.md, row 2).
-pub fn hex_of(digest: &[u8; 32]) -> String {
+fn hex_of(digest: &[u8; 32]) -> String {
     let mut out = [0u8; 64];
     hex::encode_to_slice(digest, &mut out).expect("64 bytes hold 32 bytes in hex");
     std::str::from_utf8(&out).expect("hex is ASCII").to_owned()
