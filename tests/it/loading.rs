@@ -48,7 +48,7 @@ fn a_component_of_the_wrong_world_is_rejected() {
         text.contains("empty.wasm")
             && text.contains("xact-plugin")
             && text.contains("session-plugin")
-            && text.contains("jobhost:plugin@0.2.0"),
+            && text.contains("jobhost:plugin@0.2.1"),
         "{text}"
     );
 }
@@ -58,32 +58,46 @@ fn a_component_of_the_wrong_world_is_rejected() {
 /// error used to say only "type mismatch ... expected `record` found `string`").
 #[test]
 fn a_plugin_built_against_another_contract_names_the_function_and_its_version() {
-    // Exports `xact-job` at this host's version, but `run` has another type.
-    let wrong_type = r#"(component
+    // Exports `xact-job`, but `run` has another type. At this host's version,
+    // and at 0.2.0: an earlier patch version is the same contract (the WIT's
+    // versioning rule), so the host finds its `xact-job` and judges its type,
+    // instead of calling it the wrong world.
+    let wrong_type = |version: &str| {
+        format!(
+            r#"(component
         (core module $m (func (export "run") (result i32) i32.const 0))
         (core instance $i (instantiate $m))
         (func $run (result u32) (canon lift (core func $i "run")))
         (instance $job (export "run" (func $run)))
-        (export "jobhost:plugin/xact-job@0.2.0" (instance $job)))"#;
-    let path = temp_file("wrong-type.wasm", &wat::parse_str(wrong_type).unwrap());
-    let text = runtime().load(&path).unwrap_err().to_string();
-    assert!(text.contains("wrong-type.wasm"), "{text}");
-    assert!(
-        text.contains("function `xact-job.run`") && text.contains("type mismatch"),
-        "names the function: {text}"
-    );
-    assert!(
-        text.contains("built against jobhost:plugin@0.2.0"),
-        "names the version it was built against: {text}"
-    );
+        (export "jobhost:plugin/xact-job@{version}" (instance $job)))"#
+        )
+    };
+    for version in ["0.2.1", "0.2.0"] {
+        let path = temp_file(
+            "wrong-type.wasm",
+            &wat::parse_str(wrong_type(version)).unwrap(),
+        );
+        let text = runtime().load(&path).unwrap_err().to_string();
+        assert!(text.contains("wrong-type.wasm"), "{text}");
+        assert!(
+            text.contains("function `xact-job.run`") && text.contains("type mismatch"),
+            "names the function ({version}): {text}"
+        );
+        assert!(
+            text.contains(&format!("built against jobhost:plugin@{version}")),
+            "names the version it was built against: {text}"
+        );
+    }
 
     // Built against a version this host does not speak.
-    let old = wrong_type.replace("@0.2.0", "@0.1.0");
-    let path = temp_file("old-version.wasm", &wat::parse_str(&old).unwrap());
+    let path = temp_file(
+        "old-version.wasm",
+        &wat::parse_str(wrong_type("0.1.0")).unwrap(),
+    );
     let text = runtime().load(&path).unwrap_err().to_string();
     assert!(
         text.contains("built against jobhost:plugin@0.1.0")
-            && text.contains("this host speaks jobhost:plugin@0.2.0"),
+            && text.contains("this host speaks jobhost:plugin@0.2.1"),
         "{text}"
     );
 }

@@ -50,4 +50,4 @@ pub use self::xact::jobhost::plugin::{log, sql, types};
 pub use self::xact::{XactPlugin, XactPluginPre};
 
 /// The WIT package both worlds belong to, as plugins are built against it.
-pub const WIT_PACKAGE: &str = "jobhost:plugin@0.2.0";
+pub const WIT_PACKAGE: &str = "jobhost:plugin@0.2.1";

@@ -22,13 +22,15 @@
 //!   the run's opening query is on the wire), then one call of
 //!   `run`/`run-long` with the lent handle, the timeout and the early stops;
 //! - `sql.rs`, `values.rs`, `log.rs`, `http.rs`, `output.rs`: the
-//!   capabilities a plugin is granted.
+//!   capabilities a plugin is granted; `packed.rs` the one-buffer layout of
+//!   `query-packed`'s rows.
 
 pub mod bindings;
 pub mod http;
 mod invoke;
 mod log;
 mod output;
+mod packed;
 mod plugin;
 pub mod sql;
 mod store;

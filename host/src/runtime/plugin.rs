@@ -93,7 +93,7 @@ pub struct Plugin {
 
 impl Plugin {
     /// The names of what the plugin imports from the host
-    /// (`jobhost:plugin/sql@0.2.0`, `wasi:cli/stdout@0.2.0`, ...).
+    /// (`jobhost:plugin/sql@0.2.1`, `wasi:cli/stdout@0.2.0`, ...).
     pub fn imports(&self) -> Vec<String> {
         let component = match &self.pre {
             PluginPre::Xact(pre) => pre.instance_pre().component(),
@@ -360,7 +360,7 @@ fn lean_component(module: &[u8]) -> wasmtime::Result<Vec<u8>> {
 
 /// Which versions of the `jobhost:plugin` package a component was built
 /// against, read from the names of its imports and exports
-/// (`jobhost:plugin/xact-job@0.2.0`), for load errors: a plugin built against
+/// (`jobhost:plugin/xact-job@0.2.1`), for load errors: a plugin built against
 /// another contract says so, next to the version this host speaks.
 fn built_against(engine: &wasmtime::Engine, component: &Component) -> String {
     let ty = component.component_type();

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use wasmtime::component::Resource;
 
 use super::RunState;
-use super::bindings::sql::{self, DbError, Error, RowSet, Value};
+use super::bindings::sql::{self, DbError, Error, PackedRows, RowSet, Value};
 use super::values::{self, StatementError};
 use crate::guard::SqlGuard;
 use crate::hygiene;
@@ -491,6 +491,16 @@ impl sql::HostTransaction for RunState {
         params: Vec<Value>,
     ) -> wasmtime::Result<Result<RowSet, Error>> {
         self.table.get_mut(&tx)?.query(&statement, &params).await
+    }
+
+    async fn query_packed(
+        &mut self,
+        tx: Resource<TxHandle>,
+        statement: String,
+        params: Vec<Value>,
+    ) -> wasmtime::Result<Result<PackedRows, Error>> {
+        let rows = self.table.get_mut(&tx)?.query(&statement, &params).await?;
+        Ok(rows.map(super::packed::pack))
     }
 
     async fn execute(

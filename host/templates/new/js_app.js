@@ -6,7 +6,7 @@
 // failed statement throws an error whose `payload` is the typed `sql.error`,
 // which you can carry back in the failure's `sql` field.
 
-import { log } from "jobhost:plugin/log@0.2.0";
+import { log } from "jobhost:plugin/log@0.2.1";
 
 export const xactJob = {
   run(ctx, tx) {

@@ -13,7 +13,7 @@
 //   its `message`, and no `sql`).
 // Either way the host rolls back everything the run wrote.
 
-import { log } from "jobhost:plugin/log@0.2.0";
+import { log } from "jobhost:plugin/log@0.2.1";
 
 const TABLE = /^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)?$/;
 

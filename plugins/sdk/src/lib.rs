@@ -60,9 +60,9 @@ pub mod session_bindings {
         export_macro_name: "__export_session_world",
         default_bindings_module: "jobhost_plugin_sdk::session_bindings",
         with: {
-            "jobhost:plugin/sql@0.2.0": crate::bindings::jobhost::plugin::sql,
-            "jobhost:plugin/log@0.2.0": crate::bindings::jobhost::plugin::log,
-            "jobhost:plugin/types@0.2.0": crate::bindings::jobhost::plugin::types,
+            "jobhost:plugin/sql@0.2.1": crate::bindings::jobhost::plugin::sql,
+            "jobhost:plugin/log@0.2.1": crate::bindings::jobhost::plugin::log,
+            "jobhost:plugin/types@0.2.1": crate::bindings::jobhost::plugin::types,
         },
     });
 }
@@ -71,6 +71,7 @@ use bindings::jobhost::plugin::sql::{Session as WitSession, Transaction};
 use bindings::jobhost::plugin::types as wit_types;
 
 pub mod http;
+mod packed;
 pub mod row;
 pub use bindings::jobhost::plugin::sql::{Column, DbError, Error as SqlError, RowSet, Value};
 
@@ -267,9 +268,13 @@ impl Tx<'_> {
         }
     }
 
-    /// Runs a query and returns the positional row set.
+    /// Runs a query and returns the positional row set. The rows come packed
+    /// in one buffer (`query-packed`): one allocation for the whole result
+    /// rather than one per row and per string, each a call into the guest.
     pub fn query_raw(&self, sql: &str, params: &[Value]) -> Result<RowSet, JobError> {
-        Ok(self.inner.get().query(sql, params)?)
+        let packed = self.inner.get().query_packed(sql, params)?;
+        packed::unpack(packed)
+            .map_err(|e| JobError::new(format!("the host's rows for `{sql}` are malformed: {e}")))
     }
 
     /// Runs a statement; returns the rows it affected.
