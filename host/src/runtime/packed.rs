@@ -6,6 +6,7 @@
 //! (`plugins/sdk/src/packed.rs`); the two tests pin the same bytes.
 
 use super::bindings::sql::{PackedRows, RowSet, Value};
+use super::values::string_carried;
 
 /// `set`, packed. The statement, its checks and its limits are `query`'s: only
 /// the way the rows reach the guest differs.
@@ -49,16 +50,8 @@ fn tag(v: &Value) -> u8 {
 /// The string or bytes a case carries, if it carries one.
 fn carried(v: &Value) -> Option<&[u8]> {
     match v {
-        Value::Numeric(s)
-        | Value::Text(s)
-        | Value::Json(s)
-        | Value::Uuid(s)
-        | Value::Date(s)
-        | Value::Time(s)
-        | Value::Timestamp(s)
-        | Value::Timestamptz(s) => Some(s.as_bytes()),
         Value::Bytea(b) => Some(b),
-        _ => None,
+        other => string_carried(other).map(str::as_bytes),
     }
 }
 

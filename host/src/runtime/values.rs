@@ -184,6 +184,15 @@ fn text_form(v: &Value) -> String {
         Value::Float4(f) => float_text(f64::from(*f)),
         Value::Float8(f) => float_text(*f),
         Value::Bytea(b) => format!("\\x{}", hex::encode(b)),
+        Value::Other((_, s)) => s.clone(),
+        carrier => string_carried(carrier).unwrap_or_default().to_owned(),
+    }
+}
+
+/// The string a string-carried case holds (`numeric`, `text`, `json`, `uuid`,
+/// dates and times); `None` for the others (`other` holds two).
+pub(super) fn string_carried(v: &Value) -> Option<&str> {
+    match v {
         Value::Numeric(s)
         | Value::Text(s)
         | Value::Json(s)
@@ -191,8 +200,8 @@ fn text_form(v: &Value) -> String {
         | Value::Date(s)
         | Value::Time(s)
         | Value::Timestamp(s)
-        | Value::Timestamptz(s)
-        | Value::Other((_, s)) => s.clone(),
+        | Value::Timestamptz(s) => Some(s),
+        _ => None,
     }
 }
 
