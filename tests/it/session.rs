@@ -338,6 +338,7 @@ async fn an_xact_job_keeps_its_cadence_with_a_pool_of_two_while_a_long_job_runs(
     .fetch_one(&pool)
     .await
     .unwrap();
+    assert!(long_runs >= 1, "the long job ran");
     // Judged inside the long run's own window, by the database's clock: the
     // ticker's runs that started after the long run took its lock and ended
     // before it finished, against the 200 ms slots that window held. A ticker
