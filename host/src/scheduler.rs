@@ -155,7 +155,9 @@ async fn job_loop(
     let now = |learned: TimeDelta| Utc::now() + options.clock_offset + learned;
 
     if let Some(window) = current.config.catch_up {
-        catch_up(&runner, &current, window, now(learned), &token).await;
+        // Boxed, as a run is: it runs once, and inline its history queries
+        // would size every job's task for the whole of its life.
+        Box::pin(catch_up(&runner, &current, window, now(learned), &token)).await;
     }
 
     let Some(mut target) = current.config.schedule.next_after(now(learned)) else {
