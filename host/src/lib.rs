@@ -93,15 +93,6 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 
-/// The process's allocator: mimalloc. A run allocates and frees hundreds of
-/// small buffers (SQL text, protocol messages, futures, the store), from
-/// whichever tokio worker polls it; under glibc's malloc that was ~12 % of
-/// the host's CPU in a burst of 1,000 runs (BENCHMARKS.md, row 5a).
-/// Set here, in the library, so the benchmark and the tests run on the
-/// allocator the binary ships with.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use crate::config::JobsConfig;
 use crate::runner::{Job, Runner};
 use crate::runtime::Runtime;
