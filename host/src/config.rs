@@ -470,8 +470,8 @@ pub enum PluginFiles {
 
 impl HostConfig {
     /// Where the host keeps its copies of published plugins (by hash):
-    /// beside the compile cache, not in it (wasmtime's cache worker prunes
-    /// files of its directory that it does not know).
+    /// beside the compile cache, not in it (the cache removes its least
+    /// recently used files; a published plugin must stay until unpublished).
     pub fn published_dir(&self) -> PathBuf {
         let mut dir = self.compile_cache.clone().into_os_string();
         dir.push("-published");

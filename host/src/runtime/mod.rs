@@ -16,6 +16,7 @@
 //!
 //! - `plugin.rs`: loading a component (compile, link against the world,
 //!   start it under the job's memory limit to ask its kind) and its errors;
+//! - `cache.rs`: the compile cache, compiled plugins mapped from their files;
 //! - `store.rs`: the data of one run's store (WASI, output, HTTP policy,
 //!   memory limiter);
 //! - `invoke.rs`: one run's instance, made before its handle exists (while
@@ -26,6 +27,7 @@
 //!   `query-packed`'s rows.
 
 pub mod bindings;
+mod cache;
 pub mod http;
 mod invoke;
 mod log;
@@ -42,11 +44,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::Context as _;
 use wasmtime::Engine;
 use wasmtime::component::Linker;
 
 use bindings::XactPlugin;
+pub use cache::CompileCache;
 #[cfg(feature = "bench")]
 pub use invoke::Floor;
 pub use invoke::{Instance, Invocation, Lent, Returned, RunLimits, Spent};
@@ -75,7 +77,7 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<RunState>,
     ticker_stop: Arc<AtomicBool>,
-    cache: Option<wasmtime::Cache>,
+    cache: Option<CompileCache>,
     allocation: Allocation,
     /// Instances made for runs so far ([`Runtime::instances_made`]).
     instances: std::sync::atomic::AtomicU64,
@@ -122,14 +124,23 @@ impl Runtime {
         Self::build(None, Allocation::OnDemand)
     }
 
-    /// Like [`Runtime::new`], with compiled plugins cached in `dir`.
-    ///
-    /// wasmtime's cache keys each artifact by the module's content hash, the
-    /// compiler settings and the wasmtime version, so a restart (or a reload
+    /// Like [`Runtime::new`], with compiled plugins cached in `dir`
+    /// ([`CompileCache`]): each artifact is keyed by the component's content
+    /// hash and the engine's settings and version, so a restart (or a reload
     /// of an unchanged file) skips Cranelift, and an incompatible engine never
     /// reads a stale artifact.
     pub fn with_cache(dir: &Path) -> anyhow::Result<Self> {
         Self::with_options(Some(dir), false)
+    }
+
+    /// [`Runtime::with_cache`] whose cache keeps about `soft_limit` bytes of
+    /// artifacts at most (the default is [`cache::SOFT_LIMIT_BYTES`]).
+    pub fn with_cache_limit(dir: &Path, soft_limit: u64) -> anyhow::Result<Self> {
+        let mut runtime = Self::with_cache(dir)?;
+        if let Some(cache) = runtime.cache.as_mut() {
+            cache.set_soft_limit(soft_limit);
+        }
+        Ok(runtime)
     }
 
     /// A runtime with an optional compile cache and, with `pooling`, the
@@ -149,11 +160,7 @@ impl Runtime {
         cache_dir: Option<&Path>,
         allocation: Allocation,
     ) -> anyhow::Result<Self> {
-        let cache = match cache_dir {
-            Some(dir) => Some(Self::open_cache(dir)?),
-            None => None,
-        };
-        Self::build(cache, allocation)
+        Self::build(cache_dir, allocation)
     }
 
     /// How many instances this runtime has made for runs (tests, benchmarks:
@@ -167,29 +174,15 @@ impl Runtime {
         self.allocation
     }
 
-    fn open_cache(dir: &Path) -> anyhow::Result<wasmtime::Cache> {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create the compile cache `{}`", dir.display()))?;
-        // wasmtime wants an absolute directory.
-        let dir = std::fs::canonicalize(dir)
-            .with_context(|| format!("cannot resolve the compile cache `{}`", dir.display()))?;
-        let mut config = wasmtime::CacheConfig::new();
-        config.with_directory(&dir);
-        wasmtime::Cache::new(config)
-            .map_err(anyhow::Error::from)
-            .with_context(|| format!("cannot open the compile cache `{}`", dir.display()))
-    }
-
     /// Compilations served from the on-disk cache so far.
     pub fn cache_hits(&self) -> usize {
-        self.cache.as_ref().map_or(0, |c| c.cache_hits())
+        self.cache.as_ref().map_or(0, |c| c.hits())
     }
 
-    fn build(cache: Option<wasmtime::Cache>, allocation: Allocation) -> anyhow::Result<Self> {
+    fn build(cache_dir: Option<&Path>, allocation: Allocation) -> anyhow::Result<Self> {
         let mut config = wasmtime::Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
-        config.cache(cache.clone());
         if let Allocation::Pooling {
             concurrent,
             max_memory_bytes,
@@ -223,6 +216,9 @@ impl Runtime {
             config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         }
         let engine = Engine::new(&config)?;
+        let cache = cache_dir
+            .map(|dir| CompileCache::open(dir, &engine))
+            .transpose()?;
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;

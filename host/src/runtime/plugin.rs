@@ -1,4 +1,4 @@
-//! Loading a plugin: read, compile (through the engine's cache), link against
+//! Loading a plugin: read, compile (through the compile cache), link against
 //! the `xact-plugin` or the `session-plugin` world (which one links is the
 //! plugin's kind), and start it once under the job's memory limit.
 
@@ -248,9 +248,12 @@ impl Runtime {
         };
         let compiled = if wasmparser::Parser::is_core_wasm(bytes) {
             let wrapped = lean_component(bytes).map_err(not_component)?;
-            Component::new(&self.engine, wrapped)
+            // Keyed by what is compiled: the wrapping may change with the
+            // host's version while the module's bytes do not.
+            let wrapped_sha256 = hex::encode(Sha256::digest(&wrapped));
+            self.compile(&wrapped_sha256, &wrapped)
         } else if wasmparser::Parser::is_component(bytes) {
-            Component::new(&self.engine, bytes)
+            self.compile(&sha256, bytes)
         } else {
             return Err(not_component(wasmtime::Error::msg(
                 "the file does not start with the WebAssembly magic bytes",
@@ -306,6 +309,15 @@ impl Runtime {
             kind,
             pre,
         })
+    }
+
+    /// The compiled component of `bytes` (SHA-256 `sha256`): through the
+    /// compile cache if this runtime has one.
+    fn compile(&self, sha256: &str, bytes: &[u8]) -> wasmtime::Result<Component> {
+        match &self.cache {
+            Some(cache) => cache.component(&self.engine, sha256, bytes),
+            None => Component::new(&self.engine, bytes),
+        }
     }
 
     /// Instantiates the plugin once under `max_memory_bytes`, as a run
