@@ -101,6 +101,7 @@ async fn main() -> anyhow::Result<()> {
     // A database of our own.
     let db = format!("jobhost_bench_{}", std::process::id());
     let mut admin = sqlx::PgConnection::connect(&url).await?;
+    drop_stale_databases(&mut admin).await?;
     sqlx::query(sqlx::AssertSqlSafe(format!("create database {db}")))
         .execute(&mut admin)
         .await?;
@@ -1489,6 +1490,31 @@ async fn footprint_child(
     }
     println!("{} {after} {before} {running}", elapsed.as_micros());
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Drops the databases of benchmark runs that were killed before they could
+/// drop their own (`jobhost_bench_<pid>` of a process that is gone). A run
+/// still going, in another clone say, keeps its database.
+async fn drop_stale_databases(admin: &mut sqlx::PgConnection) -> anyhow::Result<()> {
+    let names: Vec<String> = sqlx::query_scalar(
+        "select datname::text from pg_database where datname ~ '^jobhost_bench_[0-9]+$'",
+    )
+    .fetch_all(&mut *admin)
+    .await?;
+    for name in names {
+        let pid = name.trim_start_matches("jobhost_bench_");
+        if Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        eprintln!("dropping {name}, left by a benchmark run that did not finish");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "drop database if exists {name} with (force)"
+        )))
+        .execute(&mut *admin)
+        .await
+        .with_context(|| format!("cannot drop {name}"))?;
+    }
     Ok(())
 }
 
