@@ -83,6 +83,9 @@ pub struct HostToml {
     /// Directory of compiled plugins, keyed by content hash and engine
     /// (default `.jobhost/compile-cache` beside this file).
     pub compile_cache: Option<PathBuf>,
+    /// Size of the compile cache above which its least recently used
+    /// artifacts are removed, in MiB (default 2048).
+    pub compile_cache_max_mib: Option<u64>,
     /// Watch jobs.toml and plugin files and reload on change (default true).
     pub watch: Option<bool>,
     /// Use wasmtime's pooling instance allocator (default true): cheaper
@@ -359,6 +362,8 @@ pub struct HostConfig {
     pub shutdown_grace: Duration,
     /// Where compiled plugins are cached.
     pub compile_cache: PathBuf,
+    /// The compile cache's size limit ([`crate::runtime::CompileCache`]).
+    pub compile_cache_max_bytes: u64,
     /// Whether files are watched for hot reload.
     pub watch: bool,
     /// Whether the pooling instance allocator is used.
@@ -555,6 +560,16 @@ impl JobsToml {
         if pool_size == 0 {
             return Err(invalid("-", "`host.pool-size` must be at least 1".into()));
         }
+        let compile_cache_max_mib = self
+            .host
+            .compile_cache_max_mib
+            .unwrap_or(crate::runtime::CompileCache::DEFAULT_LIMIT_BYTES >> 20);
+        if compile_cache_max_mib == 0 || compile_cache_max_mib > u64::MAX >> 20 {
+            return Err(invalid(
+                "-",
+                "`host.compile-cache-max-mib` must be at least 1 (a cache that keeps nothing would compile every plugin at every start)".into(),
+            ));
+        }
         let default_timeout = self.host.default_timeout.unwrap_or(DEFAULT_TIMEOUT);
         let default_memory = self
             .host
@@ -725,6 +740,7 @@ impl JobsToml {
                         .compile_cache
                         .unwrap_or_else(|| PathBuf::from(".jobhost/compile-cache")),
                 ),
+                compile_cache_max_bytes: compile_cache_max_mib << 20,
                 watch: self.host.watch.unwrap_or(true),
                 pooling_allocator: self.host.pooling_allocator.unwrap_or(true),
                 reload_debounce: self
@@ -759,6 +775,20 @@ mod tests {
             }
             s
         })
+    }
+
+    #[test]
+    fn the_compile_cache_limit_is_in_mib_and_at_least_one() {
+        let job = "[[job]]\nname = \"r\"\nplugin = \"Cargo.toml\"\nevery = \"10s\"\n";
+        let default = parse(job).unwrap();
+        assert_eq!(default.host.compile_cache_max_bytes, 2 << 30);
+        let set = parse(&format!("[host]\ncompile-cache-max-mib = 300\n{job}")).unwrap();
+        assert_eq!(set.host.compile_cache_max_bytes, 300 << 20);
+        let e = parse(&format!("[host]\ncompile-cache-max-mib = 0\n{job}")).unwrap_err();
+        assert!(
+            e.contains("compile-cache-max-mib") && e.contains("at least 1"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -38,8 +38,10 @@ pub fn runtime(config: &JobsConfig) -> anyhow::Result<Runtime> {
     } else {
         Allocation::OnDemand
     };
-    Runtime::with_allocation(Some(&config.host.compile_cache), allocation)
-        .context("cannot start the WebAssembly engine")
+    let mut runtime = Runtime::with_allocation(Some(&config.host.compile_cache), allocation)
+        .context("cannot start the WebAssembly engine")?;
+    runtime.set_compile_cache_limit(config.host.compile_cache_max_bytes);
+    Ok(runtime)
 }
 
 /// The instance pool `config` needs. An `xact` run instantiates its plugin

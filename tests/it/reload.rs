@@ -387,13 +387,15 @@ fn the_compile_cache_removes_the_least_recently_used_beyond_its_limit() {
 
     // Room for about one artifact: storing the second removes the first,
     // never the one just written.
-    let runtime = Runtime::with_cache_limit(&dir, one + one / 2).unwrap();
+    let mut runtime = Runtime::with_cache(&dir).unwrap();
+    runtime.set_compile_cache_limit(one + one / 2);
     runtime.load(lean).unwrap();
     let left = artifacts(&dir);
     assert_eq!(left.len(), 1, "{left:?}");
     assert_ne!(left[0], probe_artifact);
     // Within the limit, nothing is removed.
-    let runtime = Runtime::with_cache_limit(&dir, 100 * one).unwrap();
+    let mut runtime = Runtime::with_cache(&dir).unwrap();
+    runtime.set_compile_cache_limit(100 * one);
     runtime.load(probe).unwrap();
     assert_eq!(runtime.cache_hits(), 0, "the probe's artifact was removed");
     assert_eq!(artifacts(&dir).len(), 2);

@@ -17,7 +17,7 @@
 //!
 //! The price is disk: artifacts are stored uncompressed (about three times
 //! wasmtime's compressed size, twice the plugin's `.wasm`). The directory is kept under
-//! [`SOFT_LIMIT_BYTES`] by removing the least recently used artifacts after
+//! a limit (`[host] compile-cache-max-mib`) by removing the least recently used artifacts after
 //! each write.
 //!
 //! Files here are only ever created whole (written to a temporary name,
@@ -34,10 +34,6 @@ use anyhow::Context as _;
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
-/// Total size of the artifacts above which the least recently used are
-/// removed. A componentize-py artifact is ~35 MB, a Rust one under 1 MB:
-/// room for fifty versions of a Python plugin, thousands of Rust ones.
-pub const SOFT_LIMIT_BYTES: u64 = 2 << 30;
 /// A temporary file older than this was left by a writer that died.
 const STALE_TEMP: Duration = Duration::from_secs(3600);
 const ARTIFACT: &str = "cwasm";
@@ -56,6 +52,12 @@ pub struct CompileCache {
 }
 
 impl CompileCache {
+    /// Total size of the artifacts above which the least recently used are
+    /// removed, unless configured. A componentize-py artifact is ~35 MB, a
+    /// Rust one under 1 MB: room for fifty versions of a Python plugin,
+    /// thousands of Rust ones.
+    pub const DEFAULT_LIMIT_BYTES: u64 = 2 << 30;
+
     /// Opens (creating it if need be) the cache in `dir` for `engine`.
     pub fn open(dir: &Path, engine: &Engine) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)
@@ -66,15 +68,16 @@ impl CompileCache {
         // might rename every artifact once: a compile each, no harm).
         let mut h = std::hash::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut h);
+        remove_wasmtime_cache(dir);
         Ok(Self {
             dir: dir.to_owned(),
             engine_tag: format!("{:016x}", h.finish()),
-            soft_limit: SOFT_LIMIT_BYTES,
+            soft_limit: Self::DEFAULT_LIMIT_BYTES,
             hits: AtomicUsize::new(0),
         })
     }
 
-    /// The same cache with another size limit (tests of the pruning).
+    /// Sets the size limit.
     pub fn set_soft_limit(&mut self, bytes: u64) {
         self.soft_limit = bytes;
     }
@@ -189,6 +192,31 @@ impl CompileCache {
     }
 }
 
+/// Removes what earlier versions of the host left in `dir`: wasmtime's own
+/// cache (`modules/wasmtime-<version>/…`, compressed artifacts this host no
+/// longer reads). Only a `modules` directory holding nothing but wasmtime's
+/// is touched.
+fn remove_wasmtime_cache(dir: &Path) {
+    let modules = dir.join("modules");
+    let Ok(entries) = std::fs::read_dir(&modules) else {
+        return;
+    };
+    let names: Vec<_> = entries.flatten().map(|e| e.file_name()).collect();
+    if names
+        .iter()
+        .all(|n| n.to_string_lossy().starts_with("wasmtime-"))
+    {
+        match std::fs::remove_dir_all(&modules) {
+            Ok(()) => {
+                tracing::info!(dir = %modules.display(), "compile cache: removed the previous format's artifacts")
+            }
+            Err(e) => {
+                tracing::warn!(dir = %modules.display(), error = %e, "compile cache: cannot remove the previous format's artifacts")
+            }
+        }
+    }
+}
+
 /// Maps a stored artifact.
 #[allow(
     unsafe_code,
@@ -205,4 +233,33 @@ fn map(engine: &Engine, path: &Path) -> wasmtime::Result<Component> {
     // trusted as the host's binary (wasmtime's own cache makes the same
     // assumption of its directory).
     unsafe { Component::deserialize_file(engine, path) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_previous_formats_artifacts_are_removed_and_nothing_else() {
+        let dir = std::env::temp_dir().join(format!("jobhost-cache-old-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let old = dir.join("modules/wasmtime-48.0.8");
+        std::fs::create_dir_all(&old).unwrap();
+        std::fs::write(
+            old.join("8glDHqrG8uXVFrL396kobohFgSJkskuGzVKpxfbJMhA"),
+            b"zstd",
+        )
+        .unwrap();
+        let engine = Engine::default();
+        CompileCache::open(&dir, &engine).unwrap();
+        assert!(!dir.join("modules").exists());
+
+        // A `modules` directory that is not (only) wasmtime's stays.
+        let other = dir.join("modules/mine");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::create_dir_all(&old).unwrap();
+        CompileCache::open(&dir, &engine).unwrap();
+        assert!(other.exists() && old.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -133,14 +133,13 @@ impl Runtime {
         Self::with_options(Some(dir), false)
     }
 
-    /// [`Runtime::with_cache`] whose cache keeps about `soft_limit` bytes of
-    /// artifacts at most (the default is [`cache::SOFT_LIMIT_BYTES`]).
-    pub fn with_cache_limit(dir: &Path, soft_limit: u64) -> anyhow::Result<Self> {
-        let mut runtime = Self::with_cache(dir)?;
-        if let Some(cache) = runtime.cache.as_mut() {
-            cache.set_soft_limit(soft_limit);
+    /// Sets the size of the compile cache above which its least recently
+    /// used artifacts are removed (default
+    /// [`CompileCache::DEFAULT_LIMIT_BYTES`]); nothing without a cache.
+    pub fn set_compile_cache_limit(&mut self, bytes: u64) {
+        if let Some(cache) = self.cache.as_mut() {
+            cache.set_soft_limit(bytes);
         }
-        Ok(runtime)
     }
 
     /// A runtime with an optional compile cache and, with `pooling`, the
