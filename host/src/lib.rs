@@ -25,7 +25,8 @@
 //!   `jobhost.in_flight` (a run's own row is written once, when it ends).
 //! - [`runtime`]: a narrow layer over wasmtime: the engine (`mod.rs`),
 //!   loading a plugin (`plugin.rs`: a component, or a core module built
-//!   without WASI that it wraps into a lean one), one run's store (`store.rs`), one call
+//!   without WASI that it wraps into a lean one), the compile cache whose
+//!   artifacts are mapped from their files (`cache.rs`), one run's store (`store.rs`), one call
 //!   (`invoke.rs`), what a trap means for the history (`trap.rs`), the
 //!   values between WIT and Postgres (`values.rs`), and the capabilities a plugin is granted (`sql`, `log`,
 //!   an empty WASI, `http`). It does not know about locks or history.
