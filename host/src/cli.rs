@@ -352,10 +352,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Publish { name, file } => {
             let bytes = std::fs::read(&file)
                 .with_context(|| format!("cannot read `{}`", file.display()))?;
-            let runtime = Arc::new(
-                Runtime::with_options(Some(&config.host.compile_cache), false)
-                    .context("cannot start the WebAssembly engine")?,
-            );
+            let mut runtime = Runtime::with_options(Some(&config.host.compile_cache), false)
+                .context("cannot start the WebAssembly engine")?;
+            runtime.set_compile_cache_limit(config.host.compile_cache_max_bytes);
+            let runtime = Arc::new(runtime);
             let pool = inspect_pool(&database_url()?, &config, &host_id).await?;
             let by = publisher(&host_id);
             let done = crate::published::publish(&pool, &runtime, &name, bytes, &by)
