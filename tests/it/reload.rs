@@ -3,6 +3,7 @@
 //! replacing a working version with a broken one.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jobhost::HostOptions;
@@ -336,6 +337,36 @@ fn the_compile_cache_serves_a_restart() {
         );
     }
     assert_eq!(artifacts(&dir).len(), 2);
+}
+
+/// A plugin mapped from the compile cache, in a pooled slot that each run
+/// reuses, starts every run from its own initialised memory: the pages a run
+/// wrote are restored from the artifact's file (copy-on-write), not kept.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_run_of_a_cached_plugin_starts_from_its_shipped_memory(pool: PgPool) {
+    use jobhost::runtime::{Allocation, Runtime};
+    let dir = temp_dir("cache-memory");
+    let path = guests::TEST_CORE_PROBE;
+    Runtime::with_cache(&dir)
+        .unwrap()
+        .load(Path::new(path))
+        .unwrap();
+    let runtime = Runtime::with_allocation(Some(&dir), Allocation::pooled(2, 64 << 20)).unwrap();
+    let plugin = runtime.load(Path::new(path)).unwrap();
+    assert_eq!(runtime.cache_hits(), 1, "mapped from the cache");
+    let job = jobhost::runner::Job {
+        config: jobhost_tests::job_config("remember", path, &[("mode", "remember")]),
+        plugin,
+    };
+    let runner = jobhost::runner::Runner::new(pool.clone(), Arc::new(runtime), "test-host");
+    for n in 1..=3 {
+        let result = runner.run(&job, slot(n)).await.unwrap();
+        assert_eq!(
+            finished(result, jobhost::db::Outcome::Ok),
+            "memory said pristine",
+            "run {n}"
+        );
+    }
 }
 
 /// The compiled artifacts in a compile cache.

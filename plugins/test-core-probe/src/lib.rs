@@ -95,10 +95,20 @@ fn write(ctx: &Context, tx: &Tx<'_>) -> Result<(), JobError> {
 
 struct Probe;
 
+/// Initialised memory (in the module's data, not zeroed) that a run
+/// overwrites: the next run must find it as the plugin shipped it.
+static MEMORY: std::sync::Mutex<[u8; 8]> = std::sync::Mutex::new(*b"pristine");
+
 impl Job for Probe {
     fn run(ctx: &Context, tx: &Tx<'_>) -> Result<String, JobError> {
         match ctx.config_str("mode").unwrap_or("write") {
             "noop" => Ok(String::new()),
+            "remember" => {
+                let mut memory = MEMORY.lock().map_err(|_| JobError::new("poisoned"))?;
+                let found = String::from_utf8_lossy(&*memory).into_owned();
+                *memory = *b"touched!";
+                Ok(format!("memory said {found}"))
+            }
             "chatty" => {
                 // Far past the host's output cap, on both streams.
                 let bytes: usize = ctx.config_or("bytes", 200_000)?;
