@@ -1,6 +1,7 @@
 //! The compile cache: each plugin's compiled artifact, stored as wasmtime
-//! serialized it, under the SHA-256 of what was compiled and a hash of the
-//! engine's settings, and mapped straight from its file at the next load.
+//! serialized it, under a key (the plugin's SHA-256: `plugin.rs` says which)
+//! and a hash of the engine's settings, and mapped straight from its file at
+//! the next load.
 //!
 //! Why not wasmtime's own cache (`Config::cache`): it stores each artifact
 //! zstd-compressed, and a hit decompresses the whole artifact into memory,
@@ -87,36 +88,44 @@ impl CompileCache {
         self.hits.load(Ordering::Relaxed)
     }
 
-    /// The artifact of the component `bytes`, whose SHA-256 (hex) is
-    /// `sha256`: mapped from its file if this engine stored it before,
-    /// otherwise compiled, stored and mapped. A store that fails (a full
-    /// disk, a read-only directory) costs the next start a compile, and is
-    /// logged; the component compiled is returned all the same.
-    pub fn component(
-        &self,
-        engine: &Engine,
-        sha256: &str,
-        bytes: &[u8],
-    ) -> wasmtime::Result<Component> {
-        let path = self
-            .dir
-            .join(format!("{sha256}-{}.{ARTIFACT}", self.engine_tag));
-        if path.exists() {
-            match map(engine, &path) {
-                Ok(component) => {
-                    self.hits.fetch_add(1, Ordering::Relaxed);
-                    // Its age for the pruning: used now.
-                    let _ =
-                        std::fs::File::open(&path).and_then(|f| f.set_modified(SystemTime::now()));
-                    return Ok(component);
-                }
-                Err(e) => tracing::warn!(
+    /// The artifact stored under `key` for this engine, mapped from its
+    /// file; `None` if there is none, or if it cannot be used (then it is
+    /// logged, and the caller compiles it again: [`CompileCache::compiled`]
+    /// replaces it).
+    pub fn cached(&self, engine: &Engine, key: &str) -> Option<Component> {
+        let path = self.path(key);
+        if !path.exists() {
+            return None;
+        }
+        match map(engine, &path) {
+            Ok(component) => {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                // Its age for the pruning: used now.
+                let _ = std::fs::File::open(&path).and_then(|f| f.set_modified(SystemTime::now()));
+                Some(component)
+            }
+            Err(e) => {
+                tracing::warn!(
                     file = %path.display(),
                     error = %format!("{e:#}"),
                     "a cached compiled plugin cannot be used; compiling it again"
-                ),
+                );
+                None
             }
         }
+    }
+
+    /// Compiles the component `bytes`, stores it under `key` and maps it. A
+    /// store that fails (a full disk, a read-only directory) costs the next
+    /// start a compile, and is logged; the component compiled is returned
+    /// all the same.
+    pub fn compiled(
+        &self,
+        engine: &Engine,
+        key: &str,
+        bytes: &[u8],
+    ) -> wasmtime::Result<Component> {
+        let path = self.path(key);
         let compiled = Component::new(engine, bytes)?;
         match self.store(&path, &compiled) {
             // Mapped from the file rather than kept as compiled: its code and
@@ -132,6 +141,12 @@ impl CompileCache {
                 Ok(compiled)
             }
         }
+    }
+
+    /// The file of `key`'s artifact for this engine.
+    fn path(&self, key: &str) -> PathBuf {
+        self.dir
+            .join(format!("{key}-{}.{ARTIFACT}", self.engine_tag))
     }
 
     fn store(&self, path: &Path, component: &Component) -> anyhow::Result<()> {

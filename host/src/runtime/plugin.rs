@@ -246,25 +246,49 @@ impl Runtime {
             path: path.to_owned(),
             source,
         };
-        let compiled = if wasmparser::Parser::is_core_wasm(bytes) {
-            let wrapped = lean_component(bytes).map_err(not_component)?;
-            // Keyed by what is compiled: the wrapping may change with the
-            // host's version while the module's bytes do not.
-            let wrapped_sha256 = hex::encode(Sha256::digest(&wrapped));
-            self.compile(&wrapped_sha256, &wrapped)
-        } else if wasmparser::Parser::is_component(bytes) {
-            self.compile(&sha256, bytes)
-        } else {
+        let lean = wasmparser::Parser::is_core_wasm(bytes);
+        if !lean && !wasmparser::Parser::is_component(bytes) {
             return Err(not_component(wasmtime::Error::msg(
                 "the file does not start with the WebAssembly magic bytes",
             )));
+        }
+        // A core module's artifact is keyed by the module and the host's
+        // version, whose wit-component makes the component: a hit skips the
+        // wrapping too (~12 ms of a 14 ms warm start for a 260 KB module).
+        let key = if lean {
+            hex::encode(Sha256::digest(format!(
+                "lean component by jobhost {}: {sha256}",
+                env!("CARGO_PKG_VERSION")
+            )))
+        } else {
+            sha256.clone()
         };
-        // A component that does not compile here: invalid, or beyond this
-        // engine's limits (the pooling allocator's instances per component).
-        let component = compiled.map_err(|source| PluginError::Compile {
-            path: path.to_owned(),
-            source,
-        })?;
+        let cached = self
+            .cache
+            .as_ref()
+            .and_then(|cache| cache.cached(&self.engine, &key));
+        let component = match cached {
+            Some(component) => component,
+            None => {
+                let wrapped = if lean {
+                    Some(lean_component(bytes).map_err(not_component)?)
+                } else {
+                    None
+                };
+                let source = wrapped.as_deref().unwrap_or(bytes);
+                match &self.cache {
+                    Some(cache) => cache.compiled(&self.engine, &key, source),
+                    None => Component::new(&self.engine, source),
+                }
+                // A component that does not compile here: invalid, or beyond
+                // this engine's limits (the pooling allocator's instances per
+                // component).
+                .map_err(|source| PluginError::Compile {
+                    path: path.to_owned(),
+                    source,
+                })?
+            }
+        };
         let wrong_world = |reason: String| PluginError::WrongWorld {
             path: path.to_owned(),
             reason: format!("{reason}; {}", built_against(&self.engine, &component)),
@@ -309,15 +333,6 @@ impl Runtime {
             kind,
             pre,
         })
-    }
-
-    /// The compiled component of `bytes` (SHA-256 `sha256`): through the
-    /// compile cache if this runtime has one.
-    fn compile(&self, sha256: &str, bytes: &[u8]) -> wasmtime::Result<Component> {
-        match &self.cache {
-            Some(cache) => cache.component(&self.engine, sha256, bytes),
-            None => Component::new(&self.engine, bytes),
-        }
     }
 
     /// Instantiates the plugin once under `max_memory_bytes`, as a run
