@@ -242,53 +242,7 @@ impl Runtime {
         sha256: String,
         max_memory_bytes: usize,
     ) -> Result<Plugin, PluginError> {
-        let not_component = |source| PluginError::NotComponent {
-            path: path.to_owned(),
-            source,
-        };
-        let lean = wasmparser::Parser::is_core_wasm(bytes);
-        if !lean && !wasmparser::Parser::is_component(bytes) {
-            return Err(not_component(wasmtime::Error::msg(
-                "the file does not start with the WebAssembly magic bytes",
-            )));
-        }
-        // A core module's artifact is keyed by the module and the host's
-        // version, whose wit-component makes the component: a hit skips the
-        // wrapping too (~12 ms of a 14 ms warm start for a 260 KB module).
-        let key = if lean {
-            hex::encode(Sha256::digest(format!(
-                "lean component by jobhost {}: {sha256}",
-                env!("CARGO_PKG_VERSION")
-            )))
-        } else {
-            sha256.clone()
-        };
-        let cached = self
-            .cache
-            .as_ref()
-            .and_then(|cache| cache.cached(&self.engine, &key));
-        let component = match cached {
-            Some(component) => component,
-            None => {
-                let wrapped = if lean {
-                    Some(lean_component(bytes).map_err(not_component)?)
-                } else {
-                    None
-                };
-                let source = wrapped.as_deref().unwrap_or(bytes);
-                match &self.cache {
-                    Some(cache) => cache.compiled(&self.engine, &key, source),
-                    None => Component::new(&self.engine, source),
-                }
-                // A component that does not compile here: invalid, or beyond
-                // this engine's limits (the pooling allocator's instances per
-                // component).
-                .map_err(|source| PluginError::Compile {
-                    path: path.to_owned(),
-                    source,
-                })?
-            }
-        };
+        let component = self.compile(path, bytes, &sha256)?;
         let wrong_world = |reason: String| PluginError::WrongWorld {
             path: path.to_owned(),
             reason: format!("{reason}; {}", built_against(&self.engine, &component)),
@@ -332,6 +286,56 @@ impl Runtime {
             sha256,
             kind,
             pre,
+        })
+    }
+
+    /// The compiled component of the plugin `bytes` (SHA-256 `sha256`):
+    /// mapped from the compile cache, or compiled (and stored); a core
+    /// module is wrapped into its lean component first.
+    fn compile(&self, path: &Path, bytes: &[u8], sha256: &str) -> Result<Component, PluginError> {
+        let not_component = |source| PluginError::NotComponent {
+            path: path.to_owned(),
+            source,
+        };
+        let lean = wasmparser::Parser::is_core_wasm(bytes);
+        if !lean && !wasmparser::Parser::is_component(bytes) {
+            return Err(not_component(wasmtime::Error::msg(
+                "the file does not start with the WebAssembly magic bytes",
+            )));
+        }
+        // A core module's artifact is keyed by the module and the host's
+        // version, whose wit-component makes the component: a hit skips the
+        // wrapping too (~12 ms of a 14 ms warm start for a 260 KB module).
+        let key = if lean {
+            hex::encode(Sha256::digest(format!(
+                "lean component by jobhost {}: {sha256}",
+                env!("CARGO_PKG_VERSION")
+            )))
+        } else {
+            sha256.to_owned()
+        };
+        if let Some(cached) = self
+            .cache
+            .as_ref()
+            .and_then(|cache| cache.cached(&self.engine, &key))
+        {
+            return Ok(cached);
+        }
+        let wrapped = if lean {
+            Some(lean_component(bytes).map_err(not_component)?)
+        } else {
+            None
+        };
+        let source = wrapped.as_deref().unwrap_or(bytes);
+        match &self.cache {
+            Some(cache) => cache.compiled(&self.engine, &key, source),
+            None => Component::new(&self.engine, source),
+        }
+        // A component that does not compile here: invalid, or beyond this
+        // engine's limits (the pooling allocator's instances per component).
+        .map_err(|source| PluginError::Compile {
+            path: path.to_owned(),
+            source,
         })
     }
 
