@@ -17,9 +17,9 @@
 //! share its pages through the page cache.
 //!
 //! The price is disk: artifacts are stored uncompressed (about three times
-//! wasmtime's compressed size, twice the plugin's `.wasm`). The directory is kept under
-//! a limit (`[host] compile-cache-max-mib`) by removing the least recently used artifacts after
-//! each write.
+//! wasmtime's compressed size, two to three times the plugin's `.wasm`).
+//! The directory is kept under a limit (`[host] compile-cache-max-mib`) by
+//! removing the least recently used artifacts after each write.
 //!
 //! Files here are only ever created whole (written to a temporary name,
 //! then renamed), never changed in place: a host that maps one can rely on
