@@ -564,7 +564,7 @@ impl JobsToml {
             .host
             .compile_cache_max_mib
             .unwrap_or(crate::runtime::CompileCache::DEFAULT_LIMIT_BYTES >> 20);
-        if compile_cache_max_mib == 0 || compile_cache_max_mib > u64::MAX >> 20 {
+        if compile_cache_max_mib == 0 {
             return Err(invalid(
                 "-",
                 "`host.compile-cache-max-mib` must be at least 1 (a cache that keeps nothing would compile every plugin at every start)".into(),
@@ -740,7 +740,8 @@ impl JobsToml {
                         .compile_cache
                         .unwrap_or_else(|| PathBuf::from(".jobhost/compile-cache")),
                 ),
-                compile_cache_max_bytes: compile_cache_max_mib << 20,
+                // Saturating: a limit past what a disk holds means none.
+                compile_cache_max_bytes: compile_cache_max_mib.saturating_mul(1 << 20),
                 watch: self.host.watch.unwrap_or(true),
                 pooling_allocator: self.host.pooling_allocator.unwrap_or(true),
                 reload_debounce: self
@@ -789,6 +790,14 @@ mod tests {
             e.contains("compile-cache-max-mib") && e.contains("at least 1"),
             "{e}"
         );
+        // A huge limit is no limit, not an overflow (it was refused as "at
+        // least 1").
+        let huge = parse(&format!(
+            "[host]\ncompile-cache-max-mib = {}\n{job}",
+            u64::MAX
+        ))
+        .unwrap();
+        assert_eq!(huge.host.compile_cache_max_bytes, u64::MAX);
     }
 
     #[test]
