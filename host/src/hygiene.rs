@@ -15,15 +15,27 @@
 //!    level, a temporary object, a holdable cursor... The runner then rolls
 //!    back to the savepoint before the plugin's work and records the run as
 //!    `error` naming what it did;
-//! 2. **after COMMIT**, the same check with nothing allowed
-//!    ([`leftovers_sql`]): what survives the transaction (the job's own key
-//!    taken twice, a `LISTEN`, a session-level change of a setting the
-//!    plugin also `SET LOCAL`). A connection with leftovers is closed, never
-//!    pooled, and the runner logs `session_state_leaked` with the job.
+//! 2. **after COMMIT**, the same check with nothing allowed but what a fresh
+//!    connection carries ([`leftovers_sql`]): what survives the transaction
+//!    (the job's own key taken twice, a `LISTEN`, a session-level change of
+//!    a setting the plugin also `SET LOCAL`). A connection with leftovers is
+//!    closed, never pooled, and the runner logs `session_state_leaked` with
+//!    the job.
+//!
+//! Deferred triggers are the plugin's code too, and Postgres runs them at
+//! COMMIT, after the check and as whatever role is in force then: left
+//! alone, a job's `DEFERRABLE INITIALLY DEFERRED` constraint trigger would
+//! run unchecked, *as the host's role* (a restricted role's way to the
+//! host's rights). So the host fires them first ([`FIRE_DEFERRED`], while
+//! the job's role is still in force), checks, and takes the job's role again
+//! for COMMIT, where only a trigger that one of them deferred anew can still
+//! fire: with the job's rights, and with the check after COMMIT reading
+//! settings too wherever such triggers exist.
 //!
 //! Cost: reading `pg_settings` (every setting formatted) is most of it, so it
 //! happens once per run, before COMMIT; the check after COMMIT skips it
-//! unless the plugin used `SET LOCAL`. A run none of whose statements reached
+//! unless the plugin used `SET LOCAL` or the database holds deferrable
+//! triggers of its users' own. A run none of whose statements reached
 //! the connection (a plugin that found nothing to do) cannot have changed the
 //! session and is not checked. The benchmark shows the cost side by side with
 //! the closing query without checks.
@@ -52,7 +64,8 @@ pub enum AfterCommit {
     Skip,
     /// Locks, temporary objects, cursors, LISTEN, prepared statements; not
     /// settings (the check before COMMIT saw them, and a rollback reverts
-    /// every setting changed in the transaction).
+    /// every setting changed in the transaction), unless the database holds
+    /// deferrable triggers of its users (see [`leftovers_sql`]).
     Light,
     /// Settings too: the plugin used `SET LOCAL`, which masks a session-level
     /// change of the same setting before COMMIT.
@@ -60,16 +73,35 @@ pub enum AfterCommit {
 }
 
 /// The post-commit check: one row, one nullable text column (`None` for
-/// [`AfterCommit::Skip`]).
-pub fn leftovers_sql(check: AfterCommit) -> Option<String> {
+/// [`AfterCommit::Skip`]). `baseline` is what a fresh connection of the pool
+/// carries at session level (`name=value`), which is not a leak.
+///
+/// Settings are read after COMMIT for [`AfterCommit::WithSettings`], and for
+/// [`AfterCommit::Light`] too when the database holds deferrable triggers of
+/// its users' own: the host fires the plugin's deferred triggers before its
+/// check ([`FIRE_DEFERRED`]), but one of them can defer another past it, to
+/// COMMIT, where it may change a setting. Where there are none (the usual
+/// database), nothing of a plugin's runs after the check, and the probe is
+/// all this costs.
+pub fn leftovers_sql(check: AfterCommit, baseline: &[String]) -> Option<String> {
+    let baseline = text_array(baseline.iter());
     let allowed = match check {
         AfterCommit::Skip => return None,
-        AfterCommit::Light => "null",
-        AfterCommit::WithSettings => "'{}'::text[]",
+        AfterCommit::Light => format!(
+            "case when exists (select 1 from pg_catalog.pg_trigger t \
+             where t.tgdeferrable and not t.tgisinternal) then {baseline} end"
+        ),
+        AfterCommit::WithSettings => baseline,
     };
     Some(format!(
         "select jobhost.session_state(null, null, {allowed}, {CALLER_SEARCH_PATH})"
     ))
+}
+
+/// `items` as a `text[]` literal.
+fn text_array<'a>(items: impl Iterator<Item = &'a String>) -> String {
+    let quoted: Vec<String> = items.map(|s| quote_literal(s)).collect();
+    format!("array[{}]::text[]", quoted.join(", "))
 }
 
 /// The check after COMMIT for a transaction the plugin used as described.
@@ -94,19 +126,45 @@ const HOST_LOCAL_SETTINGS: &[&str] = &[
 /// function it is the function's own.
 const CALLER_SEARCH_PATH: &str = "pg_catalog.current_setting('search_path')";
 
-/// The host's own role back, then the check of what the plugin left (it reads
-/// the `search_path` the plugin left, so it comes first), then a
-/// `search_path` no job can have planted anything in for the host's
-/// statements that follow. Every name is schema-qualified as well.
-fn host_scope_checked(role: Option<&str>, check: &str) -> String {
+/// Fires the plugin's deferred triggers (constraint triggers `DEFERRABLE
+/// INITIALLY DEFERRED`) now, while the job's role is still in force and
+/// before the check: left for COMMIT, they would run after the check, and as
+/// the host's role, which the host takes back to write the run's row.
+pub const FIRE_DEFERRED: &str = "set constraints all immediate";
+
+/// The end of a plugin's scope, up to the run's row: its deferred triggers
+/// fired ([`FIRE_DEFERRED`]), then the host's own role back, then the check
+/// of what the plugin left (it reads the `search_path` the plugin left, so
+/// it comes first), then a `search_path` no job can have planted anything
+/// in for the host's statements that follow. Every name is schema-qualified
+/// as well. `check` is `None` when no statement of the plugin's reached the
+/// connection: nothing of it can be pending or left.
+fn host_scope_checked(role: Option<&str>, check: Option<&str>) -> String {
     let mut sql = String::new();
+    if check.is_some() {
+        sql.push_str(FIRE_DEFERRED);
+        sql.push_str(";\n");
+    }
     if role.is_some() {
         sql.push_str("reset role;\n");
     }
-    sql.push_str(check);
-    sql.push_str(";\n");
+    if let Some(check) = check {
+        sql.push_str(check);
+        sql.push_str(";\n");
+    }
     sql.push_str(HOST_SEARCH_PATH);
     sql
+}
+
+/// COMMIT, as the job's role again when the plugin's statements reached the
+/// connection (`touched`): a trigger that deferred another past
+/// [`FIRE_DEFERRED`] fires at COMMIT, and must fire with the job's rights,
+/// never the host's. (`SET LOCAL` ends with the transaction.)
+fn commit_as(role: Option<&str>, touched: bool) -> String {
+    match role {
+        Some(role) if touched => format!("{};\ncommit", crate::db::set_local_role_sql(role)),
+        _ => "commit".to_owned(),
+    }
 }
 
 /// The `search_path` of the host's statements after a plugin's.
@@ -124,20 +182,16 @@ pub fn allowed(baseline: &[String], plugin_local: &[String]) -> Vec<String> {
 /// advisory lock of its own); `plugin_local` the settings the plugin changed
 /// with `SET LOCAL` (the guard saw them).
 pub fn assert_clean_sql(own: Option<(i32, i32)>, plugin_local: &[String]) -> String {
-    let allowed: Vec<String> = HOST_LOCAL_SETTINGS
+    let host_local: Vec<String> = HOST_LOCAL_SETTINGS
         .iter()
         .map(|s| (*s).to_owned())
-        .chain(plugin_local.iter().cloned())
-        .map(|s| quote_literal(&s))
         .collect();
+    let allowed = text_array(host_local.iter().chain(plugin_local));
     let (ns, key) = match own {
         Some((ns, key)) => (ns.to_string(), key.to_string()),
         None => ("null".into(), "null".into()),
     };
-    format!(
-        "select jobhost.assert_clean({ns}, {key}, array[{}]::text[], {CALLER_SEARCH_PATH})",
-        allowed.join(", ")
-    )
+    format!("select jobhost.assert_clean({ns}, {key}, {allowed}, {CALLER_SEARCH_PATH})")
 }
 
 /// The closing statements of a session job's short transaction: the host's
@@ -149,14 +203,11 @@ pub fn commit_session_sql(
     plugin_local: &[String],
     lock_check: &str,
 ) -> String {
-    let check = if touched {
-        assert_clean_sql(None, plugin_local)
-    } else {
-        "select true".to_owned()
-    };
+    let check = touched.then(|| assert_clean_sql(None, plugin_local));
     format!(
-        "{};\n{lock_check};\ncommit",
-        host_scope_checked(role, &check)
+        "{};\n{lock_check};\n{}",
+        host_scope_checked(role, check.as_deref()),
+        commit_as(role, touched),
     )
 }
 
@@ -171,14 +222,12 @@ pub fn commit_ok_sql(
     record: &str,
 ) -> String {
     let key = job.lock_key;
-    let check = if touched {
-        assert_clean_sql(Some((key.namespace, key.key)), plugin_local)
-    } else {
-        "select true".to_owned()
-    };
+    let check = touched.then(|| assert_clean_sql(Some((key.namespace, key.key)), plugin_local));
+    let role = job.role.as_deref();
     format!(
-        "{};\n{record};\ncommit",
-        host_scope_checked(job.role.as_deref(), &check),
+        "{};\n{record};\n{}",
+        host_scope_checked(role, check.as_deref()),
+        commit_as(role, touched),
     )
 }
 

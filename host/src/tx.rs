@@ -133,10 +133,16 @@ impl OpenTx {
     ///
     /// `check`: how much the check after COMMIT reads
     /// ([`AfterCommit`]; with `Skip` the connection is returned unchecked,
-    /// for transactions no plugin statement reached).
-    pub async fn finish(&mut self, closing: &str, check: AfterCommit) -> sqlx::Result<Leftovers> {
+    /// for transactions no plugin statement reached); `baseline`: the
+    /// session-level settings a fresh connection of the pool carries.
+    pub async fn finish(
+        &mut self,
+        closing: &str,
+        check: AfterCommit,
+        baseline: &[String],
+    ) -> sqlx::Result<Leftovers> {
         self.close_statements().await?;
-        let leftovers_sql = crate::hygiene::leftovers_sql(check);
+        let leftovers_sql = crate::hygiene::leftovers_sql(check, baseline);
         let Some(conn) = self.conn() else {
             return Err(sqlx::Error::PoolClosed);
         };

@@ -220,6 +220,126 @@ async fn a_temporary_table_created_through_a_function_is_caught(pool: PgPool) {
     .await;
 }
 
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_setting_changed_by_a_deferred_trigger_is_caught_before_commit(pool: PgPool) {
+    // Postgres runs a deferred trigger at COMMIT, after the check: the host
+    // fires them before it, so this is caught like any other leak.
+    leak_case(
+        &pool,
+        &[
+            "create table jobspace.later (x int)",
+            "create function jobspace.sp() returns trigger language plpgsql as $$ begin perform set_config('search_path', 'jobspace, public', false); return null; end $$",
+            "create constraint trigger sp after insert on jobspace.later deferrable initially deferred for each row execute function jobspace.sp()",
+        ],
+        "insert into jobspace.later values (1)",
+        "search_path",
+    )
+    .await;
+}
+
+/// The setup of the deferred-trigger cases, as the restricted role: table
+/// `first`'s deferred trigger notes who it runs as, then defers again and
+/// writes `second`, whose deferred trigger notes who it runs as and runs
+/// `then` (SQL in a PL/pgSQL body). Fired early by the host, the first
+/// trigger defers the second past the check, to COMMIT.
+fn redeferring_setup(then: &str) -> Vec<String> {
+    vec![
+        "create table jobspace.who (fired text, by_role text)".into(),
+        "create table jobspace.first (x int)".into(),
+        "create table jobspace.second (x int)".into(),
+        "create function jobspace.redefer() returns trigger language plpgsql as $$ begin \
+             insert into jobspace.who values (tg_table_name, current_user); \
+             set constraints all deferred; insert into jobspace.second values (1); return null; end $$"
+            .into(),
+        format!(
+            "create function jobspace.note() returns trigger language plpgsql as $$ begin \
+             insert into jobspace.who values (tg_table_name, current_user); {then} return null; end $$"
+        ),
+        "create constraint trigger t1 after insert on jobspace.first deferrable initially deferred for each row execute function jobspace.redefer()".into(),
+        "create constraint trigger t2 after insert on jobspace.second deferrable initially deferred for each row execute function jobspace.note()".into(),
+    ]
+}
+
+/// A job's deferred triggers run with the job's rights, never the host's:
+/// Postgres runs them as the role in force when they fire, and the host
+/// takes its own role back to write the run's row. A restricted role's
+/// deferred trigger at COMMIT would otherwise run as the host's role (here a
+/// superuser). The second trigger is deferred past the host's early firing,
+/// so it fires at COMMIT itself.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_deferred_trigger_runs_as_the_jobs_role_never_the_hosts(pool: PgPool) {
+    create_probe_table(&pool).await;
+    sqlx::query("create schema jobspace")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let role = restricted_role(&pool).await;
+    let (runner, one) = one_connection_runner(&pool).await;
+    for (i, sql) in redeferring_setup("").iter().enumerate() {
+        let result = hostile_run(&runner, "deferring", Some(&role), sql, i as i64).await;
+        finished(result, Outcome::Ok);
+    }
+    let attack = "insert into jobspace.first values (1)";
+    finished(
+        hostile_run(&runner, "deferring", Some(&role), attack, 50).await,
+        Outcome::Ok,
+    );
+    let fired: Vec<(String, String)> =
+        sqlx::query_as("select fired, by_role from jobspace.who order by fired")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        fired,
+        [
+            ("first".to_owned(), role.clone()),
+            ("second".to_owned(), role.clone())
+        ],
+        "each deferred trigger ran as the job's role"
+    );
+    one.close().await;
+    drop_role(&pool, &role).await;
+}
+
+/// A setting changed by a trigger that fires at COMMIT itself (deferred anew
+/// past the host's early firing) is found after COMMIT: the run's work
+/// stands, the connection is closed, and the next job never sees it.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_setting_changed_at_commit_never_reaches_the_next_job(pool: PgPool) {
+    create_probe_table(&pool).await;
+    sqlx::query("create schema jobspace")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let role = restricted_role(&pool).await;
+    let (runner, one) = one_connection_runner(&pool).await;
+    let setup = redeferring_setup("perform set_config('search_path', 'jobspace, public', false);");
+    for (i, sql) in setup.iter().enumerate() {
+        let result = hostile_run(&runner, "deferring", Some(&role), sql, i as i64).await;
+        finished(result, Outcome::Ok);
+    }
+    let logs = LogCapture::start();
+    let attack = "insert into jobspace.first values (1)";
+    finished(
+        hostile_run(&runner, "deferring", Some(&role), attack, 50).await,
+        Outcome::Ok,
+    );
+    let text = logs.text();
+    assert!(
+        text.lines().any(|l| l.contains("session_state_leaked")
+            && l.contains("job=deferring")
+            && l.contains("search_path")),
+        "the leak is logged with the job: {text}"
+    );
+    let seen = next_job_sees(&runner, 0).await;
+    assert!(
+        seen.contains("public | temp objects: 0 | session locks: 0") && !seen.contains("jobspace"),
+        "the next job saw {seen}"
+    );
+    one.close().await;
+    drop_role(&pool, &role).await;
+}
+
 /// The host's statements after the plugin's cannot be redirected: the job's
 /// role creates a `clock_timestamp()` in its own schema and moves its
 /// `search_path` there (through a function, since the guard refuses `SET`).
@@ -332,7 +452,7 @@ async fn a_finished_transaction_keeps_its_connection_until_dropped(pool: PgPool)
     let mut tx = OpenTx::begin(one.acquire().await.unwrap(), "", Pooler::None)
         .await
         .unwrap();
-    let left = tx.finish("commit", AfterCommit::Light).await.unwrap();
+    let left = tx.finish("commit", AfterCommit::Light, &[]).await.unwrap();
     assert_eq!(left, None);
     assert!(
         tx.conn().is_none(),
@@ -358,7 +478,7 @@ async fn a_finished_transaction_keeps_its_connection_until_dropped(pool: PgPool)
         .execute(&mut *conn)
         .await
         .unwrap();
-    let left = tx.finish("commit", AfterCommit::Light).await.unwrap();
+    let left = tx.finish("commit", AfterCommit::Light, &[]).await.unwrap();
     assert!(
         left.is_some_and(|l| l.contains("advisory")),
         "the check saw the lock"

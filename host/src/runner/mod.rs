@@ -756,7 +756,7 @@ impl Runner {
         } else {
             hygiene::after_commit(touched, &[])
         };
-        let finished = tx.finish(&closing, check).await;
+        let finished = tx.finish(&closing, check, &self.session_baseline).await;
         drop(spent);
         let e = match finished {
             Ok(leftovers) => {
@@ -781,7 +781,14 @@ impl Runner {
                 ..record.clone()
             };
             let closing = hygiene::commit_failure_sql(&db::record_sql(id, &run.row, &failed));
-            let written = match tx.finish(&closing, hygiene::AfterCommit::Light).await {
+            let written = match tx
+                .finish(
+                    &closing,
+                    hygiene::AfterCommit::Light,
+                    &self.session_baseline,
+                )
+                .await
+            {
                 Ok(_) => true,
                 Err(e) => {
                     error!(job = %name, error = %e, "cannot record the run on its connection");

@@ -129,8 +129,13 @@ impl TxHandle {
     /// checking the connection before it goes back to the pool.
     pub async fn rollback(&mut self) {
         if let Some(mut tx) = self.tx.take() {
+            // A rollback discards the plugin's deferred triggers unfired.
             let check = hygiene::after_commit(self.touched, &[]);
-            match tx.finish("rollback", check).await {
+            let baseline = self
+                .own_commit
+                .as_ref()
+                .map_or(&[][..], |rights| &rights.session_baseline[..]);
+            match tx.finish("rollback", check, baseline).await {
                 Ok(None) => {}
                 Ok(Some(left)) => self.report_leak(&left),
                 Err(e) => {
@@ -198,7 +203,7 @@ impl TxHandle {
             return Ok(Err(Error::ScopeClosed));
         };
         let check = hygiene::after_commit(self.touched, &self.local_settings);
-        match tx.finish(&closing, check).await {
+        match tx.finish(&closing, check, &rights.session_baseline).await {
             Ok(left) => {
                 self.tx = None;
                 if let Some(left) = left {

@@ -1161,7 +1161,7 @@ async fn hygiene_cost(
         let with = format!(
             "{};\n{}",
             hygiene::commit_ok_sql(&job.config, true, &[], &record()),
-            hygiene::leftovers_sql(hygiene::AfterCommit::Light).unwrap_or_default()
+            hygiene::leftovers_sql(hygiene::AfterCommit::Light, &[]).unwrap_or_default()
         );
         let without = format!(
             "set local search_path = pg_catalog, pg_temp;\n{};\ncommit",
