@@ -688,3 +688,50 @@ async fn a_session_jobs_commit_that_would_leak_is_refused(pool: PgPool) {
     );
     one.close().await;
 }
+
+/// A session job's own COMMIT fires its deferred triggers as the job's role
+/// too (the same closing statements as an `xact` run's).
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_session_jobs_deferred_trigger_runs_as_the_jobs_role(pool: PgPool) {
+    create_probe_table(&pool).await;
+    sqlx::query("create schema jobspace")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let role = restricted_role(&pool).await;
+    let setup = redeferring_setup("").join(";\n");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "set role \"{role}\";\n{setup};\nreset role"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (runner, one) = one_connection_runner(&pool).await;
+    let mut long = job(
+        "long-deferring",
+        guests::TEST_SESSION_PROBE,
+        &[
+            ("mode", "sql"),
+            ("sql", "insert into jobspace.first values (1)"),
+        ],
+    );
+    long.config.lock = jobhost::config::LockMode::Session;
+    long.config.heartbeat = Duration::from_millis(200);
+    long.config.role = Some(role.clone());
+    finished(runner.run(&long, slot(1)).await.unwrap(), Outcome::Ok);
+    let fired: Vec<(String, String)> =
+        sqlx::query_as("select fired, by_role from jobspace.who order by fired")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        fired,
+        [
+            ("first".to_owned(), role.clone()),
+            ("second".to_owned(), role.clone())
+        ],
+        "each deferred trigger ran as the job's role"
+    );
+    one.close().await;
+    drop_role(&pool, &role).await;
+}
