@@ -30,7 +30,8 @@
 //! the job's role is still in force), checks, and takes the job's role again
 //! for COMMIT, where only a trigger that one of them deferred anew can still
 //! fire: with the job's rights, and with the check after COMMIT reading
-//! settings too wherever such triggers exist.
+//! settings too whenever such triggers existed at the check
+//! ([`DEFERRABLE_TRIGGERS`]).
 //!
 //! Cost: reading `pg_settings` (every setting formatted) is most of it, so it
 //! happens once per run, before COMMIT; the check after COMMIT skips it
@@ -64,8 +65,9 @@ pub enum AfterCommit {
     Skip,
     /// Locks, temporary objects, cursors, LISTEN, prepared statements; not
     /// settings (the check before COMMIT saw them, and a rollback reverts
-    /// every setting changed in the transaction), unless the database holds
-    /// deferrable triggers of its users (see [`leftovers_sql`]).
+    /// every setting changed in the transaction), unless the database held
+    /// deferrable triggers of its users' own at the check
+    /// ([`DEFERRABLE_TRIGGERS`]).
     Light,
     /// Settings too: the plugin used `SET LOCAL`, which masks a session-level
     /// change of the same setting before COMMIT.
@@ -75,27 +77,37 @@ pub enum AfterCommit {
 /// The post-commit check: one row, one nullable text column (`None` for
 /// [`AfterCommit::Skip`]). `baseline` is what a fresh connection of the pool
 /// carries at session level (`name=value`), which is not a leak.
-///
-/// Settings are read after COMMIT for [`AfterCommit::WithSettings`], and for
-/// [`AfterCommit::Light`] too when the database holds deferrable triggers of
-/// its users' own: the host fires the plugin's deferred triggers before its
-/// check ([`FIRE_DEFERRED`]), but one of them can defer another past it, to
-/// COMMIT, where it may change a setting. Where there are none (the usual
-/// database), nothing of a plugin's runs after the check, and the probe is
-/// all this costs.
 pub fn leftovers_sql(check: AfterCommit, baseline: &[String]) -> Option<String> {
-    let baseline = text_array(baseline.iter());
     let allowed = match check {
         AfterCommit::Skip => return None,
-        AfterCommit::Light => format!(
-            "case when exists (select 1 from pg_catalog.pg_trigger t \
-             where t.tgdeferrable and not t.tgisinternal) then {baseline} end"
-        ),
-        AfterCommit::WithSettings => baseline,
+        AfterCommit::Light => "null".to_owned(),
+        AfterCommit::WithSettings => text_array(baseline.iter()),
     };
     Some(format!(
         "select jobhost.session_state(null, null, {allowed}, {CALLER_SEARCH_PATH})"
     ))
+}
+
+/// The column of the check before COMMIT that says whether the database
+/// holds deferrable triggers of its users' own, read at the check: only
+/// through one of them can a plugin's code still run at COMMIT (a trigger
+/// the host fired early may defer another past [`FIRE_DEFERRED`]), and it
+/// must exist at the check to fire at COMMIT, since only the host's own
+/// statements run in between. Read after COMMIT instead, it could be gone:
+/// such a trigger can drop itself as it fires.
+pub const DEFERRABLE_TRIGGERS: &str = "deferrable_triggers";
+
+/// Whether the rows of a closing query say that a plugin's code may have run
+/// at COMMIT ([`DEFERRABLE_TRIGGERS`]): then the check after COMMIT reads
+/// settings too ([`AfterCommit::WithSettings`]).
+pub fn code_may_run_at_commit(rows: &[sqlx::postgres::PgRow]) -> bool {
+    use sqlx::{Column as _, Row as _};
+    rows.iter().any(|row| {
+        row.columns()
+            .iter()
+            .any(|c| c.name() == DEFERRABLE_TRIGGERS)
+            && row.try_get::<bool, _>(DEFERRABLE_TRIGGERS).unwrap_or(true)
+    })
 }
 
 /// `items` as a `text[]` literal.
@@ -191,7 +203,11 @@ pub fn assert_clean_sql(own: Option<(i32, i32)>, plugin_local: &[String]) -> Str
         Some((ns, key)) => (ns.to_string(), key.to_string()),
         None => ("null".into(), "null".into()),
     };
-    format!("select jobhost.assert_clean({ns}, {key}, {allowed}, {CALLER_SEARCH_PATH})")
+    format!(
+        "select jobhost.assert_clean({ns}, {key}, {allowed}, {CALLER_SEARCH_PATH}), \
+         exists (select 1 from pg_catalog.pg_trigger t where t.tgdeferrable and not t.tgisinternal) \
+         as {DEFERRABLE_TRIGGERS}"
+    )
 }
 
 /// The closing statements of a session job's short transaction: the host's

@@ -157,13 +157,28 @@ impl OpenTx {
         let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
             .fetch_all(&mut *conn)
             .await?;
-        // The check is the only statement that returns rows. A connection
-        // with leftovers, or whose check cannot be read, is closed.
+        // The check after COMMIT is the last statement. A connection with
+        // leftovers, or whose check cannot be read, is closed.
         self.state = State::Discard;
-        let leftovers: Option<String> = match rows.last() {
+        let mut leftovers: Option<String> = match rows.last() {
             Some(row) => row.try_get(0)?,
             None => return Err(sqlx::Error::RowNotFound),
         };
+        // A trigger of the plugin's may have run at COMMIT, after the check
+        // before it: read the settings too (rare: one more round trip, where
+        // the database holds deferrable triggers of its users' own).
+        if leftovers.is_none()
+            && check == AfterCommit::Light
+            && crate::hygiene::code_may_run_at_commit(&rows)
+            && let Some(settings) =
+                crate::hygiene::leftovers_sql(AfterCommit::WithSettings, baseline)
+            && let Some(conn) = self.conn.as_deref_mut()
+        {
+            leftovers = sqlx::raw_sql(sqlx::AssertSqlSafe(settings))
+                .fetch_one(conn)
+                .await?
+                .try_get(0)?;
+        }
         if leftovers.is_none() {
             self.state = State::Clean;
         }
