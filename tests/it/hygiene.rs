@@ -741,3 +741,55 @@ async fn a_session_jobs_deferred_trigger_runs_as_the_jobs_role(pool: PgPool) {
     one.close().await;
     drop_role(&pool, &role).await;
 }
+
+/// A deferred constraint the plugin's work violates is the run's error, like
+/// any statement's: its work is rolled back and its row says what Postgres
+/// said, written on the run's own connection (the host fires deferred
+/// constraints before its check, inside the transaction it can still roll
+/// back to the savepoint; at COMMIT, the transaction was lost).
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_violated_deferred_constraint_fails_the_run_and_rolls_it_back(pool: PgPool) {
+    create_probe_table(&pool).await;
+    sqlx::raw_sql(
+        "create schema jobspace;
+         create table jobspace.parent (id int primary key);
+         create table jobspace.child (parent int references jobspace.parent deferrable initially deferred)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (runner, one) = one_connection_runner(&pool).await;
+    let pid = |one: PgPool| async move {
+        sqlx::query_scalar::<_, i32>("select pg_backend_pid()")
+            .fetch_one(&one)
+            .await
+            .unwrap()
+    };
+    let before = pid(one.clone()).await;
+    let result = hostile_run(
+        &runner,
+        "deferred-fk",
+        None,
+        "insert into jobspace.child values (42)",
+        1,
+    )
+    .await;
+    let msg = finished(result, Outcome::Error);
+    assert!(
+        msg.starts_with("SQLSTATE 23503") && msg.contains("child_parent_fkey"),
+        "{msg}"
+    );
+    let (rows, probes): (i64, i64) = sqlx::query_as(
+        "select (select count(*) from jobspace.child), (select count(*) from probe)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((rows, probes), (0, 0), "the run's work was rolled back");
+    assert_eq!(
+        pid(one.clone()).await,
+        before,
+        "the run's connection went back to the pool"
+    );
+    one.close().await;
+}

@@ -770,11 +770,28 @@ impl Runner {
             }
             Err(e) => e,
         };
-        if let Some(leak) = hygiene::leaked(&e) {
-            log_leak(name, &leak, "before commit");
-            let message = format!(
-                "{leak}: the plugin left state on its connection that would outlive the run; its work was rolled back and the connection closed"
-            );
+        // The transaction is still there, aborted, when the closing query of
+        // an `ok` run failed before its COMMIT: the check found a leak, or the
+        // plugin's deferred constraints and triggers, fired before the check,
+        // raised. Either way the run failed and its work is rolled back to the
+        // savepoint; its row is written on the same connection.
+        let refused = match hygiene::leaked(&e) {
+            Some(leak) => {
+                log_leak(name, &leak, "before commit");
+                Some(format!(
+                    "{leak}: the plugin left state on its connection that would outlive the run; its work was rolled back and the connection closed"
+                ))
+            }
+            None if run_outcome == Outcome::Ok => e.as_database_error().map(|db| {
+                format!(
+                    "SQLSTATE {}: {} (raised at the end of the run by the plugin's deferred constraints or triggers; its work was rolled back)",
+                    db.code().unwrap_or_default(),
+                    db.message()
+                )
+            }),
+            None => None,
+        };
+        if let Some(message) = refused {
             let failed = RunRecord {
                 outcome: Outcome::Error,
                 message: &message,
