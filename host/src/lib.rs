@@ -47,6 +47,8 @@
 //! - [`published`]: plugins shipped through Postgres (`publish`,
 //!   `rollback`, `plugins`, `plugin = "published:NAME"`), resolved to local
 //!   files at start and at each reload.
+//! - [`roles`]: what a job's role may do that would undo what it is for
+//!   (create a function that `RESET ROLE`s), said at start and reload.
 //! - [`inspect`]: `status` and `locks` for operators (what they look at).
 //! - [`metrics`]: the host's Prometheus metrics.
 //! - [`serve`]: `[host] listen`: `/metrics`, `/healthz`, the read-only
@@ -82,6 +84,7 @@ pub mod metrics;
 pub mod operate;
 pub mod published;
 pub mod reload;
+pub mod roles;
 pub mod runner;
 pub mod runtime;
 pub mod scaffold;
@@ -169,6 +172,8 @@ pub async fn run(
         cache_hits = runtime.cache_hits(),
         "plugins loaded"
     );
+    let job_configs: Vec<_> = jobs.iter().map(|j| j.config.clone()).collect();
+    roles::warn_about(&pool, &job_configs).await;
     let _demo_http = if options.demo {
         demo::setup(&pool)
             .await

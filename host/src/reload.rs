@@ -228,6 +228,10 @@ impl Reloader {
             }
         }
         info!(jobs = next.len(), "reload applied");
+        if let Some((pool, _)) = &self.published {
+            let configs: Vec<_> = next.iter().map(|j| j.config.clone()).collect();
+            crate::roles::warn_about(pool, &configs).await;
+        }
         self.count(true);
         self.jobs = next.clone();
         self.report(&config, None).await;
