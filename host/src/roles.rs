@@ -3,8 +3,9 @@
 //!
 //! A run's transaction is `SET LOCAL ROLE` the job's role, but its
 //! connection logs in as the host's role, and Postgres lets any code in the
-//! transaction `RESET ROLE` (or `SET ROLE NONE`) back to the login role: only
-//! `SECURITY DEFINER` functions are refused that. The guard refuses such a
+//! transaction `RESET ROLE` (or `SET ROLE NONE`) back to the login role, or
+//! `SET ROLE` to any role the login role may become (every other job's):
+//! only `SECURITY DEFINER` functions are refused that. The guard refuses such a
 //! statement from the plugin, but cannot see into the bodies of functions
 //! the job's role creates. So a job role that may create functions (`CREATE`
 //! on any schema) can run as the host's login role, and a superuser login
@@ -84,7 +85,7 @@ pub async fn audit(pool: &PgPool, jobs: &[JobConfig]) -> sqlx::Result<Vec<Findin
                 }
                 if let Some(schemas) = creates {
                     what.push(format!(
-                        "may create functions (CREATE on schema {schemas}), and a function can RESET ROLE to act as {login}"
+                        "may create functions (CREATE on schema {schemas}), and a function can RESET ROLE to act as {login}, or SET ROLE to any other job's role"
                     ));
                 }
             }
