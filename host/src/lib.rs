@@ -48,7 +48,8 @@
 //!   `rollback`, `plugins`, `plugin = "published:NAME"`), resolved to local
 //!   files at start and at each reload.
 //! - [`roles`]: what a job's role may do that would undo what it is for
-//!   (create a function that `RESET ROLE`s), said at start and reload.
+//!   (create a function that `RESET ROLE`s): refused or warned about at
+//!   start and reload.
 //! - [`inspect`]: `status` and `locks` for operators (what they look at).
 //! - [`metrics`]: the host's Prometheus metrics.
 //! - [`serve`]: `[host] listen`: `/metrics`, `/healthz`, the read-only
@@ -173,7 +174,7 @@ pub async fn run(
         "plugins loaded"
     );
     let job_configs: Vec<_> = jobs.iter().map(|j| j.config.clone()).collect();
-    roles::warn_about(&pool, &job_configs).await;
+    roles::check(&pool, &job_configs).await?;
     let _demo_http = if options.demo {
         demo::setup(&pool)
             .await

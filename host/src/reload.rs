@@ -202,6 +202,14 @@ impl Reloader {
             }
             Err(e) => Err(e),
         };
+        // The new jobs' roles, read where the host has its database.
+        let loaded = match (loaded, &self.published) {
+            (Ok(next), Some((pool, _))) => {
+                let configs: Vec<_> = next.iter().map(|j| j.config.clone()).collect();
+                crate::roles::check(pool, &configs).await.map(|()| next)
+            }
+            (loaded, _) => loaded,
+        };
         let next = match loaded {
             Ok(next) => next,
             Err(e) => {
@@ -228,10 +236,6 @@ impl Reloader {
             }
         }
         info!(jobs = next.len(), "reload applied");
-        if let Some((pool, _)) = &self.published {
-            let configs: Vec<_> = next.iter().map(|j| j.config.clone()).collect();
-            crate::roles::warn_about(pool, &configs).await;
-        }
         self.count(true);
         self.jobs = next.clone();
         self.report(&config, None).await;

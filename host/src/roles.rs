@@ -12,8 +12,14 @@
 //! can run programs on the database server (`COPY ... TO PROGRAM`). The hole
 //! closes only when a run's connection logs in as the job's role (DESIGN §7,
 //! the test `hygiene::a_job_role_cannot_become_the_hosts_login_role`, ignored
-//! until then). Until then the host says so, at start and at each reload,
-//! for each job whose role is such a role, or no role at all that exists.
+//! until then).
+//!
+//! Until then the host reads every job's role at start and at each reload
+//! ([`check`]): a role that may create (`CREATE` on a schema) is refused
+//! unless the job says `role-may-create = true`, the operator's word that
+//! the job is trusted that far (a job that manages partitions needs it);
+//! a superuser role, `CREATEROLE`, `BYPASSRLS` and a role that does not
+//! exist are warned about.
 
 use sqlx::PgPool;
 
@@ -28,6 +34,8 @@ pub struct Finding {
     pub role: String,
     /// What the role may do, and what that means.
     pub what: String,
+    /// The job is refused for it (not only warned about).
+    pub refused: bool,
 }
 
 /// The roles of `jobs`, read from `pg_roles`: each finding names the job, the
@@ -72,44 +80,63 @@ pub async fn audit(pool: &PgPool, jobs: &[JobConfig]) -> sqlx::Result<Vec<Findin
         };
         let mut what = Vec::new();
         match rows.iter().find(|r| r.0 == role) {
-            None => what.push("does not exist: every run of the job fails".to_owned()),
+            None => what.push((
+                "does not exist: every run of the job fails".to_owned(),
+                false,
+            )),
             Some((_, superuser, createrole, bypassrls, creates)) => {
                 if *superuser {
-                    what.push("is a superuser: the role limits nothing".to_owned());
+                    what.push(("is a superuser: the role limits nothing".to_owned(), false));
                 }
                 if *createrole {
-                    what.push("may create roles (CREATEROLE)".to_owned());
+                    what.push(("may create roles (CREATEROLE)".to_owned(), false));
                 }
                 if *bypassrls {
-                    what.push("bypasses row-level security (BYPASSRLS)".to_owned());
+                    what.push(("bypasses row-level security (BYPASSRLS)".to_owned(), false));
                 }
                 if let Some(schemas) = creates {
-                    what.push(format!(
-                        "may create functions (CREATE on schema {schemas}), and a function can RESET ROLE to act as {login}, or SET ROLE to any other job's role"
+                    what.push((
+                        format!(
+                            "may create functions (CREATE on schema {schemas}), and a function can RESET ROLE to act as {login}, or SET ROLE to any other job's role"
+                        ),
+                        !job.role_may_create,
                     ));
                 }
             }
         }
-        findings.extend(what.into_iter().map(|what| Finding {
+        findings.extend(what.into_iter().map(|(what, refused)| Finding {
             job: job.name.clone(),
             role: role.to_owned(),
             what,
+            refused,
         }));
     }
     Ok(findings)
 }
 
-/// [`audit`]s `jobs` and logs each finding as a warning naming the job and
-/// the role; a failure to read the roles is logged too, never fatal.
-pub async fn warn_about(pool: &PgPool, jobs: &[JobConfig]) {
-    match audit(pool, jobs).await {
-        Ok(findings) => {
-            for f in findings {
-                tracing::warn!(job = %f.job, role = %f.role, event = "job_role_unsafe", "job role `{}` {}", f.role, f.what);
-            }
+/// [`audit`]s `jobs` for a start or a reload: logs each finding that is not
+/// refused as a warning naming the job and the role, and fails naming every
+/// refused one and what to do about it. Fails too if the roles cannot be
+/// read: what is not checked does not run.
+pub async fn check(pool: &PgPool, jobs: &[JobConfig]) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let findings = audit(pool, jobs)
+        .await
+        .context("cannot read the job roles' privileges (pg_roles)")?;
+    let mut refused = Vec::new();
+    for f in findings {
+        if f.refused {
+            refused.push(format!(
+                "job `{}`: role `{}` {}; revoke that (`revoke create on schema … from \"{}\"`), or set `role-may-create = true` for the job if it must create and is trusted that far",
+                f.job, f.role, f.what, f.role
+            ));
+        } else {
+            tracing::warn!(job = %f.job, role = %f.role, event = "job_role_unsafe", "job role `{}` {}", f.role, f.what);
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read the job roles' privileges (pg_roles)");
-        }
+    }
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("{}", refused.join("\n"))
     }
 }

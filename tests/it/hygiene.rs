@@ -800,8 +800,9 @@ async fn a_violated_deferred_constraint_fails_the_run_and_rolls_it_back(pool: Pg
 /// host's login role. Nothing the host sends can stop it (`SET ROLE` is only
 /// refused inside `SECURITY DEFINER` functions), and `SET ROLE` back before
 /// the run ends hides it from any check; only a connection that logs in as
-/// the job's role closes it. The host warns at start about such roles
-/// (`roles::audit`). Ignored until the run's connection logs in as the role.
+/// the job's role closes it. Until then the host refuses such roles unless
+/// the job says `role-may-create = true` (`roles::check`). Ignored until the
+/// run's connection logs in as the role.
 #[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
 #[ignore = "known hole: a job role with CREATE can RESET ROLE in a function (DESIGN §7)"]
 async fn a_job_role_cannot_become_the_hosts_login_role(pool: PgPool) {
@@ -835,12 +836,12 @@ async fn a_job_role_cannot_become_the_hosts_login_role(pool: PgPool) {
     drop_role(&pool, &role).await;
 }
 
-/// The host names the job roles that could undo what a role is for: here,
-/// one that may create functions in `jobspace` (so could `RESET ROLE` in
-/// one), and one that does not exist; a role with only the use of its
-/// tables is not named.
+/// The host reads the job roles at start: one that may create functions in
+/// `jobspace` (so could `RESET ROLE` in one) is refused unless its job says
+/// `role-may-create = true`; a role that does not exist is warned about; a
+/// role with only the use of its tables is not named.
 #[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
-async fn job_roles_that_could_leave_their_role_are_named(pool: PgPool) {
+async fn a_job_role_that_may_create_is_refused_unless_the_job_says_so(pool: PgPool) {
     create_probe_table(&pool).await;
     sqlx::query("create schema jobspace")
         .execute(&pool)
@@ -855,33 +856,83 @@ async fn job_roles_that_could_leave_their_role_are_named(pool: PgPool) {
     .execute(&pool)
     .await
     .unwrap();
-    let with_role = |name: &str, role: &str| {
+
+    // The audit itself, job by job.
+    let with_role = |name: &str, role: &str, may_create: bool| {
         let mut j = job(name, guests::TEST_CORE_PROBE, &[]).config;
         j.role = Some(role.to_owned());
+        j.role_may_create = may_create;
         j
     };
     let jobs = [
-        with_role("creates", &creator),
-        with_role("plain", &plain),
-        with_role("missing", "jobhost_no_such_role"),
+        with_role("creates", &creator, false),
+        with_role("creates-trusted", &creator, true),
+        with_role("plain", &plain, false),
+        with_role("missing", "jobhost_no_such_role", false),
         job("no-role", guests::TEST_CORE_PROBE, &[]).config,
     ];
     let found = jobhost::roles::audit(&pool, &jobs).await.unwrap();
-    let named: Vec<(&str, &str)> = found
+    let named: Vec<(&str, bool, &str)> = found
         .iter()
-        .map(|f| (f.job.as_str(), f.what.as_str()))
+        .map(|f| (f.job.as_str(), f.refused, f.what.as_str()))
         .collect();
-    assert_eq!(named.len(), 2, "{named:?}");
-    assert!(
-        named[0].0 == "creates"
-            && named[0].1.contains("CREATE on schema jobspace")
-            && named[0].1.contains("RESET ROLE"),
+    assert_eq!(
+        named.iter().map(|n| (n.0, n.1)).collect::<Vec<_>>(),
+        [
+            ("creates", true),
+            ("creates-trusted", false),
+            ("missing", false)
+        ],
         "{named:?}"
     );
     assert!(
-        named[1].0 == "missing" && named[1].1.contains("does not exist"),
+        named[0].2.contains("CREATE on schema jobspace") && named[0].2.contains("RESET ROLE"),
         "{named:?}"
     );
+    assert!(named[2].2.contains("does not exist"), "{named:?}");
+
+    // A host's start: refused, naming the job, the role and the way out.
+    let url = database_url(&pool).await;
+    let dir = std::env::temp_dir().join(format!("jobhost-roles-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let start = |may_create: bool| {
+        let toml = format!(
+            "[host]\nwatch = false\nshutdown-grace = \"5s\"\n\n[[job]]\nname = \"creates\"\nplugin = {:?}\nevery = \"1h\"\nrole = {creator:?}\n{}",
+            guests::TEST_CORE_PROBE,
+            if may_create {
+                "role-may-create = true\n"
+            } else {
+                ""
+            }
+        );
+        let file = dir.join(format!("jobs-{may_create}.toml"));
+        std::fs::write(&file, toml).unwrap();
+        let options = jobhost::HostOptions {
+            direct_url: None,
+            database_url: url.clone(),
+            host_id: format!("roles-{may_create}"),
+            demo: false,
+            clock_offset: chrono::TimeDelta::zero(),
+        };
+        jobhost::run(
+            jobhost::config::JobsConfig::from_file(&file).unwrap(),
+            options,
+            tokio::time::sleep(Duration::from_millis(300)),
+        )
+    };
+    let refused = format!(
+        "{:#}",
+        start(false).await.expect_err("a role that may create")
+    );
+    assert!(
+        refused.contains("job `creates`")
+            && refused.contains(&creator)
+            && refused.contains("role-may-create = true"),
+        "{refused}"
+    );
+    start(true).await.expect("the job said its role may create");
+    let _ = std::fs::remove_dir_all(&dir);
+
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "drop owned by \"{plain}\"; drop role \"{plain}\""
     )))
