@@ -127,7 +127,7 @@ pub async fn check(pool: &PgPool, jobs: &[JobConfig]) -> anyhow::Result<()> {
     for f in findings {
         if f.refused {
             refused.push(format!(
-                "job `{}`: role `{}` {}; revoke that (`revoke create on schema … from \"{}\"`), or set `role-may-create = true` for the job if it must create and is trusted that far",
+                "job `{}`: role `{}` {}; revoke that (`revoke create on schema … from \"{}\"`, and from PUBLIC if every role has it there: before PostgreSQL 15, `revoke create on schema public from public`), or set `role-may-create = true` for the job if it must create and is trusted that far",
                 f.job, f.role, f.what, f.role
             ));
         } else {
