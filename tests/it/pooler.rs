@@ -444,3 +444,71 @@ async fn pooler_mode_without_a_direct_url(pool: PgPool) {
         .unwrap();
     assert_eq!(failed, 0, "{:?}", runs(&pool, "through").await);
 }
+
+/// Behind a transaction pooler the host never follows a run's COMMIT with a
+/// query of its own (the next query may reach another server session): where
+/// the database holds a deferrable trigger of its users' own, whose code may
+/// have run at COMMIT, it says the session could not be read instead of
+/// reading another one's. Directly connected, it reads it and says nothing.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_commit_that_may_have_run_a_trigger_is_not_followed_through_a_pooler(pool: PgPool) {
+    create_probe_table(&pool).await;
+    sqlx::raw_sql(
+        "create table deferred_seen (x int);
+         create function deferred_note() returns trigger language plpgsql
+             as $$ begin return null; end $$;
+         create constraint trigger noted after insert on deferred_seen
+             deferrable initially deferred for each row execute function deferred_note()",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let url = database_url(&pool).await;
+    let bouncer = PgBouncer::start("unverified", "transaction", 4, "extra_float_digits");
+    let job = job(
+        "touches",
+        guests::TEST_SANDBOX_HOSTILE,
+        &[("mode", "sql"), ("sql", "select 1")],
+    );
+    for (pooler, url) in [
+        (jobhost::config::Pooler::Transaction, bouncer.url(&url)),
+        (jobhost::config::Pooler::None, url.clone()),
+    ] {
+        let options =
+            jobhost::db::connect_options(&url, "DATABASE_URL", pooler, "unverified").unwrap();
+        let through = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await
+            .unwrap();
+        // What the pooler sets on its server sessions (as a host reads it).
+        let baseline: Vec<String> = sqlx::query_scalar(
+            "select name || '=' || setting from pg_settings where source = 'session'",
+        )
+        .persistent(false)
+        .fetch_all(&through)
+        .await
+        .unwrap();
+        let runner = jobhost::runner::Runner::new(through.clone(), runtime(), "unverified")
+            .with_connections(None, pooler)
+            .with_session_baseline(baseline);
+        let logs = LogCapture::start();
+        let n = if pooler == jobhost::config::Pooler::None {
+            2
+        } else {
+            1
+        };
+        finished(
+            runner.run(&job, slot(n)).await.unwrap(),
+            jobhost::db::Outcome::Ok,
+        );
+        let said = logs.text().contains("session_state_unverified");
+        assert_eq!(
+            said,
+            pooler == jobhost::config::Pooler::Transaction,
+            "{pooler:?}: {}",
+            logs.text()
+        );
+        through.close().await;
+    }
+}
