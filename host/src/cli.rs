@@ -273,12 +273,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // unchanged plugin costs a cache hit, not a compile.
             let runtime = Arc::new(crate::jobset::runtime(&config)?);
             let mut config = config;
-            if config.jobs.iter().any(|j| j.published.is_some()) {
-                let pool = inspect_pool(&database_url()?, &config, &host_id).await?;
+            // The database, where there is one (published plugins need it):
+            // a check agrees with a start, job roles included.
+            let pool = match &cli.database_url {
+                Some(url) => Some(inspect_pool(url, &config, &host_id).await?),
+                None if config.jobs.iter().any(|j| j.published.is_some()) => {
+                    Some(inspect_pool(&database_url()?, &config, &host_id).await?)
+                }
+                None => None,
+            };
+            if let Some(pool) = &pool
+                && config.jobs.iter().any(|j| j.published.is_some())
+            {
                 let dir = config.host.published_dir();
-                crate::published::resolve(&pool, &mut config, &dir).await?;
+                crate::published::resolve(pool, &mut config, &dir).await?;
             }
             let jobs = crate::load_jobs(&runtime, &config).await?;
+            match &pool {
+                Some(pool) => crate::roles::check(pool, &config.jobs).await?,
+                None if config.jobs.iter().any(|j| j.role.is_some()) => {
+                    println!("job roles not checked: DATABASE_URL is not set");
+                }
+                None => {}
+            }
             println!("{}: {} job(s) valid", cli.config.display(), jobs.len());
             Ok(ExitCode::SUCCESS)
         }

@@ -915,3 +915,38 @@ async fn a_job_role_that_may_create_is_refused_unless_the_job_says_so(pool: PgPo
     .unwrap();
     drop_role(&pool, &creator).await;
 }
+
+/// `jobhost check` agrees with a start about job roles when it has a
+/// database: a role that may create is refused, naming the job and the way
+/// out; with `role-may-create = true` the config is valid.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn check_refuses_a_job_role_that_may_create_as_a_start_does(pool: PgPool) {
+    let creator = jobspace_and_role(&pool).await;
+    let url = database_url(&pool).await;
+    let dir = std::env::temp_dir().join(format!("jobhost-check-roles-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let check = |may_create: bool| {
+        let file = dir.join(format!("jobs-{may_create}.toml"));
+        std::fs::write(
+            &file,
+            format!(
+                "[[job]]\nname = \"creates\"\nplugin = {:?}\nevery = \"1h\"\nrole = {creator:?}\n{}",
+                guests::TEST_CORE_PROBE,
+                if may_create { "role-may-create = true\n" } else { "" }
+            ),
+        )
+        .unwrap();
+        jobhost::cli::run_cli(cli_args(&file, &url, &["check"]))
+    };
+    let refused = format!(
+        "{:#}",
+        check(false).await.expect_err("a role that may create")
+    );
+    assert!(
+        refused.contains("job `creates`") && refused.contains("role-may-create = true"),
+        "{refused}"
+    );
+    assert_eq!(check(true).await.unwrap(), std::process::ExitCode::SUCCESS);
+    let _ = std::fs::remove_dir_all(&dir);
+    drop_role(&pool, &creator).await;
+}
