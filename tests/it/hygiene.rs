@@ -807,12 +807,14 @@ async fn a_job_role_cannot_become_the_hosts_login_role(pool: PgPool) {
         .fetch_all(&pool)
         .await
         .unwrap();
+    // The role is cluster-wide: dropped before the verdict, which fails
+    // until the hole is closed.
+    one.close().await;
+    drop_role(&pool, &role).await;
     assert!(
         seen.iter().all(|r| *r == role),
         "the job's statements ran as {seen:?}, not only as {role}"
     );
-    one.close().await;
-    drop_role(&pool, &role).await;
 }
 
 /// The host reads the job roles at start: one that may create functions in
