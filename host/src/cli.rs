@@ -288,7 +288,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let dir = config.host.published_dir();
                 crate::published::resolve(pool, &mut config, &dir).await?;
             }
-            let jobs = crate::load_jobs(&runtime, &config).await?;
             match &pool {
                 Some(pool) => crate::roles::check(pool, &config.jobs).await?,
                 None if config.jobs.iter().any(|j| j.role.is_some()) => {
@@ -296,6 +295,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 None => {}
             }
+            let jobs = crate::load_jobs(&runtime, &config).await?;
             println!("{}: {} job(s) valid", cli.config.display(), jobs.len());
             Ok(ExitCode::SUCCESS)
         }

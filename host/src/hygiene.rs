@@ -81,7 +81,7 @@ pub fn leftovers_sql(check: AfterCommit, baseline: &[String]) -> Option<String> 
     let allowed = match check {
         AfterCommit::Skip => return None,
         AfterCommit::Light => "null".to_owned(),
-        AfterCommit::WithSettings => text_array(baseline.iter()),
+        AfterCommit::WithSettings => text_array(baseline),
     };
     Some(format!(
         "select jobhost.session_state(null, null, {allowed}, {CALLER_SEARCH_PATH})"
@@ -111,8 +111,11 @@ pub fn code_may_run_at_commit(rows: &[sqlx::postgres::PgRow]) -> bool {
 }
 
 /// `items` as a `text[]` literal.
-fn text_array<'a>(items: impl Iterator<Item = &'a String>) -> String {
-    let quoted: Vec<String> = items.map(|s| quote_literal(s)).collect();
+fn text_array<S: AsRef<str>>(items: impl IntoIterator<Item = S>) -> String {
+    let quoted: Vec<String> = items
+        .into_iter()
+        .map(|s| quote_literal(s.as_ref()))
+        .collect();
     format!("array[{}]::text[]", quoted.join(", "))
 }
 
@@ -194,11 +197,12 @@ pub fn allowed(baseline: &[String], plugin_local: &[String]) -> Vec<String> {
 /// advisory lock of its own); `plugin_local` the settings the plugin changed
 /// with `SET LOCAL` (the guard saw them).
 pub fn assert_clean_sql(own: Option<(i32, i32)>, plugin_local: &[String]) -> String {
-    let host_local: Vec<String> = HOST_LOCAL_SETTINGS
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
-    let allowed = text_array(host_local.iter().chain(plugin_local));
+    let allowed = text_array(
+        HOST_LOCAL_SETTINGS
+            .iter()
+            .copied()
+            .chain(plugin_local.iter().map(String::as_str)),
+    );
     let (ns, key) = match own {
         Some((ns, key)) => (ns.to_string(), key.to_string()),
         None => ("null".into(), "null".into()),

@@ -166,6 +166,14 @@ pub async fn run(
     let started = std::time::Instant::now();
     let published_dir = config.host.published_dir();
     published::resolve(&pool, &mut config, &published_dir).await?;
+    if options.demo {
+        // Before the roles are read: it creates the reference jobs' roles.
+        demo::setup(&pool)
+            .await
+            .context("cannot set up the demo tables")?;
+    }
+    // Before the plugins load: a refused role need not wait for a compile.
+    roles::check(&pool, &config.jobs).await?;
     let jobs = load_jobs(&runtime, &config).await?;
     tracing::info!(
         plugins = jobs.len(),
@@ -173,12 +181,7 @@ pub async fn run(
         cache_hits = runtime.cache_hits(),
         "plugins loaded"
     );
-    let job_configs: Vec<_> = jobs.iter().map(|j| j.config.clone()).collect();
-    roles::check(&pool, &job_configs).await?;
     let _demo_http = if options.demo {
-        demo::setup(&pool)
-            .await
-            .context("cannot set up the demo tables")?;
         match demo::serve_probe_targets(demo::DEMO_HTTP_ADDR).await {
             Ok(server) => Some(AbortOnDrop(server)),
             Err(e) => {

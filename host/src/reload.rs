@@ -195,20 +195,18 @@ impl Reloader {
         };
         let plugins: Vec<PathBuf> = config.jobs.iter().map(|j| j.plugin.clone()).collect();
         attempted(self, &plugins);
+        // The new jobs' roles, read where the host has its database, before
+        // any plugin is compiled for them.
+        let resolved = match (resolved, &self.published) {
+            (Ok(()), Some((pool, _))) => crate::roles::check(pool, &config.jobs).await,
+            (resolved, _) => resolved,
+        };
         let loaded = match resolved {
             Ok(()) => {
                 crate::jobset::load(&self.runtime, &config, &self.jobs, self.metrics.as_deref())
                     .await
             }
             Err(e) => Err(e),
-        };
-        // The new jobs' roles, read where the host has its database.
-        let loaded = match (loaded, &self.published) {
-            (Ok(next), Some((pool, _))) => {
-                let configs: Vec<_> = next.iter().map(|j| j.config.clone()).collect();
-                crate::roles::check(pool, &configs).await.map(|()| next)
-            }
-            (loaded, _) => loaded,
         };
         let next = match loaded {
             Ok(next) => next,
