@@ -55,20 +55,23 @@ create table if not exists demo.test_results (
     probed_at     timestamptz not null default now()
 );
 
--- Per-job roles for the reference jobs (`role = "..."` in jobs.toml): after
--- taking the lock the host runs `SET LOCAL ROLE`, so Postgres itself limits each
--- job to its own tables. Roles are cluster-wide; creating them is idempotent and
--- safe when several databases are set up at once.
+-- Per-job roles for the reference jobs (`role = "..."` in jobs.toml): each
+-- job's runs log in as its role, so Postgres itself limits each job to its own
+-- tables (LOGIN: with trust authentication no password is needed; otherwise
+-- give each one in the password file). Roles are cluster-wide; creating them
+-- is idempotent and safe when several databases are set up at once.
 do $$
 declare
     r text;
 begin
     foreach r in array array['jobhost_demo_hash', 'jobhost_demo_drip', 'jobhost_demo_retention', 'jobhost_demo_scheduler'] loop
         begin
-            execute format('create role %I nologin', r);
+            execute format('create role %I login', r);
         exception when duplicate_object or unique_violation then
             null;
         end;
+        -- A role made by an earlier version of this file could not log in.
+        execute format('alter role %I login', r);
     end loop;
 end $$;
 grant usage on schema demo to jobhost_demo_hash, jobhost_demo_drip, jobhost_demo_retention,

@@ -169,15 +169,9 @@ pub struct JobToml {
     pub max_memory_mib: Option<u32>,
     /// Cap on the rows one query may return.
     pub max_rows: Option<usize>,
-    /// Postgres role the job's statements run as (`SET LOCAL ROLE` after the
-    /// lock), so Postgres enforces which tables the job may touch.
+    /// Postgres role the job's runs log in as (see [`crate::pools`]), so
+    /// Postgres enforces which tables the job may touch.
     pub role: Option<String>,
-    /// The job's role may create objects (`CREATE` on a schema), and so could
-    /// leave its role through a function (see [`crate::roles`]): refused at
-    /// start and reload unless set, as the operator's word that the job is
-    /// trusted that far.
-    #[serde(default)]
-    pub role_may_create: bool,
     /// Environment variables the plugin may see (none by default).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -453,10 +447,8 @@ pub struct JobConfig {
     pub max_memory_bytes: usize,
     /// Cap on the rows one query may return.
     pub max_rows: usize,
-    /// Role set with `SET LOCAL ROLE` for the plugin's statements.
+    /// The role the job's run connections log in as.
     pub role: Option<String>,
-    /// `role-may-create`: a role with `CREATE` on a schema is accepted.
-    pub role_may_create: bool,
     /// Environment variables the plugin sees.
     pub env: Vec<(String, String)>,
     /// Retries of a failed slot.
@@ -676,12 +668,6 @@ impl JobsToml {
             if timeout.is_zero() {
                 return Err(invalid(&name, "`timeout` must be greater than zero".into()));
             }
-            if job.role_may_create && job.role.is_none() {
-                return Err(invalid(
-                    &name,
-                    "`role-may-create` is about the job's `role`, and it has none".into(),
-                ));
-            }
             if let Some(role) = &job.role
                 && (role.is_empty() || role.len() > 63)
             {
@@ -729,7 +715,6 @@ impl JobsToml {
                     * 1024,
                 max_rows: job.max_rows.unwrap_or(default_rows),
                 role: job.role,
-                role_may_create: job.role_may_create,
                 env: job.env.into_iter().collect(),
                 retry,
                 catch_up: job.catch_up,
@@ -813,21 +798,6 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(huge.host.compile_cache_max_bytes, u64::MAX);
-    }
-
-    #[test]
-    fn role_may_create_needs_a_role() {
-        let job = |extra: &str| {
-            format!("[[job]]\nname = \"r\"\nplugin = \"Cargo.toml\"\nevery = \"10s\"\n{extra}")
-        };
-        let e = parse(&job("role-may-create = true")).unwrap_err();
-        assert!(
-            e.contains("job `r`") && e.contains("role-may-create"),
-            "{e}"
-        );
-        let c = parse(&job("role = \"partitions\"\nrole-may-create = true")).unwrap();
-        assert!(c.jobs[0].role_may_create);
-        assert!(!parse(&job("role = \"partitions\"")).unwrap().jobs[0].role_may_create);
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The host's side of Postgres: the pool every job transaction comes from, the
 //! migrations of the host's own schema, and the run history.
 //!
-//! This is the only module that creates connections. Plugins reach the database
-//! solely through the transaction handle the runner lends them.
+//! This module and [`crate::pools`] (the run connections, one pool per job
+//! role) are the only ones that create connections. Plugins reach the
+//! database solely through the transaction handle the runner lends them.
 
 use std::time::Duration;
 
@@ -86,6 +87,9 @@ pub struct Connected {
     /// as the connection's own, not as a plugin's leak. Empty on a direct
     /// connection.
     pub session_baseline: Vec<String>,
+    /// The connections runs take: `pool` for jobs without a role, a pool
+    /// per job role that logs in as that role.
+    pub runs: crate::pools::RunPools,
 }
 
 /// Where the host's connections go (from the environment and `[host]`).
@@ -203,6 +207,10 @@ pub async fn connect(
         .connect_with(options)
         .await
         .context("cannot connect to Postgres (DATABASE_URL)")?;
+    let runs = crate::pools::RunPools::new(
+        pool.clone(),
+        crate::pools::Template::from_url(endpoints.database_url, endpoints.pooler, &app)?,
+    );
     match &direct {
         // The migrator takes a session-level advisory lock and prepares
         // statements: it needs a real session.
@@ -226,6 +234,7 @@ pub async fn connect(
         pool,
         direct,
         session_baseline,
+        runs,
     })
 }
 
@@ -417,15 +426,6 @@ pub fn quote_ident(name: &str) -> String {
 /// simple queries).
 pub fn quote_literal(value: &str) -> String {
     format!("E'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
-}
-
-/// `SET LOCAL ROLE "role"`: from there to the end of the transaction (or a
-/// rollback to an earlier savepoint) Postgres checks the job's statements
-/// against that role's privileges. Sent inside a multi-statement simple query
-/// with the other `SET LOCAL`s of the scope, so it costs no round trip of its
-/// own.
-pub fn set_local_role_sql(role: &str) -> String {
-    format!("set local role {}", quote_ident(role))
 }
 
 /// How long past its timeout a run's transaction may sit idle before
@@ -636,10 +636,40 @@ pub struct SlotHistory {
     /// The backend the gate ran on: the run's, or a `session` run's lock
     /// connection.
     pub backend_pid: i32,
+    /// What proves the run's row is written for this run (with `run_id`):
+    /// `jobhost.record_run` takes nothing else. Never lent to the plugin.
+    pub run_token: Option<RunToken>,
 }
 
-/// The statement that gates a run (the function `jobhost.slot_gate`,
-/// migrations `…0008`, `…0009`): with `lock`, it tries the job's
+/// A run's token, from its gate (migration `…_job_roles`): a keyed hash of
+/// the run's id and job whose key only the database holds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct RunToken([u8; 32]);
+
+impl std::fmt::Debug for RunToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Kept out of logs and panics like any credential.
+        f.write_str("RunToken(..)")
+    }
+}
+
+impl RunToken {
+    /// The token as the gate returns it (hex).
+    fn parse(hex_text: &str) -> Option<Self> {
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(hex_text, &mut bytes).ok()?;
+        Some(Self(bytes))
+    }
+
+    /// As a literal for `jobhost.record_run`.
+    fn literal(&self) -> String {
+        format!("'{}'", hex::encode(self.0))
+    }
+}
+
+/// The statement that gates a run (the function `jobhost.run_gate`,
+/// migration `…_job_roles`, over `jobhost.slot_gate`, migrations `…0008`,
+/// `…0009`, for a caller whose login role may run the job): with `lock`, it tries the job's
 /// transaction-level lock; without, the caller holds the lock elsewhere (a
 /// `session` run). Under the lock, it records the published runs of `job`
 /// whose host is dead (see [`crate::hosts`]: not seen for `lost_after`, or
@@ -665,7 +695,7 @@ pub fn slot_gate_sql(
         None => ("null".to_owned(), "null".to_owned()),
     };
     format!(
-        "select * from jobhost.slot_gate({}, {}, {}, {}::float8, {ns}, {key})",
+        "select * from jobhost.run_gate({}, {}, {}, {}::float8, {ns}, {key})",
         quote_literal(job),
         timestamp_literal(slot),
         quote_literal(host_id),
@@ -693,6 +723,16 @@ impl SlotGate {
                 },
                 run_id: row.try_get("run_id")?,
                 backend_pid: row.try_get("backend_pid")?,
+                run_token: row
+                    .try_get::<Option<String>, _>("run_token")?
+                    .map(|t| {
+                        RunToken::parse(&t).ok_or_else(|| {
+                            sqlx::Error::Decode(
+                                "jobhost.run_gate returned a malformed token".into(),
+                            )
+                        })
+                    })
+                    .transpose()?,
             }),
         };
         Ok(Self {
@@ -738,46 +778,72 @@ pub struct RunRow {
     pub backend_pid: Option<i32>,
 }
 
-/// Writes a run's one row outside the run's transaction (a run cut off, or
-/// failed before its plugin). A row of that id already there (the run did
-/// commit, or the next holder of the lock recorded it `lost`) stands.
+/// Writes a run's one row outside the run's transaction, on a connection
+/// of the host's own (a run cut off, or failed before its plugin). A row of
+/// that id already there (the run did commit, or the next holder of the lock
+/// recorded it `lost`) stands.
 pub async fn finish_run(
     conn: &mut PgConnection,
     id: Option<i64>,
     row: &RunRow,
     run: &RunRecord<'_>,
 ) -> sqlx::Result<()> {
-    let sql = format!("{} on conflict (id) do nothing", record_sql(id, row, run));
+    let sql = format!(
+        "insert into jobhost.runs (id, job, slot, attempt, host_id, plugin_sha256, started_at, \
+         finished_at, outcome, message, backend_pid) \
+         values ({}, {}, pg_catalog.clock_timestamp(), {}, {}, {}) on conflict (id) do nothing",
+        id.map_or_else(|| "default".to_owned(), |id| id.to_string()),
+        run_values(row, run)[..].join(", "),
+        quote_literal(run.outcome.as_str()),
+        quote_literal(&message_text(run.message)),
+        pid_literal(row.backend_pid),
+    );
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
         .execute(conn)
         .await?;
     Ok(())
 }
 
-/// `INSERT` of a run's one row, with literals (it rides in a multi-statement
-/// simple query, which cannot take parameters). Inside the job's transaction,
-/// an `ok` commits atomically with the work it describes.
-pub fn record_sql(id: Option<i64>, row: &RunRow, run: &RunRecord<'_>) -> String {
-    // Postgres text cannot hold NUL; a plugin's message can.
-    let message = run.message.replace('\0', "\u{fffd}");
-    const NOW: &str = "pg_catalog.clock_timestamp()";
+/// The run's one row, written in its own transaction by
+/// `jobhost.record_run` with the token its gate drew: whichever role the
+/// run's connection logs in as, the row is the host's to write (migration
+/// `…_job_roles`). With literals: it rides in a multi-statement simple
+/// query, which cannot take parameters. An `ok` commits atomically with the
+/// work it describes.
+pub fn record_sql(id: i64, token: RunToken, row: &RunRow, run: &RunRecord<'_>) -> String {
     format!(
-        "insert into jobhost.runs (id, job, slot, attempt, host_id, plugin_sha256, started_at, \
-         finished_at, outcome, message, backend_pid) \
-         values ({}, {}, {}, {}, {}, {}, {}, {NOW}, {}, {}, {})",
-        id.map_or_else(|| "default".to_owned(), |id| id.to_string()),
+        "select jobhost.record_run({}, {id}, {}, {}, {}, {})",
+        token.literal(),
+        run_values(row, run)[..].join(", "),
+        quote_literal(run.outcome.as_str()),
+        quote_literal(&message_text(run.message)),
+        pid_literal(row.backend_pid),
+    )
+}
+
+/// The row's job, slot, attempt, host, plugin and start, as literals (a
+/// start not known yet is when the row is written).
+fn run_values(row: &RunRow, run: &RunRecord<'_>) -> [String; 6] {
+    [
         quote_literal(&row.job),
         timestamp_literal(row.slot),
-        run.attempt,
+        run.attempt.to_string(),
         quote_literal(&row.host_id),
         quote_literal(&row.plugin_sha256),
-        row.started_at
-            .map_or_else(|| NOW.to_owned(), timestamp_literal),
-        quote_literal(run.outcome.as_str()),
-        quote_literal(&message),
-        row.backend_pid
-            .map_or_else(|| "null".to_owned(), |p| p.to_string()),
-    )
+        row.started_at.map_or_else(
+            || "pg_catalog.clock_timestamp()".to_owned(),
+            timestamp_literal,
+        ),
+    ]
+}
+
+/// A run's message as Postgres text, which cannot hold NUL (a plugin's can).
+fn message_text(message: &str) -> String {
+    message.replace('\0', "\u{fffd}")
+}
+
+fn pid_literal(pid: Option<i32>) -> String {
+    pid.map_or_else(|| "null".to_owned(), |p| p.to_string())
 }
 
 /// Pauses `job` fleet-wide; `false` if it already was.

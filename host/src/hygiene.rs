@@ -23,15 +23,13 @@
 //!    the job.
 //!
 //! Deferred triggers are the plugin's code too, and Postgres runs them at
-//! COMMIT, after the check and as whatever role is in force then: left
-//! alone, a job's `DEFERRABLE INITIALLY DEFERRED` constraint trigger would
-//! run unchecked, *as the host's role* (a restricted role's way to the
-//! host's rights). So the host fires them first ([`FIRE_DEFERRED`], while
-//! the job's role is still in force), checks, and takes the job's role again
-//! for COMMIT, where only a trigger that one of them deferred anew can still
-//! fire: with the job's rights, and with the check after COMMIT reading
-//! settings too whenever such triggers existed at the check
-//! ([`DEFERRABLE_TRIGGERS`]).
+//! COMMIT, after the check: left alone, a job's `DEFERRABLE INITIALLY
+//! DEFERRED` constraint trigger would change the session unchecked. So the
+//! host fires them first ([`FIRE_DEFERRED`]) and checks after; only a
+//! trigger that one of them deferred anew can still fire at COMMIT, and the
+//! check after COMMIT then reads settings too whenever such triggers existed
+//! at the check ([`DEFERRABLE_TRIGGERS`]). Whatever fires runs as the job's
+//! role: the run's connection logs in as it ([`crate::pools`]).
 //!
 //! Cost: reading `pg_settings` (every setting formatted) is most of it, so it
 //! happens once per run, before COMMIT; the check after COMMIT skips it
@@ -142,44 +140,27 @@ const HOST_LOCAL_SETTINGS: &[&str] = &[
 const CALLER_SEARCH_PATH: &str = "pg_catalog.current_setting('search_path')";
 
 /// Fires the plugin's deferred triggers (constraint triggers `DEFERRABLE
-/// INITIALLY DEFERRED`) now, while the job's role is still in force and
-/// before the check: left for COMMIT, they would run after the check, and as
-/// the host's role, which the host takes back to write the run's row.
+/// INITIALLY DEFERRED`) now, before the check: left for COMMIT, they would
+/// run after it.
 pub const FIRE_DEFERRED: &str = "set constraints all immediate";
 
 /// The end of a plugin's scope, up to the run's row: its deferred triggers
-/// fired ([`FIRE_DEFERRED`]), then the host's own role back, then the check
-/// of what the plugin left (it reads the `search_path` the plugin left, so
-/// it comes first), then a `search_path` no job can have planted anything
-/// in for the host's statements that follow. Every name is schema-qualified
-/// as well. `check` is `None` when no statement of the plugin's reached the
-/// connection: nothing of it can be pending or left.
-fn host_scope_checked(role: Option<&str>, check: Option<&str>) -> String {
+/// fired ([`FIRE_DEFERRED`]), then the check of what the plugin left (it
+/// reads the `search_path` the plugin left, so it comes first), then a
+/// `search_path` no job can have planted anything in for the host's
+/// statements that follow. Every name is schema-qualified as well. `check`
+/// is `None` when no statement of the plugin's reached the connection:
+/// nothing of it can be pending or left.
+fn host_scope_checked(check: Option<&str>) -> String {
     let mut sql = String::new();
-    if check.is_some() {
+    if let Some(check) = check {
         sql.push_str(FIRE_DEFERRED);
         sql.push_str(";\n");
-    }
-    if role.is_some() {
-        sql.push_str("reset role;\n");
-    }
-    if let Some(check) = check {
         sql.push_str(check);
         sql.push_str(";\n");
     }
     sql.push_str(HOST_SEARCH_PATH);
     sql
-}
-
-/// COMMIT, as the job's role again when the plugin's statements reached the
-/// connection (`touched`): a trigger that deferred another past
-/// [`FIRE_DEFERRED`] fires at COMMIT, and must fire with the job's rights,
-/// never the host's. (`SET LOCAL` ends with the transaction.)
-fn commit_as(role: Option<&str>, touched: bool) -> String {
-    match role {
-        Some(role) if touched => format!("{};\ncommit", crate::db::set_local_role_sql(role)),
-        _ => "commit".to_owned(),
-    }
 }
 
 /// The `search_path` of the host's statements after a plugin's.
@@ -217,17 +198,11 @@ pub fn assert_clean_sql(own: Option<(i32, i32)>, plugin_local: &[String]) -> Str
 /// The closing statements of a session job's short transaction: the host's
 /// scope and the check (if a statement reached the connection: `touched`),
 /// the lock check (`lock_check`), COMMIT.
-pub fn commit_session_sql(
-    role: Option<&str>,
-    touched: bool,
-    plugin_local: &[String],
-    lock_check: &str,
-) -> String {
+pub fn commit_session_sql(touched: bool, plugin_local: &[String], lock_check: &str) -> String {
     let check = touched.then(|| assert_clean_sql(None, plugin_local));
     format!(
-        "{};\n{lock_check};\n{}",
-        host_scope_checked(role, check.as_deref()),
-        commit_as(role, touched),
+        "{};\n{lock_check};\ncommit",
+        host_scope_checked(check.as_deref()),
     )
 }
 
@@ -243,16 +218,14 @@ pub fn commit_ok_sql(
 ) -> String {
     let key = job.lock_key;
     let check = touched.then(|| assert_clean_sql(Some((key.namespace, key.key)), plugin_local));
-    let role = job.role.as_deref();
     format!(
-        "{};\n{record};\n{}",
-        host_scope_checked(role, check.as_deref()),
-        commit_as(role, touched),
+        "{};\n{record};\ncommit",
+        host_scope_checked(check.as_deref())
     )
 }
 
 /// The closing statements of an `xact` run that failed: undo the plugin's
-/// work (and its role and settings) back to the savepoint, the run's row
+/// work (and its settings) back to the savepoint, the run's row
 /// (`record`), COMMIT. Valid in an aborted transaction too.
 pub fn commit_failure_sql(record: &str) -> String {
     format!("rollback to savepoint jobhost_work;\n{HOST_SEARCH_PATH};\n{record};\ncommit")

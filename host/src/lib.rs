@@ -14,6 +14,8 @@
 //! - [`db`]: the pool (directly or through a transaction pooler, with the
 //!   direct connection for what needs a real session), the host's migrations
 //!   and run history.
+//! - [`pools`]: the run connections: the host's pool for jobs without a
+//!   role, one pool per job role that logs in as it, within one budget.
 //! - [`guard`]: the SQL scope guard (pg_query) every plugin statement passes.
 //! - [`tx`]: the transaction a run opens by hand: deadline in its `BEGIN`,
 //!   verified end, never reused after an interruption.
@@ -47,9 +49,9 @@
 //! - [`published`]: plugins shipped through Postgres (`publish`,
 //!   `rollback`, `plugins`, `plugin = "published:NAME"`), resolved to local
 //!   files at start and at each reload.
-//! - [`roles`]: what a job's role may do that would undo what it is for
-//!   (create a function that `RESET ROLE`s): refused or warned about at
-//!   start and reload.
+//! - [`roles`]: the job roles, read and admitted at start and reload: a role
+//!   that cannot log in is refused, an all-powerful one warned about, and
+//!   each is admitted for its jobs (`jobhost.job_roles`).
 //! - [`inspect`]: `status` and `locks` for operators (what they look at).
 //! - [`metrics`]: the host's Prometheus metrics.
 //! - [`serve`]: `[host] listen`: `/metrics`, `/healthz`, the read-only
@@ -83,6 +85,7 @@ pub mod jobset;
 pub mod lock;
 pub mod metrics;
 pub mod operate;
+pub mod pools;
 pub mod published;
 pub mod reload;
 pub mod roles;
@@ -151,6 +154,7 @@ pub async fn run(
         pool,
         direct,
         session_baseline,
+        runs,
     } = db::connect(
         options.endpoints(&config),
         config.host.pool_size,
@@ -173,7 +177,7 @@ pub async fn run(
             .context("cannot set up the demo tables")?;
     }
     // Before the plugins load: a refused role need not wait for a compile.
-    roles::check(&pool, &config.jobs).await?;
+    roles::admit(&runs, &config.jobs).await?;
     let jobs = load_jobs(&runtime, &config).await?;
     tracing::info!(
         plugins = jobs.len(),
@@ -213,6 +217,7 @@ pub async fn run(
     let live = hosts::LiveHosts::new(config.host.fleet_defer);
     let runner = Runner::new(pool.clone(), runtime.clone(), &options.host_id)
         .with_connections(direct.clone(), config.host.pooler)
+        .with_run_pools(runs.clone())
         .with_live_hosts(live.clone())
         .with_liveness(config.host.liveness)
         .with_session_baseline(session_baseline)
@@ -283,7 +288,8 @@ pub async fn run(
     let watcher = tokio::spawn(reload::watch(
         reload::Reloader::new(&config, runtime, jobs.clone())
             .with_metrics(metrics)
-            .with_published(pool.clone(), &options.host_id),
+            .with_published(pool.clone(), &options.host_id)
+            .with_roles(runs.clone()),
         config.host.watch,
         config.host.reload_debounce,
         reload::Requests {
@@ -307,6 +313,7 @@ pub async fn run(
     if let Err(e) = hosts::stop(&pool, &options.host_id).await {
         tracing::warn!(host_id = %options.host_id, error = %e, "cannot mark this host stopped; others will see it silent after host-lost-after");
     }
+    runs.close_roles().await;
     pool.close().await;
     Ok(())
 }

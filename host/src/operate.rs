@@ -47,15 +47,18 @@ pub async fn run_now(
         pool,
         direct,
         session_baseline,
+        runs,
     } = db::connect(options.endpoints(config), 2, &options.host_id).await?;
     let dir = only.host.published_dir();
     crate::published::resolve(&pool, &mut only, &dir).await?;
+    crate::roles::admit(&runs, &only.jobs).await?;
     let loaded = jobset::load(&runtime, &only, &[], None).await?;
     hosts::register(&pool, &options.host_id, false, 0)
         .await
         .with_context(|| format!("cannot register host `{}`", options.host_id))?;
     let runner = Runner::new(pool.clone(), runtime, &options.host_id)
         .with_connections(direct, config.host.pooler)
+        .with_run_pools(runs.clone())
         .with_liveness(config.host.liveness)
         .with_session_baseline(session_baseline);
     let slot: DateTime<Utc> = crate::db::in_tx!(&pool, |c| {
@@ -70,6 +73,7 @@ pub async fn run_now(
     if let Err(e) = hosts::stop(&pool, &options.host_id).await {
         tracing::warn!(error = %e, "cannot mark the one-run host stopped");
     }
+    runs.close_roles().await;
     pool.close().await;
     let result = result?;
     let line = match &result {

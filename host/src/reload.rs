@@ -57,6 +57,8 @@ pub struct Reloader {
     /// Where `published:NAME` plugins come from, and this host's id to
     /// report what it runs ([`crate::published`]).
     published: Option<(sqlx::PgPool, String)>,
+    /// The run pools, to admit the new jobs' roles ([`crate::roles::admit`]).
+    roles: Option<crate::pools::RunPools>,
 }
 
 /// SHA-256 of `jobs.toml` and of every plugin file it names (through
@@ -112,7 +114,15 @@ impl Reloader {
             metrics: None,
             direct_url: config.host.direct_url,
             published: None,
+            roles: None,
         }
+    }
+
+    /// Admits the job roles of each reload through `runs` (as a start does)
+    /// before any plugin is compiled for them.
+    pub fn with_roles(mut self, runs: crate::pools::RunPools) -> Self {
+        self.roles = Some(runs);
+        self
     }
 
     /// Resolves `published:NAME` plugins through `pool` at each reload, and
@@ -197,9 +207,10 @@ impl Reloader {
         attempted(self, &plugins);
         // The new jobs' roles, read where the host has its database, before
         // any plugin is compiled for them.
-        let resolved = match (resolved, &self.published) {
-            (Ok(()), Some((pool, _))) => crate::roles::check(pool, &config.jobs).await,
-            (resolved, _) => resolved,
+        let resolved = match (resolved, &self.roles, &self.published) {
+            (Ok(()), Some(runs), _) => crate::roles::admit(runs, &config.jobs).await,
+            (Ok(()), None, Some((pool, _))) => crate::roles::check(pool, &config.jobs).await,
+            (resolved, _, _) => resolved,
         };
         let loaded = match resolved {
             Ok(()) => {

@@ -25,12 +25,16 @@ use sqlx::pool::PoolConnection;
 
 use crate::config::Pooler;
 use crate::hygiene::AfterCommit;
+use crate::pools::Leased;
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Postgres, Row as _};
 
 /// A transaction open on a pooled connection (see the module docs).
 pub struct OpenTx {
     conn: Option<PoolConnection<Postgres>>,
+    /// The connection's place in the run pools' budget, given back with it
+    /// ([`crate::pools::RunPools::acquire`]).
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Behind a transaction pooler: the named statements prepared in this
     /// transaction (sqlx's statement cache) are closed before it ends, so
     /// none outlives it on a server session that the pooler hands to other
@@ -61,21 +65,18 @@ impl OpenTx {
     /// Sends `BEGIN` and `setup` (statements that must be in force before
     /// anything else runs, e.g. the run's deadline) as one simple query.
     /// `pooler` is what the connection's pool leads to.
-    pub async fn begin(
-        conn: PoolConnection<Postgres>,
-        setup: &str,
-        pooler: Pooler,
-    ) -> sqlx::Result<Self> {
+    pub async fn begin(conn: impl Into<Leased>, setup: &str, pooler: Pooler) -> sqlx::Result<Self> {
         Ok(Self::begin_fetch(conn, setup, pooler).await?.0)
     }
 
     /// [`begin`](Self::begin), returning the rows `setup`'s statements
     /// produced (in text format), for a setup that reads as well.
     pub async fn begin_fetch(
-        mut conn: PoolConnection<Postgres>,
+        conn: impl Into<Leased>,
         setup: &str,
         pooler: Pooler,
     ) -> sqlx::Result<(Self, Vec<PgRow>)> {
+        let Leased { mut conn, permit } = conn.into();
         let sql = if setup.is_empty() {
             "begin".to_owned()
         } else {
@@ -94,6 +95,7 @@ impl OpenTx {
         };
         let tx = Self {
             conn: Some(conn),
+            _permit: permit,
             close_statements: pooler == Pooler::Transaction,
             state: State::Open,
         };

@@ -393,15 +393,32 @@ async fn the_lock_is_the_first_statement_of_the_plugins_transaction(pool: PgPool
         "the run sent statements before its opening query: {sent:#?}"
     );
     assert!(
-        at("insert into jobhost.runs") > at("plugin-statement"),
+        at("jobhost.record_run(") > at("plugin-statement"),
         "the run's row is written after its work: {sent:#?}"
     );
     assert!(
         sent[begin].contains(
-            r#"db.statement="\n\nbegin;\nset local statement_timeout = 20000;\nset local idle_in_transaction_session_timeout = 22000;\nselect * from jobhost.slot_gate("#
+            r#"db.statement="\n\nbegin;\nset local statement_timeout = 20000;\nset local idle_in_transaction_session_timeout = 22000;\nselect * from jobhost.run_gate("#
         ),
         "BEGIN sets the 20 s timeout and the 22 s idle deadline, then the gate: {}",
         sent[begin]
+    );
+    // The gate a run calls (`run_gate`) reads nothing but whether the
+    // session's role may run the job before it calls `slot_gate`.
+    let (wrapper, wrapper_volatility): (String, String) =
+        sqlx::query_as("select prosrc, provolatile::text from pg_proc where proname = 'run_gate'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(wrapper_volatility, "v");
+    let reached: Vec<&str> = wrapper
+        .match_indices("jobhost.")
+        .map(|(at, _)| wrapper[at..].split('(').next().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        reached[..2],
+        ["jobhost.may_act_for", "jobhost.slot_gate"],
+        "run_gate: {wrapper}"
     );
     let (body, volatility): (String, String) =
         sqlx::query_as("select prosrc, provolatile::text from pg_proc where proname = 'slot_gate'")
@@ -653,7 +670,7 @@ async fn the_instance_is_made_while_the_gate_runs(pool: PgPool) {
             sqlx::query_scalar::<_, i64>(
                 "select count(*) from pg_stat_activity
               where datname = current_database() and wait_event_type = 'Lock'
-                and query like '%slot_gate%'",
+                and query like '%run_gate%'",
             )
             .fetch_one(&pool)
             .await

@@ -52,7 +52,7 @@ async fn restricted_role(pool: &PgPool) -> String {
         drop_role(pool, &role).await;
     }
     for sql in [
-        format!("create role \"{role}\" nologin"),
+        format!("create role \"{role}\" login"),
         format!("grant usage, create on schema jobspace to \"{role}\""),
         format!("grant insert, select on probe to \"{role}\""),
         format!("grant usage on sequence probe_id_seq to \"{role}\""),
@@ -87,13 +87,24 @@ async fn hostile_run(
         &[("mode", "sql"), ("sql", sql)],
     );
     job.config.role = role.map(str::to_owned);
+    admit_on(runner, &job).await;
     runner.run(&job, slot(n)).await.unwrap()
 }
 
-/// What a *different* job sees on the (single) pooled connection afterwards:
-/// its search_path, temporary objects, and advisory locks of its backend.
-async fn next_job_sees(runner: &Runner, n: i64) -> String {
-    let job = job(
+/// Admits `job`'s role (if any) through `runner`'s pools, as a start does.
+async fn admit_on(runner: &Runner, job: &jobhost::runner::Job) {
+    if job.config.role.is_some() {
+        jobhost::roles::admit(runner.run_pools(), std::slice::from_ref(&job.config))
+            .await
+            .unwrap();
+    }
+}
+
+/// What a *different* job sees on the (single) pooled connection of `role`
+/// afterwards: its search_path, temporary objects, and advisory locks of its
+/// backend.
+async fn next_job_sees(runner: &Runner, role: Option<&str>, n: i64) -> String {
+    let mut job = job(
         "bystander",
         guests::TEST_CORE_PROBE,
         &[
@@ -109,6 +120,8 @@ async fn next_job_sees(runner: &Runner, n: i64) -> String {
             ("params", &format!("[[\"int4\", {}]]", LockKey::derive("bystander").key)),
         ],
     );
+    job.config.role = role.map(str::to_owned);
+    admit_on(runner, &job).await;
     finished(runner.run(&job, slot(1000 + n)).await.unwrap(), Outcome::Ok)
 }
 
@@ -160,7 +173,7 @@ async fn leak_case(pool: &PgPool, setup: &[&str], attack: &str, leaked: &str) {
             "role {role:?}: only the setup runs' writes stand"
         );
         // Nothing reached the next job on the same pooled connection.
-        let seen = next_job_sees(&runner, round as i64).await;
+        let seen = next_job_sees(&runner, role, round as i64).await;
         assert!(
             seen.contains("public | temp objects: 0 | session locks: 0")
                 && !seen.contains("jobspace"),
@@ -289,11 +302,12 @@ fn redeferring_setup(then: &str) -> Vec<String> {
 }
 
 /// A job's deferred triggers run with the job's rights, never the host's:
-/// Postgres runs them as the role in force when they fire, and the host
-/// takes its own role back to write the run's row. A restricted role's
-/// deferred trigger at COMMIT would otherwise run as the host's role (here a
-/// superuser). The second trigger is deferred past the host's early firing,
-/// so it fires at COMMIT itself.
+/// Postgres runs them as the role in force when they fire. When the job's
+/// role was only `SET LOCAL ROLE` on the host's connection, the host took
+/// its own role back to write the run's row, and a deferred trigger at
+/// COMMIT ran as the host's role (here a superuser); the run's connection
+/// now logs in as the job's role. The second trigger is deferred past the
+/// host's early firing, so it fires at COMMIT itself.
 #[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
 async fn a_deferred_trigger_runs_as_the_jobs_role_never_the_hosts(pool: PgPool) {
     let role = jobspace_and_role(&pool).await;
@@ -343,7 +357,7 @@ async fn a_setting_changed_at_commit_never_reaches_the_next_job(pool: PgPool) {
             && l.contains("search_path")),
         "the leak is logged with the job: {text}"
     );
-    let seen = next_job_sees(&runner, 0).await;
+    let seen = next_job_sees(&runner, Some(&role), 0).await;
     assert!(
         seen.contains("public | temp objects: 0 | session locks: 0") && !seen.contains("jobspace"),
         "the next job saw {seen}"
@@ -720,6 +734,7 @@ async fn a_session_jobs_deferred_trigger_runs_as_the_jobs_role(pool: PgPool) {
     long.config.lock = jobhost::config::LockMode::Session;
     long.config.heartbeat = Duration::from_millis(200);
     long.config.role = Some(role.clone());
+    admit_on(&runner, &long).await;
     finished(runner.run(&long, slot(1)).await.unwrap(), Outcome::Ok);
     both_fired_as(&pool, &role).await;
     one.close().await;
@@ -778,73 +793,194 @@ async fn a_violated_deferred_constraint_fails_the_run_and_rolls_it_back(pool: Pg
     one.close().await;
 }
 
-/// KNOWN HOLE (DESIGN §7, "A job role that can create functions"): a job
-/// role that may create a function can put `RESET ROLE` in its body, and
-/// Postgres then runs the rest of the transaction as the *session* user, the
-/// host's login role. Nothing the host sends can stop it (`SET ROLE` is only
-/// refused inside `SECURITY DEFINER` functions), and `SET ROLE` back before
-/// the run ends hides it from any check; only a connection that logs in as
-/// the job's role closes it. Until then the host refuses such roles unless
-/// the job says `role-may-create = true` (`roles::check`). Ignored until the
-/// run's connection logs in as the role.
+/// A job role that may create a function can put `RESET ROLE` in its body
+/// (the guard refuses the statement from the plugin, but cannot see into a
+/// function), and Postgres then runs the rest of the transaction as the
+/// *session* user. A run's connection logs in as the job's role, so that is
+/// the role itself: never the host's login role (DESIGN §7). Before, the
+/// function recorded `postgres`.
 #[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
-#[ignore = "known hole: a job role with CREATE can RESET ROLE in a function (DESIGN §7)"]
 async fn a_job_role_cannot_become_the_hosts_login_role(pool: PgPool) {
     let role = jobspace_and_role(&pool).await;
     let (runner, one) = one_connection_runner(&pool).await;
     let setup = [
-        "create table jobspace.seen (by_role text)",
+        "create table jobspace.seen (by_role text, session_role text)",
         "create function jobspace.escape() returns void language plpgsql as \
-         $$ begin reset role; insert into jobspace.seen values (current_user); end $$",
+         $$ begin reset role; insert into jobspace.seen values (current_user, session_user); end $$",
     ];
     for (i, sql) in setup.iter().enumerate() {
         let result = hostile_run(&runner, "escape", Some(&role), sql, i as i64).await;
         finished(result, Outcome::Ok);
     }
     let attack = "select jobspace.escape()";
-    let _ = hostile_run(&runner, "escape", Some(&role), attack, 50).await;
-    let seen: Vec<String> = sqlx::query_scalar("select by_role from jobspace.seen")
-        .fetch_all(&pool)
-        .await
-        .unwrap();
-    // The role is cluster-wide: dropped before the verdict, which fails
-    // until the hole is closed.
+    let result = hostile_run(&runner, "escape", Some(&role), attack, 50).await;
+    let seen: Vec<(String, String)> =
+        sqlx::query_as("select by_role, session_role from jobspace.seen")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    // The role is cluster-wide: dropped before the verdict.
     one.close().await;
     drop_role(&pool, &role).await;
-    assert!(
-        seen.iter().all(|r| *r == role),
-        "the job's statements ran as {seen:?}, not only as {role}"
+    finished(result, Outcome::Ok);
+    assert_eq!(
+        seen,
+        [(role.clone(), role.clone())],
+        "the job's statements ran as its role only"
     );
 }
 
-/// The host reads the job roles at start: one that may create functions in
-/// `jobspace` (so could `RESET ROLE` in one) is refused unless its job says
-/// `role-may-create = true`; a role that does not exist is warned about; a
-/// role with only the use of its tables is not named.
+/// One job's role cannot act for another job, nor write the history
+/// itself: on a connection that logs in as job `a`'s role (what any code of
+/// `a`'s runs, a function it created included, runs as), the gate refuses
+/// job `b`, a run's row needs the token its gate drew, and the host's
+/// tables and internals are out of reach.
 #[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
-async fn a_job_role_that_may_create_is_refused_unless_the_job_says_so(pool: PgPool) {
+async fn one_jobs_role_cannot_gate_or_record_another_jobs_runs(pool: PgPool) {
+    let role = jobspace_and_role(&pool).await;
+    let runs = jobhost::pools::RunPools::over(pool.clone());
+    let mut a = job("a", guests::TEST_CORE_PROBE, &[]).config;
+    a.role = Some(role.clone());
+    jobhost::roles::admit(&runs, &[a]).await.unwrap();
+    let mut conn = runs.pool(Some(&role)).unwrap().acquire().await.unwrap();
+    let mut attempt = async |sql: String| match sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .fetch_all(&mut *conn)
+        .await
+    {
+        Ok(rows) => Ok(rows),
+        Err(e) => Err((
+            e.as_database_error()
+                .and_then(|d| d.code())
+                .unwrap_or_default()
+                .into_owned(),
+            e.to_string(),
+        )),
+    };
+    let gate = |job: &str, n: i64| {
+        jobhost::db::slot_gate_sql(
+            job,
+            slot(n),
+            "h",
+            Duration::from_secs(60),
+            Some(LockKey::derive(job)),
+        )
+    };
+    let (code, msg) = attempt(gate("b", 1)).await.expect_err("gate of b");
+    assert!(
+        code == "JH003" && msg.contains("may not run job 'b'"),
+        "{code} {msg}"
+    );
+    let rows = attempt(gate("a", 1)).await.expect("its own job's gate");
+    let history = jobhost::db::SlotGate::from_row(&rows[0])
+        .unwrap()
+        .history
+        .unwrap();
+    let (id, token) = (history.run_id.unwrap(), history.run_token.unwrap());
+    let row = |job: &str| jobhost::db::RunRow {
+        job: job.into(),
+        slot: slot(1),
+        host_id: "h".into(),
+        plugin_sha256: "x".into(),
+        started_at: None,
+        backend_pid: None,
+    };
+    let ok = jobhost::db::RunRecord {
+        attempt: 1,
+        outcome: Outcome::Ok,
+        message: "forged",
+    };
+    // Its own gate's token, for another job: refused.
+    let (code, msg) = attempt(jobhost::db::record_sql(id, token, &row("b"), &ok))
+        .await
+        .expect_err("a row of b");
+    assert!(code == "JH003" && msg.contains("job 'b'"), "{code} {msg}");
+    // Its own job, another run's id: the token does not match it.
+    let (code, msg) = attempt(jobhost::db::record_sql(id + 1, token, &row("a"), &ok))
+        .await
+        .expect_err("a row without its gate");
+    assert!(
+        code == "JH003" && msg.contains("wrong token"),
+        "{code} {msg}"
+    );
+    for sql in [
+        "insert into jobhost.runs (job, slot, host_id, plugin_sha256, started_at, outcome) \
+         values ('a', now(), 'h', 'x', now(), 'ok')",
+        "select * from jobhost.run_secret",
+        "select jobhost.slot_gate('a', now(), 'h', 60, null, null)",
+        "select jobhost.run_token(1, 'a')",
+    ] {
+        let (code, msg) = attempt(sql.to_owned()).await.expect_err(sql);
+        assert_eq!(code, "42501", "{sql}: {msg}");
+    }
+    // What the gate let through is still the host's to record: the row
+    // with its token stands.
+    attempt(jobhost::db::record_sql(id, token, &row("a"), &ok))
+        .await
+        .expect("the run's own row");
+    drop(conn);
+    runs.close_roles().await;
+    drop_role(&pool, &role).await;
+}
+
+/// Runs share one budget of `pool-size` connections across the host's pool
+/// and every role's (the instance pool is sized by it): with two taken by
+/// two roles' runs, a third run waits until one is given back.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn runs_share_one_budget_of_connections_across_roles(pool: PgPool) {
+    let role = jobspace_and_role(&pool).await;
+    let two = PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(pool.connect_options().as_ref().clone())
+        .await
+        .unwrap();
+    let runs = jobhost::pools::RunPools::over(two.clone());
+    let first = runs.acquire(Some(&role)).await.unwrap();
+    let second = runs.acquire(None).await.unwrap();
+    let waiting = tokio::time::timeout(Duration::from_millis(300), runs.acquire(Some(&role))).await;
+    assert!(waiting.is_err(), "a third connection was handed out");
+    drop(first);
+    let mut third = tokio::time::timeout(Duration::from_secs(5), runs.acquire(Some(&role)))
+        .await
+        .expect("given back")
+        .unwrap();
+    let user: String = sqlx::query_scalar("select session_user::text")
+        .fetch_one(&mut *third.conn)
+        .await
+        .unwrap();
+    assert_eq!(user, role, "a role's connection logs in as the role");
+    // Closing a pool waits for its connections to come back.
+    drop((second, third));
+    runs.close_roles().await;
+    two.close().await;
+    drop_role(&pool, &role).await;
+}
+
+/// The host reads the job roles at start: one that cannot log in, or does
+/// not exist, is refused naming the job, the role and the fix; a role that
+/// may create (no longer a way out of its rights) or has only the use of
+/// its tables is not named. A start admits each role for its job.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_job_role_that_cannot_log_in_is_refused(pool: PgPool) {
     let creator = jobspace_and_role(&pool).await;
-    let plain = format!("{creator}_plain");
+    let shut = format!("{creator}_nologin");
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "drop role if exists \"{plain}\"; create role \"{plain}\" nologin; \
-         grant usage on schema jobspace to \"{plain}\"; grant insert on probe to \"{plain}\""
+        "drop role if exists \"{shut}\"; create role \"{shut}\" nologin; \
+         grant usage on schema jobspace to \"{shut}\"; grant insert on probe to \"{shut}\""
     )))
     .execute(&pool)
     .await
     .unwrap();
 
     // The audit itself, job by job.
-    let with_role = |name: &str, role: &str, may_create: bool| {
+    let with_role = |name: &str, role: &str| {
         let mut j = job(name, guests::TEST_CORE_PROBE, &[]).config;
         j.role = Some(role.to_owned());
-        j.role_may_create = may_create;
         j
     };
     let jobs = [
-        with_role("creates", &creator, false),
-        with_role("creates-trusted", &creator, true),
-        with_role("plain", &plain, false),
-        with_role("missing", "jobhost_no_such_role", false),
+        with_role("creates", &creator),
+        with_role("shut", &shut),
+        with_role("missing", "jobhost_no_such_role"),
         job("no-role", guests::TEST_CORE_PROBE, &[]).config,
     ];
     let found = jobhost::roles::audit(&pool, &jobs).await.unwrap();
@@ -854,39 +990,30 @@ async fn a_job_role_that_may_create_is_refused_unless_the_job_says_so(pool: PgPo
         .collect();
     assert_eq!(
         named.iter().map(|n| (n.0, n.1)).collect::<Vec<_>>(),
-        [
-            ("creates", true),
-            ("creates-trusted", false),
-            ("missing", false)
-        ],
+        [("shut", true), ("missing", true)],
         "{named:?}"
     );
     assert!(
-        named[0].2.contains("CREATE on schema jobspace") && named[0].2.contains("RESET ROLE"),
+        named[0].2.contains("cannot log in") && named[0].2.contains("alter role"),
         "{named:?}"
     );
-    assert!(named[2].2.contains("does not exist"), "{named:?}");
+    assert!(named[1].2.contains("does not exist"), "{named:?}");
 
     // A host's start: refused, naming the job, the role and the way out.
     let url = database_url(&pool).await;
     let dir = std::env::temp_dir().join(format!("jobhost-roles-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let start = |may_create: bool| {
+    let start = |n: u32| {
         let toml = format!(
-            "[host]\nwatch = false\nshutdown-grace = \"5s\"\n\n[[job]]\nname = \"creates\"\nplugin = {:?}\nevery = \"1h\"\nrole = {creator:?}\n{}",
+            "[host]\nwatch = false\nshutdown-grace = \"5s\"\n\n[[job]]\nname = \"shut\"\nplugin = {:?}\nevery = \"1h\"\nrole = {shut:?}\n",
             guests::TEST_CORE_PROBE,
-            if may_create {
-                "role-may-create = true\n"
-            } else {
-                ""
-            }
         );
-        let file = dir.join(format!("jobs-{may_create}.toml"));
+        let file = dir.join(format!("jobs-{n}.toml"));
         std::fs::write(&file, toml).unwrap();
         let options = jobhost::HostOptions {
             direct_url: None,
             database_url: url.clone(),
-            host_id: format!("roles-{may_create}"),
+            host_id: format!("roles-{n}"),
             demo: false,
             clock_offset: chrono::TimeDelta::zero(),
         };
@@ -898,19 +1025,30 @@ async fn a_job_role_that_may_create_is_refused_unless_the_job_says_so(pool: PgPo
     };
     let refused = format!(
         "{:#}",
-        start(false).await.expect_err("a role that may create")
+        start(1).await.expect_err("a role that cannot log in")
     );
     assert!(
-        refused.contains("job `creates`")
-            && refused.contains(&creator)
-            && refused.contains("role-may-create = true"),
+        refused.contains("job `shut`") && refused.contains(&shut) && refused.contains("alter role"),
         "{refused}"
     );
-    start(true).await.expect("the job said its role may create");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("alter role \"{shut}\" login")))
+        .execute(&pool)
+        .await
+        .unwrap();
+    start(2).await.expect("the role can log in");
     let _ = std::fs::remove_dir_all(&dir);
+    let (admitted, usage): (bool, bool) = sqlx::query_as(
+        "select exists (select 1 from jobhost.job_roles where job = 'shut' and role = $1),
+                has_schema_privilege($1, 'jobhost', 'USAGE')",
+    )
+    .bind(&shut)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(admitted && usage, "the start admitted the role for its job");
 
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "drop owned by \"{plain}\"; drop role \"{plain}\""
+        "drop owned by \"{shut}\"; drop role \"{shut}\""
     )))
     .execute(&pool)
     .await
@@ -919,36 +1057,43 @@ async fn a_job_role_that_may_create_is_refused_unless_the_job_says_so(pool: PgPo
 }
 
 /// `jobhost check` agrees with a start about job roles when it has a
-/// database: a role that may create is refused, naming the job and the way
-/// out; with `role-may-create = true` the config is valid.
+/// database: a role that cannot log in is refused, naming the job and the
+/// way out; once it can, the config is valid.
 #[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
-async fn check_refuses_a_job_role_that_may_create_as_a_start_does(pool: PgPool) {
-    let creator = jobspace_and_role(&pool).await;
+async fn check_refuses_a_job_role_that_cannot_log_in_as_a_start_does(pool: PgPool) {
+    let role = jobspace_and_role(&pool).await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "alter role \"{role}\" nologin"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
     let url = database_url(&pool).await;
     let dir = std::env::temp_dir().join(format!("jobhost-check-roles-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let check = |may_create: bool| {
-        let file = dir.join(format!("jobs-{may_create}.toml"));
-        std::fs::write(
-            &file,
-            format!(
-                "[[job]]\nname = \"creates\"\nplugin = {:?}\nevery = \"1h\"\nrole = {creator:?}\n{}",
-                guests::TEST_CORE_PROBE,
-                if may_create { "role-may-create = true\n" } else { "" }
-            ),
-        )
-        .unwrap();
-        jobhost::cli::run_cli(cli_args(&file, &url, &["check"]))
-    };
+    let file = dir.join("jobs.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[job]]\nname = \"shut\"\nplugin = {:?}\nevery = \"1h\"\nrole = {role:?}\n",
+            guests::TEST_CORE_PROBE,
+        ),
+    )
+    .unwrap();
+    let check = || jobhost::cli::run_cli(cli_args(&file, &url, &["check"]));
     let refused = format!(
         "{:#}",
-        check(false).await.expect_err("a role that may create")
+        check().await.expect_err("a role that cannot log in")
     );
     assert!(
-        refused.contains("job `creates`") && refused.contains("role-may-create = true"),
+        refused.contains("job `shut`") && refused.contains("cannot log in"),
         "{refused}"
     );
-    assert_eq!(check(true).await.unwrap(), std::process::ExitCode::SUCCESS);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("alter role \"{role}\" login")))
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(check().await.unwrap(), std::process::ExitCode::SUCCESS);
     let _ = std::fs::remove_dir_all(&dir);
-    drop_role(&pool, &creator).await;
+    drop_role(&pool, &role).await;
 }

@@ -60,6 +60,7 @@ async fn python_hash_job_matches_the_rust_job(pool: PgPool) {
             .unwrap();
         let mut job = job("integrity-hash-retry", path, &config);
         job.config.role = Some("jobhost_demo_hash".into());
+        admit(&pool, &job).await;
         let mut said = Vec::new();
         for n in 0..4 {
             let slot = slot(10 * i as i64 + n);

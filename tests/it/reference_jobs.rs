@@ -24,6 +24,7 @@ async fn integrity_hash_retry_hashes_a_batch_of_pending_rows(pool: PgPool) {
         &[("batch-size", "50")],
     );
     job.config.role = Some("jobhost_demo_hash".into());
+    admit(&pool, &job).await;
     let runner = runner(&pool);
 
     assert_eq!(
@@ -75,6 +76,7 @@ async fn activation_drip_advances_due_users_one_step(pool: PgPool) {
         &[("max-step", "5"), ("step-interval", "6 hours")],
     );
     job.config.role = Some("jobhost_demo_drip".into());
+    admit(&pool, &job).await;
     let msg = finished(runner(&pool).run(&job, slot(1)).await.unwrap(), Outcome::Ok);
     assert_eq!(msg, "advanced 1 users");
     let steps: Vec<(String, i32)> =
@@ -130,6 +132,7 @@ async fn db_retention_deletes_rows_past_each_window(pool: PgPool) {
         ],
     );
     job.config.role = Some("jobhost_demo_retention".into());
+    admit(&pool, &job).await;
     let msg = finished(runner(&pool).run(&job, slot(1)).await.unwrap(), Outcome::Ok);
     assert!(msg.starts_with("deleted 140 rows"), "{msg}");
     for (table, kept) in [

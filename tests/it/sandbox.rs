@@ -212,12 +212,15 @@ async fn a_read_only_role_is_enforced_by_postgres(pool: PgPool) {
         .fetch_one(&pool)
         .await
         .unwrap();
+    // Within Postgres's 63 bytes (a longer name would be cut at CREATE), and
+    // unique to the database.
+    let tail = &db[db.len().saturating_sub(24)..];
     let role = format!(
         "ro_{}",
-        db.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+        tail.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
     );
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "create role \"{role}\" nologin; grant select on probe to \"{role}\";"
+        "drop role if exists \"{role}\"; create role \"{role}\" login; grant select on probe to \"{role}\";"
     )))
     .execute(&pool)
     .await
@@ -232,6 +235,7 @@ async fn a_read_only_role_is_enforced_by_postgres(pool: PgPool) {
         ],
     );
     reader.config.role = Some(role.clone());
+    admit(&pool, &reader).await;
     finished(
         runner(&pool).run(&reader, slot(1)).await.unwrap(),
         Outcome::Ok,
@@ -243,6 +247,7 @@ async fn a_read_only_role_is_enforced_by_postgres(pool: PgPool) {
         &[("mode", "query"), ("sql", "delete from probe returning id")],
     );
     deleter.config.role = Some(role.clone());
+    admit(&pool, &deleter).await;
     let msg = finished(
         runner(&pool).run(&deleter, slot(1)).await.unwrap(),
         Outcome::Error,

@@ -479,6 +479,7 @@ async fn test_scheduler_probes_capabilities_and_records_each_result(pool: PgPool
         &[("batch-size", "20")],
     );
     job.config.role = Some("jobhost_demo_scheduler".into());
+    admit(&pool, &job).await;
     job.config.http = Some(HttpGrant {
         allow: vec![addr.clone()],
         allow_private: true,

@@ -71,6 +71,18 @@ pub fn runner(pool: &PgPool) -> Runner {
     Runner::new(pool.clone(), runtime(), "test-host")
 }
 
+/// Admits `job`'s role for it, as a host's start does
+/// ([`jobhost::roles::admit`]): its runs log in as the role, and the gate
+/// acts for a job only for a role admitted for it.
+pub async fn admit(pool: &PgPool, job: &Job) {
+    jobhost::roles::admit(
+        &jobhost::pools::RunPools::over(pool.clone()),
+        std::slice::from_ref(&job.config),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("cannot admit job `{}`'s role: {e:#}", job.config.name));
+}
+
 /// Distinct slots in the past: slot(n) = a fixed day + n seconds.
 pub fn slot(n: i64) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339("2024-01-01T00:00:00Z")

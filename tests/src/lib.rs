@@ -53,7 +53,6 @@ pub fn job_config(name: &str, plugin: &str, config: &[(&str, &str)]) -> jobhost:
         max_memory_bytes: 64 << 20,
         max_rows: 10_000,
         role: None,
-        role_may_create: false,
         env: Vec::new(),
         retry: jobhost::config::RetryPolicy {
             max_attempts: 1,

@@ -119,7 +119,10 @@ pub enum RunResult {
 /// Runs slots of jobs against the host's pool.
 #[derive(Clone)]
 pub struct Runner {
+    /// The host's pool, for its own statements outside runs.
     pool: PgPool,
+    /// The connections runs take: one pool per job role, within one budget.
+    runs: crate::pools::RunPools,
     runtime: Arc<Runtime>,
     host_id: Arc<str>,
     guard: Arc<SqlGuard>,
@@ -159,6 +162,7 @@ impl Runner {
             session_baseline: Arc::from(Vec::new()),
             metrics: Arc::default(),
             direct: Some((*pool.connect_options()).clone()),
+            runs: crate::pools::RunPools::over(pool.clone()),
             pool,
             pooler: Pooler::None,
             live: crate::hosts::LiveHosts::new(std::time::Duration::ZERO),
@@ -183,6 +187,20 @@ impl Runner {
         self.direct = direct;
         self.pooler = pooler;
         self
+    }
+
+    /// Takes run connections from `runs` (from [`db::connect`], whose role
+    /// pools carry the host's URL and adjustments) instead of pools made
+    /// from the host pool's options.
+    pub fn with_run_pools(mut self, runs: crate::pools::RunPools) -> Self {
+        self.runs = runs;
+        self
+    }
+
+    /// The pools this runner's runs take connections from (to admit job
+    /// roles through: [`crate::roles::admit`]).
+    pub fn run_pools(&self) -> &crate::pools::RunPools {
+        &self.runs
     }
 
     /// Records into `metrics` (the host's, served at `/metrics`).
@@ -374,16 +392,16 @@ impl Runner {
     ) -> anyhow::Result<Result<(Opened, A::Output), RunResult>> {
         let name = job.config.name.as_str();
         let key = job.config.lock_key;
-        let conn = self
-            .pool
-            .acquire()
-            .await
-            .with_context(|| format!("job `{name}`: cannot get a connection"))?;
+        let role = job.config.role.as_deref();
+        let conn = self.runs.acquire(role).await.with_context(|| match role {
+            Some(role) => format!("job `{name}`: cannot get a connection as its role `{role}`"),
+            None => format!("job `{name}`: cannot get a connection"),
+        })?;
         // One round trip opens the run: BEGIN with the deadline (so the lock,
         // taken next, is bounded by the server from the instant it is
         // granted), the lock and the history under it (`jobhost.slot_gate`,
         // whose statements each see what committed before they started), then
-        // the run's name, savepoint and role.
+        // the run's name and savepoint.
         let timeout_ms = job.config.timeout.as_millis().max(1);
         let setup = format!(
             "{};\n{};\n{}",
@@ -409,8 +427,8 @@ impl Runner {
                 .map(|gate| (tx, gate))
                 .with_context(|| format!("job `{name}`: cannot read lock {key}'s gate")),
             Err(e) => {
-                let role = match &job.config.role {
-                    Some(role) => format!(", role `{role}`"),
+                let role = match role {
+                    Some(role) => format!(", as role `{role}`"),
                     None => String::new(),
                 };
                 Err(anyhow::Error::new(e).context(format!(
@@ -597,15 +615,18 @@ impl Runner {
                 return Ok(Err(RunResult::BackingOff { until }));
             }
         }
-        let run_id = history.run_id.with_context(|| {
-            format!("job `{name}`: the gate drew no run id for a slot it let through")
-        })?;
+        let (Some(run_id), Some(run_token)) = (history.run_id, history.run_token) else {
+            anyhow::bail!(
+                "job `{name}`: the gate drew no run id (or no token) for a slot it let through"
+            );
+        };
         let lag = (db_now - slot).to_std().unwrap_or_default();
         self.metrics.observe_start_lag(name, lag.as_secs_f64());
         Ok(Ok(Go {
             attempt: state.attempts + 1,
             failures,
             run_id,
+            run_token,
             backend_pid: history.backend_pid,
             started_at: db_now,
         }))
@@ -738,7 +759,7 @@ impl Runner {
             return (record.outcome, record.message.to_owned(), written);
         }
         let run_outcome = record.outcome;
-        let row_sql = db::record_sql(id, &run.row, record);
+        let row_sql = db::record_sql(run.go.run_id, run.go.run_token, &run.row, record);
         let closing = if run_outcome == Outcome::Ok {
             hygiene::commit_ok_sql(
                 &job.config,
@@ -797,7 +818,12 @@ impl Runner {
                 message: &message,
                 ..record.clone()
             };
-            let closing = hygiene::commit_failure_sql(&db::record_sql(id, &run.row, &failed));
+            let closing = hygiene::commit_failure_sql(&db::record_sql(
+                run.go.run_id,
+                run.go.run_token,
+                &run.row,
+                &failed,
+            ));
             let written = match tx
                 .finish(
                     &closing,
@@ -917,6 +943,8 @@ pub(crate) struct Go {
     failures: u32,
     /// The run's id, drawn by the gate.
     run_id: i64,
+    /// What lets the run's row be written (see [`db::RunToken`]).
+    run_token: db::RunToken,
     /// The backend the gate ran on.
     backend_pid: i32,
     /// When the gate let it through (database clock).
@@ -986,22 +1014,17 @@ pub fn check_plugin_kind(config: &JobConfig, plugin: &Plugin) -> Result<(), Stri
 }
 
 /// The run's scope, sent after the gate in the opening query: the run's
-/// name in `application_name`, the savepoint a failure rolls back to, and the
-/// job's role after it (so rolling back to the savepoint also drops the role).
+/// name in `application_name` and the savepoint a failure rolls back to.
+/// (The job's role is the connection's login: [`crate::pools`].)
 fn scope_sql(job: &JobConfig, host_id: &str) -> String {
     let app = truncate_utf8(
         &format!("{}/{}", db::application_name(host_id), job.name),
         63,
     );
-    let mut sql = format!(
+    format!(
         "set local application_name = {};\nsavepoint jobhost_work",
         db::quote_literal(&app)
-    );
-    if let Some(role) = &job.role {
-        sql.push_str(";\n");
-        sql.push_str(&db::set_local_role_sql(role));
-    }
-    sql
+    )
 }
 
 pub(crate) fn truncate_utf8(s: &str, max: usize) -> String {

@@ -142,7 +142,7 @@ impl Runner {
             backend_start,
         };
         let session = SessionHandle::new(
-            self.pool.clone(),
+            self.runs.clone(),
             name.into(),
             self.guard.clone(),
             job.config.max_rows,

@@ -13,7 +13,7 @@
 use std::sync::{Arc, OnceLock};
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
 use wasmtime::component::Resource;
 
@@ -22,6 +22,7 @@ use super::bindings::sql::{self, DbError, Error, PackedRows, RowSet, Value};
 use super::values::{self, StatementError};
 use crate::guard::SqlGuard;
 use crate::hygiene;
+use crate::pools::RunPools;
 use crate::tx::OpenTx;
 
 /// Host side of one lent `transaction`.
@@ -49,7 +50,7 @@ struct CommitRights {
     lost: CancellationToken,
     /// The lock connection, checked by the database in the COMMIT's own query.
     holder: LockHolder,
-    /// The job's role, reset before the host's closing statements.
+    /// The job's role: each transaction's connection logs in as it.
     role: Option<String>,
     /// The first leak found by a commit's check: the run is then an error.
     leaked: Arc<OnceLock<String>>,
@@ -72,7 +73,8 @@ pub struct LockHolder {
 /// The role and deadline of each short transaction a session begins.
 #[derive(Debug, Clone)]
 pub struct TxScope {
-    /// `SET LOCAL ROLE` for the job's statements.
+    /// The job's role, which each transaction's connection logs in as
+    /// ([`crate::pools`]).
     pub role: Option<String>,
     /// The run's timeout: no statement runs longer.
     pub timeout: std::time::Duration,
@@ -193,12 +195,7 @@ impl TxHandle {
             crate::db::quote_literal(&h.backend_start.to_rfc3339()),
         );
         let allowed = hygiene::allowed(&rights.session_baseline, &self.local_settings);
-        let closing = hygiene::commit_session_sql(
-            rights.role.as_deref(),
-            self.touched,
-            &allowed,
-            &lock_check,
-        );
+        let closing = hygiene::commit_session_sql(self.touched, &allowed, &lock_check);
         let Some(tx) = self.tx.as_mut() else {
             return Ok(Err(Error::ScopeClosed));
         };
@@ -350,9 +347,9 @@ impl TxHandle {
     }
 }
 
-/// Host side of a lent `session`: begins transactions from the pool.
+/// Host side of a lent `session`: begins transactions from the run pools.
 pub struct SessionHandle {
-    pool: PgPool,
+    pools: RunPools,
     job: Arc<str>,
     guard: Arc<SqlGuard>,
     max_rows: usize,
@@ -372,7 +369,7 @@ impl SessionHandle {
     /// (`statement_timeout`, and `idle_in_transaction_session_timeout` a
     /// margin later).
     pub fn new(
-        pool: PgPool,
+        pools: RunPools,
         job: Arc<str>,
         guard: Arc<SqlGuard>,
         max_rows: usize,
@@ -387,7 +384,7 @@ impl SessionHandle {
             pooler,
         } = scope;
         Self {
-            pool,
+            pools,
             job,
             guard,
             max_rows,
@@ -438,8 +435,8 @@ impl sql::HostSession for RunState {
             }
         }
         let s = self.table.get(&session)?;
-        let (pool, job, guard, max_rows, rights, timeout_ms) = (
-            s.pool.clone(),
+        let (pools, job, guard, max_rows, rights, timeout_ms) = (
+            s.pools.clone(),
             s.job.clone(),
             s.guard.clone(),
             s.max_rows,
@@ -447,15 +444,12 @@ impl sql::HostSession for RunState {
             s.statement_timeout_ms,
         );
         let pooler = s.pooler;
-        // Each short transaction gets the run's backstops (from BEGIN on) and
-        // the job's role, in the BEGIN's own simple query.
-        let mut scope = crate::db::backstops_sql(timeout_ms);
-        if let Some(role) = &rights.role {
-            scope.push_str(";\n");
-            scope.push_str(&crate::db::set_local_role_sql(role));
-        }
+        // Each short transaction gets the run's backstops from BEGIN on, in
+        // the BEGIN's own simple query, on a connection that logs in as the
+        // job's role.
+        let scope = crate::db::backstops_sql(timeout_ms);
         let begun = async {
-            let conn = pool.acquire().await?;
+            let conn = pools.acquire(rights.role.as_deref()).await?;
             OpenTx::begin(conn, &scope, pooler).await
         };
         let tx = match begun.await {

@@ -1133,52 +1133,74 @@ async fn hygiene_cost(
     use jobhost::hygiene;
     let mut conn = pool.acquire().await?;
     let key = job.config.lock_key;
-    let open = format!(
-        "begin; select pg_try_advisory_xact_lock({}, {}); savepoint jobhost_work",
-        key.namespace, key.key
-    );
     // Each closing writes its run's `ok` row: a slot of its own each.
-    let base = chrono::Utc::now();
-    let mut slots = (0i64..).map(|i| base + chrono::TimeDelta::seconds(i));
-    let mut record = || {
-        let row = jobhost::db::RunRow {
-            job: "hygiene-bench".into(),
-            slot: slots.next().unwrap_or(base),
-            host_id: "bench".into(),
-            plugin_sha256: "x".into(),
-            started_at: None,
-            backend_pid: None,
-        };
-        let run = jobhost::db::RunRecord {
-            attempt: 1,
-            outcome: jobhost::db::Outcome::Ok,
-            message: "bench",
-        };
-        jobhost::db::record_sql(None, &row, &run)
-    };
+    let base = chrono::Utc::now() - chrono::TimeDelta::days(1);
     let (mut a, mut b) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    for _ in 0..n {
-        let with = format!(
-            "{};\n{}",
-            hygiene::commit_ok_sql(&job.config, true, &[], &record()),
-            hygiene::leftovers_sql(hygiene::AfterCommit::Light, &[]).unwrap_or_default()
-        );
-        let without = format!(
-            "set local search_path = pg_catalog, pg_temp;\n{};\ncommit",
-            record()
-        );
-        for (closing, times) in [(&with, &mut a), (&without, &mut b)] {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(open.clone()))
-                .execute(&mut *conn)
-                .await?;
+    for i in 0..n as i64 {
+        for (checked, times) in [(true, &mut a), (false, &mut b)] {
+            let slot = base + chrono::TimeDelta::seconds(2 * i + i64::from(checked));
+            let record = open_bench_run(&mut conn, key, slot).await?;
+            let closing = match checked {
+                true => format!(
+                    "{};\n{}",
+                    hygiene::commit_ok_sql(&job.config, true, &[], &record),
+                    hygiene::leftovers_sql(hygiene::AfterCommit::Light, &[]).unwrap_or_default()
+                ),
+                false => format!("set local search_path = pg_catalog, pg_temp;\n{record};\ncommit"),
+            };
             let t = Instant::now();
-            sqlx::raw_sql(sqlx::AssertSqlSafe(closing.clone()))
+            sqlx::raw_sql(sqlx::AssertSqlSafe(closing))
                 .fetch_all(&mut *conn)
                 .await?;
             times.push(t.elapsed());
         }
     }
     Ok((stats(a).1, stats(b).1))
+}
+
+/// Opens a run of the hygiene benchmark's job at `slot` as a run opens (its
+/// gate: lock, history, id and token; its savepoint) and returns the
+/// statement that writes its `ok` row.
+async fn open_bench_run(
+    conn: &mut sqlx::PgConnection,
+    key: jobhost::lock::LockKey,
+    slot: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<String> {
+    let gate = jobhost::db::slot_gate_sql(
+        "hygiene-bench",
+        slot,
+        "bench",
+        Duration::from_secs(60),
+        Some(key),
+    );
+    let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "begin;\n{gate};\nsavepoint jobhost_work"
+    )))
+    .fetch_all(&mut *conn)
+    .await?;
+    let history = rows
+        .first()
+        .map(jobhost::db::SlotGate::from_row)
+        .transpose()?
+        .and_then(|g| g.history)
+        .ok_or_else(|| anyhow::anyhow!("the gate let no run through"))?;
+    let (Some(id), Some(token)) = (history.run_id, history.run_token) else {
+        anyhow::bail!("the gate drew no run id");
+    };
+    let row = jobhost::db::RunRow {
+        job: "hygiene-bench".into(),
+        slot,
+        host_id: "bench".into(),
+        plugin_sha256: "x".into(),
+        started_at: None,
+        backend_pid: None,
+    };
+    let run = jobhost::db::RunRecord {
+        attempt: 1,
+        outcome: jobhost::db::Outcome::Ok,
+        message: "bench",
+    };
+    Ok(jobhost::db::record_sql(id, token, &row, &run))
 }
 
 /// Median cold and warm start-up of the plugin at `path` in a fresh engine,

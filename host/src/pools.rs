@@ -1,0 +1,211 @@
+//! The connections runs use: the host's pool for jobs without a `role`, and
+//! one pool per job role whose connections **log in as that role**.
+//!
+//! Why log in as the role, rather than `SET LOCAL ROLE` on the host's
+//! connection: Postgres lets any code in a transaction `RESET ROLE` back to
+//! the session's login role (or `SET ROLE` to any role the login may
+//! become), and the guard cannot see into the body of a function a job's
+//! role created. On a connection that logs in as the job's role there is
+//! nothing above it to go back to: the session user is the job's role, for
+//! its statements, the functions they call and its deferred triggers alike.
+//! The host's own bookkeeping in that transaction (the gate, the run's row)
+//! goes through `SECURITY DEFINER` functions that act only for a role
+//! admitted for the job (migration `…_job_roles`, [`crate::roles::admit`]).
+//!
+//! Every pool is sized like the host's, and runs share one budget of
+//! `pool-size` connections across them all ([`RunPools::acquire`]): the
+//! instance pool is sized by that budget ([`crate::jobset::allocation`]), so
+//! a host with many roles runs no more at once than a host with one. A role
+//! pool's idle connections close after [`ROLE_IDLE_TIMEOUT`].
+//!
+//! A role's password comes from the libpq password file (`PGPASSFILE`, or
+//! `~/.pgpass`), matched on the host, port, database and the role's name;
+//! never from `DATABASE_URL`, which is the host's. Trust, peer or
+//! certificate authentication needs none.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::Pooler;
+
+/// How long a job role's connection may sit idle in its pool before it is
+/// closed: a role whose job runs every few minutes does not keep a server
+/// session for ever.
+pub const ROLE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a run waits for a connection (or its place in the budget).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The run connections (see the module docs). Cheap to clone.
+#[derive(Clone)]
+pub struct RunPools {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// `DATABASE_URL`'s pool: jobs without a role, and the host's own work.
+    host: PgPool,
+    /// What a role's connect options are made from.
+    template: Template,
+    /// The role pools made so far.
+    roles: Mutex<HashMap<String, PgPool>>,
+    /// Connections runs may hold at once, across every pool.
+    budget: Arc<Semaphore>,
+    size: u32,
+}
+
+/// A run's connection with its place in the budget; both are given back
+/// when it is dropped.
+pub struct Leased {
+    /// The connection.
+    pub conn: PoolConnection<Postgres>,
+    /// Its place in [`RunPools`]' budget (`None`: a connection taken outside
+    /// it, as tests do).
+    pub permit: Option<OwnedSemaphorePermit>,
+}
+
+/// What a role pool's connect options are made from.
+pub enum Template {
+    /// The host's `DATABASE_URL` without its password, with the host's
+    /// adjustments ([`crate::db::connect_options`]): parsed again with each
+    /// role as its user, so that the password file is searched for that
+    /// role (never for the host's user).
+    Url {
+        /// The URL, without its password.
+        url: url::Url,
+        /// What it leads to.
+        pooler: Pooler,
+        /// The connections' `application_name`.
+        application_name: String,
+    },
+    /// These options with the role as their user: for a pool made without a
+    /// URL (tests), where no password is involved.
+    Options(Box<PgConnectOptions>),
+}
+
+impl Template {
+    /// The host's `DATABASE_URL`, `url`, as a template (its password dropped).
+    pub fn from_url(url: &str, pooler: Pooler, application_name: &str) -> anyhow::Result<Self> {
+        let mut url = url::Url::parse(url)
+            .context("invalid DATABASE_URL (expected postgres://user@host:port/db)")?;
+        // Only fails for a URL that cannot have a user (`mailto:`...).
+        let _ = url.set_password(None);
+        Ok(Self::Url {
+            url,
+            pooler,
+            application_name: application_name.to_owned(),
+        })
+    }
+
+    /// `role`'s connect options.
+    fn options(&self, role: &str) -> anyhow::Result<PgConnectOptions> {
+        match self {
+            Template::Url {
+                url,
+                pooler,
+                application_name,
+            } => {
+                let mut url = url.clone();
+                url.set_username(role)
+                    .map_err(|()| anyhow::anyhow!("DATABASE_URL cannot name a user"))?;
+                crate::db::connect_options(url.as_str(), "DATABASE_URL", *pooler, application_name)
+            }
+            Template::Options(options) => Ok((**options).clone().username(role)),
+        }
+    }
+}
+
+impl From<PoolConnection<Postgres>> for Leased {
+    fn from(conn: PoolConnection<Postgres>) -> Self {
+        Self { conn, permit: None }
+    }
+}
+
+impl RunPools {
+    /// Run pools over `host`, whose role pools connect with `template` (see
+    /// [`Template`]), the budget being `host`'s size.
+    pub fn new(host: PgPool, template: Template) -> Self {
+        let size = host.options().get_max_connections();
+        Self {
+            inner: Arc::new(Inner {
+                host,
+                template,
+                roles: Mutex::default(),
+                budget: Arc::new(Semaphore::new(size as usize)),
+                size,
+            }),
+        }
+    }
+
+    /// Run pools over `host` whose roles connect as `host` does, for a pool
+    /// made without a URL (tests, where no password is involved).
+    pub fn over(host: PgPool) -> Self {
+        let template = Template::Options(Box::new((*host.connect_options()).clone()));
+        Self::new(host, template)
+    }
+
+    /// The host's pool.
+    pub fn host(&self) -> &PgPool {
+        &self.inner.host
+    }
+
+    /// The pool runs of a job with `role` take connections from (made the
+    /// first time; it connects lazily).
+    pub fn pool(&self, role: Option<&str>) -> sqlx::Result<PgPool> {
+        let Some(role) = role else {
+            return Ok(self.inner.host.clone());
+        };
+        // Only inserts and clones under the lock: a poisoned one is whole.
+        let mut roles = self.inner.roles.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pool) = roles.get(role) {
+            return Ok(pool.clone());
+        }
+        let options = self
+            .inner
+            .template
+            .options(role)
+            .map_err(|e| sqlx::Error::Configuration(e.into()))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(self.inner.size)
+            .min_connections(0)
+            .idle_timeout(ROLE_IDLE_TIMEOUT)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_lazy_with(options);
+        roles.insert(role.to_owned(), pool.clone());
+        Ok(pool)
+    }
+
+    /// A connection for a run of a job with `role`, within the budget: it
+    /// waits (up to 10 s) while runs hold `pool-size` connections across
+    /// every pool.
+    pub async fn acquire(&self, role: Option<&str>) -> sqlx::Result<Leased> {
+        let budget = self.inner.budget.clone();
+        let permit = tokio::time::timeout(ACQUIRE_TIMEOUT, budget.acquire_owned())
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)?
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        let conn = self.pool(role)?.acquire().await?;
+        Ok(Leased {
+            conn,
+            permit: Some(permit),
+        })
+    }
+
+    /// Closes every role pool (the host's is its owner's to close).
+    pub async fn close_roles(&self) {
+        let pools: Vec<PgPool> = {
+            let roles = self.inner.roles.lock().unwrap_or_else(|p| p.into_inner());
+            roles.values().cloned().collect()
+        };
+        for pool in pools {
+            pool.close().await;
+        }
+    }
+}
