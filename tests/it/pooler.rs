@@ -512,3 +512,80 @@ async fn a_commit_that_may_have_run_a_trigger_is_not_followed_through_a_pooler(p
         through.close().await;
     }
 }
+
+/// A job with a `role`, through a transaction pooler, as a real host runs it:
+/// its runs log in as the role through PgBouncer (which pools per user), and
+/// the gate and the run's row, the host's `SECURITY DEFINER` functions, work
+/// there as they do directly. Every row the job wrote was written by its
+/// role as the session user, and every run is recorded `ok`.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_job_role_runs_through_a_transaction_pooler_as_itself(pool: PgPool) {
+    create_probe_table(&pool).await;
+    let db: String = sqlx::query_scalar("select current_database()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let role = format!("jhpool_{}", &db[db.len().saturating_sub(16)..]);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "drop role if exists \"{role}\"; create role \"{role}\" login;
+         alter table probe add column by_role text default session_user;
+         grant select, insert on probe to \"{role}\";
+         grant usage on sequence probe_id_seq to \"{role}\""
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let url = database_url(&pool).await;
+    let bouncer = PgBouncer::start_for("role", "transaction", 2, "", &[&role]);
+    let config = pooler_config(
+        "role",
+        &format!(
+            "[[job]]\nname = \"as-role\"\nplugin = {:?}\nevery = \"200ms\"\nrole = {role:?}\n[job.config]\nmode = \"write\"\n",
+            guests::TEST_CORE_PROBE
+        ),
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let host = tokio::spawn(jobhost::run(
+        JobsConfig::from_file(&config).unwrap(),
+        HostOptions {
+            database_url: bouncer.url(&url),
+            direct_url: Some(url.clone()),
+            host_id: "as-role".to_owned(),
+            demo: false,
+            clock_offset: chrono::TimeDelta::zero(),
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    wait_for(
+        Duration::from_secs(20),
+        "runs as the role through the pooler",
+        || async { probe_rows(&pool).await >= 3 },
+    )
+    .await;
+    stop.send(()).unwrap();
+    host.await.unwrap().unwrap();
+    let (by, outcomes): (Vec<String>, Vec<String>) = (
+        sqlx::query_scalar("select distinct by_role from probe")
+            .fetch_all(&pool)
+            .await
+            .unwrap(),
+        sqlx::query_scalar("select distinct outcome from jobhost.runs where job = 'as-role'")
+            .fetch_all(&pool)
+            .await
+            .unwrap(),
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "drop owned by \"{role}\"; drop role \"{role}\""
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        by,
+        [role.clone()],
+        "the job's rows were written by its role"
+    );
+    assert_eq!(outcomes, ["ok"], "{:?}", runs(&pool, "as-role").await);
+}

@@ -107,6 +107,18 @@ pub mod pgbouncer {
         /// names, with `default_pool_size` server connections per database.
         /// `ignore` lists the startup parameters it lets through unanswered.
         pub fn start(tag: &str, pool_mode: &str, pool_size: u32, ignore: &str) -> PgBouncer {
+            Self::start_for(tag, pool_mode, pool_size, ignore, &[])
+        }
+
+        /// [`start`](Self::start), letting `users` in besides `postgres` (job
+        /// roles, which log in themselves).
+        pub fn start_for(
+            tag: &str,
+            pool_mode: &str,
+            pool_size: u32,
+            ignore: &str,
+            users: &[&str],
+        ) -> PgBouncer {
             let url: sqlx::postgres::PgConnectOptions =
                 std::env::var("DATABASE_URL").unwrap().parse().unwrap();
             let port = free_port();
@@ -114,7 +126,11 @@ pub mod pgbouncer {
                 .join(format!("jobhost-pgbouncer-{tag}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(dir.join("users.txt"), "\"postgres\" \"\"\n").unwrap();
+            let users: String = std::iter::once("postgres")
+                .chain(users.iter().copied())
+                .map(|u| format!("\"{u}\" \"\"\n"))
+                .collect();
+            std::fs::write(dir.join("users.txt"), users).unwrap();
             std::fs::write(
                 dir.join("pgbouncer.ini"),
                 format!(
