@@ -584,7 +584,7 @@ async fn a_job_role_runs_through_a_transaction_pooler_as_itself(pool: PgPool) {
     .unwrap();
     assert_eq!(
         by,
-        [role.clone()],
+        std::slice::from_ref(&role),
         "the job's rows were written by its role"
     );
     assert_eq!(outcomes, ["ok"], "{:?}", runs(&pool, "as-role").await);
