@@ -24,30 +24,32 @@ create table jobhost.run_secret (secret bytea not null);
 insert into jobhost.run_secret
 select pg_catalog.uuid_send(pg_catalog.gen_random_uuid()) || pg_catalog.uuid_send(pg_catalog.gen_random_uuid());
 
--- Whether the session's login role may act for `job`: the host (it may write
--- the runs table itself) or a role admitted for the job. `session_user`,
--- not `current_user`: inside a SECURITY DEFINER function the current user is
--- the owner, and a job's code cannot change its session user.
+-- Whether the session's login role may act for `job`: the host (the owner,
+-- or a role that may write the runs table itself) or a role admitted for the
+-- job. `session_user`, not `current_user`: called inside the SECURITY
+-- DEFINER functions below, the current user is the owner, and a job's code
+-- cannot change its session user. Internal (no EXECUTE for PUBLIC), and a
+-- plain SQL function without a SET clause: pgbench put each SECURITY DEFINER
+-- or `SET search_path` call at a measurable share of a run's database time.
 create function jobhost.may_act_for(job text) returns boolean
 language sql
 stable
-security definer
-set search_path = pg_catalog, pg_temp
 as $$
-    select pg_catalog.has_table_privilege(session_user, 'jobhost.runs', 'INSERT')
+    select session_user = current_user
         or exists (select 1 from jobhost.job_roles r
                     where r.job = may_act_for.job and r.role = session_user)
+        or pg_catalog.has_table_privilege(session_user, 'jobhost.runs', 'INSERT')
 $$;
+revoke execute on function jobhost.may_act_for(text) from public;
 
 -- A run's token: what proves that a run's row is written for a run its gate
 -- let through. A keyed hash of the run's id and job; the key never leaves
 -- the database, so a job's own code cannot make one (it could only reach
 -- the gate again, for its own job, under its own lock and history rules).
+-- Internal, like `may_act_for`.
 create function jobhost.run_token(id bigint, job text) returns text
 language sql
 stable
-security definer
-set search_path = pg_catalog, pg_temp
 as $$
     select pg_catalog.encode(pg_catalog.sha256(
         (select s.secret from jobhost.run_secret s) || pg_catalog.int8send(run_token.id)
@@ -55,9 +57,11 @@ as $$
 $$;
 revoke execute on function jobhost.run_token(bigint, text) from public;
 
--- The gate of a run, for whichever role the run's connection logs in as:
--- `slot_gate` (migration ..._in_flight) run with the owner's rights, for a
--- caller that may act for the job, and the run's token with the run's id.
+-- The gate of a run of a job with a role, whose connection logs in as that
+-- role: `slot_gate` (migration ..._in_flight) run with the owner's rights,
+-- for a caller that may act for the job, and the run's token with the run's
+-- id. (The host's own login calls `slot_gate` and writes `runs` directly:
+-- a job without a role pays nothing for this.)
 create function jobhost.run_gate(job text, slot timestamptz, host text, lost_after float8,
                                  ns integer, key integer,
                                  out locked boolean, out db_now timestamptz,
@@ -90,9 +94,9 @@ $$;
 revoke execute on function jobhost.slot_gate(text, timestamptz, text, float8, integer, integer) from public;
 
 -- A run's one row, written in the run's transaction (atomic with its work)
--- whichever role the connection logs in as: only with the token its gate
--- drew, so only the host, which keeps the token out of the plugin's reach,
--- writes it.
+-- on a connection that logs in as the job's role: only with the token its
+-- gate drew, so only the host, which keeps the token out of the plugin's
+-- reach, writes it.
 create function jobhost.record_run(run_token text, id bigint, job text, slot timestamptz,
                                    attempt integer, host_id text, plugin_sha256 text,
                                    started_at timestamptz, outcome text, message text,

@@ -636,7 +636,8 @@ pub struct SlotHistory {
     /// The backend the gate ran on: the run's, or a `session` run's lock
     /// connection.
     pub backend_pid: i32,
-    /// What proves the run's row is written for this run (with `run_id`):
+    /// What proves the run's row is written for this run (with `run_id`),
+    /// from the gate of a job with a role (`jobhost.run_gate`):
     /// `jobhost.record_run` takes nothing else. Never lent to the plugin.
     pub run_token: Option<RunToken>,
 }
@@ -667,9 +668,11 @@ impl RunToken {
     }
 }
 
-/// The statement that gates a run (the function `jobhost.run_gate`,
-/// migration `…_job_roles`, over `jobhost.slot_gate`, migrations `…0008`,
-/// `…0009`, for a caller whose login role may run the job): with `lock`, it tries the job's
+/// The statement that gates a run (the function `jobhost.slot_gate`,
+/// migrations `…0008`, `…0009`; for a job with a role, `as_job_role`, on a
+/// connection that logs in as that role, `jobhost.run_gate`, migration
+/// `…_job_roles`, which runs it with the host's rights for a role admitted
+/// for the job and returns the run's token too): with `lock`, it tries the job's
 /// transaction-level lock; without, the caller holds the lock elsewhere (a
 /// `session` run). Under the lock, it records the published runs of `job`
 /// whose host is dead (see [`crate::hosts`]: not seen for `lost_after`, or
@@ -689,13 +692,15 @@ pub fn slot_gate_sql(
     host_id: &str,
     lost_after: Duration,
     lock: Option<crate::lock::LockKey>,
+    as_job_role: bool,
 ) -> String {
     let (ns, key) = match lock {
         Some(k) => (k.namespace.to_string(), k.key.to_string()),
         None => ("null".to_owned(), "null".to_owned()),
     };
     format!(
-        "select * from jobhost.run_gate({}, {}, {}, {}::float8, {ns}, {key})",
+        "select * from jobhost.{}({}, {}, {}, {}::float8, {ns}, {key})",
+        if as_job_role { "run_gate" } else { "slot_gate" },
         quote_literal(job),
         timestamp_literal(slot),
         quote_literal(host_id),
@@ -723,16 +728,7 @@ impl SlotGate {
                 },
                 run_id: row.try_get("run_id")?,
                 backend_pid: row.try_get("backend_pid")?,
-                run_token: row
-                    .try_get::<Option<String>, _>("run_token")?
-                    .map(|t| {
-                        RunToken::parse(&t).ok_or_else(|| {
-                            sqlx::Error::Decode(
-                                "jobhost.run_gate returned a malformed token".into(),
-                            )
-                        })
-                    })
-                    .transpose()?,
+                run_token: run_token(row)?,
             }),
         };
         Ok(Self {
@@ -741,6 +737,22 @@ impl SlotGate {
             history,
         })
     }
+}
+
+/// The run's token in a gate's row: `None` from `jobhost.slot_gate`, which
+/// has no such column, and for a slot that does not run.
+fn run_token(row: &sqlx::postgres::PgRow) -> sqlx::Result<Option<RunToken>> {
+    use sqlx::{Column as _, Row as _};
+    if !row.columns().iter().any(|c| c.name() == "run_token") {
+        return Ok(None);
+    }
+    row.try_get::<Option<String>, _>("run_token")?
+        .map(|t| {
+            RunToken::parse(&t).ok_or_else(|| {
+                sqlx::Error::Decode("jobhost.run_gate returned a malformed token".into())
+            })
+        })
+        .transpose()
 }
 
 /// [`slot_gate_sql`] on its own, for a caller that already holds the job's
@@ -752,7 +764,7 @@ pub async fn slot_history(
     host_id: &str,
     lost_after: Duration,
 ) -> sqlx::Result<SlotGate> {
-    let sql = slot_gate_sql(job, slot, host_id, lost_after, None);
+    let sql = slot_gate_sql(job, slot, host_id, lost_after, None, false);
     let row = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
         .fetch_one(conn)
         .await?;
@@ -789,14 +801,8 @@ pub async fn finish_run(
     run: &RunRecord<'_>,
 ) -> sqlx::Result<()> {
     let sql = format!(
-        "insert into jobhost.runs (id, job, slot, attempt, host_id, plugin_sha256, started_at, \
-         finished_at, outcome, message, backend_pid) \
-         values ({}, {}, pg_catalog.clock_timestamp(), {}, {}, {}) on conflict (id) do nothing",
-        id.map_or_else(|| "default".to_owned(), |id| id.to_string()),
-        run_values(row, run)[..].join(", "),
-        quote_literal(run.outcome.as_str()),
-        quote_literal(&message_text(run.message)),
-        pid_literal(row.backend_pid),
+        "{} on conflict (id) do nothing",
+        insert_run_sql(id, row, run)
     );
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
         .execute(conn)
@@ -804,16 +810,33 @@ pub async fn finish_run(
     Ok(())
 }
 
-/// The run's one row, written in its own transaction by
-/// `jobhost.record_run` with the token its gate drew: whichever role the
-/// run's connection logs in as, the row is the host's to write (migration
-/// `…_job_roles`). With literals: it rides in a multi-statement simple
-/// query, which cannot take parameters. An `ok` commits atomically with the
-/// work it describes.
-pub fn record_sql(id: i64, token: RunToken, row: &RunRow, run: &RunRecord<'_>) -> String {
+/// The run's one row, written in its own transaction, with literals (it
+/// rides in a multi-statement simple query, which cannot take parameters):
+/// an `ok` commits atomically with the work it describes. On the host's own
+/// connection (`token` `None`) an `INSERT`; on one that logs in as the job's
+/// role, `jobhost.record_run` with the token the run's gate drew (migration
+/// `…_job_roles`), the role having no right to the table.
+pub fn record_sql(id: i64, token: Option<RunToken>, row: &RunRow, run: &RunRecord<'_>) -> String {
+    let Some(token) = token else {
+        return insert_run_sql(Some(id), row, run);
+    };
     format!(
         "select jobhost.record_run({}, {id}, {}, {}, {}, {})",
         token.literal(),
+        run_values(row, run)[..].join(", "),
+        quote_literal(run.outcome.as_str()),
+        quote_literal(&message_text(run.message)),
+        pid_literal(row.backend_pid),
+    )
+}
+
+/// `INSERT` of a run's one row (a fresh id when `id` is `None`).
+fn insert_run_sql(id: Option<i64>, row: &RunRow, run: &RunRecord<'_>) -> String {
+    format!(
+        "insert into jobhost.runs (id, job, slot, attempt, host_id, plugin_sha256, started_at, \
+         finished_at, outcome, message, backend_pid) \
+         values ({}, {}, pg_catalog.clock_timestamp(), {}, {}, {})",
+        id.map_or_else(|| "default".to_owned(), |id| id.to_string()),
         run_values(row, run)[..].join(", "),
         quote_literal(run.outcome.as_str()),
         quote_literal(&message_text(run.message)),

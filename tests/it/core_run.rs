@@ -393,18 +393,18 @@ async fn the_lock_is_the_first_statement_of_the_plugins_transaction(pool: PgPool
         "the run sent statements before its opening query: {sent:#?}"
     );
     assert!(
-        at("jobhost.record_run(") > at("plugin-statement"),
+        at("insert into jobhost.runs") > at("plugin-statement"),
         "the run's row is written after its work: {sent:#?}"
     );
     assert!(
         sent[begin].contains(
-            r#"db.statement="\n\nbegin;\nset local statement_timeout = 20000;\nset local idle_in_transaction_session_timeout = 22000;\nselect * from jobhost.run_gate("#
+            r#"db.statement="\n\nbegin;\nset local statement_timeout = 20000;\nset local idle_in_transaction_session_timeout = 22000;\nselect * from jobhost.slot_gate("#
         ),
         "BEGIN sets the 20 s timeout and the 22 s idle deadline, then the gate: {}",
         sent[begin]
     );
-    // The gate a run calls (`run_gate`) reads nothing but whether the
-    // session's role may run the job before it calls `slot_gate`.
+    // The gate a job role's run calls (`run_gate`) reads nothing but whether
+    // the session's role may run the job before it calls `slot_gate`.
     let (wrapper, wrapper_volatility): (String, String) =
         sqlx::query_as("select prosrc, provolatile::text from pg_proc where proname = 'run_gate'")
             .fetch_one(&pool)
@@ -600,6 +600,7 @@ async fn the_slot_history_read_does_not_scan_the_jobs_history(pool: PgPool) {
             "me",
             Duration::from_secs(60),
             Some(jobhost::lock::LockKey::derive("busy")),
+            false,
         );
         let row = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
             .fetch_one(&mut *tx)
@@ -670,7 +671,7 @@ async fn the_instance_is_made_while_the_gate_runs(pool: PgPool) {
             sqlx::query_scalar::<_, i64>(
                 "select count(*) from pg_stat_activity
               where datname = current_database() and wait_event_type = 'Lock'
-                and query like '%run_gate%'",
+                and query like '%slot_gate%'",
             )
             .fetch_one(&pool)
             .await

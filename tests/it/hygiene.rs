@@ -863,6 +863,7 @@ async fn one_jobs_role_cannot_gate_or_record_another_jobs_runs(pool: PgPool) {
             "h",
             Duration::from_secs(60),
             Some(LockKey::derive(job)),
+            true,
         )
     };
     let (code, msg) = attempt(gate("b", 1)).await.expect_err("gate of b");
@@ -875,7 +876,8 @@ async fn one_jobs_role_cannot_gate_or_record_another_jobs_runs(pool: PgPool) {
         .unwrap()
         .history
         .unwrap();
-    let (id, token) = (history.run_id.unwrap(), history.run_token.unwrap());
+    let (id, token) = (history.run_id.unwrap(), history.run_token);
+    assert!(token.is_some(), "a job role's gate draws a token");
     let row = |job: &str| jobhost::db::RunRow {
         job: job.into(),
         slot: slot(1),

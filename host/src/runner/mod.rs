@@ -411,7 +411,8 @@ impl Runner {
                 slot,
                 &self.host_id,
                 self.liveness.lost_after,
-                Some(key)
+                Some(key),
+                job.config.role.is_some(),
             ),
             scope_sql(&job.config, &self.host_id),
         );
@@ -445,7 +446,16 @@ impl Runner {
                 return Err(self.fail_before_plugin(&self.run_row(job, slot), e).await);
             }
         };
-        let decided = match self.decide(job, slot, gate) {
+        // The row of a run as the job's role is written with its token.
+        let decided = self
+            .decide(job, slot, gate)
+            .and_then(|decided| match decided {
+                Ok(go) if role.is_some() && go.run_token.is_none() => Err(anyhow::anyhow!(
+                    "job `{name}`: the gate drew no token for a run as the job's role"
+                )),
+                decided => Ok(decided),
+            });
+        let decided = match decided {
             Ok(decided) => decided,
             Err(e) => {
                 drop((made, tx));
@@ -615,11 +625,10 @@ impl Runner {
                 return Ok(Err(RunResult::BackingOff { until }));
             }
         }
-        let (Some(run_id), Some(run_token)) = (history.run_id, history.run_token) else {
-            anyhow::bail!(
-                "job `{name}`: the gate drew no run id (or no token) for a slot it let through"
-            );
-        };
+        let run_id = history.run_id.with_context(|| {
+            format!("job `{name}`: the gate drew no run id for a slot it let through")
+        })?;
+        let run_token = history.run_token;
         let lag = (db_now - slot).to_std().unwrap_or_default();
         self.metrics.observe_start_lag(name, lag.as_secs_f64());
         Ok(Ok(Go {
@@ -943,8 +952,9 @@ pub(crate) struct Go {
     failures: u32,
     /// The run's id, drawn by the gate.
     run_id: i64,
-    /// What lets the run's row be written (see [`db::RunToken`]).
-    run_token: db::RunToken,
+    /// What lets the run's row be written on a connection that logs in as
+    /// the job's role (see [`db::RunToken`]); `None` on the host's own.
+    run_token: Option<db::RunToken>,
     /// The backend the gate ran on.
     backend_pid: i32,
     /// When the gate let it through (database clock).
