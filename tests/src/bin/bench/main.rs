@@ -725,6 +725,11 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     // server-side cost, which every run now pays.
     let (check_with, check_without) = hygiene_cost(&pool, &noop, s.rounds * s.per_round).await?;
 
+    // 4″. A job with a role: its runs log in as the role (a pool of its own)
+    // and gate and record through the host's SECURITY DEFINER functions.
+    // The same no-op plugin run as the host and as a role, alternating.
+    let (as_role, as_host) = role_cost(&runner, &noop, &mut slots, s.rounds * s.per_round).await?;
+
     // 6. Plugin start-up (a fresh engine loading the probe: cold = empty
     // compile cache, warm = the cache that cold filled) and reload latency
     // (a new plugin file renamed into place → the first run on it), medians.
@@ -963,6 +968,13 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         check_with.as_secs_f64() / check_without.as_secs_f64(),
         100.0 * check_with.saturating_sub(check_without).as_secs_f64() / n_p50.as_secs_f64()
     );
+    let _ = writeln!(
+        md,
+        "| 4″ | no-op plugin run of a job with a `role` (logs in as it; gate and row through `SECURITY DEFINER` functions) vs the same job without, alternating, p50 | {:.0} µs | {:.0} µs | {:.2}× | cost shown (a job without a role pays none of it) | |",
+        us(as_role),
+        us(as_host),
+        as_role.as_secs_f64() / as_host.as_secs_f64(),
+    );
     match &pooled_noop {
         Some((mean, p50, p99)) => {
             let _ = writeln!(
@@ -1155,6 +1167,44 @@ async fn hygiene_cost(
             times.push(t.elapsed());
         }
     }
+    Ok((stats(a).1, stats(b).1))
+}
+
+/// p50 of a no-op run of `noop` as a job role and as the host, `n` of each,
+/// alternating, on `runner`. The role is made for the run and dropped after.
+async fn role_cost(
+    runner: &Runner,
+    noop: &Job,
+    slots: &mut Slots,
+    n: usize,
+) -> anyhow::Result<(Duration, Duration)> {
+    const ROLE: &str = "jobhost_bench_role";
+    let pool = runner.run_pools().host().clone();
+    sqlx::raw_sql(
+        "do $$ begin create role jobhost_bench_role login; \
+         exception when duplicate_object then null; end $$",
+    )
+    .execute(&pool)
+    .await?;
+    let mut as_role = noop.clone();
+    as_role.config.name = "noop-as-role".into();
+    as_role.config.lock_key = jobhost::lock::LockKey::derive("noop-as-role");
+    as_role.config.role = Some(ROLE.into());
+    jobhost::roles::admit(runner.run_pools(), std::slice::from_ref(&as_role.config)).await?;
+    let (mut a, mut b) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for _ in 0..n {
+        for (job, times) in [(&as_role, &mut a), (noop, &mut b)] {
+            let t = Instant::now();
+            ok(runner.run(job, slots.next()).await?)?;
+            times.push(t.elapsed());
+        }
+    }
+    runner.run_pools().close_roles().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "drop owned by {ROLE}; drop role {ROLE}"
+    )))
+    .execute(&pool)
+    .await?;
     Ok((stats(a).1, stats(b).1))
 }
 
