@@ -106,8 +106,8 @@ async fn main() -> anyhow::Result<()> {
         .execute(&mut admin)
         .await?;
     let bench_url = jobhost_tests::with_database(&url, &db);
-    // `--only polyglot|fleet|noop|instant|hash|sql|instantiate`: one row
-    // alone (row 9, row 7, row 1, row 5a, row 2, row 4, row 3), while
+    // `--only polyglot|fleet|noop|instant|hash|sql|role|instantiate`: one
+    // row alone (row 9, row 7, row 1, row 5a, row 2, row 4, row 4″, row 3), while
     // working on what it measures.
     let only = args
         .iter()
@@ -125,9 +125,10 @@ async fn main() -> anyhow::Result<()> {
             Some("instant") => instant_only(&bench_url, &sizes, &alone_opts).await,
             Some("hash") => hash_only(&bench_url, &alone_opts).await,
             Some("sql") => sql_only(&bench_url, &alone_opts).await,
+            Some("role") => role_only(&bench_url, &alone_opts).await,
             Some("instantiate") => instantiate_alone(&alone_opts).await,
             Some(other) => Err(anyhow::anyhow!(
-                "--only {other}: expected polyglot, fleet, noop, instant, hash, sql or instantiate"
+                "--only {other}: expected polyglot, fleet, noop, instant, hash, sql, role or instantiate"
             )),
             None => run(&bench_url, &sizes, quick).await,
         }
@@ -216,6 +217,27 @@ async fn sql_only(url: &str, opts: &Alone) -> anyhow::Result<String> {
     let what = "run of 200 selects";
     let none = async || Ok(());
     rounds_alone(opts, &pool, (&runner, &selects), 100, what, work, none).await
+}
+
+/// Row 4″ alone: a no-op run as a job role vs as the host, `--rounds`
+/// rounds (5 unless asked) of 500 of each, p50s.
+async fn role_only(url: &str, opts: &Alone) -> anyhow::Result<String> {
+    let (pool, runtime) = alone(url, opts).await?;
+    let runner = Runner::new(pool.clone(), runtime.clone(), "bench");
+    let noop = noop_probe("noop", &runtime)?;
+    let mut slots = Slots(0);
+    let mut out = String::new();
+    for round in 0..opts.rounds_or(5) {
+        let (as_role, as_host) = role_cost(&runner, &noop, &mut slots, 500).await?;
+        let _ = writeln!(
+            out,
+            "round {round}: as a role p50 {:.0} µs, as the host p50 {:.0} µs, {:.2}×",
+            us(as_role),
+            us(as_host),
+            as_role.as_secs_f64() / as_host.as_secs_f64()
+        );
+    }
+    Ok(out)
 }
 
 /// Row 3 alone: pooled instantiation of the probe, of its lean build and
