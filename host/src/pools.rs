@@ -198,11 +198,12 @@ impl RunPools {
         })
     }
 
-    /// Closes every role pool (the host's is its owner's to close).
+    /// Closes every role pool made so far (the host's is its owner's to
+    /// close); a role used after this gets a new one.
     pub async fn close_roles(&self) {
         let pools: Vec<PgPool> = {
-            let roles = self.inner.roles.lock().unwrap_or_else(|p| p.into_inner());
-            roles.values().cloned().collect()
+            let mut roles = self.inner.roles.lock().unwrap_or_else(|p| p.into_inner());
+            roles.drain().map(|(_, pool)| pool).collect()
         };
         for pool in pools {
             pool.close().await;
