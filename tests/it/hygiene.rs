@@ -953,6 +953,13 @@ async fn runs_share_one_budget_of_connections_across_roles(pool: PgPool) {
     // Closing a pool waits for its connections to come back.
     drop((second, third));
     runs.close_roles().await;
+    // A role used after its pool was closed gets a new one.
+    drop(
+        runs.acquire(Some(&role))
+            .await
+            .expect("a new pool for the role"),
+    );
+    runs.close_roles().await;
     two.close().await;
     drop_role(&pool, &role).await;
 }
