@@ -112,10 +112,22 @@ impl Template {
                 pooler,
                 application_name,
             } => {
-                let mut url = url.clone();
-                url.set_username(role)
-                    .map_err(|()| anyhow::anyhow!("DATABASE_URL cannot name a user"))?;
-                crate::db::connect_options(url.as_str(), "DATABASE_URL", *pooler, application_name)
+                let mut with_role = url.clone();
+                let connect = |url: &url::Url| {
+                    crate::db::connect_options(
+                        url.as_str(),
+                        "DATABASE_URL",
+                        *pooler,
+                        application_name,
+                    )
+                };
+                match with_role.set_username(role) {
+                    Ok(()) => connect(&with_role),
+                    // A URL without a host part (`postgres:///db?host=/run/
+                    // postgresql`, a Unix socket) cannot carry a user: set it
+                    // on the options instead.
+                    Err(()) => Ok(connect(url)?.username(role)),
+                }
             }
             Template::Options(options) => Ok((**options).clone().username(role)),
         }
@@ -207,6 +219,30 @@ impl RunPools {
         };
         for pool in pools {
             pool.close().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A role's options carry the role as their user and never the host's
+    /// password, whatever form `DATABASE_URL` takes.
+    #[test]
+    fn a_role_connects_as_itself_without_the_hosts_password() {
+        for url in [
+            "postgres://host:secret@db.internal:6432/app?sslmode=prefer",
+            "postgres:///app?host=/run/postgresql",
+        ] {
+            let template = Template::from_url(url, Pooler::None, "jobhost:test").unwrap();
+            let options = template.options("jobhost_demo_hash").unwrap();
+            assert_eq!(options.get_username(), "jobhost_demo_hash", "{url}");
+            assert_eq!(options.get_database(), Some("app"), "{url}");
+            assert!(
+                !format!("{options:?}").contains("secret"),
+                "{url}: the host's password reached a role's options"
+            );
         }
     }
 }
