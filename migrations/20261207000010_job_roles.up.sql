@@ -24,9 +24,9 @@ create table jobhost.run_secret (secret bytea not null);
 insert into jobhost.run_secret
 select pg_catalog.uuid_send(pg_catalog.gen_random_uuid()) || pg_catalog.uuid_send(pg_catalog.gen_random_uuid());
 
--- Whether the session's login role may act for `job`: the host (the owner,
--- or a role that may write the runs table itself) or a role admitted for the
--- job. `session_user`, not `current_user`: called inside the SECURITY
+-- Refuses (JH003) a session whose login role may not `act` for `job`: one
+-- that is neither the host (the owner, or a role that may write the runs
+-- table itself) nor a role admitted for the job. `session_user`, not `current_user`: called inside the SECURITY
 -- DEFINER functions below, the current user is the owner, and a job's code
 -- cannot change its session user. Internal (no EXECUTE for PUBLIC), without
 -- a SET clause, and PL/pgSQL rather than SQL: a SQL function called from
@@ -34,24 +34,28 @@ select pg_catalog.uuid_send(pg_catalog.gen_random_uuid()) || pg_catalog.uuid_sen
 -- per session (pgbench, 10 clients, gate and row of a run as a job role
 -- against the host's own: 0.68–0.70× with SQL helpers, 0.82–0.89× with
 -- these).
-create function jobhost.may_act_for(job text) returns boolean
+create function jobhost.assert_may_act_for(job text, act text) returns void
 language plpgsql
 stable
 as $$
 begin
-    return session_user = current_user
-        or exists (select 1 from jobhost.job_roles r
-                    where r.job = may_act_for.job and r.role = session_user)
-        or pg_catalog.has_table_privilege(session_user, 'jobhost.runs', 'INSERT');
+    if not (session_user = current_user
+            or exists (select 1 from jobhost.job_roles r
+                        where r.job = assert_may_act_for.job and r.role = session_user)
+            or pg_catalog.has_table_privilege(session_user, 'jobhost.runs', 'INSERT')) then
+        raise exception using errcode = 'JH003',
+            message = format('role %I may not %s job %L: it is not the role jobs.toml names for that job',
+                             session_user, assert_may_act_for.act, assert_may_act_for.job);
+    end if;
 end
 $$;
-revoke execute on function jobhost.may_act_for(text) from public;
+revoke execute on function jobhost.assert_may_act_for(text, text) from public;
 
 -- A run's token: what proves that a run's row is written for a run its gate
 -- let through. A keyed hash of the run's id and job; the key never leaves
 -- the database, so a job's own code cannot make one (it could only reach
 -- the gate again, for its own job, under its own lock and history rules).
--- Internal, like `may_act_for`.
+-- Internal, like `assert_may_act_for`.
 create function jobhost.run_token(id bigint, job text) returns text
 language plpgsql
 stable
@@ -83,10 +87,7 @@ security definer
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-    if not jobhost.may_act_for(run_gate.job) then
-        raise exception using errcode = 'JH003',
-            message = format('role %I may not run job %L: it is not the role jobs.toml names for that job', session_user, run_gate.job);
-    end if;
+    perform jobhost.assert_may_act_for(run_gate.job, 'run');
     select g.locked, g.db_now, g.lost, g.succeeded, g.attempts, g.failures, g.last_failure,
            g.paused, g.run_id, g.backend_pid
       into locked, db_now, lost, succeeded, attempts, failures, last_failure, paused, run_id,
@@ -115,10 +116,7 @@ security definer
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-    if not jobhost.may_act_for(record_run.job) then
-        raise exception using errcode = 'JH003',
-            message = format('role %I may not record runs of job %L', session_user, record_run.job);
-    end if;
+    perform jobhost.assert_may_act_for(record_run.job, 'record runs of');
     if record_run.run_token is distinct from jobhost.run_token(record_run.id, record_run.job) then
         raise exception using errcode = 'JH003',
             message = format('run %s of job %L: not a run its gate let through (wrong token)', record_run.id, record_run.job);

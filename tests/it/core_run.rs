@@ -417,7 +417,7 @@ async fn the_lock_is_the_first_statement_of_the_plugins_transaction(pool: PgPool
         .collect();
     assert_eq!(
         reached[..2],
-        ["jobhost.may_act_for", "jobhost.slot_gate"],
+        ["jobhost.assert_may_act_for", "jobhost.slot_gate"],
         "run_gate: {wrapper}"
     );
     let (body, volatility): (String, String) =
