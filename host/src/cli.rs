@@ -275,11 +275,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut config = config;
             // The database, where there is one (published plugins need it):
             // a check agrees with a start, job roles included.
-            let pool = match &cli.database_url {
+            let url = match &cli.database_url {
+                Some(url) => Some(url.clone()),
+                None if config.jobs.iter().any(|j| j.published.is_some()) => Some(database_url()?),
+                None => None,
+            };
+            let pool = match &url {
                 Some(url) => Some(inspect_pool(url, &config, &host_id).await?),
-                None if config.jobs.iter().any(|j| j.published.is_some()) => {
-                    Some(inspect_pool(&database_url()?, &config, &host_id).await?)
-                }
                 None => None,
             };
             if let Some(pool) = &pool
@@ -288,12 +290,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let dir = config.host.published_dir();
                 crate::published::resolve(pool, &mut config, &dir).await?;
             }
-            match &pool {
-                Some(pool) => crate::roles::check(pool, &config.jobs).await?,
-                None if config.jobs.iter().any(|j| j.role.is_some()) => {
+            match (&pool, &url) {
+                // As a start reads them, and logs in as each.
+                (Some(pool), Some(url)) => {
+                    crate::roles::check(pool, &config.jobs).await?;
+                    let app = format!("{}/cli", db::application_name(&host_id));
+                    let template = crate::pools::Template::from_url(url, config.host.pooler, &app)?;
+                    let runs = crate::pools::RunPools::new(pool.clone(), template);
+                    let logged_in = crate::roles::log_in(&runs, &config.jobs).await;
+                    runs.close_roles().await;
+                    logged_in?;
+                }
+                _ if config.jobs.iter().any(|j| j.role.is_some()) => {
                     println!("job roles not checked: DATABASE_URL is not set");
                 }
-                None => {}
+                _ => {}
             }
             let jobs = crate::load_jobs(&runtime, &config).await?;
             println!("{}: {} job(s) valid", cli.config.display(), jobs.len());

@@ -129,6 +129,25 @@ pub async fn check(pool: &PgPool, jobs: &[JobConfig]) -> anyhow::Result<()> {
     }
 }
 
+/// Logs in once as each role of `jobs` through `runs` (the pools the runs
+/// will use): a password missing from the password file, a role out of
+/// connections or refused by `pg_hba.conf` fails here, naming the job.
+pub async fn log_in(runs: &RunPools, jobs: &[JobConfig]) -> anyhow::Result<()> {
+    for role in roles_of(jobs) {
+        let job = jobs
+            .iter()
+            .find(|j| j.role.as_deref() == Some(role))
+            .map_or("", |j| j.name.as_str());
+        let pool = runs.pool(Some(role))?;
+        pool.acquire().await.with_context(|| {
+            format!(
+                "job `{job}`: cannot log in as its role `{role}` (a job's runs log in as its role: give it a password in the password file, PGPASSFILE or ~/.pgpass, for this host, port and database, or let pg_hba.conf admit it)"
+            )
+        })?;
+    }
+    Ok(())
+}
+
 /// Admits the roles of `jobs` for a start or a reload: [`check`]s them, logs
 /// in once as each (through `runs`, the pools the runs will use), grants each
 /// `USAGE` on schema `jobhost` (to call the host's functions in its runs'
@@ -142,18 +161,7 @@ pub async fn admit(runs: &RunPools, jobs: &[JobConfig]) -> anyhow::Result<()> {
     if roles.is_empty() {
         return Ok(());
     }
-    for role in &roles {
-        let job = jobs
-            .iter()
-            .find(|j| j.role.as_deref() == Some(role))
-            .map_or("", |j| j.name.as_str());
-        let pool = runs.pool(Some(role))?;
-        pool.acquire().await.with_context(|| {
-            format!(
-                "job `{job}`: cannot log in as its role `{role}` (a job's runs log in as its role: give it a password in the password file, PGPASSFILE or ~/.pgpass, for this host, port and database, or let pg_hba.conf admit it)"
-            )
-        })?;
-    }
+    log_in(runs, jobs).await?;
     let (names, of): (Vec<&str>, Vec<&str>) = jobs
         .iter()
         .filter_map(|j| Some((j.name.as_str(), j.role.as_deref()?)))

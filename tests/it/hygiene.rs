@@ -1067,7 +1067,8 @@ async fn a_job_role_that_cannot_log_in_is_refused(pool: PgPool) {
 
 /// `jobhost check` agrees with a start about job roles when it has a
 /// database: a role that cannot log in is refused, naming the job and the
-/// way out; once it can, the config is valid.
+/// way out, and so is one whose login fails (it logs in as each role, as a
+/// start does); once it can, the config is valid.
 #[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
 async fn check_refuses_a_job_role_that_cannot_log_in_as_a_start_does(pool: PgPool) {
     let role = jobspace_and_role(&pool).await;
@@ -1098,10 +1099,29 @@ async fn check_refuses_a_job_role_that_cannot_log_in_as_a_start_does(pool: PgPoo
         refused.contains("job `shut`") && refused.contains("cannot log in"),
         "{refused}"
     );
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("alter role \"{role}\" login")))
-        .execute(&pool)
-        .await
-        .unwrap();
+    // A role that may log in but whose login fails (here: no connection
+    // left to it; a missing password looks the same) is refused by a real
+    // login, as a start's is.
+    let alter = |change: &str| {
+        let sql = format!("alter role \"{role}\" {change}");
+        let pool = pool.clone();
+        async move {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    alter("login connection limit 0").await;
+    let refused = format!(
+        "{:#}",
+        check().await.expect_err("a role that cannot connect")
+    );
+    assert!(
+        refused.contains("job `shut`") && refused.contains("cannot log in as its role"),
+        "{refused}"
+    );
+    alter("connection limit -1").await;
     assert_eq!(check().await.unwrap(), std::process::ExitCode::SUCCESS);
     let _ = std::fs::remove_dir_all(&dir);
     drop_role(&pool, &role).await;
