@@ -228,13 +228,18 @@ pub struct Heartbeat {
     pub reloads: tokio::sync::mpsc::Sender<&'static str>,
     /// The live-host view this heartbeat keeps current.
     pub live: LiveHosts,
+    /// This host's job-role claims, renewed at each beat (and the claims of
+    /// hosts that are not live deleted): [`crate::roles::Admitted::renew`].
+    pub admitted: crate::roles::Admitted,
 }
 
 /// Heartbeats until `stop` is cancelled. A failed beat is logged and retried
 /// at the next one: the database being away is what liveness measures.
 /// A reload request newer than `reload_seen` is passed to `reloads` (the
 /// reload watch), which is how `jobhost reload` reaches a host that cannot
-/// LISTEN, and any host whose listener missed it.
+/// LISTEN, and any host whose listener missed it. Each beat then renews the
+/// host's job-role claims, apart: a failure there is logged and does not
+/// make the host look dead.
 pub async fn heartbeat(h: Heartbeat, stop: CancellationToken) {
     let Heartbeat {
         pool,
@@ -243,8 +248,10 @@ pub async fn heartbeat(h: Heartbeat, stop: CancellationToken) {
         mut reload_seen,
         reloads,
         live,
+        admitted,
     } = h;
     let mut failing = false;
+    let mut renewing_failed = false;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -260,6 +267,14 @@ pub async fn heartbeat(h: Heartbeat, stop: CancellationToken) {
                 if beat.latest_reload > reload_seen {
                     reload_seen = beat.latest_reload;
                     let _ = reloads.try_send(crate::reload::REQUESTED);
+                }
+                match admitted.renew(&pool, liveness.lost_after).await {
+                    Ok(()) => renewing_failed = false,
+                    Err(e) if !renewing_failed => {
+                        renewing_failed = true;
+                        tracing::warn!(host_id = %host_id, error = %e, "cannot renew this host's job-role claims in jobhost.job_roles; retried at the next heartbeat");
+                    }
+                    Err(_) => {}
                 }
             }
             Err(e) => {

@@ -51,7 +51,9 @@
 //!   files at start and at each reload.
 //! - [`roles`]: the job roles, read and admitted at start and reload: a role
 //!   that cannot log in is refused, an all-powerful one warned about, and
-//!   each is admitted for its jobs (`jobhost.job_roles`).
+//!   each is claimed for its jobs in `jobhost.job_roles` by the hosts that
+//!   run them (claims follow reloads, renewed at each heartbeat, deleted at
+//!   a stop or when their host is not live).
 //! - [`inspect`]: `status` and `locks` for operators (what they look at).
 //! - [`metrics`]: the host's Prometheus metrics.
 //! - [`serve`]: `[host] listen`: `/metrics`, `/healthz`, the read-only
@@ -177,7 +179,8 @@ pub async fn run(
             .context("cannot set up the demo tables")?;
     }
     // Before the plugins load: a refused role need not wait for a compile.
-    roles::admit(&runs, &config.jobs).await?;
+    let admitted = roles::Admitted::new(&options.host_id);
+    admitted.admit(&runs, &config.jobs).await?;
     let jobs = load_jobs(&runtime, &config).await?;
     tracing::info!(
         plugins = jobs.len(),
@@ -213,6 +216,19 @@ pub async fn run(
                 options.host_id
             )
         })?;
+    // Live from here on, this host's claims are its own to keep: written
+    // back if another host reaped them while the plugins loaded (a start
+    // slower than `host-lost-after`), and the claims of a previous process
+    // with this host id that it no longer runs deleted.
+    admitted
+        .renew(&pool, config.host.liveness.lost_after)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot claim the job roles of host `{}` in jobhost.job_roles",
+                options.host_id
+            )
+        })?;
     let metrics = Arc::new(metrics::Metrics::new());
     let live = hosts::LiveHosts::new(config.host.fleet_defer);
     let runner = Runner::new(pool.clone(), runtime.clone(), &options.host_id)
@@ -232,6 +248,7 @@ pub async fn run(
             reload_seen,
             reloads: reload_requests,
             live,
+            admitted: admitted.clone(),
         },
         stop_heartbeat.clone(),
     ));
@@ -289,7 +306,7 @@ pub async fn run(
         reload::Reloader::new(&config, runtime, jobs.clone())
             .with_metrics(metrics)
             .with_published(pool.clone(), &options.host_id)
-            .with_roles(runs.clone()),
+            .with_roles(runs.clone(), admitted.clone()),
         config.host.watch,
         config.host.reload_debounce,
         reload::Requests {
@@ -310,6 +327,9 @@ pub async fn run(
     let _ = heartbeat.await;
     stop_stuck_watch.cancel();
     let _ = stuck_watch.await;
+    if let Err(e) = admitted.release(&pool).await {
+        tracing::warn!(host_id = %options.host_id, error = %e, "cannot delete this host's job-role claims; other hosts delete them after host-lost-after");
+    }
     if let Err(e) = hosts::stop(&pool, &options.host_id).await {
         tracing::warn!(host_id = %options.host_id, error = %e, "cannot mark this host stopped; others will see it silent after host-lost-after");
     }

@@ -51,7 +51,8 @@ pub async fn run_now(
     } = db::connect(options.endpoints(config), 2, &options.host_id).await?;
     let dir = only.host.published_dir();
     crate::published::resolve(&pool, &mut only, &dir).await?;
-    crate::roles::admit(&runs, &only.jobs).await?;
+    let admitted = crate::roles::Admitted::new(&options.host_id);
+    admitted.admit(&runs, &only.jobs).await?;
     let loaded = jobset::load(&runtime, &only, &[], None).await?;
     hosts::register(&pool, &options.host_id, false, 0)
         .await
@@ -69,7 +70,28 @@ pub async fn run_now(
     })
     .await
     .context("cannot read the database clock")?;
+    // A heartbeat while the run lasts, as a host's: a run longer than
+    // `host-lost-after` keeps its host live, so its lock is not called
+    // STUCK and its role's claim is not reaped under it.
+    let stop_heartbeat = tokio_util::sync::CancellationToken::new();
+    let heartbeat = tokio::spawn(hosts::heartbeat(
+        hosts::Heartbeat {
+            pool: pool.clone(),
+            host_id: options.host_id.clone(),
+            liveness: config.host.liveness,
+            reload_seen: 0,
+            reloads: tokio::sync::mpsc::channel(1).0,
+            live: hosts::LiveHosts::new(std::time::Duration::ZERO),
+            admitted: admitted.clone(),
+        },
+        stop_heartbeat.clone(),
+    ));
     let result = runner.run(&loaded[0], slot).await;
+    stop_heartbeat.cancel();
+    let _ = heartbeat.await;
+    if let Err(e) = admitted.release(&pool).await {
+        tracing::warn!(error = %e, "cannot delete the one-run host's job-role claims");
+    }
     if let Err(e) = hosts::stop(&pool, &options.host_id).await {
         tracing::warn!(error = %e, "cannot mark the one-run host stopped");
     }

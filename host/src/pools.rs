@@ -10,7 +10,7 @@
 //! its statements, the functions they call and its deferred triggers alike.
 //! The host's own bookkeeping in that transaction (the gate, the run's row)
 //! goes through `SECURITY DEFINER` functions that act only for a role
-//! admitted for the job (migration `…_job_roles`, [`crate::roles::admit`]).
+//! admitted for the job (migration `…_job_roles`, [`crate::roles::Admitted::admit`]).
 //!
 //! Every pool is sized like the host's, and runs share one budget of
 //! `pool-size` connections across them all ([`RunPools::acquire`]): the

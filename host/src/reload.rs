@@ -35,7 +35,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::JobsConfig;
+use crate::config::{JobConfig, JobsConfig};
 use crate::runner::Job;
 use crate::runtime::Runtime;
 
@@ -57,8 +57,9 @@ pub struct Reloader {
     /// Where `published:NAME` plugins come from, and this host's id to
     /// report what it runs ([`crate::published`]).
     published: Option<(sqlx::PgPool, String)>,
-    /// The run pools, to admit the new jobs' roles ([`crate::roles::admit`]).
-    roles: Option<crate::pools::RunPools>,
+    /// The run pools, to admit the new jobs' roles, and this host's
+    /// admissions ([`crate::roles::Admitted`]).
+    roles: Option<(crate::pools::RunPools, crate::roles::Admitted)>,
 }
 
 /// SHA-256 of `jobs.toml` and of every plugin file it names (through
@@ -118,10 +119,15 @@ impl Reloader {
         }
     }
 
-    /// Admits the job roles of each reload through `runs` (as a start does)
-    /// before any plugin is compiled for them.
-    pub fn with_roles(mut self, runs: crate::pools::RunPools) -> Self {
-        self.roles = Some(runs);
+    /// Admits the job roles of each reload through `runs` into `admitted`
+    /// (as a start does) before any plugin is compiled for them, and settles
+    /// `admitted` on what runs once the reload is applied or rejected.
+    pub fn with_roles(
+        mut self,
+        runs: crate::pools::RunPools,
+        admitted: crate::roles::Admitted,
+    ) -> Self {
+        self.roles = Some((runs, admitted));
         self
     }
 
@@ -171,8 +177,21 @@ impl Reloader {
 
     /// Re-reads everything and validates it exactly as a start does
     /// ([`crate::jobset::load`]); returns the new job set if anything
-    /// changed. Anything that fails keeps the running set whole.
+    /// changed. Anything that fails keeps the running set whole. Either way
+    /// the host's role claims then follow what it runs
+    /// ([`crate::roles::Admitted::settle`]).
     pub async fn reload(&mut self) -> Option<Vec<Job>> {
+        let Some((_, admitted)) = self.roles.clone() else {
+            return self.try_reload().await;
+        };
+        let was: Vec<JobConfig> = self.jobs.iter().map(|j| j.config.clone()).collect();
+        let applied = self.try_reload().await;
+        let running: Vec<JobConfig> = self.jobs.iter().map(|j| j.config.clone()).collect();
+        admitted.settle(&was, &running).await;
+        applied
+    }
+
+    async fn try_reload(&mut self) -> Option<Vec<Job>> {
         let direct_url = self.direct_url;
         let config =
             JobsConfig::from_file(&self.config_path).map(|c| c.with_direct_url(direct_url));
@@ -208,7 +227,7 @@ impl Reloader {
         // The new jobs' roles, read where the host has its database, before
         // any plugin is compiled for them.
         let resolved = match (resolved, &self.roles, &self.published) {
-            (Ok(()), Some(runs), _) => crate::roles::admit(runs, &config.jobs).await,
+            (Ok(()), Some((runs, admitted)), _) => admitted.admit(runs, &config.jobs).await,
             (Ok(()), None, Some((pool, _))) => crate::roles::check(pool, &config.jobs).await,
             (resolved, _, _) => resolved,
         };

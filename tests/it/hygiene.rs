@@ -31,48 +31,6 @@ async fn one_connection_runner(pool: &PgPool) -> (Runner, PgPool) {
     (Runner::new(one.clone(), runtime(), "hygiene-host"), one)
 }
 
-/// A role that may write `probe` and create objects in schema `jobspace`
-/// (what "a job role that can create a function in any schema" means), and
-/// that schema. Roles are cluster-wide: the name is unique to the database.
-async fn restricted_role(pool: &PgPool) -> String {
-    let db: String = sqlx::query_scalar("select current_database()")
-        .fetch_one(pool)
-        .await
-        .unwrap();
-    // Test databases are named per test; so is the role. A role left by an
-    // earlier, failed run of the same test is dropped first.
-    let role = format!("jhjob_{}", &db[db.len().saturating_sub(16)..]);
-    let exists: bool =
-        sqlx::query_scalar("select exists (select 1 from pg_roles where rolname = $1)")
-            .bind(&role)
-            .fetch_one(pool)
-            .await
-            .unwrap();
-    if exists {
-        drop_role(pool, &role).await;
-    }
-    for sql in [
-        format!("create role \"{role}\" login"),
-        format!("grant usage, create on schema jobspace to \"{role}\""),
-        format!("grant insert, select on probe to \"{role}\""),
-        format!("grant usage on sequence probe_id_seq to \"{role}\""),
-    ] {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-            .execute(pool)
-            .await
-            .unwrap();
-    }
-    role
-}
-
-async fn drop_role(pool: &PgPool, role: &str) {
-    let sql = format!("drop owned by \"{role}\" cascade; drop role \"{role}\"");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-        .execute(pool)
-        .await
-        .unwrap();
-}
-
 /// Runs `sql` through the hostile plugin as job `name` (role `role`).
 async fn hostile_run(
     runner: &Runner,
@@ -94,7 +52,8 @@ async fn hostile_run(
 /// Admits `job`'s role (if any) through `runner`'s pools, as a start does.
 async fn admit_on(runner: &Runner, job: &jobhost::runner::Job) {
     if job.config.role.is_some() {
-        jobhost::roles::admit(runner.run_pools(), std::slice::from_ref(&job.config))
+        jobhost::roles::Admitted::new("test-host")
+            .admit(runner.run_pools(), std::slice::from_ref(&job.config))
             .await
             .unwrap();
     }
@@ -250,22 +209,6 @@ async fn a_setting_changed_by_a_deferred_trigger_is_caught_before_commit(pool: P
     .await;
 }
 
-/// The setup of the deferred-trigger cases, as the restricted role: table
-/// `first`'s deferred trigger notes who it runs as, then defers again and
-/// writes `second`, whose deferred trigger notes who it runs as and runs
-/// `then` (SQL in a PL/pgSQL body). Fired early by the host, the first
-/// trigger defers the second past the check, to COMMIT.
-/// The probe table, schema `jobspace` and a restricted role that may create
-/// in it ([`restricted_role`]); the role.
-async fn jobspace_and_role(pool: &PgPool) -> String {
-    create_probe_table(pool).await;
-    sqlx::query("create schema jobspace")
-        .execute(pool)
-        .await
-        .unwrap();
-    restricted_role(pool).await
-}
-
 /// Both triggers of [`redeferring_setup`] ran, each as `role`.
 async fn both_fired_as(pool: &PgPool, role: &str) {
     let fired: Vec<(String, String)> =
@@ -283,6 +226,11 @@ async fn both_fired_as(pool: &PgPool, role: &str) {
     );
 }
 
+/// The setup of the deferred-trigger cases, as the restricted role: table
+/// `first`'s deferred trigger notes who it runs as, then defers again and
+/// writes `second`, whose deferred trigger notes who it runs as and runs
+/// `then` (SQL in a PL/pgSQL body). Fired early by the host, the first
+/// trigger defers the second past the check, to COMMIT.
 fn redeferring_setup(then: &str) -> Vec<String> {
     vec![
         "create table jobspace.who (fired text, by_role text)".into(),
@@ -828,290 +776,4 @@ async fn a_job_role_cannot_become_the_hosts_login_role(pool: PgPool) {
         [(role.clone(), role.clone())],
         "the job's statements ran as its role only"
     );
-}
-
-/// One job's role cannot act for another job, nor write the history
-/// itself: on a connection that logs in as job `a`'s role (what any code of
-/// `a`'s runs, a function it created included, runs as), the gate refuses
-/// job `b`, a run's row needs the token its gate drew, and the host's
-/// tables and internals are out of reach.
-#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
-async fn one_jobs_role_cannot_gate_or_record_another_jobs_runs(pool: PgPool) {
-    let role = jobspace_and_role(&pool).await;
-    let runs = jobhost::pools::RunPools::over(pool.clone());
-    let mut a = job("a", guests::TEST_CORE_PROBE, &[]).config;
-    a.role = Some(role.clone());
-    jobhost::roles::admit(&runs, &[a]).await.unwrap();
-    let mut conn = runs.pool(Some(&role)).unwrap().acquire().await.unwrap();
-    let mut attempt = async |sql: String| match sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-        .fetch_all(&mut *conn)
-        .await
-    {
-        Ok(rows) => Ok(rows),
-        Err(e) => Err((
-            e.as_database_error()
-                .and_then(|d| d.code())
-                .unwrap_or_default()
-                .into_owned(),
-            e.to_string(),
-        )),
-    };
-    let gate = |job: &str, n: i64| {
-        jobhost::db::slot_gate_sql(
-            job,
-            slot(n),
-            "h",
-            Duration::from_secs(60),
-            Some(LockKey::derive(job)),
-            true,
-        )
-    };
-    let (code, msg) = attempt(gate("b", 1)).await.expect_err("gate of b");
-    assert!(
-        code == "JH003" && msg.contains("may not run job 'b'"),
-        "{code} {msg}"
-    );
-    let rows = attempt(gate("a", 1)).await.expect("its own job's gate");
-    let history = jobhost::db::SlotGate::from_row(&rows[0])
-        .unwrap()
-        .history
-        .unwrap();
-    let (id, token) = (history.run_id.unwrap(), history.run_token);
-    assert!(token.is_some(), "a job role's gate draws a token");
-    let row = |job: &str| jobhost::db::RunRow {
-        job: job.into(),
-        slot: slot(1),
-        host_id: "h".into(),
-        plugin_sha256: "x".into(),
-        started_at: None,
-        backend_pid: None,
-    };
-    let ok = jobhost::db::RunRecord {
-        attempt: 1,
-        outcome: Outcome::Ok,
-        message: "forged",
-    };
-    // Its own gate's token, for another job: refused.
-    let (code, msg) = attempt(jobhost::db::record_sql(id, token, &row("b"), &ok))
-        .await
-        .expect_err("a row of b");
-    assert!(code == "JH003" && msg.contains("job 'b'"), "{code} {msg}");
-    // Its own job, another run's id: the token does not match it.
-    let (code, msg) = attempt(jobhost::db::record_sql(id + 1, token, &row("a"), &ok))
-        .await
-        .expect_err("a row without its gate");
-    assert!(
-        code == "JH003" && msg.contains("wrong token"),
-        "{code} {msg}"
-    );
-    for sql in [
-        "insert into jobhost.runs (job, slot, host_id, plugin_sha256, started_at, outcome) \
-         values ('a', now(), 'h', 'x', now(), 'ok')",
-        "select * from jobhost.run_secret",
-        "select jobhost.slot_gate('a', now(), 'h', 60, null, null)",
-        "select jobhost.run_token(1, 'a')",
-    ] {
-        let (code, msg) = attempt(sql.to_owned()).await.expect_err(sql);
-        assert_eq!(code, "42501", "{sql}: {msg}");
-    }
-    // What the gate let through is still the host's to record: the row
-    // with its token stands.
-    attempt(jobhost::db::record_sql(id, token, &row("a"), &ok))
-        .await
-        .expect("the run's own row");
-    drop(conn);
-    runs.close_roles().await;
-    drop_role(&pool, &role).await;
-}
-
-/// Runs share one budget of `pool-size` connections across the host's pool
-/// and every role's (the instance pool is sized by it): with two taken by
-/// two roles' runs, a third run waits until one is given back.
-#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
-async fn runs_share_one_budget_of_connections_across_roles(pool: PgPool) {
-    let role = jobspace_and_role(&pool).await;
-    let two = PgPoolOptions::new()
-        .max_connections(2)
-        .connect_with(pool.connect_options().as_ref().clone())
-        .await
-        .unwrap();
-    let runs = jobhost::pools::RunPools::over(two.clone());
-    let first = runs.acquire(Some(&role)).await.unwrap();
-    let second = runs.acquire(None).await.unwrap();
-    let waiting = tokio::time::timeout(Duration::from_millis(300), runs.acquire(Some(&role))).await;
-    assert!(waiting.is_err(), "a third connection was handed out");
-    drop(first);
-    let mut third = tokio::time::timeout(Duration::from_secs(5), runs.acquire(Some(&role)))
-        .await
-        .expect("given back")
-        .unwrap();
-    let user: String = sqlx::query_scalar("select session_user::text")
-        .fetch_one(&mut *third.conn)
-        .await
-        .unwrap();
-    assert_eq!(user, role, "a role's connection logs in as the role");
-    // Closing a pool waits for its connections to come back.
-    drop((second, third));
-    runs.close_roles().await;
-    // A role used after its pool was closed gets a new one.
-    drop(
-        runs.acquire(Some(&role))
-            .await
-            .expect("a new pool for the role"),
-    );
-    runs.close_roles().await;
-    two.close().await;
-    drop_role(&pool, &role).await;
-}
-
-/// The host reads the job roles at start: one that cannot log in, or does
-/// not exist, is refused naming the job, the role and the fix; a role that
-/// may create (no longer a way out of its rights) or has only the use of
-/// its tables is not named. A start admits each role for its job.
-#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
-async fn a_job_role_that_cannot_log_in_is_refused(pool: PgPool) {
-    let creator = jobspace_and_role(&pool).await;
-    let shut = format!("{creator}_nologin");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "drop role if exists \"{shut}\"; create role \"{shut}\" nologin; \
-         grant usage on schema jobspace to \"{shut}\"; grant insert on probe to \"{shut}\""
-    )))
-    .execute(&pool)
-    .await
-    .unwrap();
-
-    // The audit itself, job by job.
-    let with_role = |name: &str, role: &str| {
-        let mut j = job(name, guests::TEST_CORE_PROBE, &[]).config;
-        j.role = Some(role.to_owned());
-        j
-    };
-    let jobs = [
-        with_role("creates", &creator),
-        with_role("shut", &shut),
-        with_role("missing", "jobhost_no_such_role"),
-        job("no-role", guests::TEST_CORE_PROBE, &[]).config,
-    ];
-    let found = jobhost::roles::audit(&pool, &jobs).await.unwrap();
-    let named: Vec<(&str, bool, &str)> = found
-        .iter()
-        .map(|f| (f.job.as_str(), f.refused, f.what.as_str()))
-        .collect();
-    assert_eq!(
-        named.iter().map(|n| (n.0, n.1)).collect::<Vec<_>>(),
-        [("shut", true), ("missing", true)],
-        "{named:?}"
-    );
-    assert!(
-        named[0].2.contains("cannot log in") && named[0].2.contains("alter role"),
-        "{named:?}"
-    );
-    assert!(named[1].2.contains("does not exist"), "{named:?}");
-
-    // A host's start: refused, naming the job, the role and the way out.
-    let url = database_url(&pool).await;
-    let dir = std::env::temp_dir().join(format!("jobhost-roles-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let start = |n: u32| {
-        let toml = format!(
-            "[host]\nwatch = false\nshutdown-grace = \"5s\"\n\n[[job]]\nname = \"shut\"\nplugin = {:?}\nevery = \"1h\"\nrole = {shut:?}\n",
-            guests::TEST_CORE_PROBE,
-        );
-        let file = dir.join(format!("jobs-{n}.toml"));
-        std::fs::write(&file, toml).unwrap();
-        let options = jobhost::HostOptions {
-            direct_url: None,
-            database_url: url.clone(),
-            host_id: format!("roles-{n}"),
-            demo: false,
-            clock_offset: chrono::TimeDelta::zero(),
-        };
-        jobhost::run(
-            jobhost::config::JobsConfig::from_file(&file).unwrap(),
-            options,
-            tokio::time::sleep(Duration::from_millis(300)),
-        )
-    };
-    let refused = format!(
-        "{:#}",
-        start(1).await.expect_err("a role that cannot log in")
-    );
-    assert!(
-        refused.contains("job `shut`") && refused.contains(&shut) && refused.contains("alter role"),
-        "{refused}"
-    );
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("alter role \"{shut}\" login")))
-        .execute(&pool)
-        .await
-        .unwrap();
-    start(2).await.expect("the role can log in");
-    let _ = std::fs::remove_dir_all(&dir);
-    let (admitted, usage): (bool, bool) = sqlx::query_as(
-        "select exists (select 1 from jobhost.job_roles where job = 'shut' and role = $1),
-                has_schema_privilege($1, 'jobhost', 'USAGE')",
-    )
-    .bind(&shut)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert!(admitted && usage, "the start admitted the role for its job");
-
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "drop owned by \"{shut}\"; drop role \"{shut}\""
-    )))
-    .execute(&pool)
-    .await
-    .unwrap();
-    drop_role(&pool, &creator).await;
-}
-
-/// `jobhost check` agrees with a start about job roles when it has a
-/// database: a role that cannot log in is refused, naming the job and the
-/// way out, and so is one whose login fails (it logs in as each role, as a
-/// start does); once it can, the config is valid.
-#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
-async fn check_refuses_a_job_role_that_cannot_log_in_as_a_start_does(pool: PgPool) {
-    let role = jobspace_and_role(&pool).await;
-    let alter = |change: &str| {
-        let sql = format!("alter role \"{role}\" {change}");
-        let pool = pool.clone();
-        async move {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                .execute(&pool)
-                .await
-                .unwrap();
-        }
-    };
-    let url = database_url(&pool).await;
-    let dir = std::env::temp_dir().join(format!("jobhost-check-roles-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("jobs.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[[job]]\nname = \"shut\"\nplugin = {:?}\nevery = \"1h\"\nrole = {role:?}\n",
-            guests::TEST_CORE_PROBE,
-        ),
-    )
-    .unwrap();
-    let check = || jobhost::cli::run_cli(cli_args(&file, &url, &["check"]));
-    // A role that cannot log in is read as such from `pg_roles`; one that
-    // may log in but whose login fails (here: no connection left to it; a
-    // missing password looks the same) is refused by a real login, as a
-    // start's is.
-    for (change, said) in [
-        ("nologin", "cannot log in"),
-        ("login connection limit 0", "cannot log in as its role"),
-    ] {
-        alter(change).await;
-        let refused = format!("{:#}", check().await.expect_err(change));
-        assert!(
-            refused.contains("job `shut`") && refused.contains(said),
-            "{change}: {refused}"
-        );
-    }
-    alter("connection limit -1").await;
-    assert_eq!(check().await.unwrap(), std::process::ExitCode::SUCCESS);
-    let _ = std::fs::remove_dir_all(&dir);
-    drop_role(&pool, &role).await;
 }

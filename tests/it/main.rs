@@ -16,6 +16,7 @@ mod polyglot;
 mod pooler;
 mod reference_jobs;
 mod reload;
+mod roles;
 mod rollout;
 mod sandbox;
 mod scaffold;

@@ -72,15 +72,17 @@ pub fn runner(pool: &PgPool) -> Runner {
 }
 
 /// Admits `job`'s role for it, as a host's start does
-/// ([`jobhost::roles::admit`]): its runs log in as the role, and the gate
-/// acts for a job only for a role admitted for it.
+/// ([`jobhost::roles::Admitted::admit`], for the runner's host id): its runs
+/// log in as the role, and the gate acts for a job only for a role admitted
+/// for it.
 pub async fn admit(pool: &PgPool, job: &Job) {
-    jobhost::roles::admit(
-        &jobhost::pools::RunPools::over(pool.clone()),
-        std::slice::from_ref(&job.config),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("cannot admit job `{}`'s role: {e:#}", job.config.name));
+    jobhost::roles::Admitted::new("test-host")
+        .admit(
+            &jobhost::pools::RunPools::over(pool.clone()),
+            std::slice::from_ref(&job.config),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("cannot admit job `{}`'s role: {e:#}", job.config.name));
 }
 
 /// Distinct slots in the past: slot(n) = a fixed day + n seconds.
@@ -299,4 +301,59 @@ pub fn cli_args(config: &Path, url: &str, args: &[&str]) -> Vec<std::ffi::OsStri
 /// A runner on `pool` for another host id (fleet tests in one process).
 pub fn runner_as(pool: &PgPool, host_id: &str) -> Runner {
     Runner::new(pool.clone(), runtime(), host_id)
+}
+
+/// A role that may write `probe` and create objects in schema `jobspace`
+/// (what "a job role that can create a function in any schema" means), and
+/// that schema. Roles are cluster-wide: the name is unique to the database.
+pub async fn restricted_role(pool: &PgPool) -> String {
+    let db: String = sqlx::query_scalar("select current_database()")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    // Test databases are named per test; so is the role. A role left by an
+    // earlier, failed run of the same test is dropped first.
+    let role = format!("jhjob_{}", &db[db.len().saturating_sub(16)..]);
+    let exists: bool =
+        sqlx::query_scalar("select exists (select 1 from pg_roles where rolname = $1)")
+            .bind(&role)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    if exists {
+        drop_role(pool, &role).await;
+    }
+    for sql in [
+        format!("create role \"{role}\" login"),
+        format!("grant usage, create on schema jobspace to \"{role}\""),
+        format!("grant insert, select on probe to \"{role}\""),
+        format!("grant usage on sequence probe_id_seq to \"{role}\""),
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    role
+}
+
+/// Drops `role` and what it owns (roles are cluster-wide: every test that
+/// made one drops it).
+pub async fn drop_role(pool: &PgPool, role: &str) {
+    let sql = format!("drop owned by \"{role}\" cascade; drop role \"{role}\"");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// The probe table, schema `jobspace` and a restricted role that may create
+/// in it ([`restricted_role`]); the role.
+pub async fn jobspace_and_role(pool: &PgPool) -> String {
+    create_probe_table(pool).await;
+    sqlx::query("create schema jobspace")
+        .execute(pool)
+        .await
+        .unwrap();
+    restricted_role(pool).await
 }

@@ -198,7 +198,7 @@ impl Runner {
     }
 
     /// The pools this runner's runs take connections from (to admit job
-    /// roles through: [`crate::roles::admit`]).
+    /// roles through: [`crate::roles::Admitted::admit`]).
     pub fn run_pools(&self) -> &crate::pools::RunPools {
         &self.runs
     }
@@ -813,9 +813,16 @@ impl Runner {
                 ))
             }
             None if run_outcome == Outcome::Ok => e.as_database_error().map(|db| {
+                let code = db.code().unwrap_or_default();
+                // JH003 is the run's own row refused to the job's role (no
+                // host claims the role for the job any more), not the plugin.
+                let by = if code == "JH003" {
+                    "the run's row was refused to the job's role"
+                } else {
+                    "raised at the end of the run by the plugin's deferred constraints or triggers"
+                };
                 format!(
-                    "SQLSTATE {}: {} (raised at the end of the run by the plugin's deferred constraints or triggers; its work was rolled back)",
-                    db.code().unwrap_or_default(),
+                    "SQLSTATE {code}: {} ({by}; its work was rolled back)",
                     db.message()
                 )
             }),

@@ -1212,7 +1212,9 @@ async fn role_cost(
     as_role.config.name = "noop-as-role".into();
     as_role.config.lock_key = jobhost::lock::LockKey::derive("noop-as-role");
     as_role.config.role = Some(ROLE.into());
-    jobhost::roles::admit(runner.run_pools(), std::slice::from_ref(&as_role.config)).await?;
+    jobhost::roles::Admitted::new("bench")
+        .admit(runner.run_pools(), std::slice::from_ref(&as_role.config))
+        .await?;
     let (mut a, mut b) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for _ in 0..n {
         for (job, times) in [(&as_role, &mut a), (noop, &mut b)] {
