@@ -52,6 +52,21 @@ fn host_process() {
     std::process::exit(code);
 }
 
+/// This test binary, to be re-executed as `jobhost args…` ([`host_process`]).
+pub(crate) fn host_command(args: &[String]) -> Command {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .args([
+            "--exact",
+            "fleet::host_process",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(HOST_ARGS_ENV, serde_json::to_string(args).unwrap());
+    command
+}
+
 /// A host child process; killed when dropped.
 pub(crate) struct Host {
     child: Child,
@@ -71,15 +86,7 @@ impl Host {
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = dir.join(format!("{host_id}.log"));
         let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "fleet::host_process",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(HOST_ARGS_ENV, serde_json::to_string(&args).unwrap())
+        let child = host_command(&args)
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)

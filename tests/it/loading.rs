@@ -180,3 +180,51 @@ fn a_component_beyond_the_pooling_limits_is_refused_as_such() {
         "{text}"
     );
 }
+
+/// `JOBHOST_PERFMAP=1` has the engine write Linux perf's map of the code it
+/// compiles (`/tmp/perf-<pid>.map`, where `perf` and the `callgrind`
+/// scripts of BENCHMARKS.md look), so a profile names a plugin's functions
+/// rather than bare addresses. A `jobhost check` child process with it set
+/// leaves a map naming the probe's `run`; one without it leaves none.
+#[test]
+fn a_perf_map_names_a_plugins_functions_when_asked() {
+    let dir = std::env::temp_dir().join(format!("jobhost-it-perfmap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("jobs.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[job]]\nname = \"probe\"\nplugin = {:?}\nevery = \"1h\"\n",
+            jobhost_tests::guests::TEST_CORE_PROBE
+        ),
+    )
+    .unwrap();
+    let args = [
+        "--config".to_string(),
+        file.display().to_string(),
+        "check".into(),
+    ];
+    let check = |perfmap: bool| {
+        let mut command = crate::fleet::host_command(&args);
+        command.stdout(std::process::Stdio::null());
+        if perfmap {
+            command.env(jobhost::runtime::PERFMAP_ENV, "1");
+        } else {
+            command.env_remove(jobhost::runtime::PERFMAP_ENV);
+        }
+        let mut child = command.spawn().unwrap();
+        let map = std::path::PathBuf::from(format!("/tmp/perf-{}.map", child.id()));
+        assert!(child.wait().unwrap().success(), "jobhost check failed");
+        let text = std::fs::read_to_string(&map).ok();
+        let _ = std::fs::remove_file(&map);
+        text
+    };
+    let map = check(true).expect("no perf map was written");
+    assert!(
+        map.lines().any(|l| l.ends_with("xact-job@0.2.1#run")),
+        "the map does not name the probe's run:\n{}",
+        map.lines().take(20).collect::<Vec<_>>().join("\n")
+    );
+    assert_eq!(check(false), None, "a map was written without being asked");
+    let _ = std::fs::remove_dir_all(&dir);
+}

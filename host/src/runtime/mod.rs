@@ -57,6 +57,8 @@ pub use sql::{Closed, LockHolder, SessionHandle, TxHandle, TxScope};
 pub use store::{MEMORY_LIMIT_TRAP, RunState};
 pub use trap::TrapReport;
 
+/// Set (to anything) to have the engine write a perf map of plugin code.
+pub const PERFMAP_ENV: &str = "JOBHOST_PERFMAP";
 /// How often the epoch advances: the granularity at which a busy guest yields.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// Largest linear memory an instance of the default pool may have
@@ -182,6 +184,15 @@ impl Runtime {
         let mut config = wasmtime::Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
+        // A profiler sees a plugin's compiled code as bare addresses unless
+        // the engine says what lies there: with `JOBHOST_PERFMAP` set, each
+        // function it compiles or loads is written to `/tmp/perf-<pid>.map`
+        // (Linux perf's format, read by `perf report`; BENCHMARKS.md maps a
+        // callgrind profile with it). An environment variable, like
+        // `RUST_LOG`: a diagnostic of one process, not a setting of the fleet.
+        if std::env::var_os(PERFMAP_ENV).is_some() {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         if let Allocation::Pooling {
             concurrent,
             max_memory_bytes,
