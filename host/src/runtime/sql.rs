@@ -317,11 +317,11 @@ impl TxHandle {
 
     async fn query(
         &mut self,
-        statement: &str,
-        params: &[Value],
+        statement: String,
+        params: Vec<Value>,
     ) -> wasmtime::Result<Result<RowSet, Error>> {
         let max_rows = self.max_rows;
-        let conn = match self.conn(statement) {
+        let conn = match self.conn(&statement) {
             Ok(c) => c,
             Err(e) => return Ok(Err(e)),
         };
@@ -333,10 +333,10 @@ impl TxHandle {
 
     async fn execute(
         &mut self,
-        statement: &str,
-        params: &[Value],
+        statement: String,
+        params: Vec<Value>,
     ) -> wasmtime::Result<Result<u64, Error>> {
-        let conn = match self.conn(statement) {
+        let conn = match self.conn(&statement) {
             Ok(c) => c,
             Err(e) => return Ok(Err(e)),
         };
@@ -489,7 +489,7 @@ impl sql::HostTransaction for RunState {
         statement: String,
         params: Vec<Value>,
     ) -> wasmtime::Result<Result<RowSet, Error>> {
-        self.table.get_mut(&tx)?.query(&statement, &params).await
+        self.table.get_mut(&tx)?.query(statement, params).await
     }
 
     async fn query_packed(
@@ -498,7 +498,7 @@ impl sql::HostTransaction for RunState {
         statement: String,
         params: Vec<Value>,
     ) -> wasmtime::Result<Result<PackedRows, Error>> {
-        let rows = self.table.get_mut(&tx)?.query(&statement, &params).await?;
+        let rows = self.table.get_mut(&tx)?.query(statement, params).await?;
         Ok(rows.map(super::packed::pack))
     }
 
@@ -508,7 +508,7 @@ impl sql::HostTransaction for RunState {
         statement: String,
         params: Vec<Value>,
     ) -> wasmtime::Result<Result<u64, Error>> {
-        self.table.get_mut(&tx)?.execute(&statement, &params).await
+        self.table.get_mut(&tx)?.execute(statement, params).await
     }
 
     async fn commit(&mut self, tx: Resource<TxHandle>) -> wasmtime::Result<Result<(), Error>> {

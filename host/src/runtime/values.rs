@@ -32,9 +32,9 @@ use std::fmt::Write as _;
 
 use futures_util::TryStreamExt as _;
 use sqlx::postgres::types::Oid;
-use sqlx::postgres::{PgArgumentBuffer, PgArguments, PgRow, PgTypeInfo, PgValueRef};
+use sqlx::postgres::{PgArgumentBuffer, PgArguments, PgRow, PgStatement, PgTypeInfo, PgValueRef};
 use sqlx::{Arguments as _, Column as _, Executor as _, PgConnection, Row as _, Statement as _};
-use sqlx::{SqlSafeStr as _, TypeInfo as _, ValueRef as _};
+use sqlx::{SqlSafeStr as _, SqlStr, TypeInfo as _, ValueRef as _};
 
 use super::bindings::sql::{Column, RowSet, Value};
 
@@ -128,25 +128,20 @@ enum Given {
     Null,
 }
 
-fn given(index: usize, v: &Value) -> Result<Given, StatementError> {
+fn given(index: usize, v: Value) -> Result<Given, StatementError> {
     let bin = |oid: u32, bytes: Vec<u8>| Ok(Given::Binary { oid, bytes });
-    let text = |oid: u32, text: &str| {
-        Ok(Given::Text {
-            oid,
-            text: text.to_owned(),
-        })
-    };
+    let text = |oid: u32, text: String| Ok(Given::Text { oid, text });
     match v {
         Value::Null => Ok(Given::Null),
-        Value::Boolean(b) => bin(oid::BOOL, vec![u8::from(*b)]),
+        Value::Boolean(b) => bin(oid::BOOL, vec![u8::from(b)]),
         Value::Int2(i) => bin(oid::INT2, i.to_be_bytes().to_vec()),
         Value::Int4(i) => bin(oid::INT4, i.to_be_bytes().to_vec()),
         Value::Int8(i) => bin(oid::INT8, i.to_be_bytes().to_vec()),
         Value::Float4(f) => bin(oid::FLOAT4, f.to_bits().to_be_bytes().to_vec()),
         Value::Float8(f) => bin(oid::FLOAT8, f.to_bits().to_be_bytes().to_vec()),
-        Value::Bytea(b) => bin(oid::BYTEA, b.clone()),
+        Value::Bytea(b) => bin(oid::BYTEA, b),
         Value::Uuid(s) => {
-            let u = uuid::Uuid::parse_str(s).map_err(|e| {
+            let u = uuid::Uuid::parse_str(&s).map_err(|e| {
                 StatementError::Refused(format!(
                     "parameter ${}: invalid uuid `{s}`: {e}",
                     index + 1
@@ -155,7 +150,7 @@ fn given(index: usize, v: &Value) -> Result<Given, StatementError> {
             bin(oid::UUID, u.as_bytes().to_vec())
         }
         Value::Json(s) => {
-            serde_json::from_str::<serde::de::IgnoredAny>(s).map_err(|e| {
+            serde_json::from_str::<serde::de::IgnoredAny>(&s).map_err(|e| {
                 StatementError::Refused(format!("parameter ${}: invalid json: {e}", index + 1))
             })?;
             text(oid::UNSPECIFIED, s)
@@ -172,21 +167,43 @@ fn given(index: usize, v: &Value) -> Result<Given, StatementError> {
     }
 }
 
-/// The text form Postgres's input function accepts for a binary-carried value,
-/// used when the server wants another type than the value carries.
-fn text_form(v: &Value) -> String {
-    match v {
-        Value::Null => String::new(),
-        Value::Boolean(b) => b.to_string(),
-        Value::Int2(i) => i.to_string(),
-        Value::Int4(i) => i.to_string(),
-        Value::Int8(i) => i.to_string(),
-        Value::Float4(f) => float_text(f64::from(*f)),
-        Value::Float8(f) => float_text(*f),
-        Value::Bytea(b) => format!("\\x{}", hex::encode(b)),
-        Value::Other((_, s)) => s.clone(),
-        carrier => string_carried(carrier).unwrap_or_default().to_owned(),
-    }
+/// The text form Postgres's input function accepts for a binary-carried
+/// parameter (`given`'s bytes for `oid`), used when the server wants another
+/// type than the value carries.
+fn text_form(oid: u32, bytes: &[u8]) -> String {
+    // `given` wrote these bytes, so each width matches its type; anything
+    // else (bytea) is sent as hex.
+    let text = match oid {
+        oid::BOOL => bytes
+            .try_into()
+            .ok()
+            .map(|[b]: [u8; 1]| (b != 0).to_string()),
+        oid::INT2 => bytes
+            .try_into()
+            .ok()
+            .map(|b| i16::from_be_bytes(b).to_string()),
+        oid::INT4 => bytes
+            .try_into()
+            .ok()
+            .map(|b| i32::from_be_bytes(b).to_string()),
+        oid::INT8 => bytes
+            .try_into()
+            .ok()
+            .map(|b| i64::from_be_bytes(b).to_string()),
+        oid::FLOAT4 => bytes
+            .try_into()
+            .ok()
+            .map(|b| float_text(f64::from(f32::from_be_bytes(b)))),
+        oid::FLOAT8 => bytes
+            .try_into()
+            .ok()
+            .map(|b| float_text(f64::from_be_bytes(b))),
+        oid::UUID => uuid::Uuid::from_slice(bytes)
+            .ok()
+            .map(|u| u.hyphenated().to_string()),
+        _ => None,
+    };
+    text.unwrap_or_else(|| format!("\\x{}", hex::encode(bytes)))
 }
 
 /// The string a string-carried case holds (`numeric`, `text`, `json`, `uuid`,
@@ -240,14 +257,19 @@ fn cast_target(ty: &PgTypeInfo, index: usize) -> Result<String, StatementError> 
     Ok(crate::db::quote_ident(name))
 }
 
-/// Prepares `sql` and binds `params` in the server's types (see module docs).
+/// Prepares `sql` and binds `params` in the server's types (see module docs):
+/// the arguments, and the prepared statement (its columns, for `query`).
+/// `sql` is shared by the preparation and the execution that follows, and
+/// the parameters' strings move into the arguments: a statement costs the
+/// host no copy of either beyond the one sqlx encodes.
 async fn bind(
     conn: &mut PgConnection,
-    sql: &str,
-    params: &[Value],
-) -> Result<(PgArguments, Vec<Column>), StatementError> {
+    sql: &SqlStr,
+    params: Vec<Value>,
+) -> Result<(PgArguments, PgStatement), StatementError> {
+    let count = params.len();
     let givens = params
-        .iter()
+        .into_iter()
         .enumerate()
         .map(|(i, v)| given(i, v))
         .collect::<Result<Vec<_>, _>>()?;
@@ -258,36 +280,22 @@ async fn bind(
             Given::Null => PgTypeInfo::with_oid(Oid(oid::UNSPECIFIED)),
         })
         .collect();
-    let statement = conn
-        .prepare_with(
-            sqlx::AssertSqlSafe(sql.to_owned()).into_sql_str(),
-            &declared,
-        )
-        .await?;
-    let server_types: Vec<PgTypeInfo> = match statement.parameters() {
-        Some(sqlx::Either::Left(types)) => types.to_vec(),
-        _ => Vec::new(),
+    let statement = conn.prepare_with(sql.clone(), &declared).await?;
+    let server_types: &[PgTypeInfo] = match statement.parameters() {
+        Some(sqlx::Either::Left(types)) => types,
+        _ => &[],
     };
-    if server_types.len() != params.len() {
+    if server_types.len() != count {
         return Err(StatementError::Refused(format!(
-            "the statement has {} parameter(s) but {} value(s) were given",
+            "the statement has {} parameter(s) but {count} value(s) were given",
             server_types.len(),
-            params.len()
         )));
     }
-    let columns = statement
-        .columns()
-        .iter()
-        .map(|c| Column {
-            name: c.name().to_owned(),
-            type_name: c.type_info().name().to_ascii_lowercase(),
-        })
-        .collect();
 
     // Decide per parameter: final bytes now, or text to convert by the server.
-    let mut finals: Vec<Option<RawParam>> = Vec::with_capacity(params.len());
+    let mut finals: Vec<Option<RawParam>> = Vec::with_capacity(count);
     let mut conversions: Vec<(usize, String, String)> = Vec::new(); // (index, cast target, text)
-    for (i, (g, ty)) in givens.into_iter().zip(&server_types).enumerate() {
+    for (i, (g, ty)) in givens.into_iter().zip(server_types).enumerate() {
         let server_oid = ty.oid().map_or(oid::UNSPECIFIED, |o| o.0);
         let raw = match g {
             Given::Null => Some(RawParam {
@@ -316,8 +324,8 @@ async fn bind(
                 conversions.push((i, cast_target(ty, i)?, text));
                 None
             }
-            Given::Binary { .. } => {
-                conversions.push((i, cast_target(ty, i)?, text_form(&params[i])));
+            Given::Binary { oid, bytes } => {
+                conversions.push((i, cast_target(ty, i)?, text_form(oid, &bytes)));
                 None
             }
         };
@@ -360,7 +368,7 @@ async fn bind(
             raw.ok_or_else(|| StatementError::Refused("internal: unbound parameter".into()))?;
         args.add(raw).map_err(sqlx::Error::Encode)?;
     }
-    Ok((args, columns))
+    Ok((args, statement))
 }
 
 fn is_text_like(oid: u32) -> bool {
@@ -373,15 +381,24 @@ fn is_text_like(oid: u32) -> bool {
 /// Runs a row-returning statement; at most `max_rows` rows are accepted.
 pub async fn query(
     conn: &mut PgConnection,
-    sql: &str,
-    params: &[Value],
+    sql: String,
+    params: Vec<Value>,
     max_rows: usize,
 ) -> Result<RowSet, StatementError> {
-    let (args, columns) = bind(conn, sql, params).await?;
+    let sql = shared(sql);
+    let (args, statement) = bind(conn, &sql, params).await?;
+    let columns = statement
+        .columns()
+        .iter()
+        .map(|c| Column {
+            name: c.name().to_owned(),
+            type_name: c.type_info().name().to_ascii_lowercase(),
+        })
+        .collect();
     let mut rows = Vec::new();
     let mut unrendered = Vec::new();
     {
-        let mut stream = conn.fetch(sqlx::query_with(sqlx::AssertSqlSafe(sql.to_owned()), args));
+        let mut stream = conn.fetch(sqlx::query_with(sql, args));
         while let Some(row) = stream.try_next().await? {
             if rows.len() == max_rows {
                 return Err(StatementError::TooManyRows(max_rows));
@@ -391,6 +408,11 @@ pub async fn query(
     }
     render_others(conn, &mut rows, unrendered).await?;
     Ok(RowSet { columns, rows })
+}
+
+/// The statement's text, shared by its preparation and its execution.
+fn shared(sql: String) -> SqlStr {
+    sqlx::AssertSqlSafe(std::sync::Arc::<str>::from(sql)).into_sql_str()
 }
 
 /// A result cell of a type without a `value` case of its own, still in the
@@ -452,13 +474,12 @@ async fn render_others(
 /// Runs a statement and returns the rows it affected.
 pub async fn execute(
     conn: &mut PgConnection,
-    sql: &str,
-    params: &[Value],
+    sql: String,
+    params: Vec<Value>,
 ) -> Result<u64, StatementError> {
-    let (args, _) = bind(conn, sql, params).await?;
-    let done = sqlx::query_with(sqlx::AssertSqlSafe(sql.to_owned()), args)
-        .execute(conn)
-        .await?;
+    let sql = shared(sql);
+    let (args, _) = bind(conn, &sql, params).await?;
+    let done = sqlx::query_with(sql, args).execute(conn).await?;
     Ok(done.rows_affected())
 }
 
@@ -623,7 +644,39 @@ fn numeric_text(b: &[u8]) -> Result<String, sqlx::error::BoxDynError> {
 
 #[cfg(test)]
 mod tests {
-    use super::numeric_text;
+    use super::{Given, Value, given, numeric_text, text_form};
+
+    /// A binary-carried parameter the server wants as another type is sent
+    /// as text through that type's input function: the text its bytes give
+    /// back is the value's own (signs, widths, floats' special values, hex).
+    #[test]
+    fn binary_parameters_give_their_text_form_back() {
+        let cases = [
+            (Value::Boolean(true), "true"),
+            (Value::Boolean(false), "false"),
+            (Value::Int2(-5), "-5"),
+            (Value::Int4(i32::MIN), "-2147483648"),
+            (Value::Int8(i64::MAX), "9223372036854775807"),
+            (Value::Float4(-1.5), "-1.5"),
+            (Value::Float8(0.1), "0.1"),
+            (Value::Float8(f64::NAN), "NaN"),
+            (Value::Float8(f64::NEG_INFINITY), "-Infinity"),
+            (Value::Bytea(vec![0xde, 0xad]), "\\xdead"),
+            (
+                Value::Uuid("A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11".into()),
+                "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            ),
+        ];
+        for (value, text) in cases {
+            let shown = format!("{value:?}");
+            match given(0, value) {
+                Ok(Given::Binary { oid, bytes }) => {
+                    assert_eq!(text_form(oid, &bytes), text, "{shown}");
+                }
+                _ => panic!("{shown} is not carried in binary"),
+            }
+        }
+    }
 
     fn enc(ndigits: u16, weight: i16, sign: u16, dscale: u16, digits: &[u16]) -> Vec<u8> {
         let mut b = Vec::new();
