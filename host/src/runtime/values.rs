@@ -173,31 +173,16 @@ fn given(index: usize, v: Value) -> Result<Given, StatementError> {
 fn text_form(oid: u32, bytes: &[u8]) -> String {
     // `given` wrote these bytes, so each width matches its type; anything
     // else (bytea) is sent as hex.
+    fn be<const N: usize>(bytes: &[u8]) -> Option<[u8; N]> {
+        bytes.try_into().ok()
+    }
     let text = match oid {
-        oid::BOOL => bytes
-            .try_into()
-            .ok()
-            .map(|[b]: [u8; 1]| (b != 0).to_string()),
-        oid::INT2 => bytes
-            .try_into()
-            .ok()
-            .map(|b| i16::from_be_bytes(b).to_string()),
-        oid::INT4 => bytes
-            .try_into()
-            .ok()
-            .map(|b| i32::from_be_bytes(b).to_string()),
-        oid::INT8 => bytes
-            .try_into()
-            .ok()
-            .map(|b| i64::from_be_bytes(b).to_string()),
-        oid::FLOAT4 => bytes
-            .try_into()
-            .ok()
-            .map(|b| float_text(f64::from(f32::from_be_bytes(b)))),
-        oid::FLOAT8 => bytes
-            .try_into()
-            .ok()
-            .map(|b| float_text(f64::from_be_bytes(b))),
+        oid::BOOL => be(bytes).map(|[b]| (b != 0).to_string()),
+        oid::INT2 => be(bytes).map(|b| i16::from_be_bytes(b).to_string()),
+        oid::INT4 => be(bytes).map(|b| i32::from_be_bytes(b).to_string()),
+        oid::INT8 => be(bytes).map(|b| i64::from_be_bytes(b).to_string()),
+        oid::FLOAT4 => be(bytes).map(|b| float_text(f64::from(f32::from_be_bytes(b)))),
+        oid::FLOAT8 => be(bytes).map(|b| float_text(f64::from_be_bytes(b))),
         oid::UUID => uuid::Uuid::from_slice(bytes)
             .ok()
             .map(|u| u.hyphenated().to_string()),
