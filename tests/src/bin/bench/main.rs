@@ -133,9 +133,20 @@ async fn main() -> anyhow::Result<()> {
             None => run(&bench_url, &sizes, quick).await,
         }
     };
-    let result = match tokio::spawn(measured).await {
-        Ok(result) => result,
-        Err(e) => Err(anyhow::Error::from(e).context("the benchmark's task failed")),
+    // Stopped by a signal, the measuring task is dropped before the process
+    // exits: the PgBouncers, hosts and pools it started go with it (their
+    // `Drop`s), and its database is dropped below, as after a finished run.
+    let mut task = tokio::spawn(measured);
+    let result = tokio::select! {
+        joined = &mut task => match joined {
+            Ok(result) => result,
+            Err(e) => Err(anyhow::Error::from(e).context("the benchmark's task failed")),
+        },
+        signal = stop_signal() => {
+            task.abort();
+            let _ = (&mut task).await;
+            Err(anyhow::anyhow!("stopped by {signal}; nothing measured was kept"))
+        }
     };
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "drop database if exists {db} with (force)"
@@ -149,6 +160,22 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("wrote {path}");
     }
     Ok(())
+}
+
+/// The first SIGINT or SIGTERM, named.
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        // Without handlers the default actions stand: wait for the run.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
 }
 
 /// What a row measured alone starts from: a migrated database of its own
