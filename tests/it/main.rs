@@ -7,6 +7,7 @@
 
 mod support;
 
+mod bench;
 mod core_run;
 mod dashboard;
 mod fleet;
