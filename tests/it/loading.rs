@@ -188,17 +188,13 @@ fn a_component_beyond_the_pooling_limits_is_refused_as_such() {
 /// leaves a map naming the probe's `run`; one without it leaves none.
 #[test]
 fn a_perf_map_names_a_plugins_functions_when_asked() {
-    let dir = std::env::temp_dir().join(format!("jobhost-it-perfmap-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("jobs.toml");
-    std::fs::write(
-        &file,
-        format!(
+    let file = crate::support::jobs_file(
+        "perfmap",
+        &format!(
             "[[job]]\nname = \"probe\"\nplugin = {:?}\nevery = \"1h\"\n",
             jobhost_tests::guests::TEST_CORE_PROBE
         ),
-    )
-    .unwrap();
+    );
     let args = [
         "--config".to_string(),
         file.display().to_string(),
@@ -226,5 +222,7 @@ fn a_perf_map_names_a_plugins_functions_when_asked() {
         map.lines().take(20).collect::<Vec<_>>().join("\n")
     );
     assert_eq!(check(false), None, "a map was written without being asked");
-    let _ = std::fs::remove_dir_all(&dir);
+    if let Some(dir) = file.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

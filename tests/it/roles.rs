@@ -276,17 +276,13 @@ async fn check_refuses_a_job_role_that_cannot_log_in_as_a_start_does(pool: PgPoo
         }
     };
     let url = database_url(&pool).await;
-    let dir = std::env::temp_dir().join(format!("jobhost-check-roles-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("jobs.toml");
-    std::fs::write(
-        &file,
-        format!(
+    let file = jobs_file(
+        "check-roles",
+        &format!(
             "[[job]]\nname = \"shut\"\nplugin = {:?}\nevery = \"1h\"\nrole = {role:?}\n",
             guests::TEST_CORE_PROBE,
         ),
-    )
-    .unwrap();
+    );
     let check = || jobhost::cli::run_cli(cli_args(&file, &url, &["check"]));
     // A role that cannot log in is read as such from `pg_roles`; one that
     // may log in but whose login fails (here: no connection left to it; a
@@ -305,7 +301,9 @@ async fn check_refuses_a_job_role_that_cannot_log_in_as_a_start_does(pool: PgPoo
     }
     alter("connection limit -1").await;
     assert_eq!(check().await.unwrap(), std::process::ExitCode::SUCCESS);
-    let _ = std::fs::remove_dir_all(&dir);
+    if let Some(dir) = file.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     drop_role(&pool, &role).await;
 }
 

@@ -288,6 +288,16 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Writes `toml` as the `jobs.toml` of a directory of this test process's
+/// own (named by `tag`) and returns its path.
+pub fn jobs_file(tag: &str, toml: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("jobhost-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("jobs.toml");
+    std::fs::write(&file, toml).unwrap();
+    file
+}
+
 /// `jobhost --config CONFIG --database-url URL ARGS...`, for `run_cli`.
 pub fn cli_args(config: &Path, url: &str, args: &[&str]) -> Vec<std::ffi::OsString> {
     let config = config.display().to_string();
