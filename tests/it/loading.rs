@@ -4,7 +4,7 @@ use std::path::Path;
 
 use jobhost::runtime::PluginError;
 
-use crate::support::runtime;
+use crate::support::{jobs_file, runtime};
 
 fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("jobhost-it-{}", std::process::id()));
@@ -188,7 +188,7 @@ fn a_component_beyond_the_pooling_limits_is_refused_as_such() {
 /// leaves a map naming the probe's `run`; one without it leaves none.
 #[test]
 fn a_perf_map_names_a_plugins_functions_when_asked() {
-    let file = crate::support::jobs_file(
+    let file = jobs_file(
         "perfmap",
         &format!(
             "[[job]]\nname = \"probe\"\nplugin = {:?}\nevery = \"1h\"\n",
