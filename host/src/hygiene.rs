@@ -16,25 +16,29 @@
 //!    back to the savepoint before the plugin's work and records the run as
 //!    `error` naming what it did;
 //! 2. **after COMMIT**, the same check with nothing allowed but what a fresh
-//!    connection carries ([`leftovers_sql`]): what survives the transaction
+//!    connection carries ([`after_commit_sql`]): what survives the transaction
 //!    (the job's own key taken twice, a `LISTEN`, a session-level change of
-//!    a setting the plugin also `SET LOCAL`). A connection with leftovers is
-//!    closed, never pooled, and the runner logs `session_state_leaked` with
-//!    the job.
+//!    a setting the plugin also `SET LOCAL`, a `role`). A connection with
+//!    leftovers is closed, never pooled, and the runner logs
+//!    `session_state_leaked` with the job.
+//!
+//! Then, last in the same query, every setting goes back to its value at
+//! connection start ([`RESET_SETTINGS`]): the one kind of session state that
+//! no check can list is a custom setting (`app.tenant`), which `pg_settings`
+//! does not show.
 //!
 //! Deferred triggers are the plugin's code too, and Postgres runs them at
 //! COMMIT, after the check: left alone, a job's `DEFERRABLE INITIALLY
 //! DEFERRED` constraint trigger would change the session unchecked. So the
-//! host fires them first ([`FIRE_DEFERRED`]) and checks after; only a
-//! trigger that one of them deferred anew can still fire at COMMIT, and the
-//! check after COMMIT then reads settings too whenever such triggers existed
-//! at the check ([`DEFERRABLE_TRIGGERS`]). Whatever fires runs as the job's
-//! role: the run's connection logs in as it ([`crate::pools`]).
+//! host fires them first ([`FIRE_DEFERRED`]) and checks after. A trigger
+//! that one of them deferred anew still fires at COMMIT: what it leaves is
+//! found by the check after COMMIT (locks, temporary objects, `role`...), and
+//! a setting it changed is reset with all the others. Whatever fires runs as
+//! the job's role: the run's connection logs in as it ([`crate::pools`]).
 //!
 //! Cost: reading `pg_settings` (every setting formatted) is most of it, so it
 //! happens once per run, before COMMIT; the check after COMMIT skips it
-//! unless the plugin used `SET LOCAL` or the database holds deferrable
-//! triggers of its users' own. A run none of whose statements reached
+//! unless the plugin used `SET LOCAL`. A run none of whose statements reached
 //! the connection (a plugin that found nothing to do) cannot have changed the
 //! session and is not checked. The benchmark shows the cost side by side with
 //! the closing query without checks.
@@ -61,21 +65,41 @@ pub enum AfterCommit {
     /// Nothing: no statement of the plugin's reached this connection, so
     /// there is nothing to verify.
     Skip,
-    /// Locks, temporary objects, cursors, LISTEN, prepared statements; not
-    /// settings (the check before COMMIT saw them, and a rollback reverts
-    /// every setting changed in the transaction), unless the database held
-    /// deferrable triggers of its users' own at the check
-    /// ([`DEFERRABLE_TRIGGERS`]).
+    /// Locks, temporary objects, cursors, LISTEN, prepared statements,
+    /// `role`; not settings (the check before COMMIT saw them, a rollback
+    /// reverts every setting changed in the transaction, and
+    /// [`RESET_SETTINGS`] follows the check).
     Light,
     /// Settings too: the plugin used `SET LOCAL`, which masks a session-level
     /// change of the same setting before COMMIT.
     WithSettings,
 }
 
+/// What ends the simple query of a run that sent SQL, after its COMMIT (or
+/// ROLLBACK): the check (the query's last row: one nullable text column,
+/// what was left), then [`RESET_SETTINGS`]. `None` for
+/// [`AfterCommit::Skip`].
+pub fn after_commit_sql(check: AfterCommit, baseline: &[String]) -> Option<String> {
+    leftovers_sql(check, baseline).map(|check| format!("{check};\n{RESET_SETTINGS}"))
+}
+
+/// Every setting back to its value at connection start, after the check has
+/// read them: the one kind of session state no check can list. A custom
+/// setting (`app.tenant`, the usual key of row-level-security policies) is a
+/// placeholder that `pg_settings` does not show, so one a plugin set at
+/// session level (through a function, a trigger, a view) would reach the next
+/// job on the connection unseen. A setting changed at COMMIT by a trigger
+/// deferred past [`FIRE_DEFERRED`] is reset by it too (it rides in the same
+/// simple query, so behind a transaction pooler it reaches the same server
+/// session, which the pooler sets up again for its next client). `role` is
+/// not reset by `RESET ALL`: the check reads it (migration
+/// `..._session_role`).
+pub const RESET_SETTINGS: &str = "reset all";
+
 /// The post-commit check: one row, one nullable text column (`None` for
 /// [`AfterCommit::Skip`]). `baseline` is what a fresh connection of the pool
 /// carries at session level (`name=value`), which is not a leak.
-pub fn leftovers_sql(check: AfterCommit, baseline: &[String]) -> Option<String> {
+fn leftovers_sql(check: AfterCommit, baseline: &[String]) -> Option<String> {
     let allowed = match check {
         AfterCommit::Skip => return None,
         AfterCommit::Light => "null".to_owned(),
@@ -84,28 +108,6 @@ pub fn leftovers_sql(check: AfterCommit, baseline: &[String]) -> Option<String> 
     Some(format!(
         "select jobhost.session_state(null, null, {allowed}, {CALLER_SEARCH_PATH})"
     ))
-}
-
-/// The column of the check before COMMIT that says whether the database
-/// holds deferrable triggers of its users' own, read at the check: only
-/// through one of them can a plugin's code still run at COMMIT (a trigger
-/// the host fired early may defer another past [`FIRE_DEFERRED`]), and it
-/// must exist at the check to fire at COMMIT, since only the host's own
-/// statements run in between. Read after COMMIT instead, it could be gone:
-/// such a trigger can drop itself as it fires.
-pub const DEFERRABLE_TRIGGERS: &str = "deferrable_triggers";
-
-/// Whether the rows of a closing query say that a plugin's code may have run
-/// at COMMIT ([`DEFERRABLE_TRIGGERS`]): then the check after COMMIT reads
-/// settings too ([`AfterCommit::WithSettings`]).
-pub fn code_may_run_at_commit(rows: &[sqlx::postgres::PgRow]) -> bool {
-    use sqlx::{Column as _, Row as _};
-    rows.iter().any(|row| {
-        row.columns()
-            .iter()
-            .any(|c| c.name() == DEFERRABLE_TRIGGERS)
-            && row.try_get::<bool, _>(DEFERRABLE_TRIGGERS).unwrap_or(true)
-    })
 }
 
 /// `items` as a `text[]` literal.
@@ -188,11 +190,7 @@ pub fn assert_clean_sql(own: Option<(i32, i32)>, plugin_local: &[String]) -> Str
         Some((ns, key)) => (ns.to_string(), key.to_string()),
         None => ("null".into(), "null".into()),
     };
-    format!(
-        "select jobhost.assert_clean({ns}, {key}, {allowed}, {CALLER_SEARCH_PATH}), \
-         exists (select 1 from pg_catalog.pg_trigger t where t.tgdeferrable and not t.tgisinternal) \
-         as {DEFERRABLE_TRIGGERS}"
-    )
+    format!("select jobhost.assert_clean({ns}, {key}, {allowed}, {CALLER_SEARCH_PATH})")
 }
 
 /// The closing statements of a session job's short transaction: the host's

@@ -144,52 +144,29 @@ impl OpenTx {
         baseline: &[String],
     ) -> sqlx::Result<Leftovers> {
         self.close_statements().await?;
-        let leftovers_sql = crate::hygiene::leftovers_sql(check, baseline);
+        let after_commit = crate::hygiene::after_commit_sql(check, baseline);
         let Some(conn) = self.conn() else {
             return Err(sqlx::Error::PoolClosed);
         };
-        let Some(leftovers_sql) = leftovers_sql else {
+        let Some(after_commit) = after_commit else {
             sqlx::raw_sql(sqlx::AssertSqlSafe(closing.to_owned()))
                 .execute(&mut *conn)
                 .await?;
             self.state = State::Clean;
             return Ok(None);
         };
-        let sql = format!("{closing};\n{leftovers_sql}");
+        let sql = format!("{closing};\n{after_commit}");
         let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
             .fetch_all(&mut *conn)
             .await?;
-        // The check after COMMIT is the last statement. A connection with
-        // leftovers, or whose check cannot be read, is closed.
+        // The check after COMMIT is the last row (the reset after it returns
+        // none). A connection with leftovers, or whose check cannot be read,
+        // is closed.
         self.state = State::Discard;
-        let mut leftovers: Option<String> = match rows.last() {
+        let leftovers: Option<String> = match rows.last() {
             Some(row) => row.try_get(0)?,
             None => return Err(sqlx::Error::RowNotFound),
         };
-        // A trigger of the plugin's may have run at COMMIT, after the check
-        // before it: read the settings too (rare: one more round trip, where
-        // the database holds deferrable triggers of its users' own). Behind a
-        // transaction pooler that round trip may reach another server session
-        // (DESIGN invariant 19), so it is not sent, and the run says so.
-        if leftovers.is_none()
-            && check == AfterCommit::Light
-            && crate::hygiene::code_may_run_at_commit(&rows)
-        {
-            if self.close_statements {
-                tracing::warn!(
-                    event = "session_state_unverified",
-                    "the database holds deferrable triggers of its users' own, one of which may have changed a setting at COMMIT; behind a transaction pooler the host cannot read that server session's settings after COMMIT"
-                );
-            } else if let Some(settings) =
-                crate::hygiene::leftovers_sql(AfterCommit::WithSettings, baseline)
-                && let Some(conn) = self.conn.as_deref_mut()
-            {
-                leftovers = sqlx::raw_sql(sqlx::AssertSqlSafe(settings))
-                    .fetch_one(conn)
-                    .await?
-                    .try_get(0)?;
-            }
-        }
         if leftovers.is_none() {
             self.state = State::Clean;
         }

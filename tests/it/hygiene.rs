@@ -63,20 +63,32 @@ async fn admit_on(runner: &Runner, job: &jobhost::runner::Job) {
 /// afterwards: its search_path, temporary objects, and advisory locks of its
 /// backend.
 async fn next_job_sees(runner: &Runner, role: Option<&str>, n: i64) -> String {
+    next_job_reads(
+        runner,
+        role,
+        n,
+        "select current_setting('search_path') || ' | temp objects: ' ||
+                (select count(*) from pg_class where relnamespace = pg_my_temp_schema())::text ||
+                ' | session locks: ' ||
+                (select count(*) from pg_locks where pid = pg_backend_pid() and locktype = 'advisory'
+                    and not (objsubid = 2 and objid::int8 = ($1::int8 & 4294967295)))::text as seen",
+    )
+    .await
+}
+
+/// What `sql` (one text column; `$1` is the bystander's own lock key) reads
+/// for a *different* job on the (single) pooled connection of `role`.
+async fn next_job_reads(runner: &Runner, role: Option<&str>, n: i64, sql: &str) -> String {
     let mut job = job(
         "bystander",
         guests::TEST_CORE_PROBE,
         &[
             ("mode", "query"),
+            ("sql", sql),
             (
-                "sql",
-                "select current_setting('search_path') || ' | temp objects: ' ||
-                        (select count(*) from pg_class where relnamespace = pg_my_temp_schema())::text ||
-                        ' | session locks: ' ||
-                        (select count(*) from pg_locks where pid = pg_backend_pid() and locktype = 'advisory'
-                            and not (objsubid = 2 and objid::int8 = ($1::int8 & 4294967295)))::text as seen",
+                "params",
+                &format!("[[\"int4\", {}]]", LockKey::derive("bystander").key),
             ),
-            ("params", &format!("[[\"int4\", {}]]", LockKey::derive("bystander").key)),
         ],
     );
     job.config.role = role.map(str::to_owned);
@@ -181,6 +193,59 @@ async fn a_session_setting_changed_through_a_function_is_caught(pool: PgPool) {
     .await;
 }
 
+/// A custom setting (`app.tenant`: the usual key of row-level security
+/// policies) is a placeholder that no view lists, `pg_settings` included, so
+/// no check can find one a plugin set at session level. The host resets
+/// every setting before a run that sent SQL commits: the value one job set
+/// never reaches the next job on the same connection.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_custom_setting_set_through_a_function_never_reaches_the_next_job(pool: PgPool) {
+    let role = jobspace_and_role(&pool).await;
+    for (round, role) in [None, Some(role.as_str())].into_iter().enumerate() {
+        let (runner, one) = one_connection_runner(&pool).await;
+        let name = format!("tenant-{round}");
+        let n = round as i64 * 100;
+        let setup = format!(
+            "create function jobspace.tenant_{round}() returns text language sql as $$ select set_config('app.tenant', '42', false) $$"
+        );
+        finished(
+            hostile_run(&runner, &name, role, &setup, n).await,
+            Outcome::Ok,
+        );
+        let attack = format!("select jobspace.tenant_{round}()");
+        finished(
+            hostile_run(&runner, &name, role, &attack, n + 1).await,
+            Outcome::Ok,
+        );
+        let seen = next_job_reads(
+            &runner,
+            role,
+            n,
+            "select coalesce(nullif(current_setting('app.tenant', true), ''), 'unset') || ' ' || $1::text",
+        )
+        .await;
+        assert!(
+            seen.contains("\"unset "),
+            "role {role:?}: the next job read app.tenant = {seen}"
+        );
+        one.close().await;
+    }
+    drop_role(&pool, &role).await;
+}
+
+/// `role` is hidden from `pg_settings`, and a `SET ROLE` inside a function
+/// the job created is out of the guard's sight: the check reads it.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_role_set_through_a_function_is_caught(pool: PgPool) {
+    leak_case(
+        &pool,
+        &["create function jobspace.r() returns text language sql as $$ select set_config('role', current_user, false) $$"],
+        "select jobspace.r()",
+        "session role",
+    )
+    .await;
+}
+
 #[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
 async fn a_temporary_table_created_through_a_function_is_caught(pool: PgPool) {
     leak_case(
@@ -275,17 +340,60 @@ async fn a_deferred_trigger_runs_as_the_jobs_role_never_the_hosts(pool: PgPool) 
 }
 
 /// A setting changed by a trigger that fires at COMMIT itself (deferred anew
-/// past the host's early firing) is found after COMMIT: the run's work
-/// stands, the connection is closed, and the next job never sees it. The
-/// trigger drops both triggers as it fires, so that after COMMIT the
-/// database shows no trouble at all: what decides the check after COMMIT
-/// is read before it.
+/// past the host's early firing) is reset in the run's closing query, after
+/// the check: the run's work stands and the next job never sees it, a custom
+/// setting (which no check can list) included. The trigger drops both
+/// triggers as it fires, so that after COMMIT the database shows no trace of
+/// them.
 #[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
 async fn a_setting_changed_at_commit_never_reaches_the_next_job(pool: PgPool) {
     let role = jobspace_and_role(&pool).await;
     let (runner, one) = one_connection_runner(&pool).await;
     let setup = redeferring_setup(
         "perform set_config('search_path', 'jobspace, public', false); \
+         perform set_config('app.tenant', '42', false); \
+         drop trigger t2 on jobspace.second; drop trigger t1 on jobspace.first;",
+    );
+    for (i, sql) in setup.iter().enumerate() {
+        let result = hostile_run(&runner, "deferring", Some(&role), sql, i as i64).await;
+        finished(result, Outcome::Ok);
+    }
+    let attack = "insert into jobspace.first values (1)";
+    finished(
+        hostile_run(&runner, "deferring", Some(&role), attack, 50).await,
+        Outcome::Ok,
+    );
+    both_fired_as(&pool, &role).await;
+    let seen = next_job_sees(&runner, Some(&role), 0).await;
+    assert!(
+        seen.contains("public | temp objects: 0 | session locks: 0") && !seen.contains("jobspace"),
+        "the next job saw {seen}"
+    );
+    let tenant = next_job_reads(
+        &runner,
+        Some(&role),
+        1,
+        "select coalesce(nullif(current_setting('app.tenant', true), ''), 'unset') || ' ' || $1::text",
+    )
+    .await;
+    assert!(
+        tenant.contains("\"unset "),
+        "the next job read app.tenant = {tenant}"
+    );
+    one.close().await;
+    drop_role(&pool, &role).await;
+}
+
+/// A `role` taken at COMMIT (by a trigger deferred past the host's early
+/// firing) is not undone by resetting the settings, and `pg_settings` does
+/// not list it: the check after COMMIT reads it, the connection is closed,
+/// and the event names the job.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_role_taken_at_commit_is_found_after_it(pool: PgPool) {
+    let role = jobspace_and_role(&pool).await;
+    let (runner, one) = one_connection_runner(&pool).await;
+    let setup = redeferring_setup(
+        "perform set_config('role', current_user, false); \
          drop trigger t2 on jobspace.second; drop trigger t1 on jobspace.first;",
     );
     for (i, sql) in setup.iter().enumerate() {
@@ -302,13 +410,19 @@ async fn a_setting_changed_at_commit_never_reaches_the_next_job(pool: PgPool) {
     assert!(
         text.lines().any(|l| l.contains("session_state_leaked")
             && l.contains("job=deferring")
-            && l.contains("search_path")),
+            && l.contains(&format!("session role {role}"))),
         "the leak is logged with the job: {text}"
     );
-    let seen = next_job_sees(&runner, Some(&role), 0).await;
+    let seen = next_job_reads(
+        &runner,
+        Some(&role),
+        0,
+        "select current_setting('role') || ' ' || $1::text",
+    )
+    .await;
     assert!(
-        seen.contains("public | temp objects: 0 | session locks: 0") && !seen.contains("jobspace"),
-        "the next job saw {seen}"
+        seen.contains("\"none "),
+        "the next job ran with role {seen}"
     );
     one.close().await;
     drop_role(&pool, &role).await;

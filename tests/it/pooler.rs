@@ -445,37 +445,63 @@ async fn pooler_mode_without_a_direct_url(pool: PgPool) {
     assert_eq!(failed, 0, "{:?}", runs(&pool, "through").await);
 }
 
-/// Behind a transaction pooler the host never follows a run's COMMIT with a
-/// query of its own (the next query may reach another server session): where
-/// the database holds a deferrable trigger of its users' own, whose code may
-/// have run at COMMIT, it says the session could not be read instead of
-/// reading another one's. Directly connected, it reads it and says nothing.
+/// A setting that the plugin's code changes at COMMIT itself (a deferred
+/// trigger that defers another past the host's early firing) never reaches
+/// the next job, behind a transaction pooler as directly: the reset rides in
+/// the run's closing query, so it reaches the server session the COMMIT ran
+/// on. Before, behind a pooler the host could only log that it had not read
+/// that session, and directly it read `pg_settings`, where a custom setting
+/// (`app.tenant`) does not appear: both reached the next job.
 #[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
-async fn a_commit_that_may_have_run_a_trigger_is_not_followed_through_a_pooler(pool: PgPool) {
+async fn a_setting_changed_at_commit_is_reset_through_a_pooler_too(pool: PgPool) {
     create_probe_table(&pool).await;
     sqlx::raw_sql(
-        "create table deferred_seen (x int);
-         create function deferred_note() returns trigger language plpgsql
-             as $$ begin return null; end $$;
-         create constraint trigger noted after insert on deferred_seen
-             deferrable initially deferred for each row execute function deferred_note()",
+        "create table deferred_first (x int);
+         create table deferred_second (x int);
+         create function deferred_redefer() returns trigger language plpgsql as $$ begin
+             set constraints all deferred; insert into deferred_second values (1); return null; end $$;
+         create function deferred_tenant() returns trigger language plpgsql as $$ begin
+             perform set_config('app.tenant', '42', false); return null; end $$;
+         create constraint trigger t1 after insert on deferred_first
+             deferrable initially deferred for each row execute function deferred_redefer();
+         create constraint trigger t2 after insert on deferred_second
+             deferrable initially deferred for each row execute function deferred_tenant()",
     )
     .execute(&pool)
     .await
     .unwrap();
     let url = database_url(&pool).await;
-    let bouncer = PgBouncer::start("unverified", "transaction", 4, "extra_float_digits");
-    let job = job(
+    // One server session: the next job's transaction reaches the same one.
+    let bouncer = PgBouncer::start("at-commit", "transaction", 1, "extra_float_digits");
+    let attack = job(
         "touches",
         guests::TEST_SANDBOX_HOSTILE,
-        &[("mode", "sql"), ("sql", "select 1")],
+        &[
+            ("mode", "sql"),
+            ("sql", "insert into deferred_first values (1)"),
+        ],
     );
-    for (pooler, url) in [
+    let next = job(
+        "next",
+        guests::TEST_CORE_PROBE,
+        &[
+            ("mode", "query"),
+            (
+                "sql",
+                "select coalesce(nullif(current_setting('app.tenant', true), ''), 'unset') \
+                 || ' | ' || current_setting('search_path')",
+            ),
+        ],
+    );
+    for (n, (pooler, url)) in [
         (jobhost::config::Pooler::Transaction, bouncer.url(&url)),
         (jobhost::config::Pooler::None, url.clone()),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let options =
-            jobhost::db::connect_options(&url, "DATABASE_URL", pooler, "unverified").unwrap();
+            jobhost::db::connect_options(&url, "DATABASE_URL", pooler, "at-commit").unwrap();
         let through = sqlx::postgres::PgPoolOptions::new()
             .max_connections(1)
             .connect_with(options)
@@ -489,25 +515,26 @@ async fn a_commit_that_may_have_run_a_trigger_is_not_followed_through_a_pooler(p
         .fetch_all(&through)
         .await
         .unwrap();
-        let runner = jobhost::runner::Runner::new(through.clone(), runtime(), "unverified")
+        let runner = jobhost::runner::Runner::new(through.clone(), runtime(), "at-commit")
             .with_connections(None, pooler)
             .with_session_baseline(baseline);
-        let logs = LogCapture::start();
-        let n = if pooler == jobhost::config::Pooler::None {
-            2
-        } else {
-            1
-        };
+        let n = n as i64 * 10;
         finished(
-            runner.run(&job, slot(n)).await.unwrap(),
+            runner.run(&attack, slot(n)).await.unwrap(),
             jobhost::db::Outcome::Ok,
         );
-        let said = logs.text().contains("session_state_unverified");
-        assert_eq!(
-            said,
-            pooler == jobhost::config::Pooler::Transaction,
-            "{pooler:?}: {}",
-            logs.text()
+        let fired: i64 = sqlx::query_scalar("select count(*) from deferred_second")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(fired, n / 10 + 1, "{pooler:?}: the trigger fired at COMMIT");
+        let seen = finished(
+            runner.run(&next, slot(n + 1)).await.unwrap(),
+            jobhost::db::Outcome::Ok,
+        );
+        assert!(
+            seen.contains(r#""unset | \"$user\", public""#),
+            "{pooler:?}: the next job saw {seen}"
         );
         through.close().await;
     }

@@ -1208,7 +1208,7 @@ async fn hygiene_cost(
                 true => format!(
                     "{};\n{}",
                     hygiene::commit_ok_sql(&job.config, true, &[], &record),
-                    hygiene::leftovers_sql(hygiene::AfterCommit::Light, &[]).unwrap_or_default()
+                    hygiene::after_commit_sql(hygiene::AfterCommit::Light, &[]).unwrap_or_default()
                 ),
                 false => format!("set local search_path = pg_catalog, pg_temp;\n{record};\ncommit"),
             };
