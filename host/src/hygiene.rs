@@ -22,10 +22,10 @@
 //!    leftovers is closed, never pooled, and the runner logs
 //!    `session_state_leaked` with the job.
 //!
-//! Then, last in the same query, every setting goes back to its value at
-//! connection start ([`RESET_SETTINGS`]): the one kind of session state that
-//! no check can list is a custom setting (`app.tenant`), which `pg_settings`
-//! does not show.
+//! Then, last in the same query, what no check can list is reset as a fresh
+//! connection has it ([`RESET_SESSION`]): every setting, a custom one
+//! (`app.tenant`, which `pg_settings` does not show) included, and the
+//! sequences' last values (`currval`, `lastval()`).
 //!
 //! Deferred triggers are the plugin's code too, and Postgres runs them at
 //! COMMIT, after the check: left alone, a job's `DEFERRABLE INITIALLY
@@ -68,7 +68,7 @@ pub enum AfterCommit {
     /// Locks, temporary objects, cursors, LISTEN, prepared statements,
     /// `role`; not settings (the check before COMMIT saw them, a rollback
     /// reverts every setting changed in the transaction, and
-    /// [`RESET_SETTINGS`] follows the check).
+    /// [`RESET_SESSION`] follows the check).
     Light,
     /// Settings too: the plugin used `SET LOCAL`, which masks a session-level
     /// change of the same setting before COMMIT.
@@ -77,24 +77,31 @@ pub enum AfterCommit {
 
 /// What ends the simple query of a run that sent SQL, after its COMMIT (or
 /// ROLLBACK): the check (the query's last row: one nullable text column,
-/// what was left), then [`RESET_SETTINGS`]. `None` for
+/// what was left), then [`RESET_SESSION`]. `None` for
 /// [`AfterCommit::Skip`].
 pub fn after_commit_sql(check: AfterCommit, baseline: &[String]) -> Option<String> {
-    leftovers_sql(check, baseline).map(|check| format!("{check};\n{RESET_SETTINGS}"))
+    leftovers_sql(check, baseline).map(|check| format!("{check};\n{RESET_SESSION}"))
 }
 
-/// Every setting back to its value at connection start, after the check has
-/// read them: the one kind of session state no check can list. A custom
-/// setting (`app.tenant`, the usual key of row-level-security policies) is a
-/// placeholder that `pg_settings` does not show, so one a plugin set at
-/// session level (through a function, a trigger, a view) would reach the next
-/// job on the connection unseen. A setting changed at COMMIT by a trigger
-/// deferred past [`FIRE_DEFERRED`] is reset by it too (it rides in the same
-/// simple query, so behind a transaction pooler it reaches the same server
-/// session, which the pooler sets up again for its next client). `role` is
-/// not reset by `RESET ALL`: the check reads it (migration
+/// What no check can list, reset after the check has read the rest: every
+/// setting back to its value at connection start, and the sequences' last
+/// values forgotten.
+///
+/// A custom setting (`app.tenant`, the usual key of row-level-security
+/// policies) is a placeholder that `pg_settings` does not show, so one a
+/// plugin set at session level (through a function, a trigger, a view) would
+/// reach the next job on the connection unseen. A setting changed at COMMIT
+/// by a trigger deferred past [`FIRE_DEFERRED`] is reset too (this rides in
+/// the same simple query, so behind a transaction pooler it reaches the same
+/// server session, which the pooler sets up again for its next client).
+/// `role` is not reset by `RESET ALL`: the check reads it (migration
 /// `..._session_role`).
-pub const RESET_SETTINGS: &str = "reset all";
+///
+/// A sequence's last value stays with the session too: after one job's
+/// `nextval`, the next job on the connection read it with `currval`, a
+/// number of another job's (`DISCARD SEQUENCES`, which the guard refuses to
+/// plugins, is the host's).
+pub const RESET_SESSION: &str = "reset all;\ndiscard sequences";
 
 /// The post-commit check: one row, one nullable text column (`None` for
 /// [`AfterCommit::Skip`]). `baseline` is what a fresh connection of the pool

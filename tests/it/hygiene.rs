@@ -196,8 +196,8 @@ async fn a_session_setting_changed_through_a_function_is_caught(pool: PgPool) {
 /// A custom setting (`app.tenant`: the usual key of row-level security
 /// policies) is a placeholder that no view lists, `pg_settings` included, so
 /// no check can find one a plugin set at session level. The host resets
-/// every setting before a run that sent SQL commits: the value one job set
-/// never reaches the next job on the same connection.
+/// every setting at the end of each run that sent SQL (after the check):
+/// the value one job set never reaches the next job on the same connection.
 #[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
 async fn a_custom_setting_set_through_a_function_never_reaches_the_next_job(pool: PgPool) {
     let role = jobspace_and_role(&pool).await;
@@ -227,6 +227,51 @@ async fn a_custom_setting_set_through_a_function_never_reaches_the_next_job(pool
         assert!(
             seen.contains("\"unset "),
             "role {role:?}: the next job read app.tenant = {seen}"
+        );
+        one.close().await;
+    }
+    drop_role(&pool, &role).await;
+}
+
+/// A sequence's last value is session state no view lists: after a job's
+/// `nextval`, the next job on the connection would read it with `currval`
+/// (or `lastval()`), another job's number. The host forgets them after each
+/// run that sent SQL, as a fresh connection would: `currval` is undefined.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_sequence_value_never_reaches_the_next_job(pool: PgPool) {
+    let role = jobspace_and_role(&pool).await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "create sequence jobspace.numbers start 4242; grant usage on sequence jobspace.numbers to \"{role}\""
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    for (round, role) in [None, Some(role.as_str())].into_iter().enumerate() {
+        let (runner, one) = one_connection_runner(&pool).await;
+        let n = round as i64 * 100;
+        let name = format!("numbering-{round}");
+        let drawn = "select nextval('jobspace.numbers')";
+        finished(
+            hostile_run(&runner, &name, role, drawn, n).await,
+            Outcome::Ok,
+        );
+        let mut next = job(
+            "bystander",
+            guests::TEST_CORE_PROBE,
+            &[
+                ("mode", "query"),
+                ("sql", "select currval('jobspace.numbers')"),
+            ],
+        );
+        next.config.role = role.map(str::to_owned);
+        admit_on(&runner, &next).await;
+        let seen = finished(
+            runner.run(&next, slot(n + 1)).await.unwrap(),
+            Outcome::Error,
+        );
+        assert!(
+            seen.contains("is not yet defined in this session"),
+            "role {role:?}: the next job read another job's sequence value: {seen}"
         );
         one.close().await;
     }
