@@ -236,6 +236,18 @@ pub fn commit_failure_sql(record: &str) -> String {
     format!("rollback to savepoint jobhost_work;\n{HOST_SEARCH_PATH};\n{record};\ncommit")
 }
 
+/// The structured event of a run whose plugin left state on its connection
+/// (`before_commit`: the check refused the COMMIT; otherwise the COMMIT kept
+/// it and the connection was closed).
+pub fn log_leak(job: &str, what: &str, before_commit: bool) {
+    let found = if before_commit {
+        "before commit"
+    } else {
+        "after commit"
+    };
+    tracing::error!(job = %job, event = "session_state_leaked", leaked = %what, found, "session_state_leaked: the plugin left state on its connection; the connection was closed");
+}
+
 /// Whether `e` is the in-transaction check's refusal; its message says what
 /// leaked.
 pub fn leaked(e: &sqlx::Error) -> Option<String> {

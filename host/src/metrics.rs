@@ -12,6 +12,7 @@
 //! | `jobhost_run_duration_seconds` | histogram | `job` |
 //! | `jobhost_start_lag_seconds` (slot → lock granted) | histogram | `job` |
 //! | `jobhost_skips_total` | counter | `job`, `reason` (`lock_busy`, `already_done`, `not_due`, `backing_off`, `exhausted`, `paused`) |
+//! | `jobhost_session_leaks_total` (a plugin left state on its connection: `session_state_leaked`) | counter | `job`, `found` (`before_commit`, `after_commit`) |
 //! | `jobhost_runs_in_flight` | gauge | |
 //! | `jobhost_plugin_loads_total` | counter | `result` (`ok`, `error`) |
 //! | `jobhost_reloads_total` | counter | `result` (`applied`, `rejected`) |
@@ -47,6 +48,12 @@ struct JobReason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobFound {
+    job: String,
+    found: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: String,
 }
@@ -65,6 +72,7 @@ pub struct Metrics {
     run_duration: Histograms,
     start_lag: Histograms,
     skips: Family<JobReason, Counter>,
+    leaks: Family<JobFound, Counter>,
     in_flight: Gauge,
     plugin_loads: Family<ResultLabel, Counter>,
     reloads: Family<ResultLabel, Counter>,
@@ -116,6 +124,12 @@ impl Metrics {
         );
         let skips = Family::<JobReason, Counter>::default();
         registry.register("skips", "Slots not run, by job and reason", skips.clone());
+        let leaks = Family::<JobFound, Counter>::default();
+        registry.register(
+            "session_leaks",
+            "Runs whose plugin left state on its connection, by job and when the check found it",
+            leaks.clone(),
+        );
         let in_flight = Gauge::default();
         registry.register(
             "runs_in_flight",
@@ -148,6 +162,7 @@ impl Metrics {
             run_duration,
             start_lag,
             skips,
+            leaks,
             in_flight,
             plugin_loads,
             reloads,
@@ -184,6 +199,24 @@ impl Metrics {
             .get_or_create(&JobReason {
                 job: job.to_owned(),
                 reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a run whose plugin left state on its connection
+    /// (`session_state_leaked`): what an operator alerts on, since such a
+    /// plugin is buggy or hostile. `before_commit`: the check refused the
+    /// commit; otherwise the commit kept it and the connection was closed.
+    pub fn leaked(&self, job: &str, before_commit: bool) {
+        let found = if before_commit {
+            "before_commit"
+        } else {
+            "after_commit"
+        };
+        self.leaks
+            .get_or_create(&JobFound {
+                job: job.to_owned(),
+                found: found.to_owned(),
             })
             .inc();
     }

@@ -4,12 +4,14 @@
 //! in a later run), on a pool of ONE connection, so that a leak would reach
 //! the next job. Every case runs with a restricted job role and without one.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use jobhost::config::Pooler;
 use jobhost::db::Outcome;
 use jobhost::hygiene::AfterCommit;
 use jobhost::lock::LockKey;
+use jobhost::metrics::Metrics;
 use jobhost::runner::Runner;
 use jobhost::tx::OpenTx;
 use jobhost_tests::guests;
@@ -29,6 +31,22 @@ async fn one_connection_runner(pool: &PgPool) -> (Runner, PgPool) {
         .await
         .unwrap();
     (Runner::new(one.clone(), runtime(), "hygiene-host"), one)
+}
+
+/// [`one_connection_runner`], counting into metrics of its own.
+async fn counted_runner(pool: &PgPool) -> (Runner, PgPool, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new());
+    let (runner, one) = one_connection_runner(pool).await;
+    (runner.with_metrics(metrics.clone()), one, metrics)
+}
+
+/// Whether `metrics` counted one leak of `job`'s, found `found`
+/// (`before_commit`, `after_commit`).
+fn counted_leak(metrics: &Metrics, job: &str, found: &str) -> bool {
+    metrics
+        .encode()
+        .lines()
+        .any(|l| l == format!("jobhost_session_leaks_total{{job=\"{job}\",found=\"{found}\"}} 1"))
 }
 
 /// Runs `sql` through the hostile plugin as job `name` (role `role`).
@@ -116,7 +134,7 @@ async fn leak_case(pool: &PgPool, setup: &[&str], attack: &str, leaked: &str) {
             .await
             .unwrap();
         let logs = LogCapture::start();
-        let (runner, one) = one_connection_runner(pool).await;
+        let (runner, one, metrics) = counted_runner(pool).await;
         let name = format!("hostile-{round}");
         for (i, sql) in setup.iter().enumerate() {
             let result = hostile_run(&runner, &name, role, sql, (round * 100 + i) as i64).await;
@@ -133,6 +151,11 @@ async fn leak_case(pool: &PgPool, setup: &[&str], attack: &str, leaked: &str) {
             text.lines()
                 .any(|l| l.contains("session_state_leaked") && l.contains(&format!("job={name}"))),
             "a structured event names the job: {text}"
+        );
+        assert!(
+            counted_leak(&metrics, &name, "before_commit"),
+            "role {role:?}: the leak is counted: {}",
+            metrics.encode()
         );
         // The plugin's write before the attack was rolled back with it.
         assert_eq!(
@@ -436,7 +459,7 @@ async fn a_setting_changed_at_commit_never_reaches_the_next_job(pool: PgPool) {
 #[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
 async fn a_role_taken_at_commit_is_found_after_it(pool: PgPool) {
     let role = jobspace_and_role(&pool).await;
-    let (runner, one) = one_connection_runner(&pool).await;
+    let (runner, one, metrics) = counted_runner(&pool).await;
     let setup = redeferring_setup(
         "perform set_config('role', current_user, false); \
          drop trigger t2 on jobspace.second; drop trigger t1 on jobspace.first;",
@@ -457,6 +480,11 @@ async fn a_role_taken_at_commit_is_found_after_it(pool: PgPool) {
             && l.contains("job=deferring")
             && l.contains(&format!("session role {role}"))),
         "the leak is logged with the job: {text}"
+    );
+    assert!(
+        counted_leak(&metrics, "deferring", "after_commit"),
+        "the leak is counted: {}",
+        metrics.encode()
     );
     let seen = next_job_reads(
         &runner,
@@ -788,7 +816,7 @@ async fn a_session_jobs_commit_that_would_leak_is_refused(pool: PgPool) {
     .await
     .unwrap();
     let logs = LogCapture::start();
-    let (runner, one) = one_connection_runner(&pool).await;
+    let (runner, one, metrics) = counted_runner(&pool).await;
     let mut long = job(
         "long-leak",
         guests::TEST_SESSION_PROBE,
@@ -808,6 +836,11 @@ async fn a_session_jobs_commit_that_would_leak_is_refused(pool: PgPool) {
             .any(|l| l.contains("session_state_leaked") && l.contains("job=long-leak")),
         "{}",
         logs.text()
+    );
+    assert!(
+        counted_leak(&metrics, "long-leak", "before_commit"),
+        "the leak is counted: {}",
+        metrics.encode()
     );
     assert_eq!(
         advisory_locks(&pool).await,

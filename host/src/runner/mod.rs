@@ -641,6 +641,13 @@ impl Runner {
         }))
     }
 
+    /// A run whose plugin left state on its connection: the structured
+    /// event, and the counter an operator alerts on.
+    fn leak(&self, job: &str, what: &str, before_commit: bool) {
+        hygiene::log_leak(job, what, before_commit);
+        self.metrics.leaked(job, before_commit);
+    }
+
     /// Decides the outcome. A statement error the plugin swallowed still makes
     /// the run an error: Postgres has already aborted the transaction.
     fn judge(&self, job: &Job, mut invocation: Invocation) -> Judged {
@@ -658,15 +665,20 @@ impl Runner {
                 (Some(closed), db_error, None)
             }
             // Each session transaction stood on its own; none is left to
-            // judge, but a commit may have found the plugin's leftovers.
+            // judge, but a commit may have found the plugin's leftovers
+            // (refused before its COMMIT, or, for a rollback's, after it: the
+            // session handle logged which).
             Lent::Session(session) => (None, None, session.leaked()),
         };
+        if let Some((_, before_commit)) = &leaked {
+            self.metrics.leaked(name, *before_commit);
+        }
         let (outcome, message) = match (invocation.returned, db_error) {
             (Returned::Value(_), _) if leaked.is_some() => (
                 Outcome::Error,
                 format!(
                     "{}: the plugin left state on a connection that would outlive the run; that transaction was rolled back and the connection closed",
-                    leaked.unwrap_or_default()
+                    leaked.map(|(what, _)| what).unwrap_or_default()
                 ),
             ),
             (Returned::Value(Ok(report)), None) => (Outcome::Ok, report.summary),
@@ -794,7 +806,7 @@ impl Runner {
                     // Only what a COMMIT kept can get here (the check before it
                     // passed, or the run had failed anyway): the work stands as
                     // recorded, the connection is closed.
-                    log_leak(name, &left, "after commit");
+                    self.leak(name, &left, false);
                 }
                 return (run_outcome, record.message.to_owned(), true);
             }
@@ -807,7 +819,7 @@ impl Runner {
         // savepoint; its row is written on the same connection.
         let refused = match hygiene::leaked(&e) {
             Some(leak) => {
-                log_leak(name, &leak, "before commit");
+                self.leak(name, &leak, true);
                 Some(format!(
                     "{leak}: the plugin left state on its connection that would outlive the run; its work was rolled back and the connection closed"
                 ))
@@ -928,11 +940,6 @@ struct Judged {
     message: String,
     /// The lent transaction, taken back (`xact` runs).
     closed: Option<Closed>,
-}
-
-/// The structured event of a run that left state on its connection.
-fn log_leak(job: &str, what: &str, when: &str) {
-    error!(job = %job, event = "session_state_leaked", leaked = %what, found = when, "session_state_leaked: the plugin left state on its connection; the connection was closed");
 }
 
 /// An `xact` run past its gate: the bookkeeping [`Runner::close`] needs, and

@@ -52,8 +52,9 @@ struct CommitRights {
     holder: LockHolder,
     /// The job's role: each transaction's connection logs in as it.
     role: Option<String>,
-    /// The first leak found by a commit's check: the run is then an error.
-    leaked: Arc<OnceLock<String>>,
+    /// The first leak found by a commit's check, and whether it was found
+    /// before the COMMIT (refusing it): the run is then an error.
+    leaked: Arc<OnceLock<(String, bool)>>,
     /// Session settings a fresh pooled connection carries (`name=value`).
     session_baseline: Arc<[String]>,
 }
@@ -139,7 +140,7 @@ impl TxHandle {
                 .map_or(&[][..], |rights| &rights.session_baseline[..]);
             match tx.finish("rollback", check, baseline).await {
                 Ok(None) => {}
-                Ok(Some(left)) => self.report_leak(&left),
+                Ok(Some(left)) => self.report_leak(&left, false),
                 Err(e) => {
                     tracing::warn!(job = %self.job, error = %e, "rollback failed; the connection is discarded")
                 }
@@ -155,10 +156,10 @@ impl TxHandle {
         }
     }
 
-    fn report_leak(&self, what: &str) {
-        tracing::error!(job = %self.job, event = "session_state_leaked", leaked = %what, "session_state_leaked: the plugin left state on its connection; the connection was closed");
+    fn report_leak(&self, what: &str, before_commit: bool) {
+        crate::hygiene::log_leak(&self.job, what, before_commit);
         if let Some(rights) = &self.own_commit {
-            let _ = rights.leaked.set(what.to_owned());
+            let _ = rights.leaked.set((what.to_owned(), before_commit));
         }
     }
 
@@ -204,13 +205,13 @@ impl TxHandle {
             Ok(left) => {
                 self.tx = None;
                 if let Some(left) = left {
-                    self.report_leak(&left);
+                    self.report_leak(&left, false);
                 }
                 Ok(Ok(()))
             }
             Err(e) => {
                 if let Some(leak) = hygiene::leaked(&e) {
-                    self.report_leak(&leak);
+                    self.report_leak(&leak, true);
                     self.rollback().await;
                     return Ok(Err(Error::Refused(format!(
                         "{leak}; the transaction was rolled back"
@@ -406,8 +407,9 @@ impl SessionHandle {
         &self.began
     }
 
-    /// What a commit's check found the plugin left on a connection, if anything.
-    pub fn leaked(&self) -> Option<String> {
+    /// What a commit's check found the plugin left on a connection, if
+    /// anything, and whether before the COMMIT.
+    pub fn leaked(&self) -> Option<(String, bool)> {
         self.rights.leaked.get().cloned()
     }
 }
