@@ -382,6 +382,21 @@ fn redeferring_setup(then: &str) -> Vec<String> {
     ]
 }
 
+/// Runs [`redeferring_setup`]`(then)` as job `deferring` with `role`, each
+/// statement a run of its own, then the insert whose COMMIT fires both
+/// triggers, the second at COMMIT itself. Every run must end `ok`.
+async fn commit_through_redeferred_triggers(runner: &Runner, role: &str, then: &str) {
+    for (i, sql) in redeferring_setup(then).iter().enumerate() {
+        let result = hostile_run(runner, "deferring", Some(role), sql, i as i64).await;
+        finished(result, Outcome::Ok);
+    }
+    let attack = "insert into jobspace.first values (1)";
+    finished(
+        hostile_run(runner, "deferring", Some(role), attack, 50).await,
+        Outcome::Ok,
+    );
+}
+
 /// A job's deferred triggers run with the job's rights, never the host's:
 /// Postgres runs them as the role in force when they fire. When the job's
 /// role was only `SET LOCAL ROLE` on the host's connection, the host took
@@ -393,15 +408,7 @@ fn redeferring_setup(then: &str) -> Vec<String> {
 async fn a_deferred_trigger_runs_as_the_jobs_role_never_the_hosts(pool: PgPool) {
     let role = jobspace_and_role(&pool).await;
     let (runner, one) = one_connection_runner(&pool).await;
-    for (i, sql) in redeferring_setup("").iter().enumerate() {
-        let result = hostile_run(&runner, "deferring", Some(&role), sql, i as i64).await;
-        finished(result, Outcome::Ok);
-    }
-    let attack = "insert into jobspace.first values (1)";
-    finished(
-        hostile_run(&runner, "deferring", Some(&role), attack, 50).await,
-        Outcome::Ok,
-    );
+    commit_through_redeferred_triggers(&runner, &role, "").await;
     both_fired_as(&pool, &role).await;
     one.close().await;
     drop_role(&pool, &role).await;
@@ -417,20 +424,14 @@ async fn a_deferred_trigger_runs_as_the_jobs_role_never_the_hosts(pool: PgPool) 
 async fn a_setting_changed_at_commit_never_reaches_the_next_job(pool: PgPool) {
     let role = jobspace_and_role(&pool).await;
     let (runner, one) = one_connection_runner(&pool).await;
-    let setup = redeferring_setup(
+    commit_through_redeferred_triggers(
+        &runner,
+        &role,
         "perform set_config('search_path', 'jobspace, public', false); \
          perform set_config('app.tenant', '42', false); \
          drop trigger t2 on jobspace.second; drop trigger t1 on jobspace.first;",
-    );
-    for (i, sql) in setup.iter().enumerate() {
-        let result = hostile_run(&runner, "deferring", Some(&role), sql, i as i64).await;
-        finished(result, Outcome::Ok);
-    }
-    let attack = "insert into jobspace.first values (1)";
-    finished(
-        hostile_run(&runner, "deferring", Some(&role), attack, 50).await,
-        Outcome::Ok,
-    );
+    )
+    .await;
     both_fired_as(&pool, &role).await;
     let seen = next_job_sees(&runner, Some(&role), 0).await;
     assert!(
@@ -460,20 +461,14 @@ async fn a_setting_changed_at_commit_never_reaches_the_next_job(pool: PgPool) {
 async fn a_role_taken_at_commit_is_found_after_it(pool: PgPool) {
     let role = jobspace_and_role(&pool).await;
     let (runner, one, metrics) = counted_runner(&pool).await;
-    let setup = redeferring_setup(
+    let logs = LogCapture::start();
+    commit_through_redeferred_triggers(
+        &runner,
+        &role,
         "perform set_config('role', current_user, false); \
          drop trigger t2 on jobspace.second; drop trigger t1 on jobspace.first;",
-    );
-    for (i, sql) in setup.iter().enumerate() {
-        let result = hostile_run(&runner, "deferring", Some(&role), sql, i as i64).await;
-        finished(result, Outcome::Ok);
-    }
-    let logs = LogCapture::start();
-    let attack = "insert into jobspace.first values (1)";
-    finished(
-        hostile_run(&runner, "deferring", Some(&role), attack, 50).await,
-        Outcome::Ok,
-    );
+    )
+    .await;
     let text = logs.text();
     assert!(
         text.lines().any(|l| l.contains("session_state_leaked")
