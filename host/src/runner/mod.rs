@@ -666,8 +666,8 @@ impl Runner {
             }
             // Each session transaction stood on its own; none is left to
             // judge, but a commit may have found the plugin's leftovers
-            // (refused before its COMMIT, or, for a rollback's, after it: the
-            // session handle logged which).
+            // (before its COMMIT, refusing it, or after it; the session handle
+            // has logged which).
             Lent::Session(session) => (None, None, session.leaked()),
         };
         if let Some((_, before_commit)) = &leaked {
