@@ -193,6 +193,12 @@ pub fn assert_clean_sql(own: Option<(i32, i32)>, plugin_local: &[String]) -> Str
             .copied()
             .chain(plugin_local.iter().map(String::as_str)),
     );
+    assert_clean_call(own, &allowed)
+}
+
+/// `jobhost.assert_clean` with `allowed` as given (SQL: a `text[]`, or
+/// `null` for no settings read).
+fn assert_clean_call(own: Option<(i32, i32)>, allowed: &str) -> String {
     let (ns, key) = match own {
         Some((ns, key)) => (ns.to_string(), key.to_string()),
         None => ("null".into(), "null".into()),
@@ -227,6 +233,16 @@ pub fn commit_ok_sql(
         "{};\n{record};\ncommit",
         host_scope_checked(check.as_deref())
     )
+}
+
+/// [`commit_ok_sql`] for a run that sent SQL, its check before COMMIT
+/// without the `pg_settings` read: what the benchmark sets beside the full
+/// check, to show what that read costs (row 4′). Never a run's closing.
+#[cfg(feature = "bench")]
+pub fn commit_ok_sql_without_settings_read(job: &JobConfig, record: &str) -> String {
+    let key = job.lock_key;
+    let check = assert_clean_call(Some((key.namespace, key.key)), "null");
+    format!("{};\n{record};\ncommit", host_scope_checked(Some(&check)))
 }
 
 /// The closing statements of an `xact` run that failed: undo the plugin's

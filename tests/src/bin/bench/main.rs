@@ -773,7 +773,8 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     // run with and without the session checks, alternating on one
     // connection. Both are one round trip; the difference is the checks'
     // server-side cost, which every run now pays.
-    let (check_with, check_without) = hygiene_cost(&pool, &noop, s.rounds * s.per_round).await?;
+    let [check_with, check_unsettled, check_without] =
+        hygiene_cost(&pool, &noop, s.rounds * s.per_round).await?;
 
     // 4″. A job with a role: its runs log in as the role (a pool of its own)
     // and gate and record through the host's SECURITY DEFINER functions.
@@ -1012,8 +1013,9 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     );
     let _ = writeln!(
         md,
-        "| 4′ | closing query of an `ok` run whose plugin sent SQL, with the post-run session checks vs without (one round trip either way; a run that sent none is not checked), p50 | {:.0} µs | {:.0} µs | {:.2}× | cost shown (≈ {:.1} % of a native no-op run) | |",
+        "| 4′ | closing query of an `ok` run whose plugin sent SQL, with the post-run session checks vs without (one round trip either way; a run that sent none is not checked), p50; the checks without their `pg_settings` read (not a run's closing: what that read costs) | {:.0} µs; without the settings read {:.0} µs | {:.0} µs | {:.2}× | cost shown (≈ {:.1} % of a native no-op run) | |",
         us(check_with),
+        us(check_unsettled),
         us(check_without),
         check_with.as_secs_f64() / check_without.as_secs_f64(),
         100.0 * check_with.saturating_sub(check_without).as_secs_f64() / n_p50.as_secs_f64()
@@ -1186,31 +1188,35 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     Ok(md)
 }
 
-/// p50 of the closing query of an `ok` run, with the session checks and
-/// without, `n` of each, alternating, each in a transaction holding the job's
-/// lock as a run does.
-async fn hygiene_cost(
-    pool: &sqlx::PgPool,
-    job: &Job,
-    n: usize,
-) -> anyhow::Result<(Duration, Duration)> {
+/// p50 of the closing query of an `ok` run: with the session checks, with
+/// them but without their `pg_settings` read, and without checks; `n` of
+/// each, alternating, each in a transaction holding the job's lock as a run
+/// does.
+async fn hygiene_cost(pool: &sqlx::PgPool, job: &Job, n: usize) -> anyhow::Result<[Duration; 3]> {
     use jobhost::hygiene;
     let mut conn = pool.acquire().await?;
     let key = job.config.lock_key;
     // Each closing writes its run's `ok` row: a slot of its own each.
     let base = chrono::Utc::now() - chrono::TimeDelta::days(1);
-    let (mut a, mut b) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let mut times: [Vec<Duration>; 3] = Default::default();
+    let after_commit =
+        || hygiene::after_commit_sql(hygiene::AfterCommit::Light, &[]).unwrap_or_default();
     for i in 0..n as i64 {
-        for (checked, times) in [(true, &mut a), (false, &mut b)] {
-            let slot = base + chrono::TimeDelta::seconds(2 * i + i64::from(checked));
+        for (variant, times) in times.iter_mut().enumerate() {
+            let slot = base + chrono::TimeDelta::seconds(3 * i + variant as i64);
             let record = open_bench_run(&mut conn, key, slot).await?;
-            let closing = match checked {
-                true => format!(
+            let closing = match variant {
+                0 => format!(
                     "{};\n{}",
                     hygiene::commit_ok_sql(&job.config, true, &[], &record),
-                    hygiene::after_commit_sql(hygiene::AfterCommit::Light, &[]).unwrap_or_default()
+                    after_commit()
                 ),
-                false => format!("set local search_path = pg_catalog, pg_temp;\n{record};\ncommit"),
+                1 => format!(
+                    "{};\n{}",
+                    hygiene::commit_ok_sql_without_settings_read(&job.config, &record),
+                    after_commit()
+                ),
+                _ => format!("set local search_path = pg_catalog, pg_temp;\n{record};\ncommit"),
             };
             let t = Instant::now();
             sqlx::raw_sql(sqlx::AssertSqlSafe(closing))
@@ -1219,7 +1225,7 @@ async fn hygiene_cost(
             times.push(t.elapsed());
         }
     }
-    Ok((stats(a).1, stats(b).1))
+    Ok(times.map(|t| stats(t).1))
 }
 
 /// p50 of a no-op run of `noop` as a job role and as the host, `n` of each,
