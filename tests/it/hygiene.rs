@@ -94,6 +94,11 @@ async fn next_job_sees(runner: &Runner, role: Option<&str>, n: i64) -> String {
     .await
 }
 
+/// What the next job reads of `app.tenant` ([`next_job_reads`]): `unset`, then
+/// its lock key, when no job left a value there.
+const TENANT_SEEN: &str =
+    "select coalesce(nullif(current_setting('app.tenant', true), ''), 'unset') || ' ' || $1::text";
+
 /// What `sql` (one text column; `$1` is the bystander's own lock key) reads
 /// for a *different* job on the (single) pooled connection of `role`.
 async fn next_job_reads(runner: &Runner, role: Option<&str>, n: i64, sql: &str) -> String {
@@ -240,13 +245,7 @@ async fn a_custom_setting_set_through_a_function_never_reaches_the_next_job(pool
             hostile_run(&runner, &name, role, &attack, n + 1).await,
             Outcome::Ok,
         );
-        let seen = next_job_reads(
-            &runner,
-            role,
-            n,
-            "select coalesce(nullif(current_setting('app.tenant', true), ''), 'unset') || ' ' || $1::text",
-        )
-        .await;
+        let seen = next_job_reads(&runner, role, n, TENANT_SEEN).await;
         assert!(
             seen.contains("\"unset "),
             "role {role:?}: the next job read app.tenant = {seen}"
@@ -438,13 +437,7 @@ async fn a_setting_changed_at_commit_never_reaches_the_next_job(pool: PgPool) {
         seen.contains("public | temp objects: 0 | session locks: 0") && !seen.contains("jobspace"),
         "the next job saw {seen}"
     );
-    let tenant = next_job_reads(
-        &runner,
-        Some(&role),
-        1,
-        "select coalesce(nullif(current_setting('app.tenant', true), ''), 'unset') || ' ' || $1::text",
-    )
-    .await;
+    let tenant = next_job_reads(&runner, Some(&role), 1, TENANT_SEEN).await;
     assert!(
         tenant.contains("\"unset "),
         "the next job read app.tenant = {tenant}"
