@@ -57,6 +57,18 @@ pub async fn run_now(
     hosts::register(&pool, &options.host_id, false, 0)
         .await
         .with_context(|| format!("cannot register host `{}`", options.host_id))?;
+    // Live from here on: the claims a peer reaped while the plugin loaded (a
+    // load slower than `host-lost-after`: a cold compile, a busy machine)
+    // are written back, or the run would be refused its role at its gate.
+    admitted
+        .renew(&pool, config.host.liveness.lost_after)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot claim the job roles of host `{}` in jobhost.job_roles",
+                options.host_id
+            )
+        })?;
     let runner = Runner::new(pool.clone(), runtime, &options.host_id)
         .with_connections(direct, config.host.pooler)
         .with_run_pools(runs.clone())
