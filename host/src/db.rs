@@ -230,6 +230,15 @@ pub async fn connect(
         }
         None => refuse_pending_migrations(&pool).await?,
     }
+    // The settings the check's fingerprint covers, as this server has them
+    // (after an upgrade, new ones). Without it the check stays right, and
+    // only a setting the list lacks is left to the reset after each run.
+    if let Err(e) = sqlx::raw_sql("select jobhost.watch_settings()")
+        .execute(&pool)
+        .await
+    {
+        tracing::warn!(error = %e, "cannot refresh jobhost.watched_settings (the settings the post-run check fingerprints); it keeps the list its migration made");
+    }
     Ok(Connected {
         pool,
         direct,

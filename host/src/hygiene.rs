@@ -36,12 +36,16 @@
 //! a setting it changed is reset with all the others. Whatever fires runs as
 //! the job's role: the run's connection logs in as it ([`crate::pools`]).
 //!
-//! Cost: reading `pg_settings` (every setting formatted) is most of it, so it
-//! happens once per run, before COMMIT; the check after COMMIT skips it
-//! unless the plugin used `SET LOCAL`. A run none of whose statements reached
-//! the connection (a plugin that found nothing to do) cannot have changed the
-//! session and is not checked. The benchmark shows the cost side by side with
-//! the closing query without checks.
+//! Cost: reading `pg_settings` (every setting formatted with its
+//! descriptions) is most of it, so the check before COMMIT first takes a
+//! fingerprint of the values of the settings a session can change, and skips
+//! the read when the fingerprint is one of a session that passed it
+//! ([`Baseline`]; migration `..._clean_settings`). The check after COMMIT
+//! skips the read unless the plugin used `SET LOCAL`. A run none of whose
+//! statements reached the connection (a plugin that found nothing to do)
+//! cannot have changed the session and is not checked. The benchmark shows
+//! the cost side by side with the closing query without checks, and with the
+//! full read.
 //!
 //! The host's own statements after the plugin's run with
 //! `search_path = pg_catalog, pg_temp` and schema-qualified names, so a
@@ -49,6 +53,12 @@
 //! guard refuses `SET LOCAL search_path` to plugins; a change through a
 //! function is a leak the check reports, since it runs before the host's own
 //! `SET LOCAL` would hide it.)
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use sqlx::Row as _;
+use sqlx::postgres::PgRow;
 
 use crate::config::JobConfig;
 use crate::db::quote_literal;
@@ -58,6 +68,86 @@ pub const LEAKED_SQLSTATE: &str = "JH002";
 
 /// SQLSTATE raised by `jobhost.assert_lock_held` (a session job's lock is gone).
 pub const LOCK_GONE_SQLSTATE: &str = "JH001";
+
+/// What the checks take for a clean session on a pool's connections: the
+/// settings a fresh connection carries at session level (`name=value`, see
+/// [`crate::db::Connected::session_baseline`]), and the fingerprints of the
+/// settings of sessions that the full `pg_settings` read found clean, which
+/// let the check before COMMIT skip that read.
+///
+/// The fingerprints are learned, not computed up front: the check returns
+/// one each time it had to read `pg_settings` and found nothing, and the host
+/// keeps the last [`CLEAN_KEPT`]. So whatever makes a pool's sessions differ
+/// (a job role's `ALTER ROLE ... SET`, a configuration reload, a pooler's
+/// settings) costs one full read per new state, never a wrong verdict: a
+/// session whose watched values all equal a clean session's has nothing of
+/// its own at session level that the full read could name. Clones share the
+/// fingerprints.
+#[derive(Debug, Clone, Default)]
+pub struct Baseline {
+    settings: Arc<[String]>,
+    clean: Arc<Mutex<VecDeque<String>>>,
+}
+
+/// How many fingerprints of clean sessions a [`Baseline`] keeps (the oldest
+/// goes first): enough for a host's role pools, each usually one state.
+pub const CLEAN_KEPT: usize = 8;
+
+/// The column of the check before COMMIT that carries a fingerprint to learn.
+const CLEAN_COLUMN: &str = "clean_settings";
+
+impl Baseline {
+    /// A baseline of `settings` (`name=value`), with no fingerprint learned.
+    pub fn new(settings: Vec<String>) -> Self {
+        Self {
+            settings: Arc::from(settings),
+            clean: Arc::default(),
+        }
+    }
+
+    /// The settings a fresh connection carries at session level.
+    pub fn settings(&self) -> &[String] {
+        &self.settings
+    }
+
+    /// How many fingerprints of clean sessions it holds.
+    pub fn clean_fingerprints(&self) -> usize {
+        self.clean().len()
+    }
+
+    /// Remembers the fingerprint the check before COMMIT returned among
+    /// `rows` (the closing query's), if it returned one.
+    pub fn learn_from(&self, rows: &[PgRow]) -> sqlx::Result<()> {
+        use sqlx::Column as _;
+        let returned = rows
+            .iter()
+            .find(|row| row.columns().first().map(|c| c.name()) == Some(CLEAN_COLUMN));
+        let Some(fingerprint) = returned.map(|row| row.try_get::<Option<String>, _>(0)) else {
+            return Ok(());
+        };
+        if let Some(fingerprint) = fingerprint? {
+            let mut clean = self.clean();
+            if !clean.contains(&fingerprint) {
+                if clean.len() == CLEAN_KEPT {
+                    clean.pop_front();
+                }
+                clean.push_back(fingerprint);
+            }
+        }
+        Ok(())
+    }
+
+    /// The fingerprints as a `text[]` literal.
+    fn clean_sql(&self) -> String {
+        text_array(self.clean().iter())
+    }
+
+    fn clean(&self) -> std::sync::MutexGuard<'_, VecDeque<String>> {
+        // Single pushes and pops cannot leave the queue inconsistent, so a
+        // poisoned lock is safe to reuse.
+        self.clean.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
 
 /// How much the check after COMMIT reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,42 +265,49 @@ fn host_scope_checked(check: Option<&str>) -> String {
 /// The `search_path` of the host's statements after a plugin's.
 const HOST_SEARCH_PATH: &str = "set local search_path = pg_catalog, pg_temp";
 
-/// What the check before COMMIT accepts at session level: what a fresh
-/// connection of the pool carries (`baseline`, `name=value`) and the
-/// plugin's own `SET LOCAL`s.
-pub fn allowed(baseline: &[String], plugin_local: &[String]) -> Vec<String> {
-    baseline.iter().chain(plugin_local).cloned().collect()
-}
-
 /// The in-transaction check of a run (raises `JH002`). `own` is the job's
 /// lock key (`None` for a session job's short transaction, which holds no
-/// advisory lock of its own); `plugin_local` the settings the plugin changed
-/// with `SET LOCAL` (the guard saw them).
-pub fn assert_clean_sql(own: Option<(i32, i32)>, plugin_local: &[String]) -> String {
+/// advisory lock of its own). It accepts at session level the host's own
+/// `SET LOCAL`s, what a fresh connection carries (`baseline`) and the
+/// settings the plugin changed with `SET LOCAL` (`plugin_local`: the guard
+/// saw them). Its fingerprint is taken only when `plugin_local` is empty: a
+/// plugin's `SET LOCAL` makes the values differ from any clean session's,
+/// and would teach the baseline a state with them.
+pub fn assert_clean_sql(
+    own: Option<(i32, i32)>,
+    baseline: &Baseline,
+    plugin_local: &[String],
+) -> String {
     let allowed = text_array(
         HOST_LOCAL_SETTINGS
             .iter()
             .copied()
+            .chain(baseline.settings().iter().map(String::as_str))
             .chain(plugin_local.iter().map(String::as_str)),
     );
-    assert_clean_call(own, &allowed)
-}
-
-/// `jobhost.assert_clean` with `allowed` as given (SQL: a `text[]`, or
-/// `null` for no settings read).
-fn assert_clean_call(own: Option<(i32, i32)>, allowed: &str) -> String {
+    let clean = match plugin_local.is_empty() {
+        true => baseline.clean_sql(),
+        false => "null".to_owned(),
+    };
     let (ns, key) = match own {
         Some((ns, key)) => (ns.to_string(), key.to_string()),
         None => ("null".into(), "null".into()),
     };
-    format!("select jobhost.assert_clean({ns}, {key}, {allowed}, {CALLER_SEARCH_PATH})")
+    format!(
+        "select jobhost.assert_clean({ns}, {key}, {allowed}, {CALLER_SEARCH_PATH}, {clean}) as {CLEAN_COLUMN}"
+    )
 }
 
 /// The closing statements of a session job's short transaction: the host's
 /// scope and the check (if a statement reached the connection: `touched`),
 /// the lock check (`lock_check`), COMMIT.
-pub fn commit_session_sql(touched: bool, plugin_local: &[String], lock_check: &str) -> String {
-    let check = touched.then(|| assert_clean_sql(None, plugin_local));
+pub fn commit_session_sql(
+    touched: bool,
+    baseline: &Baseline,
+    plugin_local: &[String],
+    lock_check: &str,
+) -> String {
+    let check = touched.then(|| assert_clean_sql(None, baseline, plugin_local));
     format!(
         "{};\n{lock_check};\ncommit",
         host_scope_checked(check.as_deref()),
@@ -219,30 +316,22 @@ pub fn commit_session_sql(touched: bool, plugin_local: &[String], lock_check: &s
 
 /// The closing statements of an `xact` run whose plugin succeeded: host scope,
 /// the check (only if a statement of the plugin's reached the connection:
-/// `touched`), the run's `ok` row (`record`, [`crate::db::record_sql`]),
-/// COMMIT.
+/// `touched`; see [`assert_clean_sql`]), the run's `ok` row (`record`,
+/// [`crate::db::record_sql`]), COMMIT.
 pub fn commit_ok_sql(
     job: &JobConfig,
     touched: bool,
+    baseline: &Baseline,
     plugin_local: &[String],
     record: &str,
 ) -> String {
     let key = job.lock_key;
-    let check = touched.then(|| assert_clean_sql(Some((key.namespace, key.key)), plugin_local));
+    let check =
+        touched.then(|| assert_clean_sql(Some((key.namespace, key.key)), baseline, plugin_local));
     format!(
         "{};\n{record};\ncommit",
         host_scope_checked(check.as_deref())
     )
-}
-
-/// [`commit_ok_sql`] for a run that sent SQL, its check before COMMIT
-/// without the `pg_settings` read: what the benchmark sets beside the full
-/// check, to show what that read costs (row 4′). Never a run's closing.
-#[cfg(feature = "bench")]
-pub fn commit_ok_sql_without_settings_read(job: &JobConfig, record: &str) -> String {
-    let key = job.lock_key;
-    let check = assert_clean_call(Some((key.namespace, key.key)), "null");
-    format!("{};\n{record};\ncommit", host_scope_checked(Some(&check)))
 }
 
 /// The closing statements of an `xact` run that failed: undo the plugin's

@@ -24,7 +24,7 @@
 use sqlx::pool::PoolConnection;
 
 use crate::config::Pooler;
-use crate::hygiene::AfterCommit;
+use crate::hygiene::{AfterCommit, Baseline};
 use crate::pools::Leased;
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Postgres, Row as _};
@@ -135,16 +135,17 @@ impl OpenTx {
     ///
     /// `check`: how much the check after COMMIT reads
     /// ([`AfterCommit`]; with `Skip` the connection is returned unchecked,
-    /// for transactions no plugin statement reached); `baseline`: the
-    /// session-level settings a fresh connection of the pool carries.
+    /// for transactions no plugin statement reached); `baseline`: what a
+    /// clean session of the pool is, which learns the fingerprint the check
+    /// before COMMIT returns, if `closing` holds one.
     pub async fn finish(
         &mut self,
         closing: &str,
         check: AfterCommit,
-        baseline: &[String],
+        baseline: &Baseline,
     ) -> sqlx::Result<Leftovers> {
         self.close_statements().await?;
-        let after_commit = crate::hygiene::after_commit_sql(check, baseline);
+        let after_commit = crate::hygiene::after_commit_sql(check, baseline.settings());
         let Some(conn) = self.conn() else {
             return Err(sqlx::Error::PoolClosed);
         };
@@ -159,6 +160,8 @@ impl OpenTx {
         let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
             .fetch_all(&mut *conn)
             .await?;
+        // The query got past its COMMIT, so the check before it passed.
+        baseline.learn_from(&rows)?;
         // The check after COMMIT is the last row (the reset after it returns
         // none). A connection with leftovers, or whose check cannot be read,
         // is closed.

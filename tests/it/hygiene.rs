@@ -221,6 +221,132 @@ async fn a_session_setting_changed_through_a_function_is_caught(pool: PgPool) {
     .await;
 }
 
+/// The check before COMMIT of `baseline`'s pool on `conn` (in a transaction
+/// with the host's own `SET LOCAL`): the fingerprint it returned (it read
+/// `pg_settings` and found nothing), which `baseline` learns; `Ok(None)`
+/// when it did not read them.
+async fn check_settings(
+    conn: &mut sqlx::PgConnection,
+    baseline: &jobhost::hygiene::Baseline,
+) -> Result<Option<String>, sqlx::Error> {
+    use sqlx::Row as _;
+    let sql = jobhost::hygiene::assert_clean_sql(None, baseline, &[]);
+    let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .fetch_all(&mut *conn)
+        .await?;
+    baseline.learn_from(&rows)?;
+    rows[0].try_get(0)
+}
+
+/// Reading `pg_settings` is most of what the check costs, so it is skipped
+/// when the values of every setting a session can change (and the caller's
+/// `search_path`) are those of a session the read found clean. Any value of
+/// its own that a plugin left at session level changes them: the read runs
+/// and names it.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn the_check_reads_settings_only_for_a_session_it_has_not_seen_clean(pool: PgPool) {
+    let baseline = jobhost::hygiene::Baseline::default();
+    let mut conn = pool.acquire().await.unwrap();
+    let begin = "begin; set local statement_timeout = 1234; set local application_name = 'run-1'";
+    sqlx::raw_sql(begin).execute(&mut *conn).await.unwrap();
+    let first = check_settings(&mut conn, &baseline).await.unwrap();
+    assert!(first.is_some(), "a pool's first check reads the settings");
+    assert_eq!(baseline.clean_fingerprints(), 1);
+    assert_eq!(
+        check_settings(&mut conn, &baseline).await.unwrap(),
+        None,
+        "the same session's settings are not read again"
+    );
+    sqlx::raw_sql("rollback").execute(&mut *conn).await.unwrap();
+
+    // Another run: its own timeout and name (the host's SET LOCALs) are not
+    // the session's.
+    let other = "begin; set local statement_timeout = 99; set local application_name = 'run-2'";
+    sqlx::raw_sql(other).execute(&mut *conn).await.unwrap();
+    assert_eq!(check_settings(&mut conn, &baseline).await.unwrap(), None);
+    // A value set at session level to what it already was changes nothing
+    // for the next job (and the reset after each run undoes it anyway).
+    sqlx::raw_sql("select set_config('work_mem', current_setting('work_mem'), false)")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(check_settings(&mut conn, &baseline).await.unwrap(), None);
+    // A value of its own is read and named.
+    sqlx::raw_sql("select set_config('work_mem', '7777kB', false)")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let e = check_settings(&mut conn, &baseline).await.unwrap_err();
+    assert_eq!(
+        jobhost::hygiene::leaked(&e).as_deref(),
+        Some("session_state_leaked: session settings work_mem"),
+        "{e}"
+    );
+    sqlx::raw_sql("rollback").execute(&mut *conn).await.unwrap();
+
+    // So is a search_path of its own, which is not among the watched settings
+    // but in the fingerprint as the caller's.
+    sqlx::raw_sql(begin).execute(&mut *conn).await.unwrap();
+    sqlx::raw_sql("select set_config('search_path', 'pg_temp, public', false)")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let e = check_settings(&mut conn, &baseline).await.unwrap_err();
+    assert!(
+        jobhost::hygiene::leaked(&e).is_some_and(|m| m.contains("search_path (pg_temp, public)")),
+        "{e}"
+    );
+    sqlx::raw_sql("rollback").execute(&mut *conn).await.unwrap();
+    assert_eq!(baseline.clean_fingerprints(), 1, "no leak was learned");
+}
+
+/// Clean runs of different jobs teach a runner one fingerprint; a job role
+/// whose sessions carry settings of their own (`ALTER ROLE ... SET`) costs
+/// one more read and one more fingerprint, and a plugin's change of that
+/// role's setting is still named.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_role_with_settings_of_its_own_learns_its_clean_state_and_its_leaks_are_named(
+    pool: PgPool,
+) {
+    let role = jobspace_and_role(&pool).await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "alter role \"{role}\" set work_mem = '8MB'"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (runner, one) = one_connection_runner(&pool).await;
+    let learned = || runner.session_baseline().clean_fingerprints();
+    for (n, name) in ["first", "second", "first"].into_iter().enumerate() {
+        let result = hostile_run(&runner, name, None, "select 1", n as i64).await;
+        finished(result, Outcome::Ok);
+    }
+    assert_eq!(learned(), 1, "clean runs of two jobs: one state");
+    for n in 10..12 {
+        let result = hostile_run(&runner, "as-role", Some(&role), "select 1", n).await;
+        finished(result, Outcome::Ok);
+    }
+    assert_eq!(learned(), 2, "the role's sessions: one state more");
+
+    let setup = "create function jobspace.wm() returns text language sql as $$ select set_config('work_mem', '16MB', false) $$";
+    finished(
+        hostile_run(&runner, "as-role", Some(&role), setup, 20).await,
+        Outcome::Ok,
+    );
+    let msg = finished(
+        hostile_run(&runner, "as-role", Some(&role), "select jobspace.wm()", 21).await,
+        Outcome::Error,
+    );
+    assert!(
+        msg.contains("session_state_leaked") && msg.contains("work_mem"),
+        "{msg}"
+    );
+    assert_eq!(learned(), 2);
+    one.close().await;
+    runner.run_pools().close_roles().await;
+    drop_role(&pool, &role).await;
+}
+
 /// A custom setting (`app.tenant`: the usual key of row-level security
 /// policies) is a placeholder that no view lists, `pg_settings` included, so
 /// no check can find one a plugin set at session level. The host resets
@@ -596,7 +722,10 @@ async fn a_finished_transaction_keeps_its_connection_until_dropped(pool: PgPool)
     let mut tx = OpenTx::begin(one.acquire().await.unwrap(), "", Pooler::None)
         .await
         .unwrap();
-    let left = tx.finish("commit", AfterCommit::Light, &[]).await.unwrap();
+    let left = tx
+        .finish("commit", AfterCommit::Light, &Default::default())
+        .await
+        .unwrap();
     assert_eq!(left, None);
     assert!(
         tx.conn().is_none(),
@@ -622,7 +751,10 @@ async fn a_finished_transaction_keeps_its_connection_until_dropped(pool: PgPool)
         .execute(&mut *conn)
         .await
         .unwrap();
-    let left = tx.finish("commit", AfterCommit::Light, &[]).await.unwrap();
+    let left = tx
+        .finish("commit", AfterCommit::Light, &Default::default())
+        .await
+        .unwrap();
     assert!(
         left.is_some_and(|l| l.contains("advisory")),
         "the check saw the lock"

@@ -131,7 +131,7 @@ pub struct Runner {
     in_flight: InFlight,
     /// Session settings a fresh connection carries (`name=value`), which the
     /// post-run check takes as the connection's own.
-    session_baseline: Arc<[String]>,
+    session_baseline: hygiene::Baseline,
     metrics: Arc<Metrics>,
     /// How to open a connection that is one real server session (for
     /// `session` locks); `None` behind a transaction pooler without a direct
@@ -159,7 +159,7 @@ impl Runner {
             abort: CancellationToken::new(),
             liveness: Liveness::default(),
             in_flight: InFlight::default(),
-            session_baseline: Arc::from(Vec::new()),
+            session_baseline: hygiene::Baseline::default(),
             metrics: Arc::default(),
             direct: Some((*pool.connect_options()).clone()),
             runs: crate::pools::RunPools::over(pool.clone()),
@@ -212,7 +212,7 @@ impl Runner {
     /// Settings a fresh connection of the pool already carries at session
     /// level (see [`db::Connected::session_baseline`]).
     pub fn with_session_baseline(mut self, baseline: Vec<String>) -> Self {
-        self.session_baseline = Arc::from(baseline);
+        self.session_baseline = hygiene::Baseline::new(baseline);
         self
     }
 
@@ -220,6 +220,12 @@ impl Runner {
     pub fn with_liveness(mut self, liveness: Liveness) -> Self {
         self.liveness = liveness;
         self
+    }
+
+    /// What this runner's checks take for a clean session (with the
+    /// fingerprints its runs taught it).
+    pub fn session_baseline(&self) -> &hygiene::Baseline {
+        &self.session_baseline
     }
 
     /// This runner's runs in flight (for the host heartbeat).
@@ -785,7 +791,8 @@ impl Runner {
             hygiene::commit_ok_sql(
                 &job.config,
                 touched,
-                &hygiene::allowed(&self.session_baseline, &local_settings),
+                &self.session_baseline,
+                &local_settings,
                 &row_sql,
             )
         } else {

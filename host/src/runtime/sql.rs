@@ -55,8 +55,8 @@ struct CommitRights {
     /// The first leak found by a commit's check, and whether it was found
     /// before the COMMIT (refusing it): the run is then an error.
     leaked: Arc<OnceLock<(String, bool)>>,
-    /// Session settings a fresh pooled connection carries (`name=value`).
-    session_baseline: Arc<[String]>,
+    /// What a clean session of the pool is.
+    session_baseline: hygiene::Baseline,
 }
 
 /// The connection that holds a session job's lock: key, backend pid and
@@ -79,8 +79,8 @@ pub struct TxScope {
     pub role: Option<String>,
     /// The run's timeout: no statement runs longer.
     pub timeout: std::time::Duration,
-    /// Session settings a fresh pooled connection carries (`name=value`).
-    pub session_baseline: Arc<[String]>,
+    /// What a clean session of the pool is.
+    pub session_baseline: hygiene::Baseline,
     /// What the pool leads to (see [`crate::config::Pooler`]).
     pub pooler: crate::config::Pooler,
 }
@@ -137,8 +137,9 @@ impl TxHandle {
             let baseline = self
                 .own_commit
                 .as_ref()
-                .map_or(&[][..], |rights| &rights.session_baseline[..]);
-            match tx.finish("rollback", check, baseline).await {
+                .map(|rights| rights.session_baseline.clone())
+                .unwrap_or_default();
+            match tx.finish("rollback", check, &baseline).await {
                 Ok(None) => {}
                 Ok(Some(left)) => self.report_leak(&left, false),
                 Err(e) => {
@@ -195,8 +196,12 @@ impl TxHandle {
             h.pid,
             crate::db::quote_literal(&h.backend_start.to_rfc3339()),
         );
-        let allowed = hygiene::allowed(&rights.session_baseline, &self.local_settings);
-        let closing = hygiene::commit_session_sql(self.touched, &allowed, &lock_check);
+        let closing = hygiene::commit_session_sql(
+            self.touched,
+            &rights.session_baseline,
+            &self.local_settings,
+            &lock_check,
+        );
         let Some(tx) = self.tx.as_mut() else {
             return Ok(Err(Error::ScopeClosed));
         };

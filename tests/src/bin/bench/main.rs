@@ -771,9 +771,10 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
 
     // 4′. The post-run verification (hygiene): the closing query of an `ok`
     // run with and without the session checks, alternating on one
-    // connection. Both are one round trip; the difference is the checks'
-    // server-side cost, which every run now pays.
-    let [check_with, check_unsettled, check_without] =
+    // connection, and the checks on a miss of their fingerprint (the full
+    // `pg_settings` read). All are one round trip; the difference is the
+    // checks' server-side cost, which every run that sent SQL pays.
+    let [check_with, check_missed, check_without] =
         hygiene_cost(&pool, &noop, s.rounds * s.per_round).await?;
 
     // 4″. A job with a role: its runs log in as the role (a pool of its own)
@@ -1013,9 +1014,9 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     );
     let _ = writeln!(
         md,
-        "| 4′ | closing query of an `ok` run whose plugin sent SQL, with the post-run session checks vs without (one round trip either way; a run that sent none is not checked), p50; the checks without their `pg_settings` read (not a run's closing: what that read costs) | {:.0} µs; without the settings read {:.0} µs | {:.0} µs | {:.2}× | cost shown (≈ {:.1} % of a native no-op run) | |",
+        "| 4′ | closing query of an `ok` run whose plugin sent SQL, with the post-run session checks vs without (one round trip either way; a run that sent none is not checked), p50; the checks when the settings' fingerprint is new to them (the full `pg_settings` read: a pool's first run, or after its sessions' settings changed) | {:.0} µs; on a new fingerprint {:.0} µs | {:.0} µs | {:.2}× | cost shown (≈ {:.1} % of a native no-op run) | |",
         us(check_with),
-        us(check_unsettled),
+        us(check_missed),
         us(check_without),
         check_with.as_secs_f64() / check_without.as_secs_f64(),
         100.0 * check_with.saturating_sub(check_without).as_secs_f64() / n_p50.as_secs_f64()
@@ -1188,10 +1189,11 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     Ok(md)
 }
 
-/// p50 of the closing query of an `ok` run: with the session checks, with
-/// them but without their `pg_settings` read, and without checks; `n` of
-/// each, alternating, each in a transaction holding the job's lock as a run
-/// does.
+/// p50 of the closing query of an `ok` run: with the session checks as a run
+/// sends them (the settings' fingerprint one the check saw pass: no
+/// `pg_settings` read), the same on a miss (a fingerprint it never saw: the
+/// read, as a pool's first run pays it), and without checks; `n` of each,
+/// alternating, each in a transaction holding the job's lock as a run does.
 async fn hygiene_cost(pool: &sqlx::PgPool, job: &Job, n: usize) -> anyhow::Result<[Duration; 3]> {
     use jobhost::hygiene;
     let mut conn = pool.acquire().await?;
@@ -1201,31 +1203,41 @@ async fn hygiene_cost(pool: &sqlx::PgPool, job: &Job, n: usize) -> anyhow::Resul
     let mut times: [Vec<Duration>; 3] = Default::default();
     let after_commit =
         || hygiene::after_commit_sql(hygiene::AfterCommit::Light, &[]).unwrap_or_default();
+    let learned = hygiene::Baseline::default();
     for i in 0..n as i64 {
-        // 0: the checks; 1: the checks without the settings read; 2: none.
+        // 0: the checks, fingerprint known; 1: a miss; 2: none.
         for (variant, taken) in times.iter_mut().enumerate() {
             let slot = base + chrono::TimeDelta::seconds(3 * i + variant as i64);
             let record = open_bench_run(&mut conn, key, slot).await?;
             let closing = match variant {
-                0 => format!(
-                    "{};\n{}",
-                    hygiene::commit_ok_sql(&job.config, true, &[], &record),
-                    after_commit()
-                ),
-                1 => format!(
-                    "{};\n{}",
-                    hygiene::commit_ok_sql_without_settings_read(&job.config, &record),
-                    after_commit()
-                ),
+                0 | 1 => {
+                    let baseline = match variant {
+                        0 => learned.clone(),
+                        _ => hygiene::Baseline::default(),
+                    };
+                    format!(
+                        "{};\n{}",
+                        hygiene::commit_ok_sql(&job.config, true, &baseline, &[], &record),
+                        after_commit()
+                    )
+                }
                 _ => format!("set local search_path = pg_catalog, pg_temp;\n{record};\ncommit"),
             };
             let t = Instant::now();
-            sqlx::raw_sql(sqlx::AssertSqlSafe(closing))
+            let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(closing))
                 .fetch_all(&mut *conn)
                 .await?;
             taken.push(t.elapsed());
+            if variant == 0 {
+                learned.learn_from(&rows)?;
+            }
         }
     }
+    anyhow::ensure!(
+        learned.clean_fingerprints() == 1,
+        "the check's fingerprint of one session changed between runs ({} learned)",
+        learned.clean_fingerprints()
+    );
     Ok(times.map(|t| stats(t).1))
 }
 
