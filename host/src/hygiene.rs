@@ -126,15 +126,21 @@ impl Baseline {
             return Ok(());
         };
         if let Some(fingerprint) = fingerprint? {
-            let mut clean = self.clean();
-            if !clean.contains(&fingerprint) {
-                if clean.len() == CLEAN_KEPT {
-                    clean.pop_front();
-                }
-                clean.push_back(fingerprint);
-            }
+            self.learn(fingerprint);
         }
         Ok(())
+    }
+
+    /// Remembers `fingerprint` as clean, forgetting the oldest beyond
+    /// [`CLEAN_KEPT`].
+    fn learn(&self, fingerprint: String) {
+        let mut clean = self.clean();
+        if !clean.contains(&fingerprint) {
+            if clean.len() == CLEAN_KEPT {
+                clean.pop_front();
+            }
+            clean.push_back(fingerprint);
+        }
     }
 
     /// The fingerprints as a `text[]` literal.
@@ -358,4 +364,41 @@ pub fn log_leak(job: &str, what: &str, before_commit: bool) {
 pub fn leaked(e: &sqlx::Error) -> Option<String> {
     let db = e.as_database_error()?;
     (db.code().as_deref() == Some(LEAKED_SQLSTATE)).then(|| db.message().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_baseline_keeps_the_last_fingerprints_once_each() {
+        let baseline = Baseline::new(vec!["TimeZone=UTC".into()]);
+        let shared = baseline.clone();
+        assert_eq!(baseline.clean_sql(), "array[]::text[]");
+        for i in 0..CLEAN_KEPT + 2 {
+            baseline.learn(format!("fp{i}"));
+            baseline.learn(format!("fp{i}"));
+        }
+        assert_eq!(shared.clean_fingerprints(), CLEAN_KEPT, "clones share them");
+        assert_eq!(
+            shared.clean_sql(),
+            "array[E'fp2', E'fp3', E'fp4', E'fp5', E'fp6', E'fp7', E'fp8', E'fp9']::text[]",
+            "the oldest went first"
+        );
+    }
+
+    #[test]
+    fn a_plugins_set_local_turns_the_fingerprint_off() {
+        let baseline = Baseline::new(vec!["TimeZone=UTC".into()]);
+        baseline.learn("abc".into());
+        let fast = assert_clean_sql(Some((1, 2)), &baseline, &[]);
+        assert!(
+            fast.ends_with(", array[E'abc']::text[]) as clean_settings"),
+            "{fast}"
+        );
+        assert!(fast.contains("E'TimeZone=UTC'") && fast.contains("E'statement_timeout'"));
+        let read = assert_clean_sql(Some((1, 2)), &baseline, &["work_mem".into()]);
+        assert!(read.ends_with(", null) as clean_settings"), "{read}");
+        assert!(read.contains("E'work_mem'"), "{read}");
+    }
 }

@@ -130,7 +130,8 @@ pub struct Runner {
     liveness: Liveness,
     in_flight: InFlight,
     /// Session settings a fresh connection carries (`name=value`), which the
-    /// post-run check takes as the connection's own.
+    /// post-run check takes as the connection's own, and the fingerprints of
+    /// the settings of sessions the check found clean.
     session_baseline: hygiene::Baseline,
     metrics: Arc<Metrics>,
     /// How to open a connection that is one real server session (for
