@@ -135,12 +135,24 @@ impl Baseline {
     /// [`CLEAN_KEPT`].
     fn learn(&self, fingerprint: String) {
         let mut clean = self.clean();
-        if !clean.contains(&fingerprint) {
-            if clean.len() == CLEAN_KEPT {
-                clean.pop_front();
-            }
-            clean.push_back(fingerprint);
+        if clean.contains(&fingerprint) {
+            return;
         }
+        if clean.len() == CLEAN_KEPT {
+            // More states than kept: some of them cost the read again each
+            // time they come back. Worth knowing when the check's cost grows.
+            tracing::info!(
+                kept = CLEAN_KEPT,
+                "the post-run session check met more distinct clean settings states than it keeps; it forgets the oldest and reads pg_settings again when that one returns"
+            );
+            clean.pop_front();
+        } else {
+            tracing::debug!(
+                kept = clean.len() + 1,
+                "the post-run session check learned a clean settings state"
+            );
+        }
+        clean.push_back(fingerprint);
     }
 
     /// The fingerprints as a `text[]` literal.
