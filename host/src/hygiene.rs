@@ -87,14 +87,33 @@ pub const LOCK_GONE_SQLSTATE: &str = "JH001";
 pub struct Baseline {
     settings: Arc<[String]>,
     clean: Arc<Mutex<VecDeque<String>>>,
+    counters: Option<CheckCounters>,
+}
+
+/// How the checks that passed verified the settings: by a fingerprint seen
+/// clean, or by reading `pg_settings` (a new state, or a plugin's `SET
+/// LOCAL`); see [`crate::metrics::Metrics::settings_checks`]. A hit rate
+/// that falls says the host keeps meeting new states (more role pools than
+/// [`CLEAN_KEPT`], settings that differ per connection) and pays the read.
+#[derive(Debug, Clone)]
+pub struct CheckCounters {
+    /// Checks that skipped the read.
+    pub fingerprint: prometheus_client::metrics::counter::Counter,
+    /// Checks that read `pg_settings`.
+    pub read: prometheus_client::metrics::counter::Counter,
 }
 
 /// How many fingerprints of clean sessions a [`Baseline`] keeps (the oldest
 /// goes first): enough for a host's role pools, each usually one state.
 pub const CLEAN_KEPT: usize = 8;
 
-/// The column of the check before COMMIT that carries a fingerprint to learn.
+/// The column of the check before COMMIT when it was given fingerprints: the
+/// fingerprint to learn if it read `pg_settings`, null if it did not.
 const CLEAN_COLUMN: &str = "clean_settings";
+
+/// The column of the check before COMMIT when it was given none (the plugin
+/// used `SET LOCAL`): it read `pg_settings`.
+const READ_COLUMN: &str = "settings_read";
 
 impl Baseline {
     /// A baseline of `settings` (`name=value`), with no fingerprint learned.
@@ -102,7 +121,14 @@ impl Baseline {
         Self {
             settings: Arc::from(settings),
             clean: Arc::default(),
+            counters: None,
         }
+    }
+
+    /// The same, counting its checks into `counters`.
+    pub fn counting(mut self, counters: CheckCounters) -> Self {
+        self.counters = Some(counters);
+        self
     }
 
     /// The settings a fresh connection carries at session level.
@@ -116,16 +142,28 @@ impl Baseline {
     }
 
     /// Remembers the fingerprint the check before COMMIT returned among
-    /// `rows` (the closing query's), if it returned one.
+    /// `rows` (the closing query's, which passed it), if it returned one,
+    /// and counts how the check verified the settings.
     pub fn learn_from(&self, rows: &[PgRow]) -> sqlx::Result<()> {
         use sqlx::Column as _;
-        let returned = rows
-            .iter()
-            .find(|row| row.columns().first().map(|c| c.name()) == Some(CLEAN_COLUMN));
-        let Some(fingerprint) = returned.map(|row| row.try_get::<Option<String>, _>(0)) else {
+        let check = rows.iter().find_map(|row| {
+            let column = row.columns().first()?.name();
+            [CLEAN_COLUMN, READ_COLUMN]
+                .contains(&column)
+                .then(|| (column == CLEAN_COLUMN, row))
+        });
+        let Some((fingerprinted, row)) = check else {
             return Ok(());
         };
-        if let Some(fingerprint) = fingerprint? {
+        let fingerprint: Option<String> = row.try_get(0)?;
+        let read = !fingerprinted || fingerprint.is_some();
+        if let Some(counters) = &self.counters {
+            match read {
+                true => counters.read.inc(),
+                false => counters.fingerprint.inc(),
+            };
+        }
+        if let Some(fingerprint) = fingerprint {
             self.learn(fingerprint);
         }
         Ok(())
@@ -303,16 +341,16 @@ pub fn assert_clean_sql(
             .chain(baseline.settings().iter().map(String::as_str))
             .chain(plugin_local.iter().map(String::as_str)),
     );
-    let clean = match plugin_local.is_empty() {
-        true => baseline.clean_sql(),
-        false => "null".to_owned(),
+    let (clean, column) = match plugin_local.is_empty() {
+        true => (baseline.clean_sql(), CLEAN_COLUMN),
+        false => ("null".to_owned(), READ_COLUMN),
     };
     let (ns, key) = match own {
         Some((ns, key)) => (ns.to_string(), key.to_string()),
         None => ("null".into(), "null".into()),
     };
     format!(
-        "select jobhost.assert_clean({ns}, {key}, {allowed}, {CALLER_SEARCH_PATH}, {clean}) as {CLEAN_COLUMN}"
+        "select jobhost.assert_clean({ns}, {key}, {allowed}, {CALLER_SEARCH_PATH}, {clean}) as {column}"
     )
 }
 
@@ -410,7 +448,7 @@ mod tests {
         );
         assert!(fast.contains("E'TimeZone=UTC'") && fast.contains("E'statement_timeout'"));
         let read = assert_clean_sql(Some((1, 2)), &baseline, &["work_mem".into()]);
-        assert!(read.ends_with(", null) as clean_settings"), "{read}");
+        assert!(read.ends_with(", null) as settings_read"), "{read}");
         assert!(read.contains("E'work_mem'"), "{read}");
     }
 }

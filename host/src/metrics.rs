@@ -13,6 +13,7 @@
 //! | `jobhost_start_lag_seconds` (slot → lock granted) | histogram | `job` |
 //! | `jobhost_skips_total` | counter | `job`, `reason` (`lock_busy`, `already_done`, `not_due`, `backing_off`, `exhausted`, `paused`) |
 //! | `jobhost_session_leaks_total` (a plugin left state on its connection: `session_state_leaked`) | counter | `job`, `found` (`before_commit`, `after_commit`) |
+//! | `jobhost_session_check_settings_total` (checks before COMMIT that passed, by how they verified the settings: a state seen clean, or the `pg_settings` read) | counter | `settings` (`fingerprint`, `read`) |
 //! | `jobhost_runs_in_flight` | gauge | |
 //! | `jobhost_plugin_loads_total` | counter | `result` (`ok`, `error`) |
 //! | `jobhost_reloads_total` | counter | `result` (`applied`, `rejected`) |
@@ -54,6 +55,11 @@ struct JobFound {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SettingsLabel {
+    settings: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: String,
 }
@@ -73,6 +79,7 @@ pub struct Metrics {
     start_lag: Histograms,
     skips: Family<JobReason, Counter>,
     leaks: Family<JobFound, Counter>,
+    settings_checks: Family<SettingsLabel, Counter>,
     in_flight: Gauge,
     plugin_loads: Family<ResultLabel, Counter>,
     reloads: Family<ResultLabel, Counter>,
@@ -130,6 +137,12 @@ impl Metrics {
             "Runs whose plugin left state on its connection, by job and when the check found it",
             leaks.clone(),
         );
+        let settings_checks = Family::<SettingsLabel, Counter>::default();
+        registry.register(
+            "session_check_settings",
+            "Session checks before COMMIT that passed, by how they verified the settings: `fingerprint` (a state seen clean, no pg_settings read) or `read`",
+            settings_checks.clone(),
+        );
         let in_flight = Gauge::default();
         registry.register(
             "runs_in_flight",
@@ -163,6 +176,7 @@ impl Metrics {
             start_lag,
             skips,
             leaks,
+            settings_checks,
             in_flight,
             plugin_loads,
             reloads,
@@ -201,6 +215,22 @@ impl Metrics {
                 reason: reason.to_owned(),
             })
             .inc();
+    }
+
+    /// The counters of the checks' two ways to verify a session's settings,
+    /// for the [`Baseline`](crate::hygiene::Baseline) that tells them apart.
+    pub fn settings_checks(&self) -> crate::hygiene::CheckCounters {
+        let counter = |settings: &str| {
+            self.settings_checks
+                .get_or_create(&SettingsLabel {
+                    settings: settings.to_owned(),
+                })
+                .clone()
+        };
+        crate::hygiene::CheckCounters {
+            fingerprint: counter("fingerprint"),
+            read: counter("read"),
+        }
     }
 
     /// Counts a run whose plugin left state on its connection

@@ -315,7 +315,7 @@ async fn a_role_with_settings_of_its_own_learns_its_clean_state_and_its_leaks_ar
     .execute(&pool)
     .await
     .unwrap();
-    let (runner, one) = one_connection_runner(&pool).await;
+    let (runner, one, metrics) = counted_runner(&pool).await;
     let learned = || runner.session_baseline().clean_fingerprints();
     for (n, name) in ["first", "second", "first"].into_iter().enumerate() {
         let result = hostile_run(&runner, name, None, "select 1", n as i64).await;
@@ -342,6 +342,14 @@ async fn a_role_with_settings_of_its_own_learns_its_clean_state_and_its_leaks_ar
         "{msg}"
     );
     assert_eq!(learned(), 2);
+    // The checks that passed: two reads (one per state), four skipped.
+    let text = metrics.encode();
+    for line in [
+        "jobhost_session_check_settings_total{settings=\"read\"} 2",
+        "jobhost_session_check_settings_total{settings=\"fingerprint\"} 4",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in {text}");
+    }
     one.close().await;
     runner.run_pools().close_roles().await;
     drop_role(&pool, &role).await;

@@ -206,6 +206,7 @@ impl Runner {
 
     /// Records into `metrics` (the host's, served at `/metrics`).
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.session_baseline = self.session_baseline.counting(metrics.settings_checks());
         self.metrics = metrics;
         self
     }
@@ -213,7 +214,8 @@ impl Runner {
     /// Settings a fresh connection of the pool already carries at session
     /// level (see [`db::Connected::session_baseline`]).
     pub fn with_session_baseline(mut self, baseline: Vec<String>) -> Self {
-        self.session_baseline = hygiene::Baseline::new(baseline);
+        self.session_baseline =
+            hygiene::Baseline::new(baseline).counting(self.metrics.settings_checks());
         self
     }
 
