@@ -20,7 +20,8 @@
 //! - [`tx`]: the transaction a run opens by hand: deadline in its `BEGIN`,
 //!   verified end, never reused after an interruption.
 //! - [`hygiene`]: the proof after every run that the connection carries
-//!   nothing into its next use (locks, settings, temporary objects).
+//!   nothing into its next use (locks, settings, temporary objects), and
+//!   the clean settings states it learns so as to skip the dear read.
 //! - [`hosts`]: host liveness (the `jobhost.hosts` heartbeat) that decides
 //!   whose runs in flight are lost and which lock holders are alive.
 //! - [`in_flight`]: this host's runs in flight, published in batches into
