@@ -104,6 +104,30 @@ fn rendezvous(job: &str, host: &str) -> u64 {
     u64::from_be_bytes(digest[..8].try_into().unwrap_or([0; 8]))
 }
 
+/// Makes this host live once its plugins are loaded: registers it
+/// ([`register`]), then claims its job roles again ([`crate::roles::Admitted::renew`]).
+/// From here on its claims are its own to keep: written back if a peer reaped
+/// them while the plugins loaded (a load slower than `host-lost-after`: a
+/// cold compile, a busy machine; a run would otherwise be refused its role at
+/// its gate), and the claims of a previous process with this host id that it
+/// no longer runs deleted. A host's start and `run-now` both go through it.
+pub async fn go_live(
+    pool: &PgPool,
+    host_id: &str,
+    listens: bool,
+    reload_seen: i64,
+    admitted: &crate::roles::Admitted,
+    lost_after: Duration,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    register(pool, host_id, listens, reload_seen)
+        .await
+        .with_context(|| format!("cannot register host `{host_id}` in jobhost.hosts"))?;
+    admitted.renew(pool, lost_after).await.with_context(|| {
+        format!("cannot claim the job roles of host `{host_id}` in jobhost.job_roles")
+    })
+}
+
 /// Registers (or re-registers) this host as alive; `listens` says whether it
 /// hears `NOTIFY jobhost_reload` (it has a direct connection) or only polls
 /// reload requests at each heartbeat; `reload_seen` is the latest reload

@@ -209,27 +209,15 @@ pub async fn run(
     if let Err(e) = published::report(&pool, &options.host_id, &config, &jobs, None).await {
         tracing::warn!(error = %e, "cannot record the published plugin versions this host runs");
     }
-    hosts::register(&pool, &options.host_id, direct.is_some(), reload_seen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot register host `{}` in jobhost.hosts",
-                options.host_id
-            )
-        })?;
-    // Live from here on, this host's claims are its own to keep: written
-    // back if another host reaped them while the plugins loaded (a start
-    // slower than `host-lost-after`), and the claims of a previous process
-    // with this host id that it no longer runs deleted.
-    admitted
-        .renew(&pool, config.host.liveness.lost_after)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot claim the job roles of host `{}` in jobhost.job_roles",
-                options.host_id
-            )
-        })?;
+    hosts::go_live(
+        &pool,
+        &options.host_id,
+        direct.is_some(),
+        reload_seen,
+        &admitted,
+        config.host.liveness.lost_after,
+    )
+    .await?;
     let metrics = Arc::new(metrics::Metrics::new());
     let live = hosts::LiveHosts::new(config.host.fleet_defer);
     let runner = Runner::new(pool.clone(), runtime.clone(), &options.host_id)

@@ -54,21 +54,15 @@ pub async fn run_now(
     let admitted = crate::roles::Admitted::new(&options.host_id);
     admitted.admit(&runs, &only.jobs).await?;
     let loaded = jobset::load(&runtime, &only, &[], None).await?;
-    hosts::register(&pool, &options.host_id, false, 0)
-        .await
-        .with_context(|| format!("cannot register host `{}`", options.host_id))?;
-    // Live from here on: the claims a peer reaped while the plugin loaded (a
-    // load slower than `host-lost-after`: a cold compile, a busy machine)
-    // are written back, or the run would be refused its role at its gate.
-    admitted
-        .renew(&pool, config.host.liveness.lost_after)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot claim the job roles of host `{}` in jobhost.job_roles",
-                options.host_id
-            )
-        })?;
+    hosts::go_live(
+        &pool,
+        &options.host_id,
+        false,
+        0,
+        &admitted,
+        config.host.liveness.lost_after,
+    )
+    .await?;
     let runner = Runner::new(pool.clone(), runtime, &options.host_id)
         .with_connections(direct, config.host.pooler)
         .with_run_pools(runs.clone())
