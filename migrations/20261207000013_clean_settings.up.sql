@@ -50,8 +50,10 @@ as $$
                               'transaction_read_only', 'transaction_deferrable')
     ),
     gone as (
+        -- Names only: a row whose context changed is updated below, and one
+        -- statement must not touch a row twice.
         delete from jobhost.watched_settings w
-         where (w.name, w.context) not in (select name, context from wanted)
+         where w.name not in (select name from wanted)
     )
     insert into jobhost.watched_settings (name, context)
     select name, context from wanted
