@@ -71,7 +71,12 @@ begin
             null;
         end;
         -- A role made by an earlier version of this file could not log in.
-        execute format('alter role %I login', r);
+        -- Altered only then: two setups altering the same role at once fail
+        -- with "tuple concurrently updated" (roles are shared by every
+        -- database, and the tests set several up at once).
+        if not exists (select 1 from pg_roles where rolname = r and rolcanlogin) then
+            execute format('alter role %I login', r);
+        end if;
     end loop;
 end $$;
 grant usage on schema demo to jobhost_demo_hash, jobhost_demo_drip, jobhost_demo_retention,

@@ -151,3 +151,45 @@ async fn db_retention_deletes_rows_past_each_window(pool: PgPool) {
         assert_eq!(n, kept, "demo.{table}");
     }
 }
+
+/// The demo's roles are shared by every database of the cluster, and the
+/// tests set up the demo schema in several databases at once. Setting it up
+/// concurrently never fails: altering the same role twice at once made
+/// Postgres refuse one with "tuple concurrently updated" (a test failed so).
+#[sqlx::test]
+async fn the_demo_schema_sets_up_in_several_databases_at_once(pool: PgPool) {
+    let db: String = sqlx::query_scalar("select current_database()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let mut pools = vec![pool.clone()];
+    // Test databases' names are long; these keep their tail (unique per test).
+    let names: Vec<String> = (1..4)
+        .map(|i| format!("jhdemo_{}_{i}", &db[db.len().saturating_sub(16)..]))
+        .collect();
+    for name in &names {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("create database \"{name}\"")))
+            .execute(&pool)
+            .await
+            .unwrap();
+        let url = jobhost_tests::with_database(&std::env::var("DATABASE_URL").unwrap(), name);
+        pools.push(PgPool::connect(&url).await.unwrap());
+    }
+    let setups = pools.iter().map(|p| async move {
+        for _ in 0..15 {
+            jobhost::demo::create_tables(p).await?;
+        }
+        Ok::<_, sqlx::Error>(())
+    });
+    let done = futures_util::future::join_all(setups).await;
+    for (p, name) in pools.into_iter().skip(1).zip(&names) {
+        p.close().await;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("drop database \"{name}\"")))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    for result in done {
+        result.unwrap();
+    }
+}
