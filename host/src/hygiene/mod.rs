@@ -127,7 +127,7 @@ fn leftovers_sql(check: AfterCommit, baseline: &[String]) -> Option<String> {
 }
 
 /// `items` as a `text[]` literal.
-pub(crate) fn text_array<S: AsRef<str>>(items: impl IntoIterator<Item = S>) -> String {
+fn text_array<S: AsRef<str>>(items: impl IntoIterator<Item = S>) -> String {
     let quoted: Vec<String> = items
         .into_iter()
         .map(|s| quote_literal(s.as_ref()))
