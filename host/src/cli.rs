@@ -68,14 +68,7 @@ pub struct Cli {
     command: Option<Command>,
 }
 
-/// How the host writes its log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per event.
-    Json,
-}
+pub use crate::logging::LogFormat;
 
 #[derive(Debug, Subcommand)]
 enum Command {
@@ -168,7 +161,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
     };
-    init_logging(cli.log_format);
+    let _logging = init_logging(cli.log_format, cli.runs_scheduler());
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -185,22 +178,32 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// The process's tracing subscriber, in `format`. `RUST_LOG` filters (default
-/// `info,sqlx=warn`).
-pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,sqlx=warn".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Text => builder.init(),
-        // The run's span carries job, slot, host, lock key and run id; the
-        // event's own fields are flattened beside them.
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .init(),
+/// The process's log ([`crate::logging`]): written by a thread of its own
+/// for the scheduler (`run`, the default command), whose runs must not wait
+/// for stdout; directly for the commands that print and exit. Keep the
+/// returned [`Logging`](crate::logging::Logging) until the process exits.
+pub fn init_logging(format: LogFormat, scheduler: bool) -> crate::logging::Logging {
+    use crate::logging::Writer;
+    crate::logging::init(
+        format,
+        if scheduler {
+            Writer::Background
+        } else {
+            Writer::Direct
+        },
+    )
+}
+
+/// Whether `args` (as the binary gets them, without its own name) run the
+/// scheduler: no command, or `run`.
+pub fn runs_scheduler(args: &[String]) -> bool {
+    Cli::try_parse_from(std::iter::once("jobhost").chain(args.iter().map(String::as_str)))
+        .is_ok_and(|cli| cli.runs_scheduler())
+}
+
+impl Cli {
+    fn runs_scheduler(&self) -> bool {
+        matches!(self.command, None | Some(Command::Run))
     }
 }
 

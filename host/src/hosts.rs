@@ -281,6 +281,7 @@ pub async fn heartbeat(h: Heartbeat, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(liveness.heartbeat) => {}
         }
+        crate::logging::report_dropped();
         match beat(&pool, &host_id, reload_seen, liveness.lost_after).await {
             Ok(beat) => {
                 live.set(beat.live.clone());

@@ -57,6 +57,8 @@
 //!   a stop or when their host is not live).
 //! - [`inspect`]: `status` and `locks` for operators (what they look at).
 //! - [`metrics`]: the host's Prometheus metrics.
+//! - [`logging`]: the process's log, written off the runs' threads (a
+//!   stalled stdout drops and counts lines instead of stopping the host).
 //! - [`serve`]: `[host] listen`: `/metrics`, `/healthz`, the read-only
 //!   dashboard.
 //! - [`operate`]: `run-now`, `history`, `pause`/`resume` (what they do).
@@ -86,6 +88,7 @@ pub mod in_flight;
 pub mod inspect;
 pub mod jobset;
 pub mod lock;
+pub mod logging;
 pub mod metrics;
 pub mod operate;
 pub mod pools;

@@ -19,7 +19,9 @@
 //! | `jobhost_reloads_total` | counter | `result` (`applied`, `rejected`) |
 //! | `jobhost_stuck_locks` | gauge (counted by the stuck-lock watch each heartbeat) | |
 //! | `jobhost_pool_connections` | gauge (read at scrape) | `state` (`in_use`, `idle`) |
+//! | `jobhost_log_lines_dropped` (log lines dropped because stdout was not read fast enough: [`crate::logging`]) | counter (read at scrape) | |
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -85,6 +87,9 @@ pub struct Metrics {
     reloads: Family<ResultLabel, Counter>,
     stuck_locks: Gauge,
     pool_connections: Family<StateLabel, Gauge>,
+    log_lines_dropped: Counter,
+    /// The dropped lines already counted into `log_lines_dropped`.
+    log_lines_counted: AtomicU64,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -169,6 +174,12 @@ impl Metrics {
             "The host pool's connections by state, read at scrape",
             pool_connections.clone(),
         );
+        let log_lines_dropped = Counter::default();
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped because stdout was not read as fast as the host wrote them (the runs did not wait), read at scrape",
+            log_lines_dropped.clone(),
+        );
         Self {
             registry,
             runs,
@@ -182,6 +193,8 @@ impl Metrics {
             reloads,
             stuck_locks,
             pool_connections,
+            log_lines_dropped,
+            log_lines_counted: AtomicU64::new(0),
         }
     }
 
@@ -291,6 +304,16 @@ impl Metrics {
                 })
                 .set(n);
         }
+        self.count_dropped_log_lines(crate::logging::dropped_lines());
+    }
+
+    /// Brings `jobhost_log_lines_dropped_total` up to `dropped` (the writer's
+    /// own count; concurrent scrapes add each line once).
+    fn count_dropped_log_lines(&self, dropped: u64) {
+        let counted = self.log_lines_counted.fetch_max(dropped, Ordering::Relaxed);
+        if dropped > counted {
+            self.log_lines_dropped.inc_by(dropped - counted);
+        }
     }
 
     /// Sets the number of STUCK locks last seen.
@@ -304,5 +327,28 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The writer's count is read at each scrape: each dropped line is counted
+    /// once, whatever order two scrapes read it in.
+    #[test]
+    fn dropped_log_lines_are_counted_once() {
+        let m = Metrics::new();
+        m.count_dropped_log_lines(5);
+        m.count_dropped_log_lines(7);
+        // A scrape that read the count before the last one finishes after it.
+        m.count_dropped_log_lines(6);
+        m.count_dropped_log_lines(7);
+        assert_eq!(m.log_lines_dropped.get(), 7);
+        assert!(
+            m.encode().contains("jobhost_log_lines_dropped_total 7"),
+            "{}",
+            m.encode()
+        );
     }
 }

@@ -15,24 +15,6 @@ use sqlx::{Connection as _, PgPool};
 
 use crate::support::*;
 
-/// `GET path` on loopback; (status line, body).
-async fn get(port: u16, path: &str) -> (String, String) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    (
-        head.lines().next().unwrap_or_default().to_owned(),
-        body.to_owned(),
-    )
-}
-
 /// Runs headless Chromium with `args` on `url`, bounded in time; its stdout.
 /// Awaited, not blocked on: the host serving the page runs on this test's
 /// (single-threaded) runtime.
@@ -132,10 +114,10 @@ async fn metrics_health_and_a_read_only_dashboard_in_a_real_browser(pool: PgPool
     );
 
     // /healthz and /metrics.
-    let (status, body) = get(port, "/healthz").await;
+    let (status, body) = http_get(port, "/healthz").await;
     assert!(status.contains("200"), "{status} {body}");
     assert!(body.contains("2 job(s) loaded"), "{body}");
-    let (status, metrics) = get(port, "/metrics").await;
+    let (status, metrics) = http_get(port, "/metrics").await;
     assert!(status.contains("200"), "{status}");
     for needle in [
         "jobhost_runs_total{job=\"tick\",outcome=\"ok\"}",
@@ -151,7 +133,7 @@ async fn metrics_health_and_a_read_only_dashboard_in_a_real_browser(pool: PgPool
     }
     // A paused job's slots are skips, counted by reason.
     wait_for(Duration::from_secs(10), "a paused skip", || async {
-        get(port, "/metrics")
+        http_get(port, "/metrics")
             .await
             .1
             .contains("jobhost_skips_total{job=\"failing\",reason=\"paused\"}")

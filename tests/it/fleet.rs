@@ -29,11 +29,14 @@ fn host_process() {
     let json = args
         .windows(2)
         .any(|w| w[0] == "--log-format" && w[1] == "json");
-    jobhost::cli::init_logging(if json {
-        jobhost::cli::LogFormat::Json
-    } else {
-        jobhost::cli::LogFormat::Text
-    });
+    let logging = jobhost::cli::init_logging(
+        if json {
+            jobhost::cli::LogFormat::Json
+        } else {
+            jobhost::cli::LogFormat::Text
+        },
+        jobhost::cli::runs_scheduler(&args),
+    );
     let rt = tokio::runtime::Runtime::new().unwrap();
     let code = rt.block_on(jobhost::cli::run_cli(
         std::iter::once("jobhost".to_string())
@@ -49,7 +52,25 @@ fn host_process() {
             1
         }
     };
+    // What the log's writer thread holds is written before the exit, which
+    // runs no destructors.
+    drop(rt);
+    drop(logging);
     std::process::exit(code);
+}
+
+/// A host's arguments: `dir/jobs.toml`, the database, the host id, `extra`.
+fn host_args(dir: &Path, url: &str, host_id: &str, extra: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "--config".to_string(),
+        dir.join("jobs.toml").display().to_string(),
+        "--database-url".into(),
+        url.into(),
+        "--host-id".into(),
+        host_id.into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
 }
 
 /// This test binary, to be re-executed as `jobhost args…` ([`host_process`]).
@@ -74,25 +95,32 @@ pub(crate) struct Host {
 }
 
 impl Host {
+    /// A host of `dir/jobs.toml` whose log goes to `dir/<host_id>.log`.
     pub(crate) fn spawn(dir: &Path, url: &str, host_id: &str, extra: &[&str]) -> Host {
-        let mut args = vec![
-            "--config".to_string(),
-            dir.join("jobs.toml").display().to_string(),
-            "--database-url".into(),
-            url.into(),
-            "--host-id".into(),
-            host_id.into(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
         let log = dir.join(format!("{host_id}.log"));
         let out = std::fs::File::create(&log).unwrap();
-        let child = host_command(&args)
+        let child = host_command(&host_args(dir, url, host_id, extra))
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
             .unwrap();
         Host { child, log }
+    }
+
+    /// A host whose stdout and stderr are one pipe, returned unread: its
+    /// writes block once the pipe is full, as they do when whatever collects
+    /// a host's log stalls.
+    fn spawn_unread(dir: &Path, url: &str, host_id: &str) -> (Host, std::io::PipeReader) {
+        let (reader, writer) = std::io::pipe().unwrap();
+        let child = host_command(&host_args(dir, url, host_id, &[]))
+            .stdin(Stdio::null())
+            .stdout(writer.try_clone().unwrap())
+            .stderr(writer)
+            .spawn()
+            .unwrap();
+        let log = dir.join(format!("{host_id}.log"));
+        (Host { child, log }, reader)
     }
 
     fn signal(&self, sig: &str) {
@@ -1039,4 +1067,115 @@ async fn status_shows_runs_in_flight_from_their_hosts_publication(pool: PgPool) 
         0
     );
     assert_eq!(runs(&pool, "sleeper").await.len(), 2);
+}
+
+/// A host whose log nobody reads keeps running its jobs: stdout is a pipe
+/// that fills, and the log's writer thread, not the runs, waits on it. What
+/// it cannot queue it drops and counts (`jobhost_log_lines_dropped_total`),
+/// and once the log is read again it says how many lines it lost. (Before,
+/// every run blocked on its first log line after the pipe filled, with its
+/// transaction open and its lock held, and so did the heartbeat.)
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_host_whose_log_is_not_read_keeps_running_its_jobs(pool: PgPool) {
+    let url = database_url(&pool).await;
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("jobhost-fleet-unread-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Three jobs that print their whole output cap (64 KiB, ~650 lines) at
+    // each run: the pipe (64 KiB) is full after the first run, and the
+    // writer's queue a few seconds later.
+    let jobs: String = (0..3)
+        .map(|i| {
+            format!(
+                "[[job]]\nname = \"chatty-{i}\"\nplugin = {:?}\nevery = \"200ms\"\ntimeout = \"5s\"\n[job.config]\nmode = \"chatty\"\n\n",
+                guests::TEST_CORE_PROBE
+            )
+        })
+        .collect();
+    std::fs::write(
+        dir.join("jobs.toml"),
+        format!(
+            "[host]\nlisten = \"127.0.0.1:{port}\"\nwatch = false\nshutdown-grace = \"10s\"\nheartbeat = \"200ms\"\nhost-lost-after = \"2s\"\n\n{jobs}"
+        ),
+    )
+    .unwrap();
+    let ok_runs = || async {
+        count(
+            &pool,
+            "select count(*) from jobhost.runs where outcome = 'ok'",
+        )
+        .await
+    };
+    let (host, log) = Host::spawn_unread(&dir, &url, "unread");
+    let dropped = |metrics: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("jobhost_log_lines_dropped_total "))
+            .map_or(0, |n| n.trim().parse().unwrap())
+    };
+    // A host that blocks on its log stops answering too: each scrape is
+    // bounded, so that the old behaviour fails here rather than hangs.
+    let scrape = || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        let (status, metrics) =
+            tokio::time::timeout(Duration::from_secs(2), http_get(port, "/metrics"))
+                .await
+                .ok()?;
+        assert!(status.contains("200"), "{status}");
+        Some(dropped(&metrics))
+    };
+    // Each run logs ~100 KiB: 30 runs are far more than the pipe holds.
+    wait_for(
+        Duration::from_secs(60),
+        "30 runs while the log is not read",
+        || async { ok_runs().await >= 30 },
+    )
+    .await;
+    let seen = wait_for_some(Duration::from_secs(30), "log lines dropped", || async {
+        scrape().await.filter(|&n| n > 0)
+    })
+    .await;
+    // And they go on.
+    let before = ok_runs().await;
+    wait_for(
+        Duration::from_secs(30),
+        "runs while the log is full",
+        || async { ok_runs().await >= before + 10 },
+    )
+    .await;
+    let now = scrape().await.expect("the host answers /metrics");
+    assert!(now > seen, "dropped {seen}, then {now}");
+    let failed = count(
+        &pool,
+        "select count(*) from jobhost.runs where outcome <> 'ok'",
+    )
+    .await;
+    assert_eq!(failed, 0, "every run succeeded");
+
+    // The log read again: it says what it lost.
+    let read = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reading = read.clone();
+    std::thread::spawn(move || {
+        use std::io::Read as _;
+        let mut log = log;
+        let mut chunk = [0u8; 64 * 1024];
+        while let Ok(n) = log.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            reading
+                .lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+    });
+    wait_for(
+        Duration::from_secs(30),
+        "the report of lost lines",
+        || async { read.lock().unwrap().contains("log lines dropped") },
+    )
+    .await;
+    assert_eq!(host.terminate(Duration::from_secs(20)), 0);
 }

@@ -17,6 +17,7 @@
 //! database of its own and drops it at the end. Plugin and native runs are
 //! interleaved in rounds so drift (cache warm-up, autovacuum) hits both alike.
 
+mod log;
 mod polyglot;
 
 use std::fmt::Write as _;
@@ -573,6 +574,35 @@ fn ok(r: RunResult) -> anyhow::Result<()> {
     }
 }
 
+/// Jobs whose label sets row 1m's metrics hold (as many as row 5a's).
+const METRIC_JOBS: usize = 1000;
+
+/// Mean time of what `Runner` records into its metrics for one finished
+/// run, over [`METRIC_JOBS`] jobs' label sets already created (as after a
+/// host's first minute), `rounds` passes over them.
+fn metrics_cost(rounds: usize) -> Duration {
+    let metrics = jobhost::metrics::Metrics::new();
+    let jobs: Vec<String> = (0..METRIC_JOBS)
+        .map(|i| format!("metrics-job-{i}"))
+        .collect();
+    let finished = RunResult::Finished {
+        outcome: jobhost::db::Outcome::Ok,
+        message: String::new(),
+        attempt: 1,
+        retry_in: None,
+    };
+    let record = |job: &str| {
+        metrics.observe_start_lag(job, 0.000_8);
+        metrics.observe(job, &finished, Duration::from_micros(600));
+    };
+    jobs.iter().for_each(|j| record(j));
+    let t = Instant::now();
+    for _ in 0..rounds.max(1) {
+        jobs.iter().for_each(|j| record(std::hint::black_box(j)));
+    }
+    t.elapsed() / (rounds.max(1) * METRIC_JOBS) as u32
+}
+
 /// A native job body: the run's connection and a size parameter.
 type NativeFn = fn(
     &mut sqlx::PgConnection,
@@ -628,6 +658,9 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     };
     let mut slots = Slots(0);
     let mut md = String::new();
+    // The host's log, off except for row 1o's runs.
+    let log_path = std::env::temp_dir().join(format!("jobhost-bench-{}.log", std::process::id()));
+    let log_switch = log::LogSwitch::install(&log_path)?;
 
     // 1. A no-op run, whole path, plugin vs native.
     let noop = noop_probe("noop", &pooled_runtime)?;
@@ -645,6 +678,8 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     // Each round's plugin/native ratio (of the round's medians): the row
     // reports their median and spread, so one noisy round cannot decide it.
     let mut noop_rounds = Repeated::default();
+    let (mut logged_t, mut direct_log_t) = (Vec::new(), Vec::new());
+    let (mut logged_rounds, mut direct_log_rounds) = (Repeated::default(), Repeated::default());
     // How long each run held the job's lock (the database's clock), p50 per
     // round: what the sandbox adds to the lock, not to the caller's wait.
     let (mut plugin_held, mut native_held) = (Repeated::default(), Repeated::default());
@@ -677,6 +712,26 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         }
         native_held.push(lock_held(&pool, s.per_round).await?.1);
         let native_p50 = stats(native_t[n0..].to_vec()).1.as_secs_f64();
+        // 1o. The same native runs with the host's log on: through its
+        // writer thread, and written by the run (as before the thread).
+        if let Some(switch) = &log_switch {
+            for (mode, times, rounds) in [
+                (log::Mode::Background, &mut logged_t, &mut logged_rounds),
+                (log::Mode::Direct, &mut direct_log_t, &mut direct_log_rounds),
+            ] {
+                switch.set(mode)?;
+                let t0 = times.len();
+                for _ in 0..s.per_round {
+                    let t = Instant::now();
+                    ok(runner
+                        .run_native(&noop, slots.next(), native_noop())
+                        .await?)?;
+                    times.push(t.elapsed());
+                }
+                switch.set(log::Mode::Off)?;
+                rounds.push(stats(times[t0..].to_vec()).1.as_secs_f64() / native_p50);
+            }
+        }
         noop_rounds.push(stats(plugin_t[p0..].to_vec()).1.as_secs_f64() / native_p50);
         lean_rounds.push(stats(lean_t[l0..].to_vec()).1.as_secs_f64() / native_p50);
     }
@@ -685,6 +740,10 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     let (l_mean, l_p50, l_p99) = stats(lean_t);
     let (n_mean, n_p50, n_p99) = stats(native_t);
     let noop_ratio = p_mean.as_secs_f64() / n_mean.as_secs_f64();
+    let _ = std::fs::remove_file(&log_path);
+    // 1m. What the run's metrics cost (every run pays them; no path is
+    // without them to compare with).
+    let metrics_per_run = metrics_cost(s.rounds);
 
     // 2. The 50-row integrity-hash batch, plugin vs native (same SQL, SHA-256 in Rust).
     let hash = hash_job(&pooled_runtime)?;
@@ -961,6 +1020,36 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         us(l_p50),
         us(l_p99),
         met(lean_med <= 1.05)
+    );
+    match log_switch {
+        Some(_) => {
+            let (bg, bg_lo, bg_hi) = logged_rounds.median();
+            let (direct, direct_lo, direct_hi) = direct_log_rounds.median();
+            let (_, bg_p50, _) = stats(logged_t);
+            let (_, direct_p50, _) = stats(direct_log_t);
+            let _ = writeln!(
+                md,
+                "| 1o | native no-op run with the host's log on, as `jobhost run` writes it (`run ok` in the run's span, text, to a file), same rounds; ratio = median over {} rounds of each round's p50 against row 1's native (spread) | through the log's writer thread: p50 {:.0} µs, {bg:.2}× ({bg_lo:.2}–{bg_hi:.2}) | written by the run itself (before the writer thread): p50 {:.0} µs, {direct:.2}× ({direct_lo:.2}–{direct_hi:.2}) | {:+.0} µs / {:+.0} µs | cost shown | |",
+                s.rounds,
+                us(bg_p50),
+                us(direct_p50),
+                us(bg_p50) - us(n_p50),
+                us(direct_p50) - us(n_p50),
+            );
+        }
+        None => {
+            let _ = writeln!(
+                md,
+                "| 1o | native no-op run with the host's log on | not measured (`RUST_LOG` set: the benchmark's own diagnostics) | | | | |"
+            );
+        }
+    }
+    let _ = writeln!(
+        md,
+        "| 1m | a run's metrics (`runs_total`, `run_duration_seconds`, `start_lag_seconds`: three label lookups and updates), per run, over {} jobs' label sets, mean | {:.2} µs | | {:.2} % of row 1's native p50 | cost shown | |",
+        METRIC_JOBS,
+        metrics_per_run.as_secs_f64() * 1e6,
+        metrics_per_run.as_secs_f64() / n_p50.as_secs_f64() * 100.0,
     );
     let (hash_med, hash_lo, hash_hi) = hash_rounds.median();
     let _ = writeln!(

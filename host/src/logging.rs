@@ -1,0 +1,142 @@
+//! The process's log: `tracing` events as text lines or JSON objects on
+//! stdout, written by a thread of their own.
+//!
+//! Why a thread: a log line written from a run's task blocks that task, and
+//! the tokio worker under it, for as long as stdout does. stdout is a pipe to
+//! whatever collects the log (a terminal, journald, a container runtime's
+//! log driver), and a pipe whose reader stalls fills in 64 KiB: from then on
+//! every worker that logs stops, with runs' transactions open and their locks
+//! held, the heartbeat stops beating, and the host looks dead to its fleet
+//! while it holds its jobs. So the scheduler's process hands each line to a
+//! bounded queue ([`BUFFERED_LINES`]) that a dedicated thread drains into
+//! stdout (`tracing-appender`'s non-blocking writer, the `tracing` project's
+//! own). When the queue is full the line is dropped, never waited for: a job
+//! host keeps running its jobs rather than its log. Dropped lines are
+//! counted ([`dropped_lines`]: the metric `jobhost_log_lines_dropped_total`)
+//! and reported in the log once it flows again ([`report_dropped`], at each
+//! heartbeat).
+//!
+//! Commands that print and exit (`status`, `locks`, …) write their few lines
+//! directly, so that a warning keeps its place before their output.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
+use tracing_subscriber::Layer;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
+use tracing_subscriber::registry::LookupSpan;
+
+/// The filter when `RUST_LOG` is not set.
+pub const DEFAULT_FILTER: &str = "info,sqlx=warn";
+
+/// Lines queued for the writer thread before new ones are dropped: about a
+/// burst of 1,000 jobs logging a dozen lines each, at ~200 bytes a line a few
+/// MiB at most.
+pub const BUFFERED_LINES: usize = 16_384;
+
+/// How the host writes its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per event.
+    Json,
+}
+
+/// Where the lines go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writer {
+    /// Written by the caller, as they are made (commands that print and
+    /// exit).
+    Direct,
+    /// Queued for a writer thread, dropped (and counted) when the queue is
+    /// full (the scheduler).
+    Background,
+}
+
+/// Keeps the writer thread: dropping it writes what is queued (waiting at
+/// most about a second for a stalled reader) and stops the thread. Hold it
+/// until the process is about to exit.
+#[must_use = "dropping it stops the log's writer thread"]
+pub struct Logging {
+    _worker: Option<WorkerGuard>,
+}
+
+/// The background writer's count of dropped lines, once [`init`] made one.
+static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+/// The count [`report_dropped`] last reported.
+static REPORTED: AtomicU64 = AtomicU64::new(0);
+
+/// Installs the process's subscriber: `RUST_LOG` filters (default
+/// [`DEFAULT_FILTER`]), in `format`, to stdout through `writer`.
+pub fn init(format: LogFormat, writer: Writer) -> Logging {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let (out, worker) = match writer {
+        Writer::Direct => (BoxMakeWriter::new(std::io::stdout), None),
+        Writer::Background => {
+            let (out, worker) = background(std::io::stdout());
+            let _ = DROPPED.set(out.error_counter());
+            (BoxMakeWriter::new(out), Some(worker))
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| DEFAULT_FILTER.into());
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(layer(format, out))
+        .init();
+    Logging { _worker: worker }
+}
+
+/// The writer thread over `sink` (stdout for the host): a bounded queue of
+/// [`BUFFERED_LINES`], lossy when full.
+pub fn background(sink: impl std::io::Write + Send + 'static) -> (NonBlocking, WorkerGuard) {
+    NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(BUFFERED_LINES)
+        .thread_name("jobhost-log")
+        .finish(sink)
+}
+
+/// The host's log lines in `format`, written to `out`: what [`init`]
+/// installs (and the benchmark measures, row 1o).
+pub fn layer<S>(format: LogFormat, out: BoxMakeWriter) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    let text = tracing_subscriber::fmt::layer().with_writer(out);
+    match format {
+        LogFormat::Text => text.boxed(),
+        // The run's span carries job, slot, host, lock key and run id; the
+        // event's own fields are flattened beside them.
+        LogFormat::Json => text
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .boxed(),
+    }
+}
+
+/// Log lines dropped so far because the writer thread's queue was full (0
+/// without a background writer).
+pub fn dropped_lines() -> u64 {
+    DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
+}
+
+/// Logs how many lines were dropped since the last report, if any: called
+/// at each heartbeat, so that a log which lost lines says so once it flows
+/// again.
+pub fn report_dropped() {
+    let now = dropped_lines();
+    let before = REPORTED.fetch_max(now, Ordering::Relaxed);
+    if now > before {
+        tracing::warn!(
+            dropped = now - before,
+            dropped_total = now,
+            "log lines dropped: stdout was not read as fast as the host wrote to it (jobs kept running)"
+        );
+    }
+}
