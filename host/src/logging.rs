@@ -128,15 +128,21 @@ pub fn dropped_lines() -> u64 {
 
 /// Logs how many lines were dropped since the last report, if any: called
 /// at each heartbeat, so that a log which lost lines says so once it flows
-/// again.
+/// again. The report itself may meet the full queue and be dropped too: it
+/// counts as made only if no line was dropped while it was written, and is
+/// made again at the next heartbeat otherwise.
 pub fn report_dropped() {
     let now = dropped_lines();
-    let before = REPORTED.fetch_max(now, Ordering::Relaxed);
-    if now > before {
-        tracing::warn!(
-            dropped = now - before,
-            dropped_total = now,
-            "log lines dropped: stdout was not read as fast as the host wrote to it (jobs kept running)"
-        );
+    let before = REPORTED.load(Ordering::Relaxed);
+    if now <= before {
+        return;
+    }
+    tracing::warn!(
+        dropped = now - before,
+        dropped_total = now,
+        "log lines dropped: stdout was not read as fast as the host wrote to it (jobs kept running)"
+    );
+    if dropped_lines() == now {
+        REPORTED.store(now, Ordering::Relaxed);
     }
 }
