@@ -1082,8 +1082,8 @@ async fn a_host_whose_log_is_not_read_keeps_running_its_jobs(pool: PgPool) {
     let dir = std::env::temp_dir().join(format!("jobhost-fleet-unread-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     // Three jobs that print their whole output cap (64 KiB, ~650 lines) at
-    // each run: the pipe (64 KiB) is full after the first run, and the
-    // writer's queue a few seconds later.
+    // each run, ~160 KiB of log lines: the pipe (64 KiB) is full after the
+    // first run, and the writer's queue (4 MiB) after some 26.
     let jobs: String = (0..3)
         .map(|i| {
             format!(
@@ -1126,7 +1126,7 @@ async fn a_host_whose_log_is_not_read_keeps_running_its_jobs(pool: PgPool) {
         assert!(status.contains("200"), "{status}");
         Some(dropped(&metrics))
     };
-    // Each run logs ~100 KiB: 30 runs are far more than the pipe holds.
+    // 30 runs are far more than the pipe holds.
     wait_for(
         Duration::from_secs(60),
         "30 runs while the log is not read",

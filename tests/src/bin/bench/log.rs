@@ -5,17 +5,21 @@
 //! filter. The benchmark installs the host's own log layer
 //! ([`jobhost::logging::layer`], text) behind a filter it can turn off, and
 //! a writer it can point at the host's writer thread
-//! ([`jobhost::logging::background`]) or at the run itself (a write per
-//! line, as the host did before it had the thread). Both write to a file.
+//! ([`jobhost::logging::queue`]), at the run itself (a write per line, as
+//! the host did before it had the thread), or (`--only log`) at
+//! `tracing-appender`'s non-blocking writer, the alternative the host's
+//! thread was measured against. All write to one file.
 
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
+use jobhost::logging::queue;
 use jobhost::logging::{DEFAULT_FILTER, LogFormat};
-use tracing_appender::non_blocking::{NonBlocking, WorkerGuard};
+use std::sync::atomic::AtomicU8;
+use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::fmt::writer::{BoxMakeWriter, EitherWriter};
@@ -32,33 +36,42 @@ pub enum Mode {
     Background,
     /// Written by the run's own thread, a `write` per line.
     Direct,
+    /// Through `tracing-appender`'s non-blocking writer (its thread woken
+    /// for each line).
+    Appender,
 }
 
 /// The process's switchable log.
 pub struct LogSwitch {
     filter: reload::Handle<EnvFilter, tracing_subscriber::Registry>,
-    direct: Arc<AtomicBool>,
-    _worker: WorkerGuard,
+    writer: Arc<AtomicU8>,
+    _queue: queue::Guard,
+    _appender: WorkerGuard,
 }
 
-/// A writer that is the writer thread's or the file's, as `direct` says.
-struct Either {
-    background: NonBlocking,
+/// A writer that is the host's queue, the file or `tracing-appender`'s, as
+/// `writer` says.
+struct Switched {
+    queue: queue::Lines,
     file: Arc<File>,
-    direct: Arc<AtomicBool>,
+    appender: NonBlocking,
+    writer: Arc<AtomicU8>,
 }
 
-impl<'a> MakeWriter<'a> for Either {
-    type Writer = EitherWriter<NonBlocking, &'a File>;
+impl<'a> MakeWriter<'a> for Switched {
+    type Writer = EitherWriter<queue::Lines, EitherWriter<&'a File, NonBlocking>>;
 
     fn make_writer(&'a self) -> Self::Writer {
-        if self.direct.load(Ordering::Relaxed) {
-            EitherWriter::B(&*self.file)
-        } else {
-            EitherWriter::A(self.background.make_writer())
+        match self.writer.load(Ordering::Relaxed) {
+            DIRECT => EitherWriter::B(EitherWriter::A(&*self.file)),
+            APPENDER => EitherWriter::B(EitherWriter::B(self.appender.make_writer())),
+            _ => EitherWriter::A(self.queue.clone()),
         }
     }
 }
+
+const DIRECT: u8 = 1;
+const APPENDER: u8 = 2;
 
 impl LogSwitch {
     /// Installs the process's subscriber, off, writing to `path`. None when
@@ -69,33 +82,46 @@ impl LogSwitch {
             return Ok(None);
         }
         let file = Arc::new(File::create(path)?);
-        let (background, worker) = jobhost::logging::background(SharedFile(Arc::clone(&file)));
-        let direct = Arc::new(AtomicBool::new(false));
+        let (queue, queue_guard) = queue::start(
+            SharedFile(Arc::clone(&file)),
+            jobhost::logging::BUFFERED_BYTES,
+        )?;
+        let (appender, appender_guard) = NonBlockingBuilder::default()
+            .lossy(true)
+            .finish(SharedFile(Arc::clone(&file)));
+        let writer = Arc::new(AtomicU8::new(0));
         let (filter, handle) = reload::Layer::new(EnvFilter::new("off"));
         tracing_subscriber::registry()
             .with(filter)
             .with(jobhost::logging::layer(
                 LogFormat::Text,
-                BoxMakeWriter::new(Either {
-                    background,
+                BoxMakeWriter::new(Switched {
+                    queue,
                     file,
-                    direct: direct.clone(),
+                    appender,
+                    writer: writer.clone(),
                 }),
             ))
             .try_init()?;
         Ok(Some(Self {
             filter: handle,
-            direct,
-            _worker: worker,
+            writer,
+            _queue: queue_guard,
+            _appender: appender_guard,
         }))
     }
 
     /// Logs as `mode` says from now on.
     pub fn set(&self, mode: Mode) -> anyhow::Result<()> {
-        self.direct.store(mode == Mode::Direct, Ordering::Relaxed);
+        let writer = match mode {
+            Mode::Direct => DIRECT,
+            Mode::Appender => APPENDER,
+            Mode::Off | Mode::Background => 0,
+        };
+        self.writer.store(writer, Ordering::Relaxed);
         let filter = match mode {
             Mode::Off => "off",
-            Mode::Background | Mode::Direct => DEFAULT_FILTER,
+            Mode::Background | Mode::Direct | Mode::Appender => DEFAULT_FILTER,
         };
         self.filter.reload(EnvFilter::new(filter))?;
         Ok(())

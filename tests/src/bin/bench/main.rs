@@ -107,8 +107,8 @@ async fn main() -> anyhow::Result<()> {
         .execute(&mut admin)
         .await?;
     let bench_url = jobhost_tests::with_database(&url, &db);
-    // `--only polyglot|fleet|noop|instant|hash|sql|role|instantiate`: one
-    // row alone (row 9, row 7, row 1, row 5a, row 2, row 4, row 4″, row 3), while
+    // `--only polyglot|fleet|noop|log|instant|hash|sql|role|instantiate`: one
+    // row alone (row 9, row 7, row 1, row 1o, row 5a, row 2, row 4, row 4″, row 3), while
     // working on what it measures.
     let only = args
         .iter()
@@ -123,13 +123,14 @@ async fn main() -> anyhow::Result<()> {
             Some("polyglot") => polyglot_only(&bench_url, &sizes, &alone_opts).await,
             Some("fleet") => fleet_only(&bench_url, &alone_opts).await,
             Some("noop") => noop_only(&bench_url, &alone_opts).await,
+            Some("log") => log_only(&bench_url, &alone_opts).await,
             Some("instant") => instant_only(&bench_url, &sizes, &alone_opts).await,
             Some("hash") => hash_only(&bench_url, &alone_opts).await,
             Some("sql") => sql_only(&bench_url, &alone_opts).await,
             Some("role") => role_only(&bench_url, &alone_opts).await,
             Some("instantiate") => instantiate_alone(&alone_opts).await,
             Some(other) => Err(anyhow::anyhow!(
-                "--only {other}: expected polyglot, fleet, noop, instant, hash, sql, role or instantiate"
+                "--only {other}: expected polyglot, fleet, noop, log, instant, hash, sql, role or instantiate"
             )),
             None => run(&bench_url, &sizes, quick).await,
         }
@@ -188,6 +189,53 @@ async fn alone(url: &str, opts: &Alone) -> anyhow::Result<(sqlx::PgPool, Arc<Run
         .await?;
     jobhost::db::MIGRATOR.run(&pool).await?;
     Ok((pool, Arc::new(opts.runtime()?)))
+}
+
+/// Row 1o alone: native no-op runs with the host's log off, through its
+/// writer thread, written by the run, and through `tracing-appender`'s
+/// non-blocking writer, in turn (the order rotating each round), with the
+/// process's CPU per run.
+async fn log_only(url: &str, opts: &Alone) -> anyhow::Result<String> {
+    let (pool, runtime) = alone(url, opts).await?;
+    let runner = Runner::new(pool.clone(), runtime.clone(), "bench");
+    let noop = noop_probe("noop", &runtime)?;
+    let path = std::env::temp_dir().join(format!("jobhost-bench-{}.log", std::process::id()));
+    let switch = log::LogSwitch::install(&path)?.context("row 1o needs RUST_LOG unset")?;
+    let modes = [
+        log::Mode::Off,
+        log::Mode::Background,
+        log::Mode::Direct,
+        log::Mode::Appender,
+    ];
+    let mut slots = Slots(0);
+    let mut out = String::new();
+    let n = 1000;
+    for round in 0..opts.rounds_or(3) {
+        for i in 0..modes.len() {
+            let mode = modes[(round + i) % modes.len()];
+            switch.set(mode)?;
+            let (c, t) = (cpu_seconds(), Instant::now());
+            let mut times = Vec::with_capacity(n);
+            for _ in 0..n {
+                let t = Instant::now();
+                ok(runner
+                    .run_native(&noop, slots.next(), native_noop())
+                    .await?)?;
+                times.push(t.elapsed());
+            }
+            let (cpu, wall) = (cpu_seconds() - c, t.elapsed());
+            let _ = writeln!(
+                out,
+                "round {round} {mode:?}: p50 {:.1} µs, {:.1} µs wall, {:.1} µs host CPU per run",
+                us(stats(times).1),
+                wall.as_secs_f64() * 1e6 / n as f64,
+                cpu * 1e6 / n as f64
+            );
+        }
+        switch.set(log::Mode::Off)?;
+    }
+    let _ = std::fs::remove_file(&path);
+    Ok(out)
 }
 
 /// Row 1's two paths, each alone for a while, with the process's CPU per run:
@@ -683,7 +731,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     // How long each run held the job's lock (the database's clock), p50 per
     // round: what the sandbox adds to the lock, not to the caller's wait.
     let (mut plugin_held, mut native_held) = (Repeated::default(), Repeated::default());
-    for _ in 0..s.rounds {
+    for round in 0..s.rounds {
         let (p0, n0, l0) = (plugin_t.len(), native_t.len(), lean_t.len());
         for _ in 0..s.per_round {
             let t = Instant::now();
@@ -715,10 +763,13 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         // 1o. The same native runs with the host's log on: through its
         // writer thread, and written by the run (as before the thread).
         if let Some(switch) = &log_switch {
-            for (mode, times, rounds) in [
+            let mut modes = [
                 (log::Mode::Background, &mut logged_t, &mut logged_rounds),
                 (log::Mode::Direct, &mut direct_log_t, &mut direct_log_rounds),
-            ] {
+            ];
+            // Each first in every other round.
+            modes.rotate_left(round % 2);
+            for (mode, times, rounds) in modes {
                 switch.set(mode)?;
                 let t0 = times.len();
                 for _ in 0..s.per_round {

@@ -7,14 +7,13 @@
 //! log driver), and a pipe whose reader stalls fills in 64 KiB: from then on
 //! every worker that logs stops, with runs' transactions open and their locks
 //! held, the heartbeat stops beating, and the host looks dead to its fleet
-//! while it holds its jobs. So the scheduler's process hands each line to a
-//! bounded queue ([`BUFFERED_LINES`]) that a dedicated thread drains into
-//! stdout (`tracing-appender`'s non-blocking writer, the `tracing` project's
-//! own). When the queue is full the line is dropped, never waited for: a job
-//! host keeps running its jobs rather than its log. Dropped lines are
-//! counted ([`dropped_lines`]: the metric `jobhost_log_lines_dropped_total`)
-//! and reported in the log once it flows again ([`report_dropped`], at each
-//! heartbeat).
+//! while it holds its jobs. So the scheduler's process queues each line
+//! ([`BUFFERED_BYTES`] at most) for a thread of its own that writes them to
+//! stdout in batches ([`queue`]). When the queue is full the line is
+//! dropped, never waited for: a job host keeps running its jobs rather than
+//! its log. Dropped lines are counted ([`dropped_lines`]: the metric
+//! `jobhost_log_lines_dropped_total`) and reported in the log once it flows
+//! again ([`report_dropped`], at each heartbeat).
 //!
 //! Commands that print and exit (`status`, `locks`, …) write their few lines
 //! directly, so that a warning keeps its place before their output.
@@ -22,7 +21,8 @@
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
+pub mod queue;
+
 use tracing_subscriber::Layer;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::registry::LookupSpan;
@@ -30,10 +30,9 @@ use tracing_subscriber::registry::LookupSpan;
 /// The filter when `RUST_LOG` is not set.
 pub const DEFAULT_FILTER: &str = "info,sqlx=warn";
 
-/// Lines queued for the writer thread before new ones are dropped: about a
-/// burst of 1,000 jobs logging a dozen lines each, at ~200 bytes a line a few
-/// MiB at most.
-pub const BUFFERED_LINES: usize = 16_384;
+/// Bytes queued for the writer thread before new lines are dropped: a
+/// burst of 1,000 jobs logging a dozen ~300-byte lines each.
+pub const BUFFERED_BYTES: usize = 4 << 20;
 
 /// How the host writes its log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -60,11 +59,12 @@ pub enum Writer {
 /// until the process is about to exit.
 #[must_use = "dropping it stops the log's writer thread"]
 pub struct Logging {
-    _worker: Option<WorkerGuard>,
+    _writer: Option<queue::Guard>,
 }
 
-/// The background writer's count of dropped lines, once [`init`] made one.
-static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+/// The background writer's lines (and their count of dropped ones), once
+/// [`init`] made one.
+static BACKGROUND: OnceLock<queue::Lines> = OnceLock::new();
 /// The count [`report_dropped`] last reported.
 static REPORTED: AtomicU64 = AtomicU64::new(0);
 
@@ -73,13 +73,21 @@ static REPORTED: AtomicU64 = AtomicU64::new(0);
 pub fn init(format: LogFormat, writer: Writer) -> Logging {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
-    let (out, worker) = match writer {
+    let (out, writer) = match writer {
         Writer::Direct => (BoxMakeWriter::new(std::io::stdout), None),
-        Writer::Background => {
-            let (out, worker) = background(std::io::stdout());
-            let _ = DROPPED.set(out.error_counter());
-            (BoxMakeWriter::new(out), Some(worker))
-        }
+        Writer::Background => match queue::start(std::io::stdout(), BUFFERED_BYTES) {
+            Ok((lines, guard)) => {
+                let _ = BACKGROUND.set(lines.clone());
+                (BoxMakeWriter::new(lines), Some(guard))
+            }
+            // No thread to be had: the lines are written as they come.
+            Err(e) => {
+                eprintln!(
+                    "jobhost: cannot start the log's writer thread ({e}); writing the log directly"
+                );
+                (BoxMakeWriter::new(std::io::stdout), None)
+            }
+        },
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| DEFAULT_FILTER.into());
@@ -87,17 +95,7 @@ pub fn init(format: LogFormat, writer: Writer) -> Logging {
         .with(filter)
         .with(layer(format, out))
         .init();
-    Logging { _worker: worker }
-}
-
-/// The writer thread over `sink` (stdout for the host): a bounded queue of
-/// [`BUFFERED_LINES`], lossy when full.
-pub fn background(sink: impl std::io::Write + Send + 'static) -> (NonBlocking, WorkerGuard) {
-    NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(BUFFERED_LINES)
-        .thread_name("jobhost-log")
-        .finish(sink)
+    Logging { _writer: writer }
 }
 
 /// The host's log lines in `format`, written to `out`: what [`init`]
@@ -123,7 +121,7 @@ where
 /// Log lines dropped so far because the writer thread's queue was full (0
 /// without a background writer).
 pub fn dropped_lines() -> u64 {
-    DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
+    BACKGROUND.get().map_or(0, queue::Lines::dropped)
 }
 
 /// Logs how many lines were dropped since the last report, if any: called
