@@ -1177,5 +1177,10 @@ async fn a_host_whose_log_is_not_read_keeps_running_its_jobs(pool: PgPool) {
         || async { read.lock().unwrap().contains("log lines dropped") },
     )
     .await;
+    // Text for a pipe, not a terminal: no colours' escape codes.
+    assert!(
+        !read.lock().unwrap().contains('\x1b'),
+        "escape codes in a log that is not a terminal"
+    );
     assert_eq!(host.terminate(Duration::from_secs(20)), 0);
 }

@@ -18,6 +18,7 @@
 //! Commands that print and exit (`status`, `locks`, …) write their few lines
 //! directly, so that a warning keeps its place before their output.
 
+use std::io::IsTerminal as _;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -93,18 +94,26 @@ pub fn init(format: LogFormat, writer: Writer) -> Logging {
         .unwrap_or_else(|_| DEFAULT_FILTER.into());
     tracing_subscriber::registry()
         .with(filter)
-        .with(layer(format, out))
+        .with(layer(format, out, std::io::stdout().is_terminal()))
         .init();
     Logging { _writer: writer }
 }
 
 /// The host's log lines in `format`, written to `out`: what [`init`]
-/// installs (and the benchmark measures, row 1o).
-pub fn layer<S>(format: LogFormat, out: BoxMakeWriter) -> Box<dyn Layer<S> + Send + Sync>
+/// installs (and the benchmark measures, row 1o). Text is coloured only
+/// when `colour` (stdout is a terminal): escape codes in a file or a log
+/// collector's pipe are noise to every reader and search.
+pub fn layer<S>(
+    format: LogFormat,
+    out: BoxMakeWriter,
+    colour: bool,
+) -> Box<dyn Layer<S> + Send + Sync>
 where
     S: tracing::Subscriber + for<'a> LookupSpan<'a>,
 {
-    let text = tracing_subscriber::fmt::layer().with_writer(out);
+    let text = tracing_subscriber::fmt::layer()
+        .with_writer(out)
+        .with_ansi(colour);
     match format {
         LogFormat::Text => text.boxed(),
         // The run's span carries job, slot, host, lock key and run id; the

@@ -101,6 +101,7 @@ impl LogSwitch {
                     appender,
                     writer: writer.clone(),
                 }),
+                false,
             ))
             .try_init()?;
         Ok(Some(Self {
