@@ -6,6 +6,7 @@
 //! cargo run -p jobhost-tests --bin jobhost-bench -- --quick   # CI: keeps it from rotting
 //! # one row alone, while working on it; one path of it under a profiler:
 //! jobhost-bench --only sql
+//! jobhost-bench --only log --rounds 8   # row 1o: the host's log, three writers
 //! valgrind --tool=callgrind jobhost-bench --only noop --path plugin --rounds 1 --slots 1
 //! ```
 //!
