@@ -61,14 +61,21 @@ pub async fn audit(pool: &PgPool, jobs: &[JobConfig]) -> sqlx::Result<Vec<Findin
         return Ok(Vec::new());
     }
     type Row = (String, bool, bool, bool, bool);
-    let rows: Vec<Row> = sqlx::query_as(
-        "select r.rolname::text, r.rolcanlogin, r.rolsuper, r.rolcreaterole, r.rolbypassrls
-           from pg_catalog.pg_roles r
-          where r.rolname = any($1)",
-    )
-    .bind(&roles)
-    .persistent(false)
-    .fetch_all(pool)
+    // In a transaction of its own, as every host statement with parameters:
+    // through a transaction pooler its parse and its execution would
+    // otherwise be two syncs that may reach two server sessions
+    // (`pooler::job_roles_are_read_through_a_transaction_pooler`).
+    let rows: Vec<Row> = crate::db::in_tx!(pool, |c| {
+        sqlx::query_as(
+            "select r.rolname::text, r.rolcanlogin, r.rolsuper, r.rolcreaterole, r.rolbypassrls
+               from pg_catalog.pg_roles r
+              where r.rolname = any($1)",
+        )
+        .bind(&roles)
+        .persistent(false)
+        .fetch_all(c)
+        .await
+    })
     .await?;
     let mut findings = Vec::new();
     for job in jobs {

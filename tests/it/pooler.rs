@@ -616,3 +616,71 @@ async fn a_job_role_runs_through_a_transaction_pooler_as_itself(pool: PgPool) {
     );
     assert_eq!(outcomes, ["ok"], "{:?}", runs(&pool, "as-role").await);
 }
+
+/// The host reads its job roles (`pg_roles`: at a start, a reload and
+/// `check`) through a transaction pooler in one server session. The read
+/// has a parameter, so it is parsed and then executed: outside a
+/// transaction those are two syncs, and between them the pooler may lend
+/// the server session to another client, whose simple query destroys the
+/// unnamed statement, or send the execution to another session ("unnamed
+/// prepared statement does not exist", or another client's statement run
+/// with these parameters). A start of
+/// `a_job_role_runs_through_a_transaction_pooler_as_itself` failed so about
+/// once in 25; here three clients read at once through two server sessions
+/// while a fourth sends simple queries.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn job_roles_are_read_through_a_transaction_pooler(pool: PgPool) {
+    let url = database_url(&pool).await;
+    let bouncer = PgBouncer::start("roles-read", "transaction", 2, "");
+    let options = jobhost::db::connect_options(
+        &bouncer.url(&url),
+        "DATABASE_URL",
+        jobhost::config::Pooler::Transaction,
+        "roles-read",
+    )
+    .unwrap();
+    let through = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(options)
+        .await
+        .unwrap();
+    // A role that exists on every test server (a superuser: warnings).
+    let config = JobsConfig::from_str_at(
+        &format!(
+            "[[job]]\nname = \"as-postgres\"\nplugin = {:?}\nevery = \"1s\"\nrole = \"postgres\"\n",
+            guests::TEST_CORE_PROBE
+        ),
+        &std::env::temp_dir().join("jobs.toml"),
+    )
+    .unwrap();
+    // Other clients' simple queries, as a host's heartbeats and runs send:
+    // a simple query destroys its server session's unnamed statement.
+    let noise = {
+        let through = through.clone();
+        tokio::spawn(async move {
+            loop {
+                let _ = sqlx::raw_sql("select 1").execute(&through).await;
+            }
+        })
+    };
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            let (through, jobs) = (through.clone(), config.jobs.clone());
+            tokio::spawn(async move {
+                for _ in 0..100 {
+                    let findings = jobhost::roles::audit(&through, &jobs).await?;
+                    assert!(
+                        findings.iter().any(|f| f.what.contains("superuser")),
+                        "{findings:?}"
+                    );
+                }
+                Ok::<_, sqlx::Error>(())
+            })
+        })
+        .collect();
+    let read: Vec<_> = futures_util::future::join_all(readers).await;
+    noise.abort();
+    for r in read {
+        r.unwrap().unwrap();
+    }
+}
