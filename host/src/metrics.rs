@@ -19,7 +19,7 @@
 //! | `jobhost_reloads_total` | counter | `result` (`applied`, `rejected`) |
 //! | `jobhost_stuck_locks` | gauge (counted by the stuck-lock watch each heartbeat) | |
 //! | `jobhost_pool_connections` | gauge (read at scrape) | `state` (`in_use`, `idle`) |
-//! | `jobhost_log_lines_dropped` (log lines dropped because stdout was not read fast enough: [`crate::logging`]) | counter (read at scrape) | |
+//! | `jobhost_log_lines_dropped_total` (log lines dropped because stdout was not read fast enough: [`crate::logging`]) | counter (read at scrape) | |
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;

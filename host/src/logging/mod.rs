@@ -18,11 +18,11 @@
 //! Commands that print and exit (`status`, `locks`, …) write their few lines
 //! directly, so that a warning keeps its place before their output.
 
+pub mod queue;
+
 use std::io::IsTerminal as _;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-
-pub mod queue;
 
 use tracing_subscriber::Layer;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;

@@ -217,13 +217,7 @@ async fn log_only(url: &str, opts: &Alone) -> anyhow::Result<String> {
             switch.set(mode)?;
             let (c, t) = (cpu_seconds(), Instant::now());
             let mut times = Vec::with_capacity(n);
-            for _ in 0..n {
-                let t = Instant::now();
-                ok(runner
-                    .run_native(&noop, slots.next(), native_noop())
-                    .await?)?;
-                times.push(t.elapsed());
-            }
+            native_noop_runs(&runner, &noop, &mut slots, n, &mut times).await?;
             let (cpu, wall) = (cpu_seconds() - c, t.elapsed());
             let _ = writeln!(
                 out,
@@ -662,6 +656,22 @@ fn native(f: NativeFn, n: u32) -> Option<NativeWork> {
     Some(Box::new(move |conn| f(conn, n)))
 }
 
+/// Times `n` native no-op runs of `job`, one after another, into `times`.
+async fn native_noop_runs(
+    runner: &Runner,
+    job: &Job,
+    slots: &mut Slots,
+    n: usize,
+    times: &mut Vec<Duration>,
+) -> anyhow::Result<()> {
+    for _ in 0..n {
+        let t = Instant::now();
+        ok(runner.run_native(job, slots.next(), native_noop()).await?)?;
+        times.push(t.elapsed());
+    }
+    Ok(())
+}
+
 /// Native work that does nothing and never touches the connection: the run
 /// path alone (the twin of the no-op plugin, which sends no SQL).
 fn native_noop() -> Option<NativeWork> {
@@ -752,13 +762,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
                 pooler_t.push(t.elapsed());
             }
         }
-        for _ in 0..s.per_round {
-            let t = Instant::now();
-            ok(runner
-                .run_native(&noop, slots.next(), native_noop())
-                .await?)?;
-            native_t.push(t.elapsed());
-        }
+        native_noop_runs(&runner, &noop, &mut slots, s.per_round, &mut native_t).await?;
         native_held.push(lock_held(&pool, s.per_round).await?.1);
         let native_p50 = stats(native_t[n0..].to_vec()).1.as_secs_f64();
         // 1o. The same native runs with the host's log on: through its
@@ -773,13 +777,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
             for (mode, times, rounds) in modes {
                 switch.set(mode)?;
                 let t0 = times.len();
-                for _ in 0..s.per_round {
-                    let t = Instant::now();
-                    ok(runner
-                        .run_native(&noop, slots.next(), native_noop())
-                        .await?)?;
-                    times.push(t.elapsed());
-                }
+                native_noop_runs(&runner, &noop, &mut slots, s.per_round, times).await?;
                 switch.set(log::Mode::Off)?;
                 rounds.push(stats(times[t0..].to_vec()).1.as_secs_f64() / native_p50);
             }
