@@ -6,8 +6,9 @@
 //! sleeps [`GATHER`] before it looks again, and only when it found nothing
 //! does it wait to be woken by the next line. (`tracing-appender`'s
 //! non-blocking writer, tried first, wakes its thread for every line: on a
-//! 2-vCPU VM that was ~25 µs more CPU per logged run than a direct write,
-//! against ~2 µs for this; BENCHMARKS.md row 1o.)
+//! 2-vCPU VM that was 35–40 µs more host CPU per logged run than a direct
+//! write, against ~5 µs, within the measure's ±10 µs, for this queue;
+//! `jobhost-bench --only log`, BENCHMARKS.md.)
 //!
 //! The queue holds at most `capacity` bytes. A line that does not fit is
 //! dropped and counted, never waited for: a stalled reader (a full pipe)
