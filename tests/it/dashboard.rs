@@ -40,8 +40,7 @@ async fn chromium(args: &[&str], url: &str) -> String {
 async fn metrics_health_and_a_read_only_dashboard_in_a_real_browser(pool: PgPool) {
     create_probe_table(&pool).await;
     let port = free_port();
-    let dir = std::env::temp_dir().join(format!("jobhost-dashboard-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new("dashboard");
     let job = |name: &str, every: &str, mode: &str| {
         format!(
             "[[job]]\nname = \"{name}\"\nplugin = {:?}\nevery = \"{every}\"\n[job.config]\nmode = \"{mode}\"\n\n",

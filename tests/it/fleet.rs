@@ -167,9 +167,8 @@ impl Drop for Host {
 }
 
 /// A temp dir with a jobs.toml of one probe job.
-fn config_dir(tag: &str, job: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("jobhost-fleet-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+fn config_dir(tag: &str, job: &str) -> Scratch {
+    let dir = Scratch::new(&format!("fleet-{tag}"));
     let toml = format!(
         "[host]\npool-size = 2\nshutdown-grace = \"10s\"\nheartbeat = \"200ms\"\nhost-lost-after = \"1s\"\n\n[[job]]\nplugin = {:?}\n{job}\n",
         guests::TEST_CORE_PROBE
@@ -798,8 +797,7 @@ async fn a_host_frozen_right_after_the_lock_loses_it_by_the_deadline(pool: PgPoo
 async fn locks_does_not_cry_wolf_during_a_session_job(pool: PgPool) {
     create_probe_table(&pool).await;
     let url = database_url(&pool).await;
-    let dir = std::env::temp_dir().join(format!("jobhost-fleet-wolf-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new("fleet-wolf");
     std::fs::write(
         dir.join("jobs.toml"),
         format!(
@@ -854,8 +852,7 @@ async fn locks_does_not_cry_wolf_during_a_session_job(pool: PgPool) {
 #[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
 async fn operator_commands_need_no_plugin_files(pool: PgPool) {
     let url = database_url(&pool).await;
-    let dir = std::env::temp_dir().join(format!("jobhost-fleet-noplugin-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new("fleet-noplugin");
     std::fs::write(
         dir.join("jobs.toml"),
         "[[job]]\nname = \"elsewhere\"\nplugin = \"not-on-this-machine.wasm\"\nevery = \"1m\"\n",
@@ -1079,8 +1076,7 @@ async fn status_shows_runs_in_flight_from_their_hosts_publication(pool: PgPool) 
 async fn a_host_whose_log_is_not_read_keeps_running_its_jobs(pool: PgPool) {
     let url = database_url(&pool).await;
     let port = free_port();
-    let dir = std::env::temp_dir().join(format!("jobhost-fleet-unread-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new("fleet-unread");
     // Three jobs that print their whole output cap (64 KiB, ~650 lines) at
     // each run, ~160 KiB of log lines: the pipe (64 KiB) is full after the
     // first run, and the writer's queue (4 MiB) after some 26.

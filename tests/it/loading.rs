@@ -3,20 +3,22 @@
 use std::path::Path;
 
 use jobhost::runtime::PluginError;
+use jobhost_tests::Scratch;
 
 use crate::support::{jobs_file, runtime};
 
-fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("jobhost-it-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+/// `bytes` as the file `name` in a scratch directory of its own (removed
+/// when the first is dropped).
+fn temp_file(name: &str, bytes: &[u8]) -> (Scratch, std::path::PathBuf) {
+    let dir = Scratch::new("loading");
     let path = dir.join(name);
     std::fs::write(&path, bytes).unwrap();
-    path
+    (dir, path)
 }
 
 #[test]
 fn a_file_that_is_not_a_component_is_rejected_with_its_path() {
-    let path = temp_file("garbage.wasm", b"definitely not wasm");
+    let (_dir, path) = temp_file("garbage.wasm", b"definitely not wasm");
     let err = runtime().load(&path).unwrap_err();
     assert!(matches!(err, PluginError::NotComponent { .. }), "{err:?}");
     let text = err.to_string();
@@ -26,7 +28,7 @@ fn a_file_that_is_not_a_component_is_rejected_with_its_path() {
     );
 
     // A core module without a world to wrap it in is not one either.
-    let path = temp_file("core.wasm", b"\0asm\x01\0\0\0");
+    let (_dir, path) = temp_file("core.wasm", b"\0asm\x01\0\0\0");
     let err = runtime().load(&path).unwrap_err();
     assert!(matches!(err, PluginError::NotComponent { .. }), "{err:?}");
     let text = format!("{:#}", anyhow::Error::new(err));
@@ -40,7 +42,7 @@ fn a_file_that_is_not_a_component_is_rejected_with_its_path() {
 #[test]
 fn a_component_of_the_wrong_world_is_rejected() {
     // The smallest valid component: no imports, no exports.
-    let path = temp_file("empty.wasm", b"\0asm\x0d\0\x01\0");
+    let (_dir, path) = temp_file("empty.wasm", b"\0asm\x0d\0\x01\0");
     let err = runtime().load(&path).unwrap_err();
     assert!(matches!(err, PluginError::WrongWorld { .. }), "{err:?}");
     let text = err.to_string();
@@ -73,7 +75,7 @@ fn a_plugin_built_against_another_contract_names_the_function_and_its_version() 
         )
     };
     for version in ["0.2.1", "0.2.0"] {
-        let path = temp_file(
+        let (_dir, path) = temp_file(
             "wrong-type.wasm",
             &wat::parse_str(wrong_type(version)).unwrap(),
         );
@@ -90,7 +92,7 @@ fn a_plugin_built_against_another_contract_names_the_function_and_its_version() 
     }
 
     // Built against a version this host does not speak.
-    let path = temp_file(
+    let (_dir, path) = temp_file(
         "old-version.wasm",
         &wat::parse_str(wrong_type("0.1.0")).unwrap(),
     );
@@ -168,7 +170,7 @@ fn a_component_beyond_the_pooling_limits_is_refused_as_such() {
     // component, so the error says it cannot be compiled, and why.
     let instances = "(core instance (instantiate $m))\n".repeat(40);
     let wat = format!("(component (core module $m) {instances})");
-    let path = temp_file("many-instances.wasm", &wat::parse_str(&wat).unwrap());
+    let (_dir, path) = temp_file("many-instances.wasm", &wat::parse_str(&wat).unwrap());
     let pooled = jobhost::runtime::Runtime::with_options(None, true).unwrap();
     let err = pooled.load(&path).unwrap_err();
     assert!(matches!(err, PluginError::Compile { .. }), "{err:?}");
@@ -188,7 +190,7 @@ fn a_component_beyond_the_pooling_limits_is_refused_as_such() {
 /// leaves a map naming the probe's `run`; one without it leaves none.
 #[test]
 fn a_perf_map_names_a_plugins_functions_when_asked() {
-    let file = jobs_file(
+    let (_dir, file) = jobs_file(
         "perfmap",
         &format!(
             "[[job]]\nname = \"probe\"\nplugin = {:?}\nevery = \"1h\"\n",
@@ -222,7 +224,4 @@ fn a_perf_map_names_a_plugins_functions_when_asked() {
         map.lines().take(20).collect::<Vec<_>>().join("\n")
     );
     assert_eq!(check(false), None, "a map was written without being asked");
-    if let Some(dir) = file.parent() {
-        let _ = std::fs::remove_dir_all(dir);
-    }
 }

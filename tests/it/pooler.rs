@@ -15,9 +15,10 @@ use sqlx::PgPool;
 
 use crate::support::*;
 
-fn one_job_config(tag: &str) -> JobsConfig {
-    let dir = std::env::temp_dir().join(format!("jobhost-pooler-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+/// A `jobs.toml` of one `write` job at 200 ms in a scratch directory (kept
+/// while the host runs), read.
+fn one_job_config(tag: &str) -> (Scratch, JobsConfig) {
+    let dir = Scratch::new(&format!("pooler-{tag}"));
     std::fs::write(
         dir.join("jobs.toml"),
         format!(
@@ -26,7 +27,8 @@ fn one_job_config(tag: &str) -> JobsConfig {
         ),
     )
     .unwrap();
-    JobsConfig::from_file(dir.join("jobs.toml")).unwrap()
+    let config = JobsConfig::from_file(dir.join("jobs.toml")).unwrap();
+    (dir, config)
 }
 
 /// Starts a host on `url` and returns how its start ended, stopping it when
@@ -39,7 +41,8 @@ async fn host_start(url: String, stop: impl Future<Output = ()>, tag: &str) -> a
         demo: false,
         clock_offset: chrono::TimeDelta::zero(),
     };
-    jobhost::run(one_job_config(tag), options, stop).await
+    let (_dir, config) = one_job_config(tag);
+    jobhost::run(config, options, stop).await
 }
 
 /// Starts a host on `url` that must refuse to start; its error. (Had it
@@ -152,8 +155,7 @@ async fn a_fleet_runs_through_a_transaction_pooler_in_pooler_mode(pool: PgPool) 
     let url = database_url(&pool).await;
     let bouncer = PgBouncer::start("fleet", "transaction", 4, "");
     let pooled = bouncer.url(&url);
-    let dir = std::env::temp_dir().join(format!("jobhost-pooler-fleet-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new("pooler-fleet");
     let job = |name: &str, table: &str| {
         format!(
             "[[job]]\nname = \"{name}\"\nplugin = {:?}\nevery = \"1s\"\ntimeout = \"5s\"\n[job.config]\nmode = \"write\"\ntable = \"{table}\"\n",
@@ -342,9 +344,10 @@ async fn a_fleet_runs_through_a_transaction_pooler_in_pooler_mode(pool: PgPool) 
     assert_eq!(advisory_locks(&pool).await, 0);
 }
 
-fn pooler_config(tag: &str, jobs: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("jobhost-pooler-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+/// A pooler-mode `jobs.toml` of `jobs` in a scratch directory: the
+/// directory, to keep while it is used, and the file.
+fn pooler_config(tag: &str, jobs: &str) -> (Scratch, PathBuf) {
+    let dir = Scratch::new(&format!("pooler-{tag}"));
     std::fs::write(
         dir.join("jobs.toml"),
         format!(
@@ -352,7 +355,8 @@ fn pooler_config(tag: &str, jobs: &str) -> PathBuf {
         ),
     )
     .unwrap();
-    dir.join("jobs.toml")
+    let file = dir.join("jobs.toml");
+    (dir, file)
 }
 
 /// Pooler mode without `JOBHOST_DIRECT_URL`: a `session` job is refused at
@@ -373,7 +377,7 @@ async fn pooler_mode_without_a_direct_url(pool: PgPool) {
         clock_offset: chrono::TimeDelta::zero(),
     };
 
-    let session = pooler_config(
+    let (_session_dir, session) = pooler_config(
         "nodirect-session",
         &format!(
             "[[job]]\nname = \"long\"\nplugin = {:?}\nevery = \"1s\"\nlock = \"session\"\n",
@@ -393,7 +397,7 @@ async fn pooler_mode_without_a_direct_url(pool: PgPool) {
         "{text}"
     );
 
-    let xact = pooler_config(
+    let (_xact_dir, xact) = pooler_config(
         "nodirect-xact",
         &format!(
             "[[job]]\nname = \"through\"\nplugin = {:?}\nevery = \"200ms\"\n[job.config]\nmode = \"write\"\n",
@@ -564,7 +568,7 @@ async fn a_job_role_runs_through_a_transaction_pooler_as_itself(pool: PgPool) {
     .unwrap();
     let url = database_url(&pool).await;
     let bouncer = PgBouncer::start_for("role", "transaction", 2, "", &[&role]);
-    let config = pooler_config(
+    let (_dir, config) = pooler_config(
         "role",
         &format!(
             "[[job]]\nname = \"as-role\"\nplugin = {:?}\nevery = \"200ms\"\nrole = {role:?}\n[job.config]\nmode = \"write\"\n",

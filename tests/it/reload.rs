@@ -86,11 +86,8 @@ fn write_config(dir: &Path, jobs: &str) {
     replace_atomically(&dir.join("jobs.toml"), toml.as_bytes());
 }
 
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("jobhost-reload-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn temp_dir(tag: &str) -> Scratch {
+    Scratch::new(&format!("reload-{tag}"))
 }
 
 async fn ok_runs_with(pool: &PgPool, sha: &str) -> i64 {
@@ -114,7 +111,7 @@ async fn a_plugin_replaced_mid_run_finishes_on_the_old_version(pool: PgPool) {
         "[[job]]\nname = \"slow\"\nplugin = \"probe.wasm\"\nevery = \"1s\"\ntimeout = \"20s\"\n[job.config]\nmode = \"sleep\"\nsleep-ms = \"4000\"\n",
     );
     let logs = LogCapture::start();
-    let host = TestHost::start(&pool, dir.clone()).await;
+    let host = TestHost::start(&pool, dir.to_path_buf()).await;
 
     // A run of v1 is in flight...
     let (in_flight, _) = wait_for_some(Duration::from_secs(20), "a run in flight", || {
@@ -179,7 +176,7 @@ async fn broken_and_half_written_plugins_never_replace_a_working_one(pool: PgPoo
         "[[job]]\nname = \"steady\"\nplugin = \"probe.wasm\"\nevery = \"200ms\"\n[job.config]\nmode = \"write\"\n",
     );
     let logs = LogCapture::start();
-    let host = TestHost::start(&pool, dir.clone()).await;
+    let host = TestHost::start(&pool, dir.to_path_buf()).await;
     let v1_sha = sha(&v1);
     wait_for(Duration::from_secs(20), "v1 running", || async {
         ok_runs_with(&pool, &v1_sha).await >= 1
@@ -253,7 +250,7 @@ async fn jobs_toml_edits_add_change_and_remove_jobs_live(pool: PgPool) {
     };
     write_config(&dir, &job("a", "200ms", "a1"));
     let logs = LogCapture::start();
-    let host = TestHost::start(&pool, dir.clone()).await;
+    let host = TestHost::start(&pool, dir.to_path_buf()).await;
     let notes = |note: &'static str| notes(&pool, note);
     wait_for(Duration::from_secs(20), "a running", || async {
         notes("a1").await >= 1
@@ -468,7 +465,7 @@ async fn reloads_happen_once_per_content_change(pool: PgPool) {
     std::fs::write(dir.join("probe.wasm"), variant("v1")).unwrap();
     write_config(&dir, &note_job("first"));
     let logs = LogCapture::start();
-    let host = TestHost::start(&pool, dir.clone()).await;
+    let host = TestHost::start(&pool, dir.to_path_buf()).await;
     wait_for(Duration::from_secs(20), "the job running", || async {
         notes(&pool, "first").await >= 1
     })
@@ -640,7 +637,7 @@ async fn a_reload_a_start_would_refuse_is_refused(pool: PgPool) {
     std::fs::write(dir.join("probe.wasm"), variant("v1")).unwrap();
     write_config(&dir, &note_job("steady"));
     let logs = LogCapture::start();
-    let host = TestHost::start(&pool, dir.clone()).await;
+    let host = TestHost::start(&pool, dir.to_path_buf()).await;
     wait_for(Duration::from_secs(20), "the job running", || async {
         notes(&pool, "steady").await >= 1
     })

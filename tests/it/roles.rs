@@ -199,8 +199,7 @@ async fn a_job_role_that_cannot_log_in_is_refused(pool: PgPool) {
 
     // A host's start: refused, naming the job, the role and the way out.
     let url = database_url(&pool).await;
-    let dir = std::env::temp_dir().join(format!("jobhost-roles-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new("roles");
     let start = |n: u32| {
         let toml = format!(
             "[host]\nwatch = false\nshutdown-grace = \"5s\"\n\n[[job]]\nname = \"shut\"\nplugin = {:?}\nevery = \"1h\"\nrole = {shut:?}\n",
@@ -234,7 +233,6 @@ async fn a_job_role_that_cannot_log_in_is_refused(pool: PgPool) {
         .await
         .unwrap();
     start(2).await.expect("the role can log in");
-    let _ = std::fs::remove_dir_all(&dir);
     let (claimed, usage): (bool, bool) = sqlx::query_as(
         "select exists (select 1 from jobhost.job_roles where job = 'shut' and role = $1),
                 has_schema_privilege($1, 'jobhost', 'USAGE')",
@@ -276,7 +274,7 @@ async fn check_refuses_a_job_role_that_cannot_log_in_as_a_start_does(pool: PgPoo
         }
     };
     let url = database_url(&pool).await;
-    let file = jobs_file(
+    let (_dir, file) = jobs_file(
         "check-roles",
         &format!(
             "[[job]]\nname = \"shut\"\nplugin = {:?}\nevery = \"1h\"\nrole = {role:?}\n",
@@ -301,9 +299,6 @@ async fn check_refuses_a_job_role_that_cannot_log_in_as_a_start_does(pool: PgPoo
     }
     alter("connection limit -1").await;
     assert_eq!(check().await.unwrap(), std::process::ExitCode::SUCCESS);
-    if let Some(dir) = file.parent() {
-        let _ = std::fs::remove_dir_all(dir);
-    }
     drop_role(&pool, &role).await;
 }
 
@@ -368,8 +363,7 @@ async fn a_role_the_jobs_no_longer_name_loses_its_right_to_the_job(pool: PgPool)
     .execute(&pool)
     .await
     .unwrap();
-    let dir = std::env::temp_dir().join(format!("jobhost-role-claims-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new("role-claims");
     let file = dir.join("jobs.toml");
     write_jobs(&file, guests::TEST_CORE_PROBE, &old);
     let config = jobhost::config::JobsConfig::from_file(&file).unwrap();
@@ -420,7 +414,6 @@ async fn a_role_the_jobs_no_longer_name_loses_its_right_to_the_job(pool: PgPool)
 
     admitted.release(&pool).await.unwrap();
     assert_eq!(claims(&pool).await, []);
-    let _ = std::fs::remove_dir_all(&dir);
     runs.close_roles().await;
     drop_role(&pool, &new).await;
     drop_role(&pool, &old).await;
@@ -452,8 +445,7 @@ async fn claims_follow_the_hosts_that_hold_them(pool: PgPool) {
     .await
     .unwrap();
     let url = database_url(&pool).await;
-    let dir = std::env::temp_dir().join(format!("jobhost-claims-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new("claims");
     let file = dir.join("jobs.toml");
     std::fs::write(
         &file,
@@ -502,7 +494,6 @@ async fn claims_follow_the_hosts_that_hold_them(pool: PgPool) {
         ["", "just-admitted", "peer"],
         "the graceful stop released the host's claim"
     );
-    let _ = std::fs::remove_dir_all(&dir);
     drop_role(&pool, &role).await;
 }
 
@@ -514,8 +505,7 @@ async fn claims_follow_the_hosts_that_hold_them(pool: PgPool) {
 async fn a_long_run_now_keeps_its_role_claim(pool: PgPool) {
     let role = jobspace_and_role(&pool).await;
     let url = database_url(&pool).await;
-    let dir = std::env::temp_dir().join(format!("jobhost-run-now-claim-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new("run-now-claim");
     let host = "[host]\nwatch = false\nheartbeat = \"100ms\"\nhost-lost-after = \"500ms\"\nshutdown-grace = \"5s\"\n\n";
     let slow = dir.join("slow.toml");
     std::fs::write(
@@ -563,7 +553,6 @@ async fn a_long_run_now_keeps_its_role_claim(pool: PgPool) {
     .await
     .unwrap();
     let left = claims(&pool).await;
-    let _ = std::fs::remove_dir_all(&dir);
     drop_role(&pool, &role).await;
     assert_eq!(
         code.unwrap(),

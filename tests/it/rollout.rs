@@ -73,9 +73,7 @@ async fn publish_reaches_every_host_and_rollback_returns(pool: PgPool) {
 
     // Six jobs on the published plugin (so that each host wins some slots),
     // and one whose runs last 3 s (so that one is in flight at the publish).
-    let dir = std::env::temp_dir().join(format!("jobhost-rollout-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new("rollout");
     let mut toml = String::from(
         "[host]\npool-size = 3\nwatch = false\nshutdown-grace = \"10s\"\nheartbeat = \"200ms\"\nhost-lost-after = \"2s\"\n\n",
     );
@@ -264,9 +262,7 @@ async fn a_host_that_cannot_load_a_version_keeps_its_own_and_says_why(pool: PgPo
     published::publish(&pool, &runtime, "p", v1.clone(), "tester")
         .await
         .unwrap();
-    let dir = std::env::temp_dir().join(format!("jobhost-rollout-keep-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new("rollout-keep");
     let toml = "[host]\nwatch = false\nheartbeat = \"200ms\"\nhost-lost-after = \"2s\"\n\n[[job]]\nname = \"j\"\nplugin = \"published:p\"\nevery = \"1s\"\n[job.config]\nmode = \"noop\"\n";
     std::fs::write(dir.join("jobs.toml"), toml).unwrap();
     let url = database_url(&pool).await;

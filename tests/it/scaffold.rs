@@ -13,9 +13,7 @@ use crate::support::*;
 
 #[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
 async fn new_skeletons_build_load_and_run_in_every_language(pool: PgPool) {
-    let dir = std::env::temp_dir().join(format!("jobhost-new-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new("new");
     let config = dir.join("jobs.toml");
     let sdk = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins/sdk");
     let wit = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../wit");
@@ -28,7 +26,7 @@ async fn new_skeletons_build_load_and_run_in_every_language(pool: PgPool) {
         let req = NewPlugin {
             name: name.into(),
             lang,
-            dir: dir.clone(),
+            dir: dir.to_path_buf(),
             config: config.clone(),
             sdk: Some(sdk.clone()),
         };
@@ -79,5 +77,4 @@ async fn new_skeletons_build_load_and_run_in_every_language(pool: PgPool) {
             "{name}: {msg}"
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -10,6 +10,8 @@ use jobhost::runner::{Job, RunResult, Runner};
 use jobhost::runtime::{Plugin, Runtime};
 use sqlx::PgPool;
 
+pub use jobhost_tests::Scratch;
+
 /// One engine for the whole test binary (as in a host process).
 pub fn runtime() -> Arc<Runtime> {
     static RT: OnceLock<Arc<Runtime>> = OnceLock::new();
@@ -306,14 +308,14 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Writes `toml` as the `jobs.toml` of a directory of this test process's
-/// own (named by `tag`) and returns its path.
-pub fn jobs_file(tag: &str, toml: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("jobhost-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+/// Writes `toml` as the `jobs.toml` of a scratch directory of its own
+/// (named by `tag`): the directory, to keep while the file is used, and the
+/// file's path.
+pub fn jobs_file(tag: &str, toml: &str) -> (Scratch, std::path::PathBuf) {
+    let dir = Scratch::new(tag);
     let file = dir.join("jobs.toml");
     std::fs::write(&file, toml).unwrap();
-    file
+    (dir, file)
 }
 
 /// `jobhost --config CONFIG --database-url URL ARGS...`, for `run_cli`.
@@ -384,4 +386,29 @@ pub async fn jobspace_and_role(pool: &PgPool) -> String {
         .await
         .unwrap();
     restricted_role(pool).await
+}
+
+/// A test's scratch directory goes with the test, unless the test failed:
+/// then its host logs are kept to be read.
+#[test]
+fn a_scratch_directory_is_removed_unless_its_test_failed() {
+    let passed = Scratch::new("scratch-passed");
+    std::fs::write(passed.join("host.log"), "ok").unwrap();
+    let path = passed.to_path_buf();
+    drop(passed);
+    assert!(!path.exists(), "{} outlived its test", path.display());
+
+    let failed = std::panic::catch_unwind(|| {
+        let dir = Scratch::new("scratch-failed");
+        std::fs::write(dir.join("host.log"), "why it failed").unwrap();
+        let path = dir.to_path_buf();
+        std::panic::panic_any(path);
+    });
+    let path = *failed
+        .expect_err("the test failed")
+        .downcast::<PathBuf>()
+        .unwrap();
+    let kept = std::fs::read_to_string(path.join("host.log"));
+    let _ = std::fs::remove_dir_all(&path);
+    assert_eq!(kept.unwrap(), "why it failed", "the failed test's log");
 }

@@ -6,6 +6,56 @@ pub mod guests {
     include!(concat!(env!("OUT_DIR"), "/guests.rs"));
 }
 
+/// A directory of a test's (or the benchmark's) own under the system's
+/// temporary directory, named `jobhost-{tag}-…`: a `jobs.toml`, plugins,
+/// hosts' logs. Removed when dropped, so a run of the suite leaves nothing
+/// in `/tmp`; kept when dropped by a failing test (a panic unwinding), and
+/// named on stderr, because its host logs are what one reads next.
+///
+/// Declare it before the hosts that write into it: locals drop in reverse
+/// order, so the hosts stop before their directory goes.
+pub struct Scratch(tempfile::TempDir);
+
+impl Scratch {
+    /// A new, empty directory `jobhost-{tag}-<random>`: a name no other
+    /// test, or run of the suite, shares.
+    pub fn new(tag: &str) -> Scratch {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("jobhost-{tag}-"))
+            .tempdir()
+            .unwrap_or_else(|e| panic!("cannot make a scratch directory `jobhost-{tag}-…`: {e}"));
+        Scratch(dir)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &std::path::Path {
+        self.0.path()
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = std::path::Path;
+
+    fn deref(&self) -> &std::path::Path {
+        self.0.path()
+    }
+}
+
+impl AsRef<std::path::Path> for Scratch {
+    fn as_ref(&self) -> &std::path::Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.disable_cleanup(true);
+            eprintln!("kept {} (the test failed)", self.0.path().display());
+        }
+    }
+}
+
 /// `url` with its database name replaced by `db` (query string kept).
 pub fn with_database(url: &str, db: &str) -> String {
     let (base, query) = url

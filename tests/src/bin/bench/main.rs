@@ -33,7 +33,7 @@ use jobhost::lock::LockKey;
 use jobhost::runner::{Job, NativeWork, RunResult, Runner};
 use jobhost::runtime::{Allocation, Runtime};
 use jobhost::schedule::Schedule;
-use jobhost_tests::guests;
+use jobhost_tests::{Scratch, guests};
 use sha2::{Digest, Sha256};
 use sqlx::Connection as _;
 use sqlx::postgres::PgPoolOptions;
@@ -200,7 +200,8 @@ async fn log_only(url: &str, opts: &Alone) -> anyhow::Result<String> {
     let (pool, runtime) = alone(url, opts).await?;
     let runner = Runner::new(pool.clone(), runtime.clone(), "bench");
     let noop = noop_probe("noop", &runtime)?;
-    let path = std::env::temp_dir().join(format!("jobhost-bench-{}.log", std::process::id()));
+    let scratch = Scratch::new("bench-log");
+    let path = scratch.join("host.log");
     let switch = log::LogSwitch::install(&path)?.context("row 1o needs RUST_LOG unset")?;
     let modes = [
         log::Mode::Off,
@@ -229,7 +230,6 @@ async fn log_only(url: &str, opts: &Alone) -> anyhow::Result<String> {
         }
         switch.set(log::Mode::Off)?;
     }
-    let _ = std::fs::remove_file(&path);
     Ok(out)
 }
 
@@ -718,7 +718,8 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     let mut slots = Slots(0);
     let mut md = String::new();
     // The host's log, off except for row 1o's runs.
-    let log_path = std::env::temp_dir().join(format!("jobhost-bench-{}.log", std::process::id()));
+    let log_dir = Scratch::new("bench-log");
+    let log_path = log_dir.join("host.log");
     let log_switch = log::LogSwitch::install(&log_path)?;
 
     // 1. A no-op run, whole path, plugin vs native.
@@ -790,7 +791,6 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     let (l_mean, l_p50, l_p99) = stats(lean_t);
     let (n_mean, n_p50, n_p99) = stats(native_t);
     let noop_ratio = p_mean.as_secs_f64() / n_mean.as_secs_f64();
-    let _ = std::fs::remove_file(&log_path);
     // 1m. What the run's metrics cost (every run pays them; no path is
     // without them to compare with).
     let metrics_per_run = metrics_cost(s.rounds);
@@ -1471,16 +1471,13 @@ async fn open_bench_run(
 fn plugin_startup(path: &Path, n: usize) -> anyhow::Result<(Duration, Duration, usize)> {
     let (mut cold, mut warm) = (Vec::new(), Vec::new());
     for i in 0..n {
-        let cache =
-            std::env::temp_dir().join(format!("jobhost-bench-cache-{}-{i}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&cache);
+        let cache = Scratch::new(&format!("bench-cache-{i}"));
         for times in [&mut cold, &mut warm] {
             let rt = Runtime::with_options(Some(&cache), false)?;
             let t = Instant::now();
             rt.load(path)?;
             times.push(t.elapsed());
         }
-        let _ = std::fs::remove_dir_all(&cache);
     }
     Ok((stats(cold).1, stats(warm).1, n))
 }
@@ -1506,9 +1503,7 @@ fn latency_row(md: &mut String, label: &str, what: &str, sorted: &[Duration]) {
 /// database; the publisher compiles without their cache (as from another
 /// machine), so each host compiles the new version itself.
 async fn publish_latency(url: &str, n: usize) -> anyhow::Result<Vec<Duration>> {
-    let dir = std::env::temp_dir().join(format!("jobhost-bench-publish-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
+    let dir = Scratch::new("bench-publish");
     let version = |v: usize| jobhost_tests::probe_variant(&format!("bench-publish-{v}"));
     let pool = PgPoolOptions::new().max_connections(2).connect(url).await?;
     let publisher = Arc::new(Runtime::new()?);
@@ -1587,7 +1582,6 @@ async fn publish_latency(url: &str, n: usize) -> anyhow::Result<Vec<Duration>> {
         host.await??;
     }
     pool.close().await;
-    let _ = std::fs::remove_dir_all(&dir);
     latencies.sort();
     Ok(latencies)
 }
@@ -1672,13 +1666,12 @@ async fn fleet_work(
 /// fills the compile cache) and returns (start-up, RSS after load, RSS
 /// before load) of the child.
 fn footprint(n: usize, plugin: &Path, run_secs: u64, url: &str) -> anyhow::Result<Footprint> {
-    let cache =
-        std::env::temp_dir().join(format!("jobhost-bench-footprint-{}", std::process::id()));
+    let cache = Scratch::new("bench-footprint");
     let run = |n: usize, secs: u64| -> anyhow::Result<Footprint> {
         let out = std::process::Command::new(std::env::current_exe()?)
             .args(["--footprint", &n.to_string()])
             .arg(plugin)
-            .arg(&cache)
+            .arg(cache.path())
             .args([&secs.to_string(), url])
             .output()?;
         anyhow::ensure!(
@@ -1774,7 +1767,6 @@ async fn footprint_child(
         running = rss_kib();
     }
     println!("{} {after} {before} {running}", elapsed.as_micros());
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
@@ -1804,9 +1796,7 @@ async fn drop_stale_databases(admin: &mut sqlx::PgConnection) -> anyhow::Result<
 }
 
 async fn reload_latency(url: &str, n: usize) -> anyhow::Result<Vec<Duration>> {
-    let dir = std::env::temp_dir().join(format!("jobhost-bench-reload-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
+    let dir = Scratch::new("bench-reload");
     // A custom section makes a new file (and sha256) that behaves the same.
     let version = |v: usize| jobhost_tests::probe_variant(&format!("bench-reload-{v}"));
     std::fs::write(dir.join("probe.wasm"), version(0))?;
@@ -1861,7 +1851,6 @@ async fn reload_latency(url: &str, n: usize) -> anyhow::Result<Vec<Duration>> {
     let _ = stop.send(());
     host.await??;
     pool.close().await;
-    let _ = std::fs::remove_dir_all(&dir);
     latencies.sort();
     Ok(latencies)
 }
