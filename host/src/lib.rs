@@ -58,7 +58,8 @@
 //! - [`inspect`]: `status` and `locks` for operators (what they look at).
 //! - [`metrics`]: the host's Prometheus metrics.
 //! - [`logging`]: the process's log, written off the runs' threads (a
-//!   stalled stdout drops and counts lines instead of stopping the host).
+//!   stalled stdout drops and counts lines instead of stopping the host),
+//!   filtered by `RUST_LOG` without work on each poll of a run.
 //! - [`serve`]: `[host] listen`: `/metrics`, `/healthz`, the read-only
 //!   dashboard.
 //! - [`operate`]: `run-now`, `history`, `pause`/`resume` (what they do).

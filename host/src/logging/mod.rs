@@ -17,8 +17,15 @@
 //!
 //! Commands that print and exit (`status`, `locks`, …) write their few lines
 //! directly, so that a warning keeps its place before their output.
+//!
+//! `RUST_LOG` is read by [`Filter`]: `tracing-subscriber`'s `EnvFilter`,
+//! spared the lock it takes at each entry into a span (each poll of a run)
+//! unless a directive names a span ([`filter`]).
 
+pub mod filter;
 pub mod queue;
+
+pub use filter::Filter;
 
 use std::io::IsTerminal as _;
 use std::sync::OnceLock;
@@ -69,8 +76,8 @@ static BACKGROUND: OnceLock<queue::Lines> = OnceLock::new();
 /// The count [`report_dropped`] last reported.
 static REPORTED: AtomicU64 = AtomicU64::new(0);
 
-/// Installs the process's subscriber: `RUST_LOG` filters (default
-/// [`DEFAULT_FILTER`]), in `format`, to stdout through `writer`.
+/// Installs the process's subscriber: `RUST_LOG` filters ([`Filter`];
+/// default [`DEFAULT_FILTER`]), in `format`, to stdout through `writer`.
 pub fn init(format: LogFormat, writer: Writer) -> Logging {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
@@ -90,10 +97,8 @@ pub fn init(format: LogFormat, writer: Writer) -> Logging {
             }
         },
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| DEFAULT_FILTER.into());
     tracing_subscriber::registry()
-        .with(filter)
+        .with(Filter::from_env_or(DEFAULT_FILTER))
         .with(layer(format, out, std::io::stdout().is_terminal()))
         .init();
     Logging { _writer: writer }

@@ -17,10 +17,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use jobhost::logging::queue;
-use jobhost::logging::{DEFAULT_FILTER, LogFormat};
+use jobhost::logging::{DEFAULT_FILTER, Filter, LogFormat};
 use std::sync::atomic::AtomicU8;
 use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
-use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::fmt::writer::{BoxMakeWriter, EitherWriter};
 use tracing_subscriber::layer::SubscriberExt as _;
@@ -43,7 +42,7 @@ pub enum Mode {
 
 /// The process's switchable log.
 pub struct LogSwitch {
-    filter: reload::Handle<EnvFilter, tracing_subscriber::Registry>,
+    filter: reload::Handle<Filter, tracing_subscriber::Registry>,
     writer: Arc<AtomicU8>,
     _queue: queue::Guard,
     _appender: WorkerGuard,
@@ -90,7 +89,7 @@ impl LogSwitch {
             .lossy(true)
             .finish(SharedFile(Arc::clone(&file)));
         let writer = Arc::new(AtomicU8::new(0));
-        let (filter, handle) = reload::Layer::new(EnvFilter::new("off"));
+        let (filter, handle) = reload::Layer::new(Filter::new("off")?);
         tracing_subscriber::registry()
             .with(filter)
             .with(jobhost::logging::layer(
@@ -124,7 +123,7 @@ impl LogSwitch {
             Mode::Off => "off",
             Mode::Background | Mode::Direct | Mode::Appender => DEFAULT_FILTER,
         };
-        self.filter.reload(EnvFilter::new(filter))?;
+        self.filter.reload(Filter::new(filter)?)?;
         Ok(())
     }
 }
