@@ -216,16 +216,17 @@ async fn log_only(url: &str, opts: &Alone) -> anyhow::Result<String> {
         for i in 0..modes.len() {
             let mode = modes[(round + i) % modes.len()];
             switch.set(mode)?;
-            let (c, t) = (cpu_seconds(), Instant::now());
+            let (c, t, stolen) = (cpu_seconds(), Instant::now(), Steal::now());
             let mut times = Vec::with_capacity(n);
             native_noop_runs(&runner, &noop, &mut slots, n, &mut times).await?;
-            let (cpu, wall) = (cpu_seconds() - c, t.elapsed());
+            let (cpu, wall, stolen) = (cpu_seconds() - c, t.elapsed(), stolen.since());
             let _ = writeln!(
                 out,
-                "round {round} {mode:?}: p50 {:.1} µs, {:.1} µs wall, {:.1} µs host CPU per run",
+                "round {round} {mode:?}: p50 {:.1} µs, {:.1} µs wall, {:.1} µs host CPU per run; CPU steal {:.1} %",
                 us(stats(times).1),
                 wall.as_secs_f64() * 1e6 / n as f64,
-                cpu * 1e6 / n as f64
+                cpu * 1e6 / n as f64,
+                stolen * 100.0
             );
         }
         switch.set(log::Mode::Off)?;
@@ -445,6 +446,7 @@ async fn rounds_alone<B: Future<Output = anyhow::Result<()>>>(
     for round in 0..opts.rounds_or(3) {
         for &plugin in opts.paths {
             let (mut cpu, mut wall) = (0.0, Duration::ZERO);
+            let stolen = Steal::now();
             for _ in 0..n {
                 before().await?;
                 let (c, t) = (cpu_seconds(), Instant::now());
@@ -455,13 +457,15 @@ async fn rounds_alone<B: Future<Output = anyhow::Result<()>>>(
                 (cpu, wall) = (cpu + cpu_seconds() - c, wall + t.elapsed());
                 ok(r)?;
             }
+            let stolen = stolen.since();
             let (held_mean, held_p50) = lock_held(pool, n).await?;
             let _ = writeln!(
                 out,
-                "round {round} {}: {:.1} µs wall, {:.1} µs host CPU per {what}; lock held {held_mean:.1} µs (p50 {held_p50:.1})",
+                "round {round} {}: {:.1} µs wall, {:.1} µs host CPU per {what}; lock held {held_mean:.1} µs (p50 {held_p50:.1}); CPU steal {:.1} %",
                 if plugin { "plugin" } else { "native" },
                 wall.as_secs_f64() * 1e6 / n as f64,
-                cpu * 1e6 / n as f64
+                cpu * 1e6 / n as f64,
+                stolen * 100.0
             );
         }
     }
@@ -717,12 +721,17 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     };
     let mut slots = Slots(0);
     let mut md = String::new();
+    // How much CPU the VM's host took from this machine, per section: a row
+    // measured while it took a lot is noise, not a regression.
+    let whole_run = Steal::now();
+    let mut steal: Vec<(&str, f64)> = Vec::new();
     // The host's log, off except for row 1o's runs.
     let log_dir = Scratch::new("bench-log");
     let log_path = log_dir.join("host.log");
     let log_switch = log::LogSwitch::install(&log_path)?;
 
     // 1. A no-op run, whole path, plugin vs native.
+    let section = Steal::now();
     let noop = noop_probe("noop", &pooled_runtime)?;
     // The same guest built for wasm32-unknown-unknown (no WASI): a lean
     // component, measured in the same rounds.
@@ -795,7 +804,9 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     // without them to compare with).
     let metrics_per_run = metrics_cost(s.rounds);
 
+    steal.push(("rows 1–1o", section.since()));
     // 2. The 50-row integrity-hash batch, plugin vs native (same SQL, SHA-256 in Rust).
+    let section = Steal::now();
     let hash = hash_job(&pooled_runtime)?;
     let (mut plugin_h, mut native_h) = (Duration::ZERO, Duration::ZERO);
     // Throughput ratio per group of iterations (5 groups), for median and spread.
@@ -826,7 +837,9 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     let rows = (50 * s.hash_iterations) as f64;
     let (plugin_rps, native_rps) = (rows / plugin_h.as_secs_f64(), rows / native_h.as_secs_f64());
 
+    steal.push(("row 2", section.since()));
     // 3. Instantiation of a pre-instantiated component: on-demand vs pooling.
+    let section = Steal::now();
     let on_demand = runtime.load(Path::new(guests::TEST_CORE_PROBE))?;
     let pooled = pooled_runtime.load(Path::new(guests::TEST_CORE_PROBE))?;
     let n = s.instantiations;
@@ -842,7 +855,9 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     let ((floor_mean, floor_p50, _), _) =
         instantiations(n, || pooled_runtime.instantiate_floor(&floor)).await?;
 
+    steal.push(("rows 3–3′", section.since()));
     // 4. One SQL call through the WIT interface vs sqlx directly, same transaction.
+    let section = Steal::now();
     let n = s.selects.to_string();
     let selects = job(
         "selects",
@@ -878,6 +893,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     let wit_call = (wit.saturating_sub(wit_noop)).as_secs_f64() / calls;
     let direct_call = (direct.saturating_sub(direct_noop)).as_secs_f64() / calls;
 
+    steal.push(("row 4", section.since()));
     // 4′. The post-run verification (hygiene): the closing query of an `ok`
     // run with and without the session checks, alternating on one
     // connection, and the checks on a miss of their fingerprint (the full
@@ -981,6 +997,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     let one = fleet(1).await?;
     let three = fleet(3).await?;
 
+    let section = Steal::now();
     // 5. Scheduler scale: K no-op jobs at a 1 s cadence on one host, first
     // all on the epoch-aligned grid (offset 0s), then with the default
     // name-derived offsets: the same run shows what spreading buys.
@@ -1004,6 +1021,8 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         }
     }
 
+    steal.push(("rows 5a–5b′", section.since()));
+    steal.push(("the whole run", whole_run.since()));
     // The report.
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -1321,6 +1340,15 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         spread.lags.len(),
         spread.cpu,
         spread.elapsed,
+    );
+    let _ = writeln!(
+        md,
+        "\nCPU steal (the time the VM's host took from this machine's CPUs, `/proc/stat`; of all its CPU time, idle included; a row measured while it was more than a few % is noise, not a regression): {}.",
+        steal
+            .iter()
+            .map(|(rows, share)| format!("{rows}: {:.1} %", share * 100.0))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     pool.close().await;
     drop(via_pooler);
@@ -2084,6 +2112,43 @@ fn native_selects(
         }
         Ok(format!("{n} selects"))
     })
+}
+
+/// The machine's CPU time so far, from `/proc/stat`'s `cpu` line: all of
+/// it, and the part the hypervisor gave to others (steal).
+struct Steal {
+    total: u64,
+    stolen: u64,
+}
+
+impl Steal {
+    fn now() -> Steal {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        // cpu  user nice system idle iowait irq softirq steal guest guest_nice
+        let ticks: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|t| t.parse().ok())
+            .collect();
+        Steal {
+            // guest time is counted in user time already.
+            total: ticks.iter().take(8).sum(),
+            stolen: ticks.get(7).copied().unwrap_or(0),
+        }
+    }
+
+    /// The share of the machine's CPU time stolen since `self`.
+    fn since(&self) -> f64 {
+        let now = Steal::now();
+        let total = now.total.saturating_sub(self.total);
+        match total {
+            0 => 0.0,
+            _ => now.stolen.saturating_sub(self.stolen) as f64 / total as f64,
+        }
+    }
 }
 
 /// CPU seconds (user + system) this process has used.
