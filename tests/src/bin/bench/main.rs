@@ -724,7 +724,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     // How much CPU the VM's host took from this machine, per section: a row
     // measured while it took a lot is noise, not a regression.
     let whole_run = Steal::now();
-    let mut steal: Vec<(&str, f64)> = Vec::new();
+    let mut steal = StealBySection::default();
     // The host's log, off except for row 1o's runs.
     let log_dir = Scratch::new("bench-log");
     let log_path = log_dir.join("host.log");
@@ -804,7 +804,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     // without them to compare with).
     let metrics_per_run = metrics_cost(s.rounds);
 
-    steal.push(("rows 1–1o", section.since()));
+    steal.0.push((ROWS_1, section.since()));
     // 2. The 50-row integrity-hash batch, plugin vs native (same SQL, SHA-256 in Rust).
     let section = Steal::now();
     let hash = hash_job(&pooled_runtime)?;
@@ -837,7 +837,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     let rows = (50 * s.hash_iterations) as f64;
     let (plugin_rps, native_rps) = (rows / plugin_h.as_secs_f64(), rows / native_h.as_secs_f64());
 
-    steal.push(("row 2", section.since()));
+    steal.0.push((ROW_2, section.since()));
     // 3. Instantiation of a pre-instantiated component: on-demand vs pooling.
     let section = Steal::now();
     let on_demand = runtime.load(Path::new(guests::TEST_CORE_PROBE))?;
@@ -855,7 +855,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     let ((floor_mean, floor_p50, _), _) =
         instantiations(n, || pooled_runtime.instantiate_floor(&floor)).await?;
 
-    steal.push(("rows 3–3′", section.since()));
+    steal.0.push((ROWS_3, section.since()));
     // 4. One SQL call through the WIT interface vs sqlx directly, same transaction.
     let section = Steal::now();
     let n = s.selects.to_string();
@@ -893,7 +893,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     let wit_call = (wit.saturating_sub(wit_noop)).as_secs_f64() / calls;
     let direct_call = (direct.saturating_sub(direct_noop)).as_secs_f64() / calls;
 
-    steal.push(("row 4", section.since()));
+    steal.0.push((ROW_4, section.since()));
     // 4′. The post-run verification (hygiene): the closing query of an `ok`
     // run with and without the session checks, alternating on one
     // connection, and the checks on a miss of their fingerprint (the full
@@ -1021,8 +1021,8 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         }
     }
 
-    steal.push(("rows 5a–5b′", section.since()));
-    steal.push(("the whole run", whole_run.since()));
+    steal.0.push((ROWS_5, section.since()));
+    steal.0.push(("the whole run", whole_run.since()));
     // The report.
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -1058,7 +1058,11 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         "| # | measure | jobhost (wasm) | native / reference | ratio | target | met |"
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|");
-    let met = |b: bool| if b { "yes" } else { "no" };
+    let met = |b: bool, section: &str| steal.verdict(b, section);
+    // Rows 7 and 8: the database's counters, memory, and a start-up two
+    // orders of magnitude inside its target; what the hypervisor takes
+    // does not decide them.
+    let counted = |b: bool| if b { "yes" } else { "no" };
     let _ = noop_ratio;
     let (noop_med, noop_lo, noop_hi) = noop_rounds.median();
     let _ = writeln!(
@@ -1071,7 +1075,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         us(n_mean),
         us(n_p50),
         us(n_p99),
-        met(noop_med <= 1.05)
+        met(noop_med <= 1.05, ROWS_1)
     );
     let ((ph, ph_lo, ph_hi), (nh, nh_lo, nh_hi)) = (plugin_held.median(), native_held.median());
     let _ = writeln!(
@@ -1088,7 +1092,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         us(l_mean),
         us(l_p50),
         us(l_p99),
-        met(lean_med <= 1.05)
+        met(lean_med <= 1.05, ROWS_1)
     );
     match log_switch {
         Some(_) => {
@@ -1124,7 +1128,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     let _ = writeln!(
         md,
         "| 2 | 50-row integrity-hash batch, throughput; ratio = median over 5 groups (spread) | {plugin_rps:.0} rows/s | {native_rps:.0} rows/s | {hash_med:.2}× ({hash_lo:.2}–{hash_hi:.2}) | ≥ 0.95× (issue 17) | {} |",
-        met(hash_med >= 0.95)
+        met(hash_med >= 0.95, ROW_2)
     );
     let _ = writeln!(
         md,
@@ -1134,7 +1138,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         us(od_mean),
         us(od_p50),
         po_mean.as_secs_f64() / od_mean.as_secs_f64(),
-        met(us(po_mean) <= 5.0)
+        met(us(po_mean) <= 5.0, ROWS_3)
     );
     let _ = writeln!(
         md,
@@ -1143,7 +1147,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         us(lean_p50),
         us(po_mean),
         lean_mean.as_secs_f64() / po_mean.as_secs_f64(),
-        met(us(lean_mean) <= 5.0)
+        met(us(lean_mean) <= 5.0, ROWS_3)
     );
     let _ = writeln!(
         md,
@@ -1168,7 +1172,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         s.rounds,
         wit_call * 1e6,
         direct_call * 1e6,
-        met(sql_ratio <= 1.10)
+        met(sql_ratio <= 1.10, ROW_4)
     );
     let _ = writeln!(
         md,
@@ -1237,9 +1241,12 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
             r.expected_runs,
             r.max_conns,
             r.cpu / r.elapsed,
-            met(r.per_second_p99.median().0 <= target_ms
-                && r.max_conns <= 10
-                && r.lags.len() as f64 >= r.expected_runs * 0.9)
+            met(
+                r.per_second_p99.median().0 <= target_ms
+                    && r.max_conns <= 10
+                    && r.lags.len() as f64 >= r.expected_runs * 0.9,
+                ROWS_5
+            )
         );
     }
     let _ = writeln!(
@@ -1291,7 +1298,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         one.2,
         three.0 / one.0,
         three.1 / one.1,
-        met(three.0 / one.0 <= 1.5 && three.1 / one.1 <= 1.5),
+        counted(three.0 / one.0 <= 1.5 && three.1 / one.1 <= 1.5),
     );
     for (what, n, f) in &footprints {
         let mb = |kib: u64| kib as f64 / 1024.0;
@@ -1316,7 +1323,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
             mb(f.before_kib),
             mb(f.loaded_kib),
             mb(f.running_kib),
-            ok.map_or("", met),
+            ok.map_or("", counted),
         );
     }
     match &polyglot_rows {
@@ -1345,6 +1352,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         md,
         "\nCPU steal (the time the VM's host took from this machine's CPUs, `/proc/stat`; of all its CPU time, idle included; a row measured while it was more than a few % is noise, not a regression): {}.",
         steal
+            .0
             .iter()
             .map(|(rows, share)| format!("{rows}: {:.1} %", share * 100.0))
             .collect::<Vec<_>>()
@@ -2112,6 +2120,36 @@ fn native_selects(
         }
         Ok(format!("{n} selects"))
     })
+}
+
+/// The groups of rows whose CPU steal the report gives.
+const ROWS_1: &str = "rows 1–1o";
+const ROW_2: &str = "row 2";
+const ROWS_3: &str = "rows 3–3′";
+const ROW_4: &str = "row 4";
+const ROWS_5: &str = "rows 5a–5b′";
+
+/// A verdict taken while the hypervisor took more than this share of the
+/// machine's CPU time is marked as noise: on this project's 2-vCPU VMs,
+/// a few % of the whole machine is a large part of what a row was using.
+const NOISY_STEAL: f64 = 0.02;
+
+/// The CPU steal of each group of rows, in the order measured.
+#[derive(Default)]
+struct StealBySection(Vec<(&'static str, f64)>);
+
+impl StealBySection {
+    /// A target's verdict for a row of `section`: "yes" or "no", with the
+    /// steal it was taken under when that was enough to decide it.
+    fn verdict(&self, met: bool, section: &str) -> String {
+        let verdict = if met { "yes" } else { "no" };
+        match self.0.iter().find(|(s, _)| *s == section) {
+            Some((_, share)) if *share > NOISY_STEAL => {
+                format!("{verdict} (under {:.1} % CPU steal: noise)", share * 100.0)
+            }
+            _ => verdict.to_owned(),
+        }
+    }
 }
 
 /// The machine's CPU time so far, from `/proc/stat`'s `cpu` line: all of
