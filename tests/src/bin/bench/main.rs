@@ -804,7 +804,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     // without them to compare with).
     let metrics_per_run = metrics_cost(s.rounds);
 
-    steal.0.push((ROWS_1, section.since()));
+    steal.record(ROWS_1, &section);
     // 2. The 50-row integrity-hash batch, plugin vs native (same SQL, SHA-256 in Rust).
     let section = Steal::now();
     let hash = hash_job(&pooled_runtime)?;
@@ -837,7 +837,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     let rows = (50 * s.hash_iterations) as f64;
     let (plugin_rps, native_rps) = (rows / plugin_h.as_secs_f64(), rows / native_h.as_secs_f64());
 
-    steal.0.push((ROW_2, section.since()));
+    steal.record(ROW_2, &section);
     // 3. Instantiation of a pre-instantiated component: on-demand vs pooling.
     let section = Steal::now();
     let on_demand = runtime.load(Path::new(guests::TEST_CORE_PROBE))?;
@@ -855,7 +855,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     let ((floor_mean, floor_p50, _), _) =
         instantiations(n, || pooled_runtime.instantiate_floor(&floor)).await?;
 
-    steal.0.push((ROWS_3, section.since()));
+    steal.record(ROWS_3, &section);
     // 4. One SQL call through the WIT interface vs sqlx directly, same transaction.
     let section = Steal::now();
     let n = s.selects.to_string();
@@ -893,7 +893,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     let wit_call = (wit.saturating_sub(wit_noop)).as_secs_f64() / calls;
     let direct_call = (direct.saturating_sub(direct_noop)).as_secs_f64() / calls;
 
-    steal.0.push((ROW_4, section.since()));
+    steal.record(ROW_4, &section);
     // 4′. The post-run verification (hygiene): the closing query of an `ok`
     // run with and without the session checks, alternating on one
     // connection, and the checks on a miss of their fingerprint (the full
@@ -1021,8 +1021,8 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
         }
     }
 
-    steal.0.push((ROWS_5, section.since()));
-    steal.0.push(("the whole run", whole_run.since()));
+    steal.record(ROWS_5, &section);
+    steal.record("the whole run", &whole_run);
     // The report.
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -1350,7 +1350,8 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     );
     let _ = writeln!(
         md,
-        "\nCPU steal (the time the VM's host took from this machine's CPUs, `/proc/stat`; of all its CPU time, idle included; a row measured while it was more than a few % is noise, not a regression): {}.",
+        "\nCPU steal (the time the VM's host took from this machine's CPUs, `/proc/stat`; of all its CPU time, idle included; a verdict taken under more than {:.0} % says so, as noise, not a regression): {}.",
+        NOISY_STEAL * 100.0,
         steal
             .0
             .iter()
@@ -2139,6 +2140,11 @@ const NOISY_STEAL: f64 = 0.02;
 struct StealBySection(Vec<(&'static str, f64)>);
 
 impl StealBySection {
+    /// Notes the steal of `section` since `from`.
+    fn record(&mut self, section: &'static str, from: &Steal) {
+        self.0.push((section, from.since()));
+    }
+
     /// A target's verdict for a row of `section`: "yes" or "no", with the
     /// steal it was taken under when that was enough to decide it.
     fn verdict(&self, met: bool, section: &str) -> String {
