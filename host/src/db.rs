@@ -201,7 +201,7 @@ pub async fn connect(
             baseline
         }
     };
-    let pool = PgPoolOptions::new()
+    let pool = crate::pools::pool_options()
         .max_connections(pool_size)
         .acquire_timeout(Duration::from_secs(10))
         .connect_with(options)
@@ -452,6 +452,23 @@ pub fn backstops_sql(timeout_ms: u128) -> String {
     format!(
         "set local statement_timeout = {timeout_ms};\nset local idle_in_transaction_session_timeout = {idle_ms}"
     )
+}
+
+/// Whether `e` says the connection itself is gone (closed by the server,
+/// reset, broken mid-message) rather than that a statement failed: then
+/// nothing of its transaction was kept, and the connection is of no further
+/// use. The server says so itself when it closes a session on purpose:
+/// SQLSTATE class 08 (connection exception) and 57P (`admin_shutdown` for
+/// `pg_terminate_backend` and a fast shutdown, `crash_shutdown`,
+/// `cannot_connect_now`, `idle_session_timeout`).
+pub fn connection_lost(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
+        _ => false,
+    }
 }
 
 /// `application_name` for a host's connections; Postgres truncates it at 63 bytes.

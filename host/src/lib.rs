@@ -15,10 +15,13 @@
 //!   direct connection for what needs a real session), the host's migrations
 //!   and run history.
 //! - [`pools`]: the run connections: the host's pool for jobs without a
-//!   role, one pool per job role that logs in as it, within one budget.
+//!   role, one pool per job role that logs in as it, within one budget;
+//!   the options every pool is made from (no round trip to check a
+//!   connection that went from run to run).
 //! - [`guard`]: the SQL scope guard (pg_query) every plugin statement passes.
 //! - [`tx`]: the transaction a run opens by hand: deadline in its `BEGIN`,
-//!   verified end, never reused after an interruption.
+//!   opened again on another connection if its own was closed by the
+//!   server, verified end, never reused after an interruption.
 //! - [`hygiene`]: the proof after every run that the connection carries
 //!   nothing into its next use (locks, settings, temporary objects), and
 //!   the clean settings states it learns so as to skip the dear read.

@@ -65,6 +65,15 @@ impl OpenTx {
     /// Sends `BEGIN` and `setup` (statements that must be in force before
     /// anything else runs, e.g. the run's deadline) as one simple query.
     /// `pooler` is what the connection's pool leads to.
+    ///
+    /// A pooled connection may turn out to be gone (the server closed it
+    /// while it sat idle: [`crate::pools::pool_options`]). Such a connection is
+    /// closed, and the transaction opened on another from the same pool, in
+    /// the same place in the budget: nothing of a transaction whose
+    /// connection died was kept (no `COMMIT` was sent), so opening it again
+    /// is safe. At most as many times as the pool has connections, each
+    /// time on another (the gone one is closed); a connection taken outside
+    /// [`crate::pools::RunPools`] is not replaced.
     pub async fn begin(conn: impl Into<Leased>, setup: &str, pooler: Pooler) -> sqlx::Result<Self> {
         Ok(Self::begin_fetch(conn, setup, pooler).await?.0)
     }
@@ -76,21 +85,38 @@ impl OpenTx {
         setup: &str,
         pooler: Pooler,
     ) -> sqlx::Result<(Self, Vec<PgRow>)> {
-        let Leased { mut conn, permit } = conn.into();
+        let Leased {
+            mut conn,
+            permit,
+            pool,
+        } = conn.into();
         let sql = if setup.is_empty() {
             "begin".to_owned()
         } else {
             format!("begin;\n{setup}")
         };
-        let rows = match sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-            .fetch_all(&mut *conn)
-            .await
-        {
-            Ok(rows) => rows,
-            Err(e) => {
-                // The connection's state is unknown: do not hand it back.
-                conn.close_on_drop();
-                return Err(e);
+        let mut replaced = 0;
+        let rows = loop {
+            match sqlx::raw_sql(sqlx::AssertSqlSafe(sql.as_str()))
+                .fetch_all(&mut *conn)
+                .await
+            {
+                Ok(rows) => break rows,
+                Err(e) => {
+                    // The connection's state is unknown: do not hand it back.
+                    conn.close_on_drop();
+                    match &pool {
+                        Some(pool)
+                            if crate::db::connection_lost(&e)
+                                && replaced < pool.options().get_max_connections() =>
+                        {
+                            tracing::info!(error = %e, "a pooled connection was gone; opening the transaction on another");
+                            replaced += 1;
+                            conn = pool.acquire().await?;
+                        }
+                        _ => return Err(e),
+                    }
+                }
             }
         };
         let tx = Self {

@@ -742,3 +742,124 @@ async fn a_runs_future_is_small_for_its_caller(pool: PgPool) {
     // Still a run like any other.
     finished(run.await.unwrap(), Outcome::Ok);
 }
+
+/// Where `pool`'s server listens, as `host:port`.
+fn server_address(pool: &PgPool) -> String {
+    let options = pool.connect_options();
+    format!("{}:{}", options.get_host(), options.get_port())
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_run_sends_its_two_queries_and_no_check_before_them(pool: PgPool) {
+    // DESIGN §5: a run is two round trips, the opening simple query and the
+    // closing one, on a connection its pool lends from run to run. sqlx's
+    // pools check a connection with a `Sync` (`ping`, a round trip) when it
+    // is lent, by default, and always when it is given back: the second is
+    // sqlx 0.9's own and cannot be turned off, but it is sent after the
+    // run's commit, by the pool. On one connection, in order: Q (opening),
+    // Q (closing), S (given back), and no S before a run's first Q.
+    let tap = jobhost_tests::WireTap::start(&server_address(&pool)).await;
+    let host_pool = jobhost::pools::pool_options()
+        .max_connections(1)
+        .connect_with(tap.options(&pool.connect_options()))
+        .await
+        .unwrap();
+    let runner = runner(&host_pool);
+    let job = probe("round-trips", "noop");
+    // The first run meets a fresh connection (its start-up, and sqlx's
+    // statements for the types it decodes).
+    finished(runner.run(&job, slot(1)).await.unwrap(), Outcome::Ok);
+    wait_for(
+        Duration::from_secs(5),
+        "the connection's return",
+        || async { tap.peek().ends_with('S') },
+    )
+    .await;
+    tap.take();
+    for n in 2..5 {
+        finished(runner.run(&job, slot(n)).await.unwrap(), Outcome::Ok);
+    }
+    wait_for(Duration::from_secs(5), "the last return", || async {
+        tap.peek().matches('S').count() >= 3
+    })
+    .await;
+    assert_eq!(
+        tap.take(),
+        "QQSQQSQQS",
+        "three runs, as the host sent them (Q: a simple query, S: a Sync)"
+    );
+    host_pool.close().await;
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_connection_the_server_closed_costs_the_next_run_nothing(pool: PgPool) {
+    // A restart, `pg_terminate_backend` or `idle_session_timeout` closes the
+    // pool's idle connections. Lent untested (used a moment ago), each fails
+    // the opening query it is sent, and the run opens on another; the last
+    // is a new one.
+    let app = "jobhost-test-closed-by-server";
+    let host_pool = jobhost::pools::pool_options()
+        .max_connections(2)
+        .connect_with(
+            pool.connect_options()
+                .as_ref()
+                .clone()
+                .application_name(app),
+        )
+        .await
+        .unwrap();
+    let runner = runner(&host_pool);
+    let job = probe("outlives-its-connections", "noop");
+    finished(runner.run(&job, slot(1)).await.unwrap(), Outcome::Ok);
+    // Both of the pool's connections open and idle.
+    let (a, b) = (
+        host_pool.acquire().await.unwrap(),
+        host_pool.acquire().await.unwrap(),
+    );
+    drop((a, b));
+    let closed: i64 = sqlx::query_scalar(
+        "select count(*) from (select pg_terminate_backend(pid) from pg_stat_activity
+                                where application_name = $1) t",
+    )
+    .bind(app)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(closed, 2);
+    wait_for(
+        Duration::from_secs(5),
+        "the closed backends to exit",
+        || async {
+            sqlx::query_scalar::<_, i64>(
+                "select count(*) from pg_stat_activity where application_name = $1",
+            )
+            .bind(app)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+                == 0
+        },
+    )
+    .await;
+
+    let logs = LogCapture::start();
+    finished(runner.run(&job, slot(2)).await.unwrap(), Outcome::Ok);
+    let replaced = logs.text().matches("a pooled connection was gone").count();
+    assert_eq!(
+        replaced,
+        2,
+        "both closed connections were met and replaced: {}",
+        logs.text()
+    );
+    let outcomes: Vec<String> = runs(&pool, "outlives-its-connections")
+        .await
+        .into_iter()
+        .map(|(outcome, _)| outcome)
+        .collect();
+    assert_eq!(
+        outcomes,
+        ["ok", "ok"],
+        "no failure recorded for the closed connections"
+    );
+    host_pool.close().await;
+}

@@ -118,6 +118,9 @@ pub fn job_config(name: &str, plugin: &str, config: &[(&str, &str)]) -> jobhost:
     }
 }
 
+pub mod wire_tap;
+pub use wire_tap::WireTap;
+
 /// A PgBouncer process of a test's (or the benchmark's) own: Debian's
 /// `pgbouncer` on a free loopback port in front of the server
 /// `DATABASE_URL` names, stopped when dropped.

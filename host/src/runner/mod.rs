@@ -31,7 +31,9 @@
 //!    no unlock call anywhere. A run cut off mid-flight (timeout, shutdown)
 //!    has its connection closed instead and is recorded on a fresh one.
 //!
-//! A run is two round trips and one transaction, and writes one row.
+//! A run is two round trips and one transaction, and writes one row (the
+//! pools lend a connection that went from run to run without a round trip
+//! to check it: [`crate::pools::pool_options`]).
 //!
 //! `session` jobs (long ones) take a different lock path, in
 //! `runner/session.rs`; the history checks under the lock

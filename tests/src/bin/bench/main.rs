@@ -184,7 +184,7 @@ async fn stop_signal() -> &'static str {
 /// What a row measured alone starts from: a migrated database of its own
 /// and a pooled runtime of `opts.slots` slots.
 async fn alone(url: &str, opts: &Alone) -> anyhow::Result<(sqlx::PgPool, Arc<Runtime>)> {
-    let pool = PgPoolOptions::new()
+    let pool = jobhost::pools::pool_options()
         .max_connections(10)
         .connect(url)
         .await?;
@@ -694,7 +694,8 @@ fn us(d: Duration) -> f64 {
 }
 
 async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
-    let pool = PgPoolOptions::new()
+    // The runs' pool is made as the host makes its own.
+    let pool = jobhost::pools::pool_options()
         .max_connections(10)
         .connect(url)
         .await?;
@@ -1662,7 +1663,10 @@ async fn fleet_work(
     };
     let mut pools = Vec::new();
     for h in 0..hosts {
-        let p = PgPoolOptions::new().max_connections(4).connect(url).await?;
+        let p = jobhost::pools::pool_options()
+            .max_connections(4)
+            .connect(url)
+            .await?;
         // Connected (and counted) before the window opens.
         sqlx::query("select 1").execute(&p).await?;
         pools.push((p, format!("bench-{tag}-{h}")));
@@ -1788,7 +1792,7 @@ async fn footprint_child(
     // Then run them, every job every second, as the host would.
     let mut running = 0;
     if let (true, Some(url)) = (run_secs > 0, url) {
-        let pool = PgPoolOptions::new()
+        let pool = jobhost::pools::pool_options()
             .max_connections(config.host.pool_size)
             .connect(&url)
             .await?;
@@ -1958,7 +1962,7 @@ async fn pooler_pool(url: &str, size: u32) -> anyhow::Result<sqlx::PgPool> {
         Pooler::Transaction,
         "jobhost:bench-pooler",
     )?;
-    Ok(PgPoolOptions::new()
+    Ok(jobhost::pools::pool_options()
         .max_connections(size)
         .connect_with(options)
         .await?)
@@ -1983,7 +1987,7 @@ async fn scale(
     let scale_pool = match pooler {
         Some(_) => pooler_pool(url, 10).await?,
         None => {
-            PgPoolOptions::new()
+            jobhost::pools::pool_options()
                 .max_connections(10)
                 .connect(url)
                 .await?
