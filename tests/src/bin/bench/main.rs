@@ -14,7 +14,8 @@
 //! valgrind cannot reserve the address space of 64 (1 TiB, every memory's
 //! guard region included), but can that of one.
 //!
-//! Needs `DATABASE_URL` (a user that may create databases); works in a fresh
+//! `--help` lists the flags; an unknown one is refused. Needs `DATABASE_URL`
+//! (a user that may create databases); works in a fresh
 //! database of its own and drops it at the end. Plugin and native runs are
 //! interleaved in rounds so drift (cache warm-up, autovacuum) hits both alike.
 
@@ -67,6 +68,40 @@ const QUICK: Sizes = Sizes {
     scale_secs: 2,
 };
 
+/// What `--help` prints; a flag the benchmark does not know is refused
+/// with it, rather than ignored (a full run takes minutes).
+const USAGE: &str = "\
+usage: jobhost-bench [--quick] [--out FILE]
+       jobhost-bench --only MODE [--path plugin|native|both] [--rounds N] [--slots N]
+
+  --quick    small sizes (CI: keeps the benchmark from rotting)
+  --out FILE also write the report to FILE (BENCHMARKS.md's table)
+  --only     one row alone: polyglot, fleet, noop, log, instant, hash, sql,
+             role or instantiate
+  --path     the plugin's path, its native twin's, or both (noop, hash, sql)
+  --rounds N rounds of an --only mode
+  --slots N  instance pool slots of an --only mode (64; 1 under valgrind)
+
+DATABASE_URL must name a Postgres user that may create databases.
+";
+
+/// Flags followed by a value.
+const VALUED_FLAGS: &[&str] = &["--out", "--only", "--path", "--rounds", "--slots"];
+
+/// Refuses an argument that is not a known flag (or a known flag's value).
+fn check_flags(args: &[String]) -> anyhow::Result<()> {
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        if VALUED_FLAGS.contains(&arg.as_str()) {
+            args.next()
+                .with_context(|| format!("{arg} needs a value\n\n{USAGE}"))?;
+        } else if arg != "--quick" {
+            anyhow::bail!("unknown argument `{arg}`\n\n{USAGE}");
+        }
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -90,6 +125,11 @@ async fn main() -> anyhow::Result<()> {
         let url = args.get(i + 5).cloned();
         return footprint_child(n, Path::new(plugin), Path::new(cache), run_secs, url).await;
     }
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        print!("{USAGE}");
+        return Ok(());
+    }
+    check_flags(&args[1..])?;
     let quick = args.iter().any(|a| a == "--quick");
     let alone_opts = Alone::from_args(&args)?;
     let out = args
