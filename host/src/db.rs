@@ -454,19 +454,21 @@ pub fn backstops_sql(timeout_ms: u128) -> String {
     )
 }
 
-/// Whether `e` says the connection itself is gone (closed by the server,
-/// reset, broken mid-message) rather than that a statement failed: then
-/// nothing of its transaction was kept, and the connection is of no further
-/// use. The server says so itself when it closes a session on purpose:
-/// SQLSTATE class 08 (connection exception) and 57P (`admin_shutdown` for
-/// `pg_terminate_backend` and a fast shutdown, `crash_shutdown`,
-/// `cannot_connect_now`, `idle_session_timeout`).
+/// Whether `e` says the connection was already gone when a statement was
+/// sent on it (closed by the server, reset, cut mid-message), rather than
+/// that the statement failed: then nothing of its transaction was kept, and
+/// the statement may be sent again on another connection. The server says
+/// so itself when it closes a session: `connection_failure` and its kin
+/// (08000, 08003, 08006), `admin_shutdown` (57P01: `pg_terminate_backend`, a
+/// fast shutdown), `crash_shutdown` (57P02), `idle_session_timeout` (57P05).
+/// Not `protocol_violation` (08P01), which PgBouncer also uses to refuse a
+/// client (its `query_wait_timeout`): sending again would wait again.
 pub fn connection_lost(e: &sqlx::Error) -> bool {
     match e {
-        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::Tls(_) => true,
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            ["08000", "08003", "08006", "57P01", "57P02", "57P05"].contains(&code.as_ref())
+        }),
         _ => false,
     }
 }
