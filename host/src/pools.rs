@@ -61,9 +61,10 @@ pub const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
 /// `pg_terminate_backend`, `idle_session_timeout`) is then found by the
 /// first statement sent on it, and opening a transaction replaces it
 /// ([`crate::tx::OpenTx::begin`]). A connection that sat idle long enough
-/// for such news to be likely is still checked first, so the host's own
-/// periodic work (heartbeats, publications) meets a closed connection no
-/// more often than before.
+/// for such news to be likely is still checked first, so the host's work
+/// outside runs (heartbeats, publications, both tried again at their next
+/// turn) meets a closed connection only when the server closed it within
+/// the last [`PING_AFTER_IDLE`].
 pub fn pool_options() -> PgPoolOptions {
     PgPoolOptions::new()
         .test_before_acquire(false)

@@ -256,10 +256,10 @@ async fn log_only(url: &str, opts: &Alone) -> anyhow::Result<String> {
         for i in 0..modes.len() {
             let mode = modes[(round + i) % modes.len()];
             switch.set(mode)?;
-            let (c, t, stolen) = (cpu_seconds(), Instant::now(), Steal::now());
+            let (c, t, stolen) = (cpu_seconds(), Instant::now(), MachineCpu::now());
             let mut times = Vec::with_capacity(n);
             native_noop_runs(&runner, &noop, &mut slots, n, &mut times).await?;
-            let (cpu, wall, stolen) = (cpu_seconds() - c, t.elapsed(), stolen.since());
+            let (cpu, wall, stolen) = (cpu_seconds() - c, t.elapsed(), stolen.steal_since());
             let _ = writeln!(
                 out,
                 "round {round} {mode:?}: p50 {:.1} µs, {:.1} µs wall, {:.1} µs host CPU per run; CPU steal {:.1} %",
@@ -486,7 +486,7 @@ async fn rounds_alone<B: Future<Output = anyhow::Result<()>>>(
     for round in 0..opts.rounds_or(3) {
         for &plugin in opts.paths {
             let (mut cpu, mut wall) = (0.0, Duration::ZERO);
-            let stolen = Steal::now();
+            let (stolen, process) = (MachineCpu::now(), cpu_seconds());
             for _ in 0..n {
                 before().await?;
                 let (c, t) = (cpu_seconds(), Instant::now());
@@ -497,14 +497,16 @@ async fn rounds_alone<B: Future<Output = anyhow::Result<()>>>(
                 (cpu, wall) = (cpu + cpu_seconds() - c, wall + t.elapsed());
                 ok(r)?;
             }
-            let stolen = stolen.since();
+            let database = stolen.busy_seconds_since() - (cpu_seconds() - process);
+            let stolen = stolen.steal_since();
             let (held_mean, held_p50) = lock_held(pool, n).await?;
             let _ = writeln!(
                 out,
-                "round {round} {}: {:.1} µs wall, {:.1} µs host CPU per {what}; lock held {held_mean:.1} µs (p50 {held_p50:.1}); CPU steal {:.1} %",
+                "round {round} {}: {:.1} µs wall, {:.1} µs host CPU, {:.1} µs database CPU per {what}; lock held {held_mean:.1} µs (p50 {held_p50:.1}); CPU steal {:.1} %",
                 if plugin { "plugin" } else { "native" },
                 wall.as_secs_f64() * 1e6 / n as f64,
                 cpu * 1e6 / n as f64,
+                database * 1e6 / n as f64,
                 stolen * 100.0
             );
         }
@@ -550,10 +552,12 @@ async fn instant_only(url: &str, s: &Sizes, opts: &Alone) -> anyhow::Result<Stri
     let noop = noop_probe("noop", &runtime)?;
     let mut out = String::new();
     for round in 0..3 {
+        let (machine, process) = (MachineCpu::now(), cpu_seconds());
         let r = scale(url, None, &pool, &runtime, &noop, s, false).await?;
+        let database = machine.busy_seconds_since() - (cpu_seconds() - process);
         let _ = writeln!(
             out,
-            "round {round}: {} jobs at one instant: start lag p50 / p99 {:.1} / {:.1} ms ({}); {} of {:.0} slots; ≤ {} connections; host CPU {:.2} cores",
+            "round {round}: {} jobs at one instant: start lag p50 / p99 {:.1} / {:.1} ms ({}); {} of {:.0} slots; ≤ {} connections; host CPU {:.2} cores; database CPU {:.0} µs per slot run",
             s.scale_jobs,
             r.pct(0.5),
             r.pct(0.99),
@@ -561,7 +565,8 @@ async fn instant_only(url: &str, s: &Sizes, opts: &Alone) -> anyhow::Result<Stri
             r.lags.len(),
             r.expected_runs,
             r.max_conns,
-            r.cpu / r.elapsed
+            r.cpu / r.elapsed,
+            database * 1e6 / r.lags.len().max(1) as f64
         );
         // Each round's jobs are new: start from an empty history.
         sqlx::query("truncate jobhost.runs").execute(&pool).await?;
@@ -764,7 +769,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     let mut md = String::new();
     // How much CPU the VM's host took from this machine, per section: a row
     // measured while it took a lot is noise, not a regression.
-    let whole_run = Steal::now();
+    let whole_run = MachineCpu::now();
     let mut steal = StealBySection::default();
     // The host's log, off except for row 1o's runs.
     let log_dir = Scratch::new("bench-log");
@@ -772,7 +777,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     let log_switch = log::LogSwitch::install(&log_path)?;
 
     // 1. A no-op run, whole path, plugin vs native.
-    let section = Steal::now();
+    let section = MachineCpu::now();
     let noop = noop_probe("noop", &pooled_runtime)?;
     // The same guest built for wasm32-unknown-unknown (no WASI): a lean
     // component, measured in the same rounds.
@@ -847,7 +852,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
 
     steal.record(ROWS_1, &section);
     // 2. The 50-row integrity-hash batch, plugin vs native (same SQL, SHA-256 in Rust).
-    let section = Steal::now();
+    let section = MachineCpu::now();
     let hash = hash_job(&pooled_runtime)?;
     let (mut plugin_h, mut native_h) = (Duration::ZERO, Duration::ZERO);
     // Throughput ratio per group of iterations (5 groups), for median and spread.
@@ -880,7 +885,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
 
     steal.record(ROW_2, &section);
     // 3. Instantiation of a pre-instantiated component: on-demand vs pooling.
-    let section = Steal::now();
+    let section = MachineCpu::now();
     let on_demand = runtime.load(Path::new(guests::TEST_CORE_PROBE))?;
     let pooled = pooled_runtime.load(Path::new(guests::TEST_CORE_PROBE))?;
     let n = s.instantiations;
@@ -898,7 +903,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
 
     steal.record(ROWS_3, &section);
     // 4. One SQL call through the WIT interface vs sqlx directly, same transaction.
-    let section = Steal::now();
+    let section = MachineCpu::now();
     let n = s.selects.to_string();
     let selects = job(
         "selects",
@@ -1038,7 +1043,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     let one = fleet(1).await?;
     let three = fleet(3).await?;
 
-    let section = Steal::now();
+    let section = MachineCpu::now();
     // 5. Scheduler scale: K no-op jobs at a 1 s cadence on one host, first
     // all on the epoch-aligned grid (offset 0s), then with the default
     // name-derived offsets: the same run shows what spreading buys.
@@ -2185,8 +2190,8 @@ struct StealBySection(Vec<(&'static str, f64)>);
 
 impl StealBySection {
     /// Notes the steal of `section` since `from`.
-    fn record(&mut self, section: &'static str, from: &Steal) {
-        self.0.push((section, from.since()));
+    fn record(&mut self, section: &'static str, from: &MachineCpu) {
+        self.0.push((section, from.steal_since()));
     }
 
     /// A target's verdict for a row of `section`: "yes" or "no", with the
@@ -2203,14 +2208,19 @@ impl StealBySection {
 }
 
 /// The machine's CPU time so far, from `/proc/stat`'s `cpu` line: all of
-/// it, and the part the hypervisor gave to others (steal).
-struct Steal {
+/// it, the part the hypervisor gave to others (steal), and the part this
+/// machine spent working (neither idle nor waiting for I/O, nor stolen).
+struct MachineCpu {
     total: u64,
     stolen: u64,
+    busy: u64,
 }
 
-impl Steal {
-    fn now() -> Steal {
+/// `/proc/stat`'s unit: USER_HZ, 100 on every Linux this runs on.
+const TICKS_PER_SECOND: f64 = 100.0;
+
+impl MachineCpu {
+    fn now() -> MachineCpu {
         let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
         // cpu  user nice system idle iowait irq softirq steal guest guest_nice
         let ticks: Vec<u64> = stat
@@ -2221,21 +2231,31 @@ impl Steal {
             .skip(1)
             .filter_map(|t| t.parse().ok())
             .collect();
-        Steal {
-            // guest time is counted in user time already.
-            total: ticks.iter().take(8).sum(),
-            stolen: ticks.get(7).copied().unwrap_or(0),
+        let tick = |i: usize| ticks.get(i).copied().unwrap_or(0);
+        // guest time is counted in user time already.
+        let total: u64 = ticks.iter().take(8).sum();
+        MachineCpu {
+            total,
+            stolen: tick(7),
+            busy: total.saturating_sub(tick(3) + tick(4) + tick(7)),
         }
     }
 
     /// The share of the machine's CPU time stolen since `self`.
-    fn since(&self) -> f64 {
-        let now = Steal::now();
+    fn steal_since(&self) -> f64 {
+        let now = MachineCpu::now();
         let total = now.total.saturating_sub(self.total);
         match total {
             0 => 0.0,
             _ => now.stolen.saturating_sub(self.stolen) as f64 / total as f64,
         }
+    }
+
+    /// CPU seconds the machine worked since `self`, every process and the
+    /// kernel's own work (a loopback packet's) included: less this
+    /// process's, what the database cost (nothing else runs here).
+    fn busy_seconds_since(&self) -> f64 {
+        MachineCpu::now().busy.saturating_sub(self.busy) as f64 / TICKS_PER_SECOND
     }
 }
 
