@@ -408,25 +408,7 @@ impl Runner {
             Some(role) => format!("job `{name}`: cannot get a connection as its role `{role}`"),
             None => format!("job `{name}`: cannot get a connection"),
         })?;
-        // One round trip opens the run: BEGIN with the deadline (so the lock,
-        // taken next, is bounded by the server from the instant it is
-        // granted), the lock and the history under it (`jobhost.slot_gate`,
-        // whose statements each see what committed before they started), then
-        // the run's name and savepoint.
-        let timeout_ms = job.config.timeout.as_millis().max(1);
-        let setup = format!(
-            "{};\n{};\n{}",
-            db::backstops_sql(timeout_ms),
-            db::slot_gate_sql(
-                name,
-                slot,
-                &self.host_id,
-                self.liveness.lost_after,
-                Some(key),
-                job.config.role.is_some(),
-            ),
-            scope_sql(&job.config, &self.host_id),
-        );
+        let setup = self.opening_sql(job, slot);
         let (opened, made) =
             tokio::join!(OpenTx::begin_fetch(conn, &setup, self.pooler), alongside);
         let opened = match opened {
@@ -491,6 +473,30 @@ impl Runner {
             handle: TxHandle::new(tx, name.into(), job.config.max_rows, self.guard.clone()),
         };
         Ok(Ok((opened, made)))
+    }
+
+    /// What an `xact` run of `job` at `slot` sends after `BEGIN`, in the
+    /// same simple query: one round trip opens the run. First the deadline
+    /// (so the lock, taken next, is bounded by the server from the instant
+    /// it is granted), then the lock and the history under it
+    /// (`jobhost.slot_gate`, whose statements each see what committed before
+    /// they started), then the run's name and savepoint. Public for the
+    /// benchmark's floor, which sends exactly this without a runner.
+    pub fn opening_sql(&self, job: &Job, slot: DateTime<Utc>) -> String {
+        let timeout_ms = job.config.timeout.as_millis().max(1);
+        format!(
+            "{};\n{};\n{}",
+            db::backstops_sql(timeout_ms),
+            db::slot_gate_sql(
+                &job.config.name,
+                slot,
+                &self.host_id,
+                self.liveness.lost_after,
+                Some(job.config.lock_key),
+                job.config.role.is_some(),
+            ),
+            scope_sql(&job.config, &self.host_id),
+        )
     }
 
     /// A run past its gate enters the host's in-flight set, under the id its

@@ -19,6 +19,7 @@
 //! database of its own and drops it at the end. Plugin and native runs are
 //! interleaved in rounds so drift (cache warm-up, autovacuum) hits both alike.
 
+mod instant;
 mod log;
 mod polyglot;
 
@@ -546,7 +547,9 @@ fn noop_probe(name: &str, runtime: &Runtime) -> anyhow::Result<Job> {
 const HASH_SEED: &str = "insert into demo.audit_events (actor, action, payload)
     select 'actor-' || g, 'login', jsonb_build_object('seq', g) from generate_series(1, 50) g";
 
-/// Row 5a alone (every job at one instant), three times.
+/// Row 5a alone (every job at one instant), three times; after each, the same
+/// instant released at once without the scheduler: plugin, native, floor
+/// ([`instant`]).
 async fn instant_only(url: &str, s: &Sizes, opts: &Alone) -> anyhow::Result<String> {
     let (pool, runtime) = alone(url, opts).await?;
     let noop = noop_probe("noop", &runtime)?;
@@ -569,6 +572,22 @@ async fn instant_only(url: &str, s: &Sizes, opts: &Alone) -> anyhow::Result<Stri
             database * 1e6 / r.lags.len().max(1) as f64
         );
         // Each round's jobs are new: start from an empty history.
+        sqlx::query("truncate jobhost.runs").execute(&pool).await?;
+        // The same instant released at once without the scheduler, three
+        // ways, in an order that turns each round.
+        for k in 0..instant::How::ALL.len() {
+            let how = instant::How::ALL[(round + k) % instant::How::ALL.len()];
+            let b = instant::burst(url, &pool, &runtime, &noop, s.scale_jobs, how, round).await?;
+            let _ = writeln!(
+                out,
+                "round {round}: {} slots released at once, {how:?}: start lag p50 / p99 {:.1} / {:.1} ms; CPU per run: host {:.0} µs, database {:.0} µs",
+                s.scale_jobs,
+                b.pct(0.5),
+                b.pct(0.99),
+                b.host_us,
+                b.database_us,
+            );
+        }
         sqlx::query("truncate jobhost.runs").execute(&pool).await?;
     }
     Ok(out)
@@ -1049,6 +1068,20 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     // name-derived offsets: the same run shows what spreading buys.
     let aligned = scale(url, None, &pool, &pooled_runtime, &noop, s, false).await?;
     let spread = scale(url, None, &pool, &pooled_runtime, &noop, s, true).await?;
+    // 5f. Row 5a's instant released at once without the scheduler: the
+    // plugin's runs, their native twins and the floor (the run's SQL alone),
+    // in an order that turns each round.
+    let burst_rounds = if quick { 1 } else { 5 };
+    let mut bursts: [Vec<instant::Burst>; 3] = Default::default();
+    for round in 0..burst_rounds {
+        for k in 0..instant::How::ALL.len() {
+            let i = (round + k) % instant::How::ALL.len();
+            let how = instant::How::ALL[i];
+            let b = instant::burst(url, &pool, &pooled_runtime, &noop, s.scale_jobs, how, round)
+                .await?;
+            bursts[i].push(b);
+        }
+    }
     // The same two through PgBouncer (pooler mode), when it is installed.
     let mut pooled_scales = Vec::new();
     if let Some(u) = &pooled_url {
@@ -1295,6 +1328,26 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
             )
         );
     }
+    let burst = |b: &[instant::Burst]| {
+        let of = |f: &dyn Fn(&instant::Burst) -> f64| Repeated(b.iter().map(f).collect()).median();
+        let (p99, lo, hi) = of(&|b| b.pct(0.99));
+        let text = format!(
+            "{p99:.1} ms ({lo:.1}–{hi:.1}; p50 {:.1}); host {:.0} + database {:.0} µs",
+            of(&|b| b.pct(0.5)).0,
+            of(&|b| b.host_us).0,
+            of(&|b| b.database_us).0,
+        );
+        (p99, text)
+    };
+    let (plugin_p99, plugin_burst) = burst(&bursts[0]);
+    let (_, native_burst) = burst(&bursts[1]);
+    let (floor_p99, floor_burst) = burst(&bursts[2]);
+    let _ = writeln!(
+        md,
+        "| 5f | row 5a's instant ({} slots) released at once, without the scheduler, over 10 connections: start lag p99, the median over {burst_rounds} round(s) (spread; p50); CPU per run, this process + the rest of the machine (Postgres) | plugin: {plugin_burst} | native twin: {native_burst}; **floor**, the run's two queries alone from a client that does nothing else: {floor_burst} | plugin / floor p99: {:.2}× | (row 5a's reference: no host starts the instant's runs sooner than the floor on this machine) | |",
+        s.scale_jobs,
+        plugin_p99 / floor_p99,
+    );
     let _ = writeln!(
         md,
         "| 6 | plugin start-up, Rust probe (233 KB): cold compile / warm compile cache, median of {} | {:.0} ms / {:.1} ms | | {:.0}× | (not a target) | |",
