@@ -65,6 +65,18 @@ impl Burst {
     pub fn pct(&self, q: f64) -> f64 {
         percentile(&self.lags, q)
     }
+
+    /// One line of `--only instant` or `--only burst`.
+    pub fn line(&self, how: How) -> String {
+        format!(
+            "{} slots released at once, {how:?}: start lag p50 / p99 {:.1} / {:.1} ms; CPU per run: host {:.0} µs, database {:.0} µs",
+            self.lags.len(),
+            self.pct(0.5),
+            self.pct(0.99),
+            self.host_us,
+            self.database_us,
+        )
+    }
 }
 
 /// Runs `n` slots of one instant `how`, over a pool of 10 connections, all

@@ -77,9 +77,10 @@ usage: jobhost-bench [--quick] [--out FILE]
 
   --quick    small sizes (CI: keeps the benchmark from rotting)
   --out FILE also write the report to FILE (BENCHMARKS.md's table)
-  --only     one row alone: polyglot, fleet, noop, log, instant, hash, sql,
-             role or instantiate
-  --path     the plugin's path, its native twin's, or both (noop, hash, sql)
+  --only     one row alone: polyglot, fleet, noop, log, instant, burst (5f),
+             hash, sql, role or instantiate
+  --path     the plugin's path, its native twin's, or both (noop, hash, sql,
+             burst; both with burst: the floor too)
   --rounds N rounds of an --only mode
   --slots N  instance pool slots of an --only mode (64; 1 under valgrind)
 
@@ -167,12 +168,13 @@ async fn main() -> anyhow::Result<()> {
             Some("noop") => noop_only(&bench_url, &alone_opts).await,
             Some("log") => log_only(&bench_url, &alone_opts).await,
             Some("instant") => instant_only(&bench_url, &sizes, &alone_opts).await,
+            Some("burst") => burst_only(&bench_url, &sizes, &alone_opts).await,
             Some("hash") => hash_only(&bench_url, &alone_opts).await,
             Some("sql") => sql_only(&bench_url, &alone_opts).await,
             Some("role") => role_only(&bench_url, &alone_opts).await,
             Some("instantiate") => instantiate_alone(&alone_opts).await,
             Some(other) => Err(anyhow::anyhow!(
-                "--only {other}: expected polyglot, fleet, noop, log, instant, hash, sql, role or instantiate"
+                "--only {other}: expected polyglot, fleet, noop, log, instant, burst, hash, sql, role or instantiate"
             )),
             None => run(&bench_url, &sizes, quick).await,
         }
@@ -231,6 +233,28 @@ async fn alone(url: &str, opts: &Alone) -> anyhow::Result<(sqlx::PgPool, Arc<Run
         .await?;
     jobhost::db::MIGRATOR.run(&pool).await?;
     Ok((pool, Arc::new(opts.runtime()?)))
+}
+
+/// Row 5f alone: `--rounds` (3) rounds of the instant released at once, the
+/// plugin's runs (`--path plugin`), their native twins (`--path native`), or
+/// those and the floor in turn (`--path both`): for a profiler.
+async fn burst_only(url: &str, s: &Sizes, opts: &Alone) -> anyhow::Result<String> {
+    let (pool, runtime) = alone(url, opts).await?;
+    let noop = noop_probe("noop", &runtime)?;
+    let hows: &[instant::How] = match opts.paths {
+        [true] => &[instant::How::Plugin],
+        [false] => &[instant::How::Native],
+        _ => &instant::How::ALL,
+    };
+    let mut out = String::new();
+    for round in 0..opts.rounds_or(3) {
+        for &how in hows {
+            let b = instant::burst(url, &pool, &runtime, &noop, s.scale_jobs, how, round).await?;
+            let _ = writeln!(out, "round {round}: {}", b.line(how));
+        }
+        sqlx::query("truncate jobhost.runs").execute(&pool).await?;
+    }
+    Ok(out)
 }
 
 /// Row 1o alone: native no-op runs with the host's log off, through its
@@ -578,15 +602,7 @@ async fn instant_only(url: &str, s: &Sizes, opts: &Alone) -> anyhow::Result<Stri
         for k in 0..instant::How::ALL.len() {
             let how = instant::How::ALL[(round + k) % instant::How::ALL.len()];
             let b = instant::burst(url, &pool, &runtime, &noop, s.scale_jobs, how, round).await?;
-            let _ = writeln!(
-                out,
-                "round {round}: {} slots released at once, {how:?}: start lag p50 / p99 {:.1} / {:.1} ms; CPU per run: host {:.0} µs, database {:.0} µs",
-                s.scale_jobs,
-                b.pct(0.5),
-                b.pct(0.99),
-                b.host_us,
-                b.database_us,
-            );
+            let _ = writeln!(out, "round {round}: {}", b.line(how));
         }
         sqlx::query("truncate jobhost.runs").execute(&pool).await?;
     }
