@@ -41,6 +41,16 @@ pub enum How {
 impl How {
     pub const ALL: [How; 3] = [How::Plugin, How::Native, How::Floor];
 
+    /// Every way, in an order that turns with `round` (so that drift over a
+    /// run hits each alike), with each one's place in [`How::ALL`].
+    pub fn in_turn(round: usize) -> impl Iterator<Item = (usize, How)> {
+        let n = How::ALL.len();
+        (0..n).map(move |k| {
+            let i = (round + k) % n;
+            (i, How::ALL[i])
+        })
+    }
+
     fn tag(self) -> &'static str {
         match self {
             How::Plugin => "plugin",
@@ -103,11 +113,8 @@ pub async fn burst(
         warm.push(runs.acquire().await?);
     }
     drop(warm);
-    let runner = Arc::new(Runner::new(
-        runs.clone(),
-        runtime.clone(),
-        &format!("bench-burst-{tag}"),
-    ));
+    let host_id: Arc<str> = format!("bench-burst-{tag}").into();
+    let runner = Arc::new(Runner::new(runs.clone(), runtime.clone(), &host_id));
     let prefix = format!("burst-{tag}-{round}-");
     let jobs: Vec<Job> = (0..n)
         .map(|i| {
@@ -125,12 +132,12 @@ pub async fn burst(
     let tasks: Vec<_> = jobs
         .into_iter()
         .map(|job| {
-            let (runner, runs) = (runner.clone(), runs.clone());
+            let (runner, runs, host_id) = (runner.clone(), runs.clone(), host_id.clone());
             tokio::spawn(async move {
                 match how {
                     How::Plugin => ok(runner.run(&job, slot).await?),
                     How::Native => ok(runner.run_native(&job, slot, None).await?),
-                    How::Floor => floor_run(&runner, &runs, &job, slot).await,
+                    How::Floor => floor_run(&runner, &runs, &host_id, &job, slot).await,
                 }
                 .with_context(|| format!("job `{}`", job.config.name))
             })
@@ -169,6 +176,7 @@ pub async fn burst(
 async fn floor_run(
     runner: &Runner,
     runs: &PgPool,
+    host_id: &str,
     job: &Job,
     slot: DateTime<Utc>,
 ) -> anyhow::Result<()> {
@@ -181,7 +189,7 @@ async fn floor_run(
     let row = RunRow {
         job: job.config.name.clone(),
         slot,
-        host_id: "bench-burst-floor".into(),
+        host_id: host_id.to_owned(),
         plugin_sha256: job.plugin.sha256.clone(),
         started_at: Some(gate.db_now),
         backend_pid: Some(history.backend_pid),

@@ -599,8 +599,7 @@ async fn instant_only(url: &str, s: &Sizes, opts: &Alone) -> anyhow::Result<Stri
         sqlx::query("truncate jobhost.runs").execute(&pool).await?;
         // The same instant released at once without the scheduler, three
         // ways, in an order that turns each round.
-        for k in 0..instant::How::ALL.len() {
-            let how = instant::How::ALL[(round + k) % instant::How::ALL.len()];
+        for (_, how) in instant::How::in_turn(round) {
             let b = instant::burst(url, &pool, &runtime, &noop, s.scale_jobs, how, round).await?;
             let _ = writeln!(out, "round {round}: {}", b.line(how));
         }
@@ -1090,9 +1089,7 @@ async fn run(url: &str, s: &Sizes, quick: bool) -> anyhow::Result<String> {
     let burst_rounds = if quick { 1 } else { 5 };
     let mut bursts: [Vec<instant::Burst>; 3] = Default::default();
     for round in 0..burst_rounds {
-        for k in 0..instant::How::ALL.len() {
-            let i = (round + k) % instant::How::ALL.len();
-            let how = instant::How::ALL[i];
+        for (i, how) in instant::How::in_turn(round) {
             let b = instant::burst(url, &pool, &pooled_runtime, &noop, s.scale_jobs, how, round)
                 .await?;
             bursts[i].push(b);
