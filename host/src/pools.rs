@@ -23,7 +23,7 @@
 //! never from `DATABASE_URL`, which is the host's. Trust, peer or
 //! certificate authentication needs none.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,7 +31,7 @@ use anyhow::Context as _;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection as _, PgPool, Postgres};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::config::Pooler;
 
@@ -42,6 +42,11 @@ pub const ROLE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long a run waits for a connection (or its place in the budget).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many runs in a row may take a connection straight from the run before
+/// them ([`Leased::give_back`]) before it goes back through its pool, where
+/// whatever else waits for it gets its turn.
+pub const HAND_ON_LIMIT: u32 = 4;
 
 /// How long a connection may sit idle in a pool and still be lent without
 /// a check (see [`pool_options`]).
@@ -86,27 +91,128 @@ pub struct RunPools {
 
 struct Inner {
     /// `DATABASE_URL`'s pool: jobs without a role, and the host's own work.
-    host: PgPool,
+    host: Arc<Lane>,
     /// What a role's connect options are made from.
     template: Template,
     /// The role pools made so far.
-    roles: Mutex<HashMap<String, PgPool>>,
+    roles: Mutex<HashMap<String, Arc<Lane>>>,
     /// Connections runs may hold at once, across every pool.
     budget: Arc<Semaphore>,
     size: u32,
 }
 
+/// One pool of [`RunPools`] and the runs waiting for one of its connections.
+pub(crate) struct Lane {
+    pool: PgPool,
+    waiting: Mutex<Waiting>,
+}
+
+/// The runs waiting for a [`Lane`]'s connection, longest first, each with the
+/// number its [`Waiter`] removes it by.
+#[derive(Default)]
+struct Waiting {
+    next: u64,
+    queue: VecDeque<(u64, oneshot::Sender<Leased>)>,
+}
+
+/// A run's place in a [`Lane`]'s queue: left when it is dropped (the run got
+/// a connection another way, or stopped waiting).
+struct Waiter<'a> {
+    lane: &'a Lane,
+    id: u64,
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        let mut waiting = self.lane.waiting();
+        if let Some(at) = waiting.queue.iter().position(|(id, _)| *id == self.id) {
+            waiting.queue.remove(at);
+        }
+    }
+}
+
+impl Lane {
+    fn new(pool: PgPool) -> Arc<Self> {
+        Arc::new(Self {
+            pool,
+            waiting: Mutex::default(),
+        })
+    }
+
+    /// Only pushes and pops under the lock: a poisoned one is whole.
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Joins the queue: what a finished run hands on arrives on the receiver.
+    fn wait(&self) -> (Waiter<'_>, oneshot::Receiver<Leased>) {
+        let (send, receive) = oneshot::channel();
+        let mut waiting = self.waiting();
+        let id = waiting.next;
+        waiting.next += 1;
+        waiting.queue.push_back((id, send));
+        (Waiter { lane: self, id }, receive)
+    }
+
+    /// A connection from the pool, in the budget's place `permit`.
+    async fn lend(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> sqlx::Result<Leased> {
+        let conn = self.pool.acquire().await?;
+        Ok(Leased {
+            conn,
+            permit: Some(permit),
+            lane: Some(self.clone()),
+            handed: 0,
+        })
+    }
+}
+
 /// A run's connection with its place in the budget; both are given back
-/// when it is dropped.
+/// when it is dropped, or handed on together ([`Leased::give_back`]).
 pub struct Leased {
     /// The connection.
     pub conn: PoolConnection<Postgres>,
     /// Its place in [`RunPools`]' budget (`None`: a connection taken outside
     /// it, as tests do).
     pub permit: Option<OwnedSemaphorePermit>,
-    /// The pool it came from, for a replacement if it turns out to be gone
-    /// ([`crate::tx::OpenTx::begin`]); `None`: not replaced.
-    pub pool: Option<PgPool>,
+    /// The pool it came from and its queue; `None`: taken outside
+    /// [`RunPools`], never replaced nor handed on.
+    lane: Option<Arc<Lane>>,
+    /// How many runs in a row it was handed to without going back.
+    handed: u32,
+}
+
+impl Leased {
+    /// The pool the connection came from, for a replacement if it turns out
+    /// to be gone ([`crate::tx::OpenTx::begin`]).
+    pub fn pool(&self) -> Option<&PgPool> {
+        self.lane.as_ref().map(|lane| &lane.pool)
+    }
+
+    /// Gives back a connection **proven clean** (its transaction ended and the
+    /// session check found nothing left: [`crate::tx::OpenTx`] only calls
+    /// this then): to the run that has waited longest for one of its pool,
+    /// with the place in the budget, unless [`HAND_ON_LIMIT`] runs in a row
+    /// had it already; otherwise (or if no run waits) back to the pool, which
+    /// checks it (see the module docs).
+    pub(crate) fn give_back(mut self) {
+        let Some(lane) = self.lane.clone() else {
+            return;
+        };
+        if self.handed >= HAND_ON_LIMIT {
+            return;
+        }
+        self.handed += 1;
+        loop {
+            let Some((_, next)) = lane.waiting().queue.pop_front() else {
+                return;
+            };
+            // Refused only by a run that stopped waiting a moment ago.
+            match next.send(self) {
+                Ok(()) => return,
+                Err(back) => self = back,
+            }
+        }
+    }
 }
 
 /// What a role pool's connect options are made from.
@@ -177,7 +283,8 @@ impl From<PoolConnection<Postgres>> for Leased {
         Self {
             conn,
             permit: None,
-            pool: None,
+            lane: None,
+            handed: 0,
         }
     }
 }
@@ -189,7 +296,7 @@ impl RunPools {
         let size = host.options().get_max_connections();
         Self {
             inner: Arc::new(Inner {
-                host,
+                host: Lane::new(host),
                 template,
                 roles: Mutex::default(),
                 budget: Arc::new(Semaphore::new(size as usize)),
@@ -207,19 +314,24 @@ impl RunPools {
 
     /// The host's pool.
     pub fn host(&self) -> &PgPool {
-        &self.inner.host
+        &self.inner.host.pool
     }
 
     /// The pool runs of a job with `role` take connections from (made the
     /// first time; it connects lazily).
     pub fn pool(&self, role: Option<&str>) -> sqlx::Result<PgPool> {
+        Ok(self.lane(role)?.pool.clone())
+    }
+
+    /// [`pool`](Self::pool) with its queue.
+    fn lane(&self, role: Option<&str>) -> sqlx::Result<Arc<Lane>> {
         let Some(role) = role else {
             return Ok(self.inner.host.clone());
         };
         // Only inserts and clones under the lock: a poisoned one is whole.
         let mut roles = self.inner.roles.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(pool) = roles.get(role) {
-            return Ok(pool.clone());
+        if let Some(lane) = roles.get(role) {
+            return Ok(lane.clone());
         }
         let options = self
             .inner
@@ -232,26 +344,39 @@ impl RunPools {
             .idle_timeout(ROLE_IDLE_TIMEOUT)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_lazy_with(options);
-        roles.insert(role.to_owned(), pool.clone());
-        Ok(pool)
+        let lane = Lane::new(pool);
+        roles.insert(role.to_owned(), lane.clone());
+        Ok(lane)
     }
 
     /// A connection for a run of a job with `role`, within the budget: it
     /// waits (up to 10 s) while runs hold `pool-size` connections across
-    /// every pool.
+    /// every pool, for whichever comes first: a place in the budget, or a
+    /// connection a finished run hands on ([`Leased::give_back`]).
     pub async fn acquire(&self, role: Option<&str>) -> sqlx::Result<Leased> {
-        let budget = self.inner.budget.clone();
-        let permit = tokio::time::timeout(ACQUIRE_TIMEOUT, budget.acquire_owned())
+        let lane = self.lane(role)?;
+        // A place free now: nothing to wait for, no queue to join.
+        if let Ok(permit) = self.inner.budget.clone().try_acquire_owned() {
+            return lane.lend(permit).await;
+        }
+        let (_waiter, handed) = lane.wait();
+        let fresh = async {
+            let permit = self.inner.budget.clone().acquire_owned().await;
+            lane.lend(permit.map_err(|_| sqlx::Error::PoolClosed)?)
+                .await
+        };
+        let either = async {
+            tokio::select! {
+                // A connection handed on is ready to use: prefer it. A sender
+                // dropped unsent (the lane went away) disables this branch.
+                biased;
+                Ok(leased) = handed => Ok(leased),
+                leased = fresh => leased,
+            }
+        };
+        tokio::time::timeout(ACQUIRE_TIMEOUT, either)
             .await
             .map_err(|_| sqlx::Error::PoolTimedOut)?
-            .map_err(|_| sqlx::Error::PoolClosed)?;
-        let pool = self.pool(role)?;
-        let conn = pool.acquire().await?;
-        Ok(Leased {
-            conn,
-            permit: Some(permit),
-            pool: Some(pool),
-        })
     }
 
     /// Closes every role pool made so far (the host's is its owner's to
@@ -259,7 +384,7 @@ impl RunPools {
     pub async fn close_roles(&self) {
         let pools: Vec<PgPool> = {
             let mut roles = self.inner.roles.lock().unwrap_or_else(|p| p.into_inner());
-            roles.drain().map(|(_, pool)| pool).collect()
+            roles.drain().map(|(_, lane)| lane.pool.clone()).collect()
         };
         for pool in pools {
             pool.close().await;

@@ -10,31 +10,29 @@
 //!   statements, `COMMIT`, and the post-commit check of the session
 //!   ([`crate::hygiene`]) in one simple query, one round trip; a connection
 //!   that is not proven clean never goes back to the pool;
-//! - **a finished transaction's connection goes back to the pool when the
-//!   `OpenTx` is dropped**, not at once: the runner tears the run's plugin
-//!   instance down in between, so an instance never outlives the connection
-//!   that admitted it (the instance pool is sized by the connection pool:
-//!   [`crate::jobset::allocation`]);
+//! - **a finished transaction's connection goes back when the `OpenTx` is
+//!   dropped**, not at once: the runner tears the run's plugin instance down
+//!   in between, so an instance never outlives the connection that admitted
+//!   it (the instance pool is sized by the connection pool:
+//!   [`crate::jobset::allocation`]). One proven clean may go straight to the
+//!   next run waiting for it ([`crate::pools::Leased::give_back`]);
 //! - **an interrupted connection is never reused.** A run cut off by its
 //!   timeout may have left a statement half-way through the protocol; such a
 //!   transaction is [abandoned](OpenTx::abandon) (the socket is closed, and
 //!   Postgres rolls back and releases the lock), and so is any `OpenTx`
 //!   dropped while still open.
 
-use sqlx::pool::PoolConnection;
-
 use crate::config::Pooler;
 use crate::hygiene::{AfterCommit, Baseline};
 use crate::pools::Leased;
 use sqlx::postgres::PgRow;
-use sqlx::{PgConnection, Postgres, Row as _};
+use sqlx::{PgConnection, Row as _};
 
 /// A transaction open on a pooled connection (see the module docs).
 pub struct OpenTx {
-    conn: Option<PoolConnection<Postgres>>,
-    /// The connection's place in the run pools' budget, given back with it
-    /// ([`crate::pools::RunPools::acquire`]).
-    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The connection, with its place in the run pools' budget
+    /// ([`crate::pools::RunPools::acquire`]); `None` once given back.
+    leased: Option<Leased>,
     /// Behind a transaction pooler: the named statements prepared in this
     /// transaction (sqlx's statement cache) are closed before it ends, so
     /// none outlives it on a server session that the pooler hands to other
@@ -50,7 +48,8 @@ pub struct OpenTx {
 enum State {
     /// Open: statements may be sent.
     Open,
-    /// Ended and proven clean: the connection goes back to the pool on drop.
+    /// Ended and proven clean: the connection goes back (or on to the next
+    /// run: [`Leased::give_back`]) on drop.
     Clean,
     /// Ended with leftovers, or unverified: the connection is closed on drop.
     Discard,
@@ -85,11 +84,7 @@ impl OpenTx {
         setup: &str,
         pooler: Pooler,
     ) -> sqlx::Result<(Self, Vec<PgRow>)> {
-        let Leased {
-            mut conn,
-            permit,
-            pool,
-        } = conn.into();
+        let mut leased: Leased = conn.into();
         let sql = if setup.is_empty() {
             "begin".to_owned()
         } else {
@@ -98,21 +93,21 @@ impl OpenTx {
         let mut replaced = 0;
         let rows = loop {
             match sqlx::raw_sql(sqlx::AssertSqlSafe(sql.as_str()))
-                .fetch_all(&mut *conn)
+                .fetch_all(&mut *leased.conn)
                 .await
             {
                 Ok(rows) => break rows,
                 Err(e) => {
                     // The connection's state is unknown: do not hand it back.
-                    conn.close_on_drop();
-                    match &pool {
+                    leased.conn.close_on_drop();
+                    match leased.pool() {
                         Some(pool)
                             if crate::db::connection_lost(&e)
                                 && replaced < pool.options().get_max_connections() =>
                         {
                             tracing::info!(error = %e, "a pooled connection was gone; opening the transaction on another");
                             replaced += 1;
-                            conn = pool.acquire().await?;
+                            leased.conn = pool.acquire().await?;
                         }
                         _ => return Err(e),
                     }
@@ -120,8 +115,7 @@ impl OpenTx {
             }
         };
         let tx = Self {
-            conn: Some(conn),
-            _permit: permit,
+            leased: Some(leased),
             close_statements: pooler == Pooler::Transaction,
             state: State::Open,
         };
@@ -144,7 +138,7 @@ impl OpenTx {
     /// The connection, while the transaction is open.
     pub fn conn(&mut self) -> Option<&mut PgConnection> {
         match self.state {
-            State::Open => self.conn.as_deref_mut(),
+            State::Open => self.leased.as_mut().map(|leased| &mut *leased.conn),
             State::Clean | State::Discard => None,
         }
     }
@@ -203,21 +197,19 @@ impl OpenTx {
     }
 
     /// Ends a transaction no plugin touched with `closing` (ending in
-    /// `COMMIT` or `ROLLBACK`), one simple query, and returns the connection
-    /// to the pool without the session check: only the host's own
-    /// statements ran. A plugin's transaction must be [finished](Self::finish).
+    /// `COMMIT` or `ROLLBACK`), one simple query, and gives the connection
+    /// back without the session check: only the host's own statements ran.
+    /// A plugin's transaction must be [finished](Self::finish).
     pub async fn end(mut self, closing: &str) -> sqlx::Result<()> {
         self.close_statements().await?;
-        let Some(mut conn) = self.conn.take() else {
+        let Some(conn) = self.conn() else {
             return Ok(());
         };
-        let done = sqlx::raw_sql(sqlx::AssertSqlSafe(closing.to_owned()))
-            .execute(&mut *conn)
-            .await;
-        if done.is_err() {
-            conn.close_on_drop();
-        }
-        done.map(drop)
+        sqlx::raw_sql(sqlx::AssertSqlSafe(closing.to_owned()))
+            .execute(conn)
+            .await?;
+        self.state = State::Clean;
+        Ok(())
     }
 
     /// Closes the connection without another statement: Postgres rolls the
@@ -225,19 +217,19 @@ impl OpenTx {
     /// (at once when idle; within `client_connection_check_interval` while a
     /// statement runs).
     pub fn abandon(mut self) {
-        if let Some(conn) = self.conn.take() {
-            drop(conn.detach());
-        }
+        self.state = State::Discard;
     }
 }
 
 impl Drop for OpenTx {
     fn drop(&mut self) {
-        // Never return an open (or unverified) transaction to the pool.
-        if let Some(conn) = self.conn.take()
-            && self.state != State::Clean
-        {
-            drop(conn.detach());
+        let Some(leased) = self.leased.take() else {
+            return;
+        };
+        match self.state {
+            State::Clean => leased.give_back(),
+            // Never return an open (or unverified) transaction to the pool.
+            State::Open | State::Discard => drop(leased.conn.detach()),
         }
     }
 }

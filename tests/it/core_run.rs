@@ -756,8 +756,9 @@ async fn a_run_sends_its_two_queries_and_no_check_before_them(pool: PgPool) {
     // pools check a connection with a `Sync` (`ping`, a round trip) when it
     // is lent, by default, and always when it is given back: the second is
     // sqlx 0.9's own and cannot be turned off, but it is sent after the
-    // run's commit, by the pool. On one connection, in order: Q (opening),
-    // Q (closing), S (given back), and no S before a run's first Q.
+    // run's commit, by the pool (when no run waits for the connection: see
+    // the next test). On one connection, in order: Q (opening), Q (closing),
+    // S (given back), and no S before a run's first Q.
     let tap = jobhost_tests::WireTap::start(&server_address(&pool)).await;
     let host_pool = jobhost::pools::pool_options()
         .max_connections(1)
@@ -787,6 +788,97 @@ async fn a_run_sends_its_two_queries_and_no_check_before_them(pool: PgPool) {
         tap.take(),
         "QQSQQSQQS",
         "three runs, as the host sent them (Q: a simple query, S: a Sync)"
+    );
+    host_pool.close().await;
+}
+
+/// A pool of one connection behind a [`jobhost_tests::WireTap`], warmed by
+/// one run (the connection's start-up and sqlx's type lookups are not a
+/// run's), the tap emptied after the connection's return.
+async fn tapped_runner(pool: &PgPool) -> (jobhost_tests::WireTap, PgPool, jobhost::runner::Runner) {
+    let tap = jobhost_tests::WireTap::start(&server_address(pool)).await;
+    let host_pool = jobhost::pools::pool_options()
+        .max_connections(1)
+        .connect_with(tap.options(&pool.connect_options()))
+        .await
+        .unwrap();
+    let runner = runner(&host_pool);
+    finished(
+        runner
+            .run(&probe("warm-up", "noop"), slot(1))
+            .await
+            .unwrap(),
+        Outcome::Ok,
+    );
+    wait_for(
+        Duration::from_secs(5),
+        "the connection's return",
+        || async { tap.peek().ends_with('S') },
+    )
+    .await;
+    tap.take();
+    (tap, host_pool, runner)
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn runs_waiting_for_the_connection_take_it_from_the_run_before_unchecked(pool: PgPool) {
+    // Six runs (of six jobs) want the one connection at once. The first one
+    // to end clean hands it, with its place in the budget, to the run that
+    // waited longest: no `Sync` between them, the commit proved it clean a
+    // moment ago. After `HAND_ON_LIMIT` hand-ons it goes back through the
+    // pool (S) and the sixth run takes it from there.
+    let (tap, host_pool, runner) = tapped_runner(&pool).await;
+    let jobs: Vec<_> = (0..6)
+        .map(|i| probe(&format!("hand-on-{i}"), "noop"))
+        .collect();
+    let results =
+        futures_util::future::join_all(jobs.iter().map(|job| runner.run(job, slot(2)))).await;
+    for result in results {
+        finished(result.unwrap(), Outcome::Ok);
+    }
+    wait_for(Duration::from_secs(5), "the last return", || async {
+        tap.peek().matches('S').count() >= 2
+    })
+    .await;
+    let chain = "QQ".repeat(jobhost::pools::HAND_ON_LIMIT as usize + 1);
+    assert_eq!(
+        tap.take(),
+        format!("{chain}SQQS"),
+        "six runs on one connection (Q: a simple query, S: a Sync)"
+    );
+    host_pool.close().await;
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn the_hosts_own_work_waits_at_most_a_chain_of_runs(pool: PgPool) {
+    // A heartbeat, a publication or a session run's precheck takes from the
+    // host's pool outside the runs' queue. However many runs wait, the one
+    // connection comes back through the pool after at most `HAND_ON_LIMIT`
+    // hand-ons, and the pool serves whoever waited there first.
+    let (tap, host_pool, runner) = tapped_runner(&pool).await;
+    let jobs: Vec<_> = (0..12)
+        .map(|i| probe(&format!("queued-{i}"), "noop"))
+        .collect();
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let runs = futures_util::future::join_all(jobs.iter().map(|job| async {
+        finished(runner.run(job, slot(2)).await.unwrap(), Outcome::Ok);
+        done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }));
+    let host_work = async {
+        // Asks once the first run holds the connection and the rest queue.
+        wait_for(Duration::from_secs(5), "the first run's query", || async {
+            tap.peek().contains('Q')
+        })
+        .await;
+        let conn = host_pool.acquire().await.unwrap();
+        let before = done.load(std::sync::atomic::Ordering::SeqCst);
+        drop(conn);
+        before
+    };
+    let (_, before) = tokio::join!(runs, host_work);
+    assert!(
+        before <= jobhost::pools::HAND_ON_LIMIT as usize + 1,
+        "the host's own work waited for {before} of 12 runs"
     );
     host_pool.close().await;
 }

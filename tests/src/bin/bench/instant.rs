@@ -132,12 +132,12 @@ pub async fn burst(
     let tasks: Vec<_> = jobs
         .into_iter()
         .map(|job| {
-            let (runner, runs, host_id) = (runner.clone(), runs.clone(), host_id.clone());
+            let (runner, host_id) = (runner.clone(), host_id.clone());
             tokio::spawn(async move {
                 match how {
                     How::Plugin => ok(runner.run(&job, slot).await?),
                     How::Native => ok(runner.run_native(&job, slot, None).await?),
-                    How::Floor => floor_run(&runner, &runs, &host_id, &job, slot).await,
+                    How::Floor => floor_run(&runner, &host_id, &job, slot).await,
                 }
                 .with_context(|| format!("job `{}`", job.config.name))
             })
@@ -175,12 +175,13 @@ pub async fn burst(
 /// host's own [`OpenTx`], so the wire sees what a run's connection sees.
 async fn floor_run(
     runner: &Runner,
-    runs: &PgPool,
     host_id: &str,
     job: &Job,
     slot: DateTime<Utc>,
 ) -> anyhow::Result<()> {
-    let conn = runs.acquire().await?;
+    // Through the runner's own pools, as a run's connection comes and goes
+    // (handed on from run to run while others wait).
+    let conn = runner.run_pools().acquire(None).await?;
     let (mut tx, rows) =
         OpenTx::begin_fetch(conn, &runner.opening_sql(job, slot), Pooler::None).await?;
     let gate = SlotGate::from_row(rows.first().context("the gate returned no row")?)?;
