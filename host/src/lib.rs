@@ -17,7 +17,8 @@
 //! - [`pools`]: the run connections: the host's pool for jobs without a
 //!   role, one pool per job role that logs in as it, within one budget;
 //!   the options every pool is made from (no round trip to check a
-//!   connection that went from run to run).
+//!   connection that went from run to run), and a clean connection handed
+//!   straight to the next run waiting for it, a bounded number of times.
 //! - [`guard`]: the SQL scope guard (pg_query) every plugin statement passes.
 //! - [`tx`]: the transaction a run opens by hand: deadline in its `BEGIN`,
 //!   opened again on another connection if its own was closed by the

@@ -751,7 +751,7 @@ fn server_address(pool: &PgPool) -> String {
 
 #[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
 async fn a_run_sends_its_two_queries_and_no_check_before_them(pool: PgPool) {
-    // DESIGN §5: a run is two round trips, the opening simple query and the
+    // DESIGN §3: a run is two round trips, the opening simple query and the
     // closing one, on a connection its pool lends from run to run. sqlx's
     // pools check a connection with a `Sync` (`ping`, a round trip) when it
     // is lent, by default, and always when it is given back: the second is
