@@ -44,7 +44,7 @@ pub const ROLE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How many runs in a row may take a connection straight from the run before
-/// them ([`Leased::give_back`]) before it goes back through its pool, where
+/// them (`Leased::give_back`) before it goes back through its pool, where
 /// whatever else waits for it gets its turn.
 pub const HAND_ON_LIMIT: u32 = 4;
 
@@ -167,7 +167,7 @@ impl Lane {
 }
 
 /// A run's connection with its place in the budget; both are given back
-/// when it is dropped, or handed on together ([`Leased::give_back`]).
+/// when it is dropped, or handed on together (`Leased::give_back`).
 pub struct Leased {
     /// The connection.
     pub conn: PoolConnection<Postgres>,
@@ -352,7 +352,7 @@ impl RunPools {
     /// A connection for a run of a job with `role`, within the budget: it
     /// waits (up to 10 s) while runs hold `pool-size` connections across
     /// every pool, for whichever comes first: a place in the budget, or a
-    /// connection a finished run hands on ([`Leased::give_back`]).
+    /// connection a finished run hands on (`Leased::give_back`).
     pub async fn acquire(&self, role: Option<&str>) -> sqlx::Result<Leased> {
         let lane = self.lane(role)?;
         // A place free now: nothing to wait for, no queue to join.

@@ -15,7 +15,7 @@
 //!   in between, so an instance never outlives the connection that admitted
 //!   it (the instance pool is sized by the connection pool:
 //!   [`crate::jobset::allocation`]). One proven clean may go straight to the
-//!   next run waiting for it ([`crate::pools::Leased::give_back`]);
+//!   next run waiting for it (`pools::Leased::give_back`);
 //! - **an interrupted connection is never reused.** A run cut off by its
 //!   timeout may have left a statement half-way through the protocol; such a
 //!   transaction is [abandoned](OpenTx::abandon) (the socket is closed, and
@@ -49,7 +49,7 @@ enum State {
     /// Open: statements may be sent.
     Open,
     /// Ended and proven clean: the connection goes back (or on to the next
-    /// run: [`Leased::give_back`]) on drop.
+    /// run: `Leased::give_back`) on drop.
     Clean,
     /// Ended with leftovers, or unverified: the connection is closed on drop.
     Discard,
