@@ -152,6 +152,61 @@ async fn runs_share_one_budget_of_connections_across_roles(pool: PgPool) {
     drop_role(&pool, &role).await;
 }
 
+/// A connection a run hands on goes only to a run of the same pool: a
+/// connection that logs in as a job's role never reaches a run of the host's
+/// own pool (or of another role), however long that run has waited, and the
+/// role's waiting run takes it first.
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_roles_connection_is_handed_on_only_to_a_run_as_that_role(pool: PgPool) {
+    use jobhost::tx::OpenTx;
+    let role = jobspace_and_role(&pool).await;
+    let one = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(pool.connect_options().as_ref().clone())
+        .await
+        .unwrap();
+    let runs = RunPools::over(one.clone());
+    let tx = OpenTx::begin(
+        runs.acquire(Some(&role)).await.unwrap(),
+        "",
+        jobhost::config::Pooler::None,
+    )
+    .await
+    .unwrap();
+    // Both wait on the budget of one: the host's run first, then the role's.
+    let (order_tx, mut order) = tokio::sync::mpsc::unbounded_channel();
+    let waiter = |role: Option<String>| {
+        let (runs, order_tx) = (runs.clone(), order_tx.clone());
+        tokio::spawn(async move {
+            let mut leased = runs.acquire(role.as_deref()).await.unwrap();
+            let user: String = sqlx::query_scalar("select session_user::text")
+                .fetch_one(&mut *leased.conn)
+                .await
+                .unwrap();
+            order_tx.send((role, user)).unwrap();
+        })
+    };
+    let host_run = waiter(None);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let role_run = waiter(Some(role.clone()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Ends clean: handed on.
+    tx.end("commit").await.unwrap();
+    let (first, second) = (order.recv().await.unwrap(), order.recv().await.unwrap());
+    assert_eq!(
+        first,
+        (Some(role.clone()), role.clone()),
+        "the role's run takes its pool's connection first, as the role"
+    );
+    assert_eq!(second.0, None);
+    assert_ne!(second.1, role, "the host's run got the role's connection");
+    host_run.await.unwrap();
+    role_run.await.unwrap();
+    runs.close_roles().await;
+    one.close().await;
+    drop_role(&pool, &role).await;
+}
+
 /// The host reads the job roles at start: one that cannot log in, or does
 /// not exist, is refused naming the job, the role and the fix; a role that
 /// may create (no longer a way out of its rights) or has only the use of
