@@ -289,6 +289,7 @@ pub async fn run(
         Some(addr) => {
             let served = serve::Served {
                 pool: pool.clone(),
+                runs: runs.clone(),
                 current,
                 metrics: metrics.clone(),
                 in_flight: runner.in_flight(),

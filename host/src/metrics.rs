@@ -19,6 +19,7 @@
 //! | `jobhost_reloads_total` | counter | `result` (`applied`, `rejected`) |
 //! | `jobhost_stuck_locks` | gauge (counted by the stuck-lock watch each heartbeat) | |
 //! | `jobhost_pool_connections` | gauge (read at scrape) | `state` (`in_use`, `idle`) |
+//! | `jobhost_runs_waiting_for_connection` (runs due now that wait because `pool-size` connections are all lent to runs) | gauge (read at scrape) | |
 //! | `jobhost_log_lines_dropped_total` (log lines dropped because stdout was not read fast enough: [`crate::logging`]) | counter (read at scrape) | |
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -87,6 +88,7 @@ pub struct Metrics {
     reloads: Family<ResultLabel, Counter>,
     stuck_locks: Gauge,
     pool_connections: Family<StateLabel, Gauge>,
+    waiting_for_connection: Gauge,
     log_lines_dropped: Counter,
     /// The dropped lines already counted into `log_lines_dropped`.
     log_lines_counted: AtomicU64,
@@ -102,6 +104,19 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// What `/metrics` reads at scrape time ([`Metrics::set_scraped`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Scraped {
+    /// Runs in flight on this host.
+    pub in_flight: usize,
+    /// The host pool's connections lent out.
+    pub in_use: usize,
+    /// The host pool's idle connections.
+    pub idle: usize,
+    /// Runs waiting for a connection ([`crate::pools::RunPools::waiting`]).
+    pub waiting_for_connection: usize,
 }
 
 /// Run durations: 1 ms to ~33 s in doublings.
@@ -174,6 +189,12 @@ impl Metrics {
             "The host pool's connections by state, read at scrape",
             pool_connections.clone(),
         );
+        let waiting_for_connection = Gauge::default();
+        registry.register(
+            "runs_waiting_for_connection",
+            "Runs that wait for a connection because pool-size connections are all lent to runs, read at scrape",
+            waiting_for_connection.clone(),
+        );
         let log_lines_dropped = Counter::default();
         registry.register(
             "log_lines_dropped",
@@ -193,6 +214,7 @@ impl Metrics {
             reloads,
             stuck_locks,
             pool_connections,
+            waiting_for_connection,
             log_lines_dropped,
             log_lines_counted: AtomicU64::new(0),
         }
@@ -294,16 +316,18 @@ impl Metrics {
     }
 
     /// The values read at scrape time.
-    pub fn set_scraped(&self, in_flight: usize, in_use: u32, idle: usize) {
-        self.in_flight
-            .set(i64::try_from(in_flight).unwrap_or(i64::MAX));
-        for (state, n) in [("in_use", i64::from(in_use)), ("idle", idle as i64)] {
+    pub fn set_scraped(&self, now: Scraped) {
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.in_flight.set(gauge(now.in_flight));
+        for (state, n) in [("in_use", now.in_use), ("idle", now.idle)] {
             self.pool_connections
                 .get_or_create(&StateLabel {
                     state: state.to_owned(),
                 })
-                .set(n);
+                .set(gauge(n));
         }
+        self.waiting_for_connection
+            .set(gauge(now.waiting_for_connection));
         self.count_dropped_log_lines(crate::logging::dropped_lines());
     }
 

@@ -379,6 +379,16 @@ impl RunPools {
             .map_err(|_| sqlx::Error::PoolTimedOut)?
     }
 
+    /// How many runs wait for a connection now: every place in the budget
+    /// is taken (each waits for a place, or for a connection handed on).
+    pub fn waiting(&self) -> usize {
+        let roles = self.inner.roles.lock().unwrap_or_else(|p| p.into_inner());
+        std::iter::once(&self.inner.host)
+            .chain(roles.values())
+            .map(|lane| lane.waiting().queue.len())
+            .sum()
+    }
+
     /// Closes every role pool made so far (the host's is its owner's to
     /// close); a role used after this gets a new one.
     pub async fn close_roles(&self) {

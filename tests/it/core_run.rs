@@ -884,6 +884,39 @@ async fn the_hosts_own_work_waits_at_most_a_chain_of_runs(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn runs_waiting_for_a_connection_are_counted_until_they_stop_waiting(pool: PgPool) {
+    // What `jobhost_runs_waiting_for_connection` reads: a run that finds a
+    // place in the budget never waits; one that does is counted until it
+    // gets a connection, or gives up (its place in the queue goes with it).
+    let one = jobhost::pools::pool_options()
+        .max_connections(1)
+        .connect_with(pool.connect_options().as_ref().clone())
+        .await
+        .unwrap();
+    let runs = jobhost::pools::RunPools::over(one.clone());
+    let held = runs.acquire(None).await.unwrap();
+    assert_eq!(runs.waiting(), 0, "a run that found a place does not wait");
+    let patient = tokio::spawn({
+        let runs = runs.clone();
+        async move { runs.acquire(None).await.map(drop) }
+    });
+    let impatient = tokio::spawn({
+        let runs = runs.clone();
+        async move { tokio::time::timeout(Duration::from_millis(300), runs.acquire(None)).await }
+    });
+    wait_for(Duration::from_secs(5), "two runs waiting", || async {
+        runs.waiting() == 2
+    })
+    .await;
+    assert!(impatient.await.unwrap().is_err(), "it got a connection");
+    assert_eq!(runs.waiting(), 1, "a run that gave up is still counted");
+    drop(held);
+    patient.await.unwrap().unwrap();
+    assert_eq!(runs.waiting(), 0);
+    one.close().await;
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
 async fn a_connection_the_server_closed_costs_the_next_run_nothing(pool: PgPool) {
     // A restart, `pg_terminate_backend` or `idle_session_timeout` closes the
     // pool's idle connections. Lent untested (used a moment ago), each fails

@@ -126,6 +126,7 @@ async fn metrics_health_and_a_read_only_dashboard_in_a_real_browser(pool: PgPool
         "jobhost_runs_in_flight",
         "jobhost_stuck_locks 1",
         "jobhost_pool_connections{state=\"idle\"}",
+        "jobhost_runs_waiting_for_connection",
         "# EOF",
     ] {
         assert!(metrics.contains(needle), "`{needle}` missing:\n{metrics}");

@@ -30,6 +30,8 @@ use crate::metrics::Metrics;
 pub struct Served {
     /// The host's pool (reads only).
     pub pool: PgPool,
+    /// The run connections, for how many runs wait for one.
+    pub runs: crate::pools::RunPools,
     /// The jobs as loaded now, and the host's settings.
     pub current: Current,
     /// The host's metrics.
@@ -67,13 +69,14 @@ pub async fn serve(
 /// `/metrics`: counters as they stand, and the gauges read now (stuck locks
 /// are counted by the host's stuck-lock watch each heartbeat, not here).
 async fn metrics(State(s): State<Served>) -> Response {
-    let size = s.pool.size();
+    let size = s.pool.size() as usize;
     let idle = s.pool.num_idle();
-    s.metrics.set_scraped(
-        s.in_flight.len(),
-        size.saturating_sub(u32::try_from(idle).unwrap_or(u32::MAX)),
+    s.metrics.set_scraped(crate::metrics::Scraped {
+        in_flight: s.in_flight.len(),
+        in_use: size.saturating_sub(idle),
         idle,
-    );
+        waiting_for_connection: s.runs.waiting(),
+    });
     (
         [(
             header::CONTENT_TYPE,
