@@ -759,24 +759,8 @@ async fn a_run_sends_its_two_queries_and_no_check_before_them(pool: PgPool) {
     // run's commit, by the pool (when no run waits for the connection: see
     // the next test). On one connection, in order: Q (opening), Q (closing),
     // S (given back), and no S before a run's first Q.
-    let tap = jobhost_tests::WireTap::start(&server_address(&pool)).await;
-    let host_pool = jobhost::pools::pool_options()
-        .max_connections(1)
-        .connect_with(tap.options(&pool.connect_options()))
-        .await
-        .unwrap();
-    let runner = runner(&host_pool);
+    let (tap, host_pool, runner) = tapped_runner(&pool).await;
     let job = probe("round-trips", "noop");
-    // The first run meets a fresh connection (its start-up, and sqlx's
-    // statements for the types it decodes).
-    finished(runner.run(&job, slot(1)).await.unwrap(), Outcome::Ok);
-    wait_for(
-        Duration::from_secs(5),
-        "the connection's return",
-        || async { tap.peek().ends_with('S') },
-    )
-    .await;
-    tap.take();
     for n in 2..5 {
         finished(runner.run(&job, slot(n)).await.unwrap(), Outcome::Ok);
     }
@@ -793,8 +777,9 @@ async fn a_run_sends_its_two_queries_and_no_check_before_them(pool: PgPool) {
 }
 
 /// A pool of one connection behind a [`jobhost_tests::WireTap`], warmed by
-/// one run (the connection's start-up and sqlx's type lookups are not a
-/// run's), the tap emptied after the connection's return.
+/// one run (the first run meets a fresh connection: its start-up, and sqlx's
+/// statements for the types it decodes, are not a run's), the tap emptied
+/// after the connection's return.
 async fn tapped_runner(pool: &PgPool) -> (jobhost_tests::WireTap, PgPool, jobhost::runner::Runner) {
     let tap = jobhost_tests::WireTap::start(&server_address(pool)).await;
     let host_pool = jobhost::pools::pool_options()

@@ -199,6 +199,41 @@ async fn a_function_taking_a_session_lock_is_caught_and_rolled_back(pool: PgPool
 }
 
 #[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
+async fn a_leaking_runs_connection_is_never_handed_to_the_run_waiting_for_it(pool: PgPool) {
+    // A run hands its connection straight to the run waiting for it only
+    // when its end proved the connection clean (DESIGN §3, "handed on"). One
+    // whose plugin left a session lock on it is closed, even with a run
+    // queued for the pool's one connection: that run opens a fresh one.
+    create_probe_table(&pool).await;
+    sqlx::query("create schema jobspace")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (runner, one) = one_connection_runner(&pool).await;
+    let setup = format!(
+        "create function jobspace.g() returns void language sql as 'select pg_advisory_lock({}, {})'",
+        VICTIM_KEY.0, VICTIM_KEY.1
+    );
+    finished(
+        hostile_run(&runner, "hostile", None, &setup, 1).await,
+        Outcome::Ok,
+    );
+    // The attack takes the connection; the bystander queues behind it.
+    let (attacked, seen) = tokio::join!(
+        hostile_run(&runner, "hostile", None, "select jobspace.g()", 2),
+        next_job_sees(&runner, None, 3),
+    );
+    let msg = finished(attacked, Outcome::Error);
+    assert!(msg.contains("session_state_leaked"), "{msg}");
+    assert!(
+        seen.contains("session locks: 0"),
+        "the run waiting for the connection saw {seen}"
+    );
+    assert_eq!(advisory_locks(&pool).await, 0);
+    one.close().await;
+}
+
+#[sqlx::test(migrator = "jobhost::db::MIGRATOR")]
 async fn an_operator_over_pg_advisory_lock_is_caught(pool: PgPool) {
     // No function-call node at all: the guard cannot see this one.
     leak_case(
